@@ -1,0 +1,13 @@
+"""hf-collapse: LaCoOT layer collapse for Hugging Face Transformers."""
+
+from .layers import LayerCapture, LayerStack, find_layer_stacks
+from .msw import DirectionSearch, max_sliced_wasserstein
+
+__all__ = [
+    "DirectionSearch",
+    "LayerCapture",
+    "LayerStack",
+    "find_layer_stacks",
+    "max_sliced_wasserstein",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,219 @@
+"""Max-Sliced Wasserstein distance between two point clouds (pure torch).
+
+The 1-D Wasserstein-2 distance between two equal-size empirical distributions has a closed form:
+sort both projected samples and compare them rank by rank. The max-sliced distance is the largest
+of those 1-D distances over unit directions ``theta``:
+
+    MSW(x, y) = sqrt(max_theta mean_i (sort(x @ theta)_i - sort(y @ theta)_i) ** 2)
+
+Finding the maximising direction is the expensive part. Two searches are offered:
+
+* ``"random"``: the maximum over ``num_projections`` fresh random unit directions. This is what the
+  LaCoOT paper's code does (through POT's ``max_sliced_wasserstein_distance``).
+* ``"refine"``: the best of the random directions (and of the directions remembered from earlier
+  calls, see [`DirectionSearch`]) is improved by a few fixed-point steps on detached features.
+  For a fixed rank pairing the objective is the Rayleigh quotient of ``D^T D`` with
+  ``D = sort-paired(x) - sort-paired(y)``, so each step is one power-iteration step
+  ``theta <- normalise(D^T D theta)`` followed by a re-sort. The best direction seen is kept, so
+  the estimate is never below the random one.
+
+Whatever the search, the direction is chosen without gradients and the distance is then computed
+once, differentiably, along the chosen direction: the gradient equals the (sub)gradient of the max.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["DirectionSearch", "max_sliced_wasserstein", "sliced_w2_squared"]
+
+SEARCH_MODES = ("random", "refine")
+
+
+def _check_clouds(x: torch.Tensor, y: torch.Tensor) -> None:
+    if x.dim() != 2 or y.dim() != 2:
+        raise ValueError(
+            f"point clouds must be 2-D tensors of shape (n, d); got shapes {tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(
+            f"point clouds must have the same width d: x has d={x.shape[1]}, y has d={y.shape[1]}"
+        )
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"point clouds must have the same number of points: x has {x.shape[0]}, y has {y.shape[0]}"
+        )
+    if x.shape[0] == 0:
+        raise ValueError("point clouds are empty: there is no point to compare (check the attention mask)")
+
+
+def random_directions(
+    d: int, k: int, *, device: torch.device | str | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Return a (d, k) float32 matrix of independent unit directions, uniform on the sphere."""
+    if k < 1:
+        raise ValueError(f"the number of projections must be at least 1, got {k}")
+    gen_device = generator.device if generator is not None else device
+    theta = torch.randn(d, k, generator=generator, device=gen_device, dtype=torch.float32)
+    theta = theta.to(device) if device is not None else theta
+    return theta / theta.norm(dim=0, keepdim=True).clamp_min(1e-12)
+
+
+def sliced_w2_squared(x: torch.Tensor, y: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
+    """Squared 1-D Wasserstein-2 distance of ``x`` and ``y`` along each column of ``projections``.
+
+    Args:
+        x, y (`torch.Tensor` of shape `(n, d)`): the two point clouds, equal size.
+        projections (`torch.Tensor` of shape `(d, k)`): unit directions, one per column.
+
+    Returns:
+        `torch.Tensor` of shape `(k,)`.
+    """
+    px = torch.sort(x @ projections, dim=0).values
+    py = torch.sort(y @ projections, dim=0).values
+    return (px - py).pow(2).mean(dim=0)
+
+
+def _safe_sqrt(value: torch.Tensor) -> torch.Tensor:
+    # sqrt has an infinite slope at 0: identical clouds must give 0 with a zero (not NaN) gradient.
+    positive = value > 0
+    return torch.where(positive, value.clamp_min(torch.finfo(value.dtype).tiny).sqrt(), torch.zeros_like(value))
+
+
+def _refine(x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor, best: torch.Tensor, steps: int):
+    """Power-iteration refinement of one direction on detached clouds; returns the best (theta, w2²)."""
+    for _ in range(steps):
+        ix = torch.argsort(x @ theta)
+        iy = torch.argsort(y @ theta)
+        diff = x[ix] - y[iy]
+        candidate = diff.T @ (diff @ theta)
+        norm = candidate.norm()
+        if not torch.isfinite(norm) or norm == 0:
+            break
+        candidate = candidate / norm
+        value = sliced_w2_squared(x, y, candidate[:, None])[0]
+        if value > best:
+            theta, best = candidate, value
+        else:
+            break
+    return theta, best
+
+
+class DirectionSearch:
+    """Chooses the slicing direction for [`max_sliced_wasserstein`], and remembers good ones.
+
+    One instance serves many layers: pass a ``key`` (e.g. the layer index) and the best direction
+    found for that key is offered again as a candidate next time (``keep_directions=True``), which
+    turns a training run into a slowly improving search at no extra cost.
+
+    Args:
+        num_projections (`int`, defaults to 64): fresh random unit directions per call.
+        mode (`str`, defaults to `"refine"`): `"random"` (max over the random directions, as in the
+            paper's code) or `"refine"` (then improve the best one with power-iteration steps).
+        refine_steps (`int`, defaults to 3): at most this many refinement steps (mode `"refine"`).
+        keep_directions (`bool`, defaults to `True`): remember the best direction per key.
+        seed (`int`, *optional*): seed of the private random generator (per device) for the directions.
+    """
+
+    def __init__(
+        self,
+        num_projections: int = 64,
+        mode: str = "refine",
+        refine_steps: int = 3,
+        keep_directions: bool = True,
+        seed: int | None = None,
+    ):
+        if num_projections < 1:
+            raise ValueError(f"num_projections must be at least 1, got {num_projections}")
+        if mode not in SEARCH_MODES:
+            raise ValueError(f"unknown direction search {mode!r}: choose one of {', '.join(SEARCH_MODES)}")
+        if refine_steps < 0:
+            raise ValueError(f"refine_steps must be 0 or more, got {refine_steps}")
+        self.num_projections = num_projections
+        self.mode = mode
+        self.refine_steps = refine_steps
+        self.keep_directions = keep_directions
+        self.seed = seed
+        self._generators: dict[str, torch.Generator] = {}
+        self._kept: dict[object, torch.Tensor] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[key]
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, key: object = None) -> torch.Tensor:
+        """Return the chosen unit direction (shape `(d,)`, float32) for detached clouds ``x`` and ``y``."""
+        x = x.detach().float()
+        y = y.detach().float()
+        candidates = random_directions(x.shape[1], self.num_projections, device=x.device, generator=self._generator(x.device))
+        kept = self._kept.get(key) if self.keep_directions else None
+        if kept is not None and kept.shape[0] == x.shape[1]:
+            candidates = torch.cat([kept.to(x.device)[:, None], candidates], dim=1)
+        values = sliced_w2_squared(x, y, candidates)
+        best_index = int(torch.argmax(values))
+        theta, best = candidates[:, best_index], values[best_index]
+        if self.mode == "refine" and self.refine_steps > 0:
+            theta, best = _refine(x, y, theta, best, self.refine_steps)
+        if self.keep_directions:
+            self._kept[key] = theta
+        return theta
+
+    def forget(self) -> None:
+        """Drop every remembered direction."""
+        self._kept.clear()
+
+
+def max_sliced_wasserstein(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    projections: torch.Tensor | None = None,
+    num_projections: int = 64,
+    search: str | DirectionSearch = "refine",
+    key: object = None,
+) -> torch.Tensor:
+    """Max-Sliced Wasserstein-2 distance between two equal-size point clouds.
+
+    The result is differentiable with respect to both ``x`` and ``y``, exactly 0 for identical
+    clouds (with a zero gradient), and computed in float32 even under bf16/fp16 autocast.
+
+    Args:
+        x, y (`torch.Tensor` of shape `(n, d)`):
+            The two point clouds (e.g. the non-padding tokens of a layer's input and output).
+        projections (`torch.Tensor` of shape `(d, k)`, *optional*):
+            Explicit unit directions. The maximum is taken over exactly these columns, which makes the
+            result equal to POT's ``ot.sliced.max_sliced_wasserstein_distance(x, y, projections=projections, p=2)``.
+        num_projections (`int`, defaults to 64):
+            Random directions per call when ``search`` is a mode name.
+        search (`str` or [`DirectionSearch`], defaults to `"refine"`):
+            `"random"`, `"refine"` (see the module docstring), or a `DirectionSearch` instance that
+            keeps its state (remembered directions, seeded generator) across calls.
+        key (*optional*): the name under which a `DirectionSearch` remembers its best direction.
+
+    Returns:
+        `torch.Tensor`: a float32 scalar.
+    """
+    _check_clouds(x, y)
+    device_type = x.device.type if x.device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
+    with torch.autocast(device_type=device_type, enabled=False):
+        xf, yf = x.float(), y.float()
+        if projections is not None:
+            if projections.dim() != 2 or projections.shape[0] != x.shape[1] or projections.shape[1] == 0:
+                raise ValueError(
+                    f"projections must have shape (d, k) with d={x.shape[1]} and k >= 1; got {tuple(projections.shape)}"
+                )
+            with torch.no_grad():
+                values = sliced_w2_squared(xf.detach(), yf.detach(), projections.to(xf))
+            theta = projections.to(xf)[:, int(torch.argmax(values))]
+        else:
+            if isinstance(search, str):
+                search = DirectionSearch(num_projections=num_projections, mode=search, keep_directions=False)
+            theta = search(xf, yf, key=key)
+        value = sliced_w2_squared(xf, yf, theta[:, None].detach())[0]
+    return _safe_sqrt(value)
+
