@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["LayerStack", "LayerCapture", "find_layer_stacks", "unwrap_model"]
+__all__ = ["LayerStack", "LayerCapture", "bypass_layers", "find_layer_stacks", "unwrap_model"]
 
 # Dotted paths (from the unwrapped top-level model) tried in order, before the generic search.
 _KNOWN_STACK_PATHS = (
@@ -205,29 +205,27 @@ class LayerCapture:
     Args:
         model (`nn.Module`): the (possibly wrapped) transformers model.
         callback: called as `callback(stack, index, tokens_in, tokens_out)` with `(n, d)` tensors.
-        layers (`dict[str, Sequence[int]]`, *optional*): per stack name, the 0-based layers to capture;
-            default all layers of all stacks.
+        layers (`Sequence[int]` or `dict[str, Sequence[int]]`, *optional*): the 0-based layers to capture
+            (per stack name for encoder-decoder models); default all layers of all stacks.
     """
 
-    def __init__(self, model: nn.Module, callback: PairCallback, layers: dict[str, Sequence[int]] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        callback: PairCallback,
+        layers: Sequence[int] | dict[str, Sequence[int]] | None = None,
+    ):
         self.stacks = find_layer_stacks(model)
         self.callback = callback
-        self.selected: dict[str, list[int]] = {}
-        for stack in self.stacks:
-            wanted = list(range(len(stack))) if layers is None else list(layers.get(stack.name, []))
-            for index in wanted:
-                if not 0 <= index < len(stack):
-                    raise ValueError(
-                        f"layer {index} does not exist: the {stack.name or 'model'} stack has {len(stack)} layers, "
-                        f"numbered 0-{len(stack) - 1}"
-                    )
-            self.selected[stack.name] = wanted
+        if layers is None:
+            layers = {stack.name: range(len(stack)) for stack in self.stacks}
+        self.selected = _resolve_selection(self.stacks, layers)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._masks: dict[str, torch.Tensor | None] | None = None
 
     def __enter__(self) -> LayerCapture:
         for stack in self.stacks:
-            for index in self.selected[stack.name]:
+            for index in self.selected.get(stack.name, []):
                 hook = self._make_hook(stack, index)
                 self._handles.append(stack.layers[index].register_forward_hook(hook, with_kwargs=True))
         return self
@@ -278,3 +276,57 @@ def _tokens(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
             f"(batch, seq) = {tuple(hidden.shape[:2])}: pass a 2-D padding mask that matches the tokens"
         )
     return hidden[mask.to(device=hidden.device, dtype=torch.bool)]
+
+
+def _resolve_selection(stacks: list[LayerStack], layers: Sequence[int] | dict[str, Sequence[int]]) -> dict[str, list[int]]:
+    """Validate a layer selection: a list for a one-stack model, or {stack name: list}."""
+    if not isinstance(layers, dict):
+        if len(stacks) != 1:
+            names = ", ".join(repr(s.name) for s in stacks)
+            raise ValueError(f"this model has several layer stacks ({names}): give the layers as {{stack name: [indices]}}")
+        layers = {stacks[0].name: layers}
+    by_name = {stack.name: stack for stack in stacks}
+    resolved: dict[str, list[int]] = {}
+    for name, indices in layers.items():
+        if name not in by_name:
+            raise ValueError(f"unknown layer stack {name!r}: this model has {', '.join(repr(n) for n in by_name)}")
+        stack = by_name[name]
+        indices = [int(i) for i in indices]
+        for index in indices:
+            if not 0 <= index < len(stack):
+                raise ValueError(
+                    f"layer {index} does not exist: the {stack.name or 'model'} stack has {len(stack)} layers, "
+                    f"numbered 0-{len(stack) - 1}"
+                )
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"duplicate layer indices in {sorted(indices)}: name each layer once")
+        resolved[name] = sorted(indices)
+    return resolved
+
+
+@contextlib.contextmanager
+def bypass_layers(model: nn.Module, layers: Sequence[int] | dict[str, Sequence[int]]) -> Iterator[None]:
+    """Make the given 0-based layers act as identity inside the block, without changing the model.
+
+    The layer still runs (its output is replaced by its input), so this is for evaluating a choice of
+    layers before cutting them, not for speed. Layers that return a tuple keep their other outputs.
+    """
+    stacks = find_layer_stacks(model)
+    selection = _resolve_selection(stacks, layers)
+
+    def hook(module, args, kwargs, output):
+        hidden_in = args[0] if args else kwargs["hidden_states"]
+        if isinstance(output, torch.Tensor):
+            return hidden_in
+        return (hidden_in, *output[1:])
+
+    handles = [
+        stack.layers[index].register_forward_hook(hook, with_kwargs=True)
+        for stack in stacks
+        for index in selection.get(stack.name, [])
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
