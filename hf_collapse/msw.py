@@ -76,8 +76,9 @@ def sliced_w2_squared(x: torch.Tensor, y: torch.Tensor, projections: torch.Tenso
 
 def _safe_sqrt(value: torch.Tensor) -> torch.Tensor:
     # sqrt has an infinite slope at 0: identical clouds must give 0 with a zero (not NaN) gradient.
-    positive = value > 0
-    return torch.where(positive, value.clamp_min(torch.finfo(value.dtype).tiny).sqrt(), torch.zeros_like(value))
+    # NaN must stay NaN (not be mapped to 0) so that a broken layer is noticed.
+    zero = value == 0
+    return torch.where(zero, torch.zeros_like(value), value.clamp_min(torch.finfo(value.dtype).tiny).sqrt())
 
 
 def _refine(x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor, best: torch.Tensor, steps: int):

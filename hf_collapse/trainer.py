@@ -95,8 +95,8 @@ class CollapseTrainer(Trainer):
         for index in wanted:
             if index >= len(stack):
                 raise ValueError(
-                    f"msw_layers names layer {index}, which does not exist: the model has {len(stack)} layers, "
-                    f"numbered 0-{len(stack) - 1}"
+                    f"layer {index} does not exist: the model has {len(stack)} layers, numbered 0-{len(stack) - 1} "
+                    "(check msw_layers)"
                 )
         return {stack.key(i) for i in wanted}
 
