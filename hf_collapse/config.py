@@ -35,6 +35,10 @@ class CollapseConfig(TrainingArguments):
             Random unit directions drawn per layer and step.
         msw_refine_steps (`int`, *optional*, defaults to `3`):
             Refinement steps per layer and step (only with `msw_search="refine"`).
+        msw_search_tokens (`int`, *optional*, defaults to `512`):
+            The direction is searched on a random subset of at most this many tokens of the batch (the
+            distance itself always uses every token). Sorting the projections of every token dominates the
+            cost; `None` searches on all tokens.
         msw_keep_directions (`bool`, *optional*, defaults to `True`):
             Offer each layer's best direction of the previous step as a candidate again.
         msw_layers (`list[int]`, *optional*):
@@ -65,6 +69,13 @@ class CollapseConfig(TrainingArguments):
     msw_refine_steps: int = field(
         default=3, metadata={"help": "Refinement steps per layer and step with msw_search=refine; 0 or more."}
     )
+    msw_search_tokens: int | None = field(
+        default=512,
+        metadata={
+            "help": "Search the direction on a random subset of at most this many tokens (the distance itself "
+            "always uses every token); unset to search on all tokens. At least 2."
+        },
+    )
     msw_keep_directions: bool = field(
         default=True, metadata={"help": "Reuse each layer's best direction of the previous step as a candidate."}
     )
@@ -94,6 +105,10 @@ class CollapseConfig(TrainingArguments):
             )
         if self.msw_refine_steps < 0:
             raise ValueError(f"msw_refine_steps must be 0 or more, got {self.msw_refine_steps}")
+        if self.msw_search_tokens is not None and self.msw_search_tokens < 2:
+            raise ValueError(
+                f"msw_search_tokens must be at least 2 (or unset to search on all tokens), got {self.msw_search_tokens}"
+            )
         if self.msw_warmup_steps < 0:
             raise ValueError(f"msw_warmup_steps must be 0 or more, got {self.msw_warmup_steps}")
         if self.msw_normalization not in NORMALIZATIONS:

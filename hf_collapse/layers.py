@@ -13,13 +13,21 @@ recomputation during backward is never counted twice whatever the checkpointing 
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["LayerStack", "LayerCapture", "bypass_layers", "find_layer_stacks", "unwrap_model"]
+__all__ = [
+    "LayerStack",
+    "LayerCapture",
+    "bypass_layers",
+    "find_layer_stacks",
+    "resolve_layer_selection",
+    "unwrap_model",
+]
 
 # Dotted paths (from the unwrapped top-level model) tried in order, before the generic search.
 _KNOWN_STACK_PATHS = (
@@ -219,7 +227,7 @@ class LayerCapture:
         self.callback = callback
         if layers is None:
             layers = {stack.name: range(len(stack)) for stack in self.stacks}
-        self.selected = _resolve_selection(self.stacks, layers)
+        self.selected = resolve_layer_selection(self.stacks, layers)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._masks: dict[str, torch.Tensor | None] | None = None
 
@@ -240,7 +248,7 @@ class LayerCapture:
     def armed(self, inputs: dict | None = None) -> Iterator[None]:
         """Let the hooks act during one forward pass of ``inputs`` (the model's keyword inputs)."""
         inputs = inputs or {}
-        self._masks = {stack.name: inputs.get(stack.mask_key) for stack in self.stacks}
+        self._masks = {stack.name: _padding_mask(inputs.get(stack.mask_key)) for stack in self.stacks}
         try:
             yield
         finally:
@@ -264,6 +272,14 @@ class LayerCapture:
         return hook
 
 
+def _padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The boolean padding mask of a step, or None when every token is real (then no copy is needed)."""
+    if mask is None or mask.dim() != 2:
+        return mask  # a non-2-D mask is reported by _tokens, with the shapes involved
+    mask = mask.to(dtype=torch.bool)
+    return None if bool(mask.all()) else mask
+
+
 def _tokens(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Flatten (batch, seq, d) hidden states to the (n, d) cloud of real (non-padding) tokens."""
     if hidden.dim() == 2:
@@ -278,8 +294,20 @@ def _tokens(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return hidden[mask.to(device=hidden.device, dtype=torch.bool)]
 
 
-def _resolve_selection(stacks: list[LayerStack], layers: Sequence[int] | dict[str, Sequence[int]]) -> dict[str, list[int]]:
-    """Validate a layer selection: a list for a one-stack model, or {stack name: list}."""
+def resolve_layer_selection(
+    stacks: list[LayerStack], layers: Sequence[int] | dict[str, Sequence[int]]
+) -> dict[str, list[int]]:
+    """Check a choice of 0-based layers against a model's stacks and return it as {stack name: sorted indices}.
+
+    Args:
+        stacks (`list[LayerStack]`): the model's stacks, from [`find_layer_stacks`].
+        layers (`Sequence[int]` or `dict[str, Sequence[int]]`): the layers, as a list for a one-stack model or
+            per stack name (`"encoder"`, `"decoder"`) for an encoder-decoder model. Stacks left out are not selected.
+
+    Raises:
+        `ValueError`: an index that is not an integer, out of range (negative included) or named twice, an
+            unknown stack name, or a plain list for a two-stack model.
+    """
     if not isinstance(layers, dict):
         if len(stacks) != 1:
             names = ", ".join(repr(s.name) for s in stacks)
@@ -291,7 +319,7 @@ def _resolve_selection(stacks: list[LayerStack], layers: Sequence[int] | dict[st
         if name not in by_name:
             raise ValueError(f"unknown layer stack {name!r}: this model has {', '.join(repr(n) for n in by_name)}")
         stack = by_name[name]
-        indices = [int(i) for i in indices]
+        indices = [_layer_index(i) for i in indices]
         for index in indices:
             if not 0 <= index < len(stack):
                 raise ValueError(
@@ -304,6 +332,16 @@ def _resolve_selection(stacks: list[LayerStack], layers: Sequence[int] | dict[st
     return resolved
 
 
+def _layer_index(value: object) -> int:
+    # operator.index accepts ints (numpy and 0-d integer tensors too) but not 1.5 or "3", which int() would coerce.
+    if isinstance(value, bool):
+        raise ValueError(f"layer index {value!r} is a bool: give 0-based integer layer indices")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"layer index {value!r} is not an integer: give 0-based integer layer indices") from None
+
+
 @contextlib.contextmanager
 def bypass_layers(model: nn.Module, layers: Sequence[int] | dict[str, Sequence[int]]) -> Iterator[None]:
     """Make the given 0-based layers act as identity inside the block, without changing the model.
@@ -312,7 +350,7 @@ def bypass_layers(model: nn.Module, layers: Sequence[int] | dict[str, Sequence[i
     layers before cutting them, not for speed. Layers that return a tuple keep their other outputs.
     """
     stacks = find_layer_stacks(model)
-    selection = _resolve_selection(stacks, layers)
+    selection = resolve_layer_selection(stacks, layers)
 
     def hook(module, args, kwargs, output):
         hidden_in = args[0] if args else kwargs["hidden_states"]

@@ -74,6 +74,13 @@ def sliced_w2_squared(x: torch.Tensor, y: torch.Tensor, projections: torch.Tenso
     return (px - py).pow(2).mean(dim=0)
 
 
+def _w2_squared_along(x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    # One direction as a 1-D vector: matrix-vector products are several times faster than (n, d) @ (d, 1).
+    px = torch.sort(x @ theta).values
+    py = torch.sort(y @ theta).values
+    return (px - py).pow(2).mean()
+
+
 def _safe_sqrt(value: torch.Tensor) -> torch.Tensor:
     # sqrt has an infinite slope at 0: identical clouds must give 0 with a zero (not NaN) gradient.
     # NaN must stay NaN (not be mapped to 0) so that a broken layer is noticed.
@@ -92,7 +99,7 @@ def _refine(x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor, best: torch.T
         if not torch.isfinite(norm) or norm == 0:
             break
         candidate = candidate / norm
-        value = sliced_w2_squared(x, y, candidate[:, None])[0]
+        value = _w2_squared_along(x, y, candidate)
         if value > best:
             theta, best = candidate, value
         else:
@@ -113,6 +120,10 @@ class DirectionSearch:
             paper's code) or `"refine"` (then improve the best one with power-iteration steps).
         refine_steps (`int`, defaults to 3): at most this many refinement steps (mode `"refine"`).
         keep_directions (`bool`, defaults to `True`): remember the best direction per key.
+        search_tokens (`int`, *optional*, defaults to 512): search on a random subset of at most this many
+            points (the same rows of both clouds); `None` searches on all points. Sorting the `n x k`
+            projections dominates the cost, and the direction only has to be good, not exact: the
+            distance itself is then computed on all points along the chosen direction.
         seed (`int`, *optional*): seed of the private random generator (per device) for the directions.
     """
 
@@ -122,6 +133,7 @@ class DirectionSearch:
         mode: str = "refine",
         refine_steps: int = 3,
         keep_directions: bool = True,
+        search_tokens: int | None = 512,
         seed: int | None = None,
     ):
         if num_projections < 1:
@@ -133,7 +145,10 @@ class DirectionSearch:
         self.num_projections = num_projections
         self.mode = mode
         self.refine_steps = refine_steps
+        if search_tokens is not None and search_tokens < 2:
+            raise ValueError(f"search_tokens must be at least 2 (or None for all points), got {search_tokens}")
         self.keep_directions = keep_directions
+        self.search_tokens = search_tokens
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
         self._kept: dict[object, torch.Tensor] = {}
@@ -151,7 +166,12 @@ class DirectionSearch:
         """Return the chosen unit direction (shape `(d,)`, float32) for detached clouds ``x`` and ``y``."""
         x = x.detach().float()
         y = y.detach().float()
-        candidates = random_directions(x.shape[1], self.num_projections, device=x.device, generator=self._generator(x.device))
+        generator = self._generator(x.device)
+        if self.search_tokens is not None and x.shape[0] > self.search_tokens:
+            rows = torch.randperm(x.shape[0], generator=generator, device=generator.device if generator else x.device)
+            rows = rows[: self.search_tokens].to(x.device)
+            x, y = x[rows], y[rows]
+        candidates = random_directions(x.shape[1], self.num_projections, device=x.device, generator=generator)
         kept = self._kept.get(key) if self.keep_directions else None
         if kept is not None and kept.shape[0] == x.shape[1]:
             candidates = torch.cat([kept.to(x.device)[:, None], candidates], dim=1)
@@ -213,8 +233,10 @@ def max_sliced_wasserstein(
             theta = projections.to(xf)[:, int(torch.argmax(values))]
         else:
             if isinstance(search, str):
-                search = DirectionSearch(num_projections=num_projections, mode=search, keep_directions=False)
+                search = DirectionSearch(
+                    num_projections=num_projections, mode=search, keep_directions=False, search_tokens=None
+                )
             theta = search(xf, yf, key=key)
-        value = sliced_w2_squared(xf, yf, theta[:, None].detach())[0]
+        value = _w2_squared_along(xf, yf, theta.detach())
     return _safe_sqrt(value)
 

@@ -106,3 +106,13 @@ def test_seeded_search_is_deterministic():
 def test_bad_input_is_named(x, y, kwargs, message):
     with pytest.raises(ValueError, match=message):
         max_sliced_wasserstein(x, y, **kwargs)
+
+
+def test_search_on_a_token_subset_finds_nearly_as_good_a_direction():
+    x, y = _clouds(4000, 64, 11)
+    full = max_sliced_wasserstein(x, y, search=DirectionSearch(num_projections=64, seed=0, search_tokens=None))
+    subset = max_sliced_wasserstein(x, y, search=DirectionSearch(num_projections=64, seed=0, search_tokens=256))
+    # the distance is evaluated on all points along the subset's direction: a valid estimate, close to full search
+    assert 0.9 * float(full) <= float(subset) <= float(full) * 1.05
+    with pytest.raises(ValueError, match="search_tokens must be at least 2"):
+        DirectionSearch(search_tokens=1)

@@ -333,6 +333,7 @@ def test_non_finite_penalty_stops_before_the_weights_change(tmp_path):
         ({"msw_layers": [1, 1]}, "names a layer twice"),
         ({"msw_normalization": "l2"}, "msw_normalization"),
         ({"msw_warmup_steps": -3}, "msw_warmup_steps"),
+        ({"msw_search_tokens": 1}, "msw_search_tokens must be at least 2"),
     ],
 )
 def test_config_rejects_bad_values(tmp_path, kwargs, message):
