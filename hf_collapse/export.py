@@ -1,0 +1,286 @@
+"""Write a collapsed model to a self-describing folder, atomically, and push that folder to the Hub.
+
+The output folder holds the safetensors weights, `config.json`, `generation_config.json` (generative
+models), the tokenizer / processor, the resolved training recipe (`recipe.yaml`), the model card
+(`README.md`) and its plot (`layer_scores.png`). It is built in a hidden sibling folder and renamed
+into place, so a failure never leaves a half-written export behind, and an existing export is only
+replaced once the new one is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from .card import CARD_FILE, CollapseReport, recipe_yaml, write_card
+from .layers import find_layer_stacks, unwrap_model
+
+__all__ = ["PushError", "PushResult", "export_collapsed", "push_folder", "upload_plan"]
+
+RECIPE_FILE = "recipe.yaml"
+
+
+def export_collapsed(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    report: CollapseReport,
+    processing_class: object | None = None,
+    repo_id: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save a collapsed model, its preprocessor, recipe and model card to ``out_dir`` in one atomic step.
+
+    Call it on the main process only. The source checkpoint is never written to: an ``out_dir`` that is,
+    contains or lies inside the folder the model was loaded from is refused.
+
+    Args:
+        model (`nn.Module`): the collapsed transformers model (wrappers such as `torch.compile` are looked
+            through; merge PEFT adapters first with `merge_and_unload()`).
+        out_dir (`str` or `os.PathLike`): the folder to create.
+        report ([`CollapseReport`]): what the collapse did; checked against the model's layer and parameter counts.
+        processing_class (*optional*): the tokenizer or processor to save with the model.
+        repo_id (`str`, *optional*): the Hub repo the folder is meant for; the card's loading snippet uses it.
+        overwrite (`bool`, defaults to `False`): replace an existing non-empty ``out_dir``. The old folder
+            is kept until the new one is complete, then deleted.
+
+    Returns:
+        `Path`: the absolute path of the export.
+
+    Raises:
+        `FileExistsError`: ``out_dir`` exists, is not empty and ``overwrite`` is `False`.
+        `ValueError`: the report does not describe this model, the model still carries adapters, or
+            ``out_dir`` overlaps the source checkpoint.
+    """
+    inner = unwrap_model(model)
+    _check_plain_model(inner)
+    _check_report_matches(inner, report)
+    out = Path(out_dir).absolute()
+    _check_not_source(inner, out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder: choose another output path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{out} already exists and is not empty: choose another folder or pass overwrite=True to replace it"
+        )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        inner.save_pretrained(staging)
+        if processing_class is not None:
+            processing_class.save_pretrained(staging)
+        if report.recipe is not None:
+            (staging / RECIPE_FILE).write_text(recipe_yaml(report.recipe), encoding="utf-8")
+        write_card(report, staging, repo_id=repo_id, processing_class=processing_class)
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_plain_model(model: nn.Module) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if any(isinstance(module, BaseTunerLayer) for module in model.modules()):
+        raise ValueError(
+            "the model still carries PEFT adapter layers, so save_pretrained would write adapter keys that plain "
+            "from_pretrained cannot load: merge them first with `model = model.merge_and_unload()`"
+        )
+    if not hasattr(model, "save_pretrained"):
+        raise ValueError(f"{type(model).__name__} has no save_pretrained: export a transformers PreTrainedModel")
+
+
+def _check_report_matches(model: nn.Module, report: CollapseReport) -> None:
+    have = {stack.name: len(stack) for stack in find_layer_stacks(model)}
+    want = {stack.name: stack.layers_after for stack in report.stacks()}
+    if have.keys() != want.keys():
+        raise ValueError(
+            f"the report describes layer stacks {sorted(want)} but the model has {sorted(have)}: "
+            "build the report for this model"
+        )
+    for name, count in want.items():
+        if have[name] != count:
+            where = f"the {name} stack" if name else "the model"
+            raise ValueError(
+                f"the report says {where} has {count} layers after the collapse but it has {have[name]}: "
+                "export the collapsed model (after collapse_layers), with the report of that collapse"
+            )
+    # collapse_layers records what it removed in the original numbering: the card must say the same.
+    recorded = getattr(model.config, "collapsed_layers", None)
+    if recorded is not None:
+        recorded = {k: sorted(v) for k, v in recorded.items()} if isinstance(recorded, dict) else {"": sorted(recorded)}
+        reported = {stack.name: stack.removed for stack in report.stacks()}
+        if recorded != reported:
+            raise ValueError(
+                f"the report says layers {_show(reported)} were removed but the model's config records "
+                f"{_show(recorded)} (config.collapsed_layers): build the report from the collapse that made this model"
+            )
+    parameters = sum(p.numel() for p in model.parameters())
+    if parameters != report.num_parameters_after:
+        raise ValueError(
+            f"the report says the collapsed model has {report.num_parameters_after:,} parameters but it has "
+            f"{parameters:,}: count them on the model being exported, shared weights once "
+            "(sum(p.numel() for p in model.parameters()))"
+        )
+
+
+def _show(per_stack: dict[str, list[int]]) -> str:
+    return str(per_stack[""]) if list(per_stack) == [""] else str(per_stack)
+
+
+def _check_not_source(model: nn.Module, out: Path) -> None:
+    source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    if not source or not Path(source).is_dir():
+        return
+    source_dir, target = Path(source).resolve(), out.resolve()
+    if target == source_dir or source_dir in target.parents or target in source_dir.parents:
+        raise ValueError(
+            f"the output folder {out} overlaps the checkpoint the model was loaded from ({source_dir}): "
+            "export to a separate folder so the source stays untouched"
+        )
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished ``staging`` folder to ``out``, replacing an existing ``out`` only at the end."""
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    retired = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
+    os.rename(out, retired)
+    try:
+        os.rename(staging, out)
+    except BaseException:
+        os.rename(retired, out)
+        raise
+    shutil.rmtree(retired)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Hub upload
+
+
+class PushError(RuntimeError):
+    """The upload to the Hub failed; the local folder is unchanged and the same call can be repeated."""
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What [`push_folder`] uploaded (or, for a dry run, would upload).
+
+    Attributes:
+        repo_id (`str`): the target repo.
+        revision (`str`): the target branch.
+        files (`list[tuple[str, int]]`): `(path in the repo, size in bytes)` of every file, sorted by path.
+        commit_url (`str` or `None`): the URL of the commit; `None` for a dry run.
+    """
+
+    repo_id: str
+    revision: str
+    files: list[tuple[str, int]]
+    commit_url: str | None = None
+
+
+def upload_plan(folder: str | os.PathLike) -> list[tuple[str, int]]:
+    """The files [`push_folder`] uploads from ``folder``: `(path in the repo, size in bytes)`, sorted by path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: export the model first with export_collapsed")
+    files = sorted(
+        (path.relative_to(folder).as_posix(), path.stat().st_size) for path in folder.rglob("*") if path.is_file()
+    )
+    names = {name for name, _ in files}
+    missing = [name for name in ("config.json", CARD_FILE) if name not in names]
+    if missing:
+        raise ValueError(
+            f"{folder} has no {' or '.join(missing)}, so it is not a model export: create it with export_collapsed"
+        )
+    return files
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    dry_run: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> PushResult:
+    """Upload an exported folder to a Hub model repo as exactly one commit.
+
+    Creates the repo if needed (``private`` only applies then) and the branch ``revision`` if it is
+    missing, then commits every file of ``folder`` at once, so the repo never shows a partial export.
+    Nothing in ``folder`` is changed; after a failure the same call can simply be repeated.
+
+    Args:
+        folder (`str` or `os.PathLike`): an [`export_collapsed`] output folder.
+        repo_id (`str`): `"namespace/name"` (or `"name"` for the token owner's namespace).
+        private (`bool`, defaults to `False`): create the repo as private.
+        revision (`str`, *optional*): branch to commit to; default `main`.
+        dry_run (`bool`, defaults to `False`): only list the files that would be uploaded; contacts nothing.
+        token (`str`, *optional*): a write token; by default the standard resolution of `huggingface_hub`
+            (`HF_TOKEN`, then the token saved by `hf auth login`). It is only sent in request headers.
+        endpoint (`str`, *optional*): Hub URL; default the `huggingface_hub` setting (`HF_ENDPOINT`).
+
+    Returns:
+        [`PushResult`]: the files, and the commit URL unless ``dry_run``.
+
+    Raises:
+        `PushError`: no token, offline mode, or the Hub refused or failed a step (the message names it).
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+    from huggingface_hub.utils import validate_repo_id
+
+    validate_repo_id(repo_id)
+    folder = Path(folder)
+    files = upload_plan(folder)
+    branch = revision or constants.DEFAULT_REVISION
+    if dry_run:
+        return PushResult(repo_id, branch, files)
+
+    if constants.is_offline_mode():
+        raise PushError("cannot push while HF_HUB_OFFLINE is set: unset it (and check network access to the Hub)")
+    if token is None and get_token() is None:
+        raise PushError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN to a token with write access")
+
+    api = HfApi(endpoint=endpoint, token=token)
+    with _step("create the repo", repo_id):
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if branch != constants.DEFAULT_REVISION:
+        with _step(f"create the branch {branch!r}", repo_id):
+            api.create_branch(repo_id, branch=branch, exist_ok=True, repo_type="model")
+    # create_commit rather than upload_folder: with hf_xet installed, upload_folder may split a folder
+    # into several commits, and a half-uploaded export must never be visible on the Hub.
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name, _ in files]
+    with _step("commit the files", repo_id):
+        commit = api.create_commit(
+            repo_id,
+            operations=operations,
+            commit_message=f"Upload {folder.name} (hf-collapse export)",
+            revision=branch,
+            repo_type="model",
+        )
+    return PushResult(repo_id, branch, files, commit_url=str(commit.commit_url))
+
+
+@contextlib.contextmanager
+def _step(what: str, repo_id: str) -> Iterator[None]:
+    """Turn any failure inside the block into a [`PushError`] that names the step and how to recover."""
+    try:
+        yield
+    except Exception as error:
+        raise PushError(
+            f"pushing to {repo_id} failed while trying to {what}: {error}. The local folder is unchanged; "
+            "fix the cause and run the same push again, it uploads everything in one commit."
+        ) from error
