@@ -1,0 +1,477 @@
+"""Delete transformer layers for real, leaving a plain, smaller model of the same family.
+
+Removing a layer touches more than the module list: each kept layer's `layer_idx` (which indexes the KV
+cache), the layer count on the right config, and every config field that describes layers by position.
+How each of those fields follows the kept layers is data: `_RULES`, one row per field or position-dependent
+quirk. A list field whose name mentions layers and that no rule covers is refused rather than guessed.
+
+Everything is planned and checked first (on copies of the configs, with the configs' own validators); the
+model is changed only when the whole request can be done exactly. Weights keys are never rewritten by hand:
+`save_pretrained` numbers them from the module list.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .layers import LayerStack, _get_path, _layer_count, find_layer_stacks, resolve_layer_selection, unwrap_model
+
+__all__ = ["collapse_layers"]
+
+_DELETE = object()  # config update value meaning "remove this attribute"
+# Where collapse_layers records what it removed (on the top-level config), in the original numbering.
+_RECORD_FIELDS = ("collapsed_layers", "original_num_hidden_layers")
+# Int attributes of a stack's parent module that cache the layer count (DistilBERT's Transformer.n_layers).
+_PARENT_COUNT_ATTRS = ("num_hidden_layers", "num_layers", "n_layers", "n_layer")
+
+
+@dataclass(frozen=True)
+class _Removal:
+    """What happens to one stack: the 0-based layers removed and kept, in the current numbering."""
+
+    stack: LayerStack
+    removed: tuple[int, ...]
+    kept: tuple[int, ...]
+
+    @property
+    def new_index(self) -> dict[int, int]:
+        return {old: new for new, old in enumerate(self.kept)}
+
+    def where(self) -> str:
+        return f"the {self.stack.name} stack" if self.stack.name else "the model"
+
+
+@dataclass
+class _Edit:
+    """Changes a rule asks for: config attribute updates (or `_DELETE`) and module changes to run later."""
+
+    config: dict[str, object] = field(default_factory=dict)
+    modules: list[Callable[[], None]] = field(default_factory=list)
+
+
+def _refuse(removal: _Removal, why: str) -> ValueError:
+    return ValueError(f"cannot remove layers {list(removal.removed)} from {removal.where()}: {why}")
+
+
+# ---- rule handlers: (removal, config, field name, value) -> _Edit, raising ValueError when not exact ----
+
+
+def _slice_per_layer(removal: _Removal, config, name: str, value) -> _Edit:
+    count = len(removal.stack)
+    if not isinstance(value, (list, tuple)) or len(value) != count:
+        raise _refuse(
+            removal,
+            f"config.{name} should hold one entry per layer ({count}) but is {value!r}; fix the config first",
+        )
+    return _Edit(config={name: [value[i] for i in removal.kept]})
+
+
+def _remap_indices(removal: _Removal, config, name: str, value) -> _Edit:
+    count = len(removal.stack)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(i, int) and 0 <= i < count for i in value):
+        raise _refuse(removal, f"config.{name} should list layer indices in 0-{count - 1} but is {value!r}")
+    new_index = removal.new_index
+    return _Edit(config={name: [new_index[i] for i in value if i in new_index]})
+
+
+def _count_kept_below(removal: _Removal, config, name: str, value) -> _Edit:
+    # The layers below the threshold are a prefix of the stack, so the kept ones are still a prefix.
+    return _Edit(config={name: sum(1 for i in removal.kept if i < value)})
+
+
+def _explicit_sparse_layers(removal: _Removal, config, name: str, value) -> _Edit:
+    # A period no longer describes the kept layers: list every dense layer instead, with a period of 1.
+    dense = set(getattr(config, "mlp_only_layers", None) or [])
+    is_sparse = {i: i not in dense and (i + 1) % value == 0 for i in removal.kept}
+    return _Edit(
+        config={name: 1, "mlp_only_layers": [new for new, old in enumerate(removal.kept) if not is_sparse[old]]}
+    )
+
+
+def _drop_periodic_pattern(removal: _Removal, config, name: str, value) -> _Edit:
+    if not isinstance(getattr(config, "layer_types", None), (list, tuple)):
+        raise _refuse(
+            removal,
+            f"config.{name}={value!r} gives the layer pattern as a period, which cannot describe the kept "
+            "layers, and this config has no `layer_types` list to give it layer by layer",
+        )
+    # Configs that also carry `layer_types` read the period only to build it; once `layer_types` is sliced,
+    # a leftover period would misdescribe the model, so drop it where it is a legacy extra (not a declared field).
+    declared = {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
+    extras = [attr for attr in (name, f"_{name}") if attr in vars(config) and attr not in declared]
+    return _Edit(config={attr: _DELETE for attr in extras})
+
+
+def _rescale_inverse_index_attention(removal: _Removal, config, name: str, value) -> _Edit:
+    # GPT-2 divides attention scores by (layer_idx + 1). A layer moving from position i to j would be
+    # rebuilt with 1/(j + 1): scaling its queries by (j + 1)/(i + 1) keeps every score, hence the output.
+    edit = _Edit()
+    for new, old in enumerate(removal.kept):
+        if new == old:
+            continue
+        for attention in removal.stack.layers[old].modules():
+            if not getattr(attention, "scale_attn_by_inverse_layer_idx", False):
+                continue
+            query = _query_projection(attention)
+            if query is None:
+                raise _refuse(
+                    removal,
+                    f"{type(attention).__name__} scales attention by 1/(layer_idx + 1) and its query projection "
+                    "is not the GPT-2 layout (c_attn = [q | k | v], or q_attn for cross-attention), so the "
+                    "renumbered layers cannot be rescaled exactly",
+                )
+            edit.modules.append(_scale_queries(attention, *query, factor=(new + 1) / (old + 1)))
+    return edit
+
+
+def _query_projection(attention: nn.Module) -> tuple[nn.Module, int] | None:
+    """The Conv1D that computes the queries and how many of its leading output columns they are, or None."""
+    width = getattr(attention, "split_size", None)
+    if getattr(attention, "is_cross_attention", False):
+        module, outputs = getattr(attention, "q_attn", None), width
+    else:
+        module, outputs = getattr(attention, "c_attn", None), None if width is None else 3 * width
+    weight = getattr(module, "weight", None)
+    if width is None or weight is None or weight.shape[-1] != outputs or not hasattr(attention, "scaling"):
+        return None
+    return module, width
+
+
+def _scale_queries(attention: nn.Module, module: nn.Module, columns: int, factor: float) -> Callable[[], None]:
+    def apply() -> None:
+        with torch.no_grad():
+            module.weight[..., :columns] *= factor
+            if module.bias is not None:
+                module.bias[:columns] *= factor
+        attention.scaling /= factor  # what the module would compute at its new layer_idx
+
+    return apply
+
+
+def _move_relative_attention_bias(removal: _Removal, config, name: str, value) -> _Edit:
+    # T5 builds the relative position bias only in block 0 and hands the result to the later blocks.
+    edit = _Edit()
+    if 0 not in removal.removed:
+        return edit
+    first, new_first = removal.stack.layers[0], removal.stack.layers[removal.kept[0]]
+    for path, owner in first.named_modules():
+        if not getattr(owner, "has_relative_attention_bias", False):
+            continue
+        target = new_first.get_submodule(path)
+        if getattr(target, "has_relative_attention_bias", False):
+            continue  # UMT5-style: every block owns its bias
+        if not hasattr(target, "has_relative_attention_bias") or not hasattr(owner, "relative_attention_bias"):
+            raise _refuse(
+                removal,
+                f"layer 0's {path} owns the relative position bias but layer {removal.kept[0]} has no matching "
+                "module to move it to",
+            )
+        edit.modules.append(_move_bias(owner, target))
+    return edit
+
+
+def _move_bias(owner: nn.Module, target: nn.Module) -> Callable[[], None]:
+    def apply() -> None:
+        target.relative_attention_bias = owner.relative_attention_bias
+        target.has_relative_attention_bias = True
+
+    return apply
+
+
+def _keep_first_layer(removal: _Removal, config, name: str, value) -> _Edit:
+    if 0 in removal.removed:
+        raise _refuse(
+            removal,
+            f"{type(config).__name__} builds layer 0 differently from the others (no attention norm), so a "
+            "model without it cannot be described by a config; keep layer 0 and remove other layers",
+        )
+    return _Edit()
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """How a config field (present and not None, False or empty) follows the removal of layers.
+
+    Attributes:
+        field (`str`): the config attribute that triggers the rule.
+        handler: computes the `_Edit`, or raises `ValueError` when the removal cannot be done exactly.
+        owns (`tuple[str, ...]`): per-layer list fields the handler also rewrites.
+        when: the rule applies only if the field has this value (`None`: any value).
+    """
+
+    field: str
+    handler: Callable[[_Removal, object, str, object], _Edit]
+    owns: tuple[str, ...] = ()
+    when: object = None
+
+
+# One row per config field or quirk that depends on layer positions. Families that have none (Llama,
+# Mistral, Phi3, GPT-NeoX, OPT, Falcon, BERT, RoBERTa, DistilBERT, ViT, Mixtral) need only the count.
+_RULES: tuple[_Rule, ...] = (
+    _Rule("layer_types", _slice_per_layer),  # Gemma2/3, Qwen2/3, ModernBERT, ...: attention kind per layer
+    _Rule("mlp_layer_types", _slice_per_layer),  # dense / sparse per layer
+    _Rule("no_rope_layers", _slice_per_layer),  # SmolLM3, Llama4: a 0/1 RoPE flag per layer
+    _Rule("moe_layers", _remap_indices),  # Llama4: indices of the MoE layers
+    _Rule("first_k_dense_replace", _count_kept_below),  # DeepSeek-V2/V3: layers below k are dense
+    _Rule("max_window_layers", _count_kept_below),  # Qwen2/3: layers from this index on may slide
+    # Qwen2/3-MoE: layer i is sparse iff (i + 1) % decoder_sparse_step == 0 and i not in mlp_only_layers.
+    _Rule("decoder_sparse_step", _explicit_sparse_layers, owns=("mlp_only_layers",)),
+    _Rule("sliding_window_pattern", _drop_periodic_pattern),  # Gemma3, Cohere2: legacy period of layer_types
+    _Rule("scale_attn_by_inverse_layer_idx", _rescale_inverse_index_attention),  # GPT-2 family
+    _Rule("relative_attention_num_buckets", _move_relative_attention_bias),  # T5 family
+    _Rule("model_type", _keep_first_layer, when="modernbert"),  # layer 0 has no attn_norm
+)
+
+
+def _rule_applies(rule: _Rule, value) -> bool:
+    if value is None or value is False or (isinstance(value, (list, tuple)) and not value):
+        return False
+    return rule.when is None or value == rule.when
+
+
+def _per_layer_edit(removal: _Removal) -> _Edit:
+    """Run every rule that applies to the stack's config; refuse unknown per-layer list fields."""
+    config = removal.stack.config
+    edit = _Edit(config={removal.stack.count_attr: len(removal.kept)})
+    handled = set(_RECORD_FIELDS)
+    for rule in _RULES:
+        value = getattr(config, rule.field, None)
+        if not _rule_applies(rule, value):
+            continue
+        handled.update((rule.field, *rule.owns))
+        found = rule.handler(removal, config, rule.field, value)
+        edit.config.update(found.config)
+        edit.modules.extend(found.modules)
+    unknown = [
+        name
+        for name, value in vars(config).items()
+        if "layer" in name.lower() and isinstance(value, (list, tuple)) and value and name not in handled
+    ]
+    if unknown:
+        raise _refuse(
+            removal,
+            f"the config has per-layer field(s) {', '.join(unknown)} that hf-collapse does not know how to update "
+            f"({type(config).__name__}); this family is not supported yet",
+        )
+    return edit
+
+
+def _renumber_edit(removal: _Removal) -> _Edit:
+    """Set `layer_idx` of every module inside the kept layers to the layer's new position."""
+    moves: list[tuple[nn.Module, int]] = []
+    for new, old in enumerate(removal.kept):
+        for path, module in removal.stack.layers[old].named_modules():
+            index = getattr(module, "layer_idx", None)
+            if not isinstance(index, int) or isinstance(index, bool):
+                continue
+            if index != old:
+                raise _refuse(
+                    removal,
+                    f"layer {old}'s {path or 'block'} holds layer_idx={index}, not its own position; layers that "
+                    "point at other layers' state cannot be renumbered safely",
+                )
+            if new != old:
+                moves.append((module, new))
+
+    def apply() -> None:
+        for module, new in moves:
+            module.layer_idx = new
+
+    return _Edit(modules=[apply])
+
+
+def _parent_edit(model: nn.Module, removal: _Removal) -> _Edit:
+    """Counts cached by the stack's parent module: an int attribute, or a private config copy (T5 stacks)."""
+    stack = removal.stack
+    parent = _get_path(model, stack.path.rpartition(".")[0]) if "." in stack.path else model
+    count, new_count = len(stack), len(removal.kept)
+    attrs = [a for a in _PARENT_COUNT_ATTRS if type(vars(parent).get(a)) is int and vars(parent)[a] == count]
+    parent_config = getattr(parent, "config", None)
+    counted = _layer_count(parent_config) if parent_config is not None else None
+    copy_attr = None
+    if parent_config is not stack.config and parent_config is not model.config and counted and counted[1] == count:
+        copy_attr = counted[0]
+
+    def apply() -> None:
+        for attr in attrs:
+            setattr(parent, attr, new_count)
+        if copy_attr is not None:
+            setattr(parent_config, copy_attr, new_count)
+
+    return _Edit(modules=[apply])
+
+
+def _previous_record(config, stack: LayerStack, two_stacks: bool) -> tuple[list[int], int]:
+    """(layers removed so far, original count) of one stack, from the record of earlier collapses."""
+    previous = getattr(config, "collapsed_layers", None)
+    originals = getattr(config, "original_num_hidden_layers", None)
+    if previous is None and originals is None:
+        return [], len(stack)
+    before, total = previous, originals
+    if two_stacks:
+        both_dicts = isinstance(previous, dict) and isinstance(originals, dict)
+        before, total = (previous.get(stack.name), originals.get(stack.name)) if both_dicts else (None, None)
+    if (
+        not isinstance(before, list)
+        or not isinstance(total, int)
+        or len([i for i in range(total) if i not in set(before)]) != len(stack)
+    ):
+        where = f"the {stack.name} stack" if stack.name else "the model"
+        raise ValueError(
+            f"config.collapsed_layers={previous!r} and config.original_num_hidden_layers={originals!r} do not "
+            f"match {where}, which has {len(stack)} layers: restore or delete those two config fields"
+        )
+    return before, total
+
+
+def _record_values(config, stacks: list[LayerStack], selection: dict[str, list[int]]) -> dict[str, object]:
+    """`collapsed_layers` / `original_num_hidden_layers` after this removal, in the original numbering."""
+    collapsed: dict[str, list[int]] = {}
+    original_counts: dict[str, int] = {}
+    for stack in stacks:
+        before, total = _previous_record(config, stack, two_stacks=len(stacks) > 1)
+        surviving = [i for i in range(total) if i not in set(before)]
+        collapsed[stack.name] = sorted(before + [surviving[i] for i in selection.get(stack.name, [])])
+        original_counts[stack.name] = total
+    if len(stacks) > 1:
+        return {"collapsed_layers": collapsed, "original_num_hidden_layers": original_counts}
+    (name,) = collapsed
+    return {"collapsed_layers": collapsed[name], "original_num_hidden_layers": original_counts[name]}
+
+
+def _set_config(config, updates: dict[str, object]) -> None:
+    for name, value in updates.items():
+        if value is _DELETE:
+            delattr(config, name)
+        else:
+            setattr(config, name, value)
+
+
+def _check_configs(config_updates: list[tuple[object, dict[str, object]]]) -> dict[int, object]:
+    """Apply the updates to copies of the configs and run the configs' own validators on them.
+
+    Returns the copies by `id()` of the original config.
+    """
+    memo: dict[int, object] = {}
+    copies = {id(config): copy.deepcopy(config, memo) for config, _ in config_updates}
+    for config, updates in config_updates:
+        _set_config(copies[id(config)], updates)
+    for trial in copies.values():
+        validate = getattr(trial, "validate", None)
+        if not callable(validate):
+            continue
+        try:
+            validate()
+        except Exception as error:  # strict-dataclass errors are not ValueErrors
+            raise ValueError(
+                f"removing these layers would leave an invalid {type(trial).__name__}: {error}. "
+                "This family needs a rule in hf_collapse.surgery._RULES"
+            ) from error
+    return copies
+
+
+def _check_decoder_cache(config, stacks: list[LayerStack], selection: dict[str, list[int]]) -> None:
+    """Refuse a collapse after which `generate` would build too small a KV cache for the decoder.
+
+    `generate` sizes the cache from `config.get_text_config(decoder=True)`, which for T5-style flat configs
+    reports the *encoder* count (`num_layers`); with fewer encoder than decoder layers, cached generation
+    fails with an IndexError in transformers itself.
+    """
+    decoder = next((stack for stack in stacks if stack.name == "decoder"), None)
+    if decoder is None:
+        return
+    kept = len(decoder) - len(selection.get("decoder", []))
+    counted = _layer_count(config.get_text_config(decoder=True))
+    if counted is not None and counted[1] < kept:
+        raise ValueError(
+            f"after this collapse the decoder would keep {kept} layers but {type(config).__name__} would size the "
+            f"generation KV cache for {counted[1]} ({counted[0]}), so `generate` would fail with an IndexError "
+            "inside transformers: keep at least as many encoder layers as decoder layers (remove fewer encoder "
+            "layers or more decoder layers)"
+        )
+
+
+def _refuse_adapters(model: nn.Module) -> None:
+    if isinstance(model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        raise ValueError(
+            "the model carries PEFT adapters: call `model = model.merge_and_unload()` first, then collapse. "
+            "Otherwise the saved weights keep base_layer/lora_* keys and the adapter's layers_to_transform "
+            "points at the wrong layers"
+        )
+
+
+def collapse_layers(model: nn.Module, layers: Sequence[int] | dict[str, Sequence[int]]) -> nn.Module:
+    """Remove layers from a transformers model in place, leaving a plain, smaller model of the same family.
+
+    The removed blocks leave the `nn.ModuleList`; every `layer_idx` inside the kept blocks is renumbered to
+    the block's new position (the KV cache is indexed by it); the layer count is lowered on the config that
+    owns it (the text config of a multimodal model); per-layer config fields follow the kept layers
+    (`layer_types`, `mlp_layer_types`, `no_rope_layers` sliced; `moe_layers` remapped; `first_k_dense_replace`
+    and `max_window_layers` recounted; Qwen-MoE's `decoder_sparse_step` made explicit through
+    `mlp_only_layers`); T5's relative position bias moves to the new first block; GPT-2 layers scaled by
+    `1/(layer_idx + 1)` get their queries rescaled so their outputs do not change. The result saves with
+    `save_pretrained` and reloads with the plain `AutoModel*` class, without missing or unexpected weights.
+
+    The removal is recorded on the top-level `model.config`, in the *original* numbering, cumulatively over
+    repeated calls:
+
+    - `collapsed_layers`: the removed 0-based layer indices (`list[int]`), or `{"encoder": [...],
+      "decoder": [...]}` for encoder-decoder models;
+    - `original_num_hidden_layers`: the layer count before any collapse (`int`, or a dict per stack).
+
+    Args:
+        model (`nn.Module`): a transformers model, possibly wrapped by `torch.compile` or DDP, without PEFT adapters.
+        layers (`Sequence[int]` or `dict[str, Sequence[int]]`): the 0-based layers to remove, in the model's
+            current numbering: a list for one-stack models, `{"encoder": [...], "decoder": [...]}` for
+            encoder-decoder models (a stack left out keeps all its layers). An empty selection changes nothing.
+
+    Returns:
+        `nn.Module`: `model` itself.
+
+    Raises:
+        `ValueError`: the request cannot be done exactly; the model is left untouched. That is: an index out of
+            range, negative, not an integer or given twice; every layer of a stack; PEFT adapters still attached;
+            no recognisable layer stack; a per-layer config field or architecture quirk with no exact update
+            (for instance layer 0 of ModernBERT).
+    """
+    _refuse_adapters(model)
+    inner = unwrap_model(model)
+    stacks = find_layer_stacks(inner)
+    selection = resolve_layer_selection(stacks, layers)
+    if not any(selection.values()):
+        return model
+
+    edits: list[_Edit] = []
+    config_updates: list[tuple[object, dict[str, object]]] = []
+    for stack in stacks:
+        removed = selection.get(stack.name, [])
+        if not removed:
+            continue
+        removal = _Removal(stack, tuple(removed), tuple(i for i in range(len(stack)) if i not in set(removed)))
+        if not removal.kept:
+            raise _refuse(removal, f"that is every layer; keep at least one of the {len(stack)}")
+        per_layer = _per_layer_edit(removal)
+        config_updates.append((stack.config, per_layer.config))
+        edits += [per_layer, _renumber_edit(removal), _parent_edit(inner, removal)]
+    config_updates.append((inner.config, _record_values(inner.config, stacks, selection)))
+    trial = _check_configs(config_updates)
+    _check_decoder_cache(trial[id(inner.config)], stacks, selection)
+
+    # Everything is checked: from here on nothing can refuse.
+    for edit in edits:
+        for apply in edit.modules:
+            apply()
+    for stack in stacks:
+        for index in reversed(selection.get(stack.name, [])):
+            del stack.layers[index]
+    for config, updates in config_updates:
+        _set_config(config, updates)
+    return model
