@@ -38,7 +38,7 @@ class CollapseConfig(TrainingArguments):
         msw_search_tokens (`int`, *optional*, defaults to `512`):
             The direction is searched on a random subset of at most this many tokens of the batch (the
             distance itself always uses every token). Sorting the projections of every token dominates the
-            cost; `None` searches on all tokens.
+            cost; 0 searches on all tokens.
         msw_keep_directions (`bool`, *optional*, defaults to `True`):
             Offer each layer's best direction of the previous step as a candidate again.
         msw_layers (`list[int]`, *optional*):
@@ -69,11 +69,11 @@ class CollapseConfig(TrainingArguments):
     msw_refine_steps: int = field(
         default=3, metadata={"help": "Refinement steps per layer and step with msw_search=refine; 0 or more."}
     )
-    msw_search_tokens: int | None = field(
+    msw_search_tokens: int = field(
         default=512,
         metadata={
             "help": "Search the direction on a random subset of at most this many tokens (the distance itself "
-            "always uses every token); unset to search on all tokens. At least 2."
+            "always uses every token); 0 searches on all tokens."
         },
     )
     msw_keep_directions: bool = field(
@@ -105,9 +105,9 @@ class CollapseConfig(TrainingArguments):
             )
         if self.msw_refine_steps < 0:
             raise ValueError(f"msw_refine_steps must be 0 or more, got {self.msw_refine_steps}")
-        if self.msw_search_tokens is not None and self.msw_search_tokens < 2:
+        if self.msw_search_tokens < 0 or self.msw_search_tokens == 1:
             raise ValueError(
-                f"msw_search_tokens must be at least 2 (or unset to search on all tokens), got {self.msw_search_tokens}"
+                f"msw_search_tokens must be at least 2 (or 0 to search on all tokens), got {self.msw_search_tokens}"
             )
         if self.msw_warmup_steps < 0:
             raise ValueError(f"msw_warmup_steps must be 0 or more, got {self.msw_warmup_steps}")

@@ -61,7 +61,7 @@ class CollapseTrainer(Trainer):
             mode=args.msw_search,
             refine_steps=args.msw_refine_steps,
             keep_directions=args.msw_keep_directions,
-            search_tokens=args.msw_search_tokens,
+            search_tokens=args.msw_search_tokens or None,
             seed=args.seed + args.process_index,
         )
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
