@@ -101,6 +101,10 @@ class CollapseReport:
             Whether the model was fine-tuned again after the layers were removed.
         limitations (`list[str]`):
             Extra limitations to state, e.g. that the source weights are a dequantised GGUF copy.
+        earlier_removed (`Sequence[int]` or `Mapping[str, Sequence[int]]`, *optional*):
+            When the source checkpoint was itself collapsed: the layers it had already lost, in the numbering
+            of the original model (its `config.collapsed_layers`). `removed_layers` stays in the numbering of
+            the source checkpoint.
     """
 
     base_model: str
@@ -126,6 +130,7 @@ class CollapseReport:
     recipe: dict[str, Any] | None = None
     healed: bool = False
     limitations: list[str] = field(default_factory=list)
+    earlier_removed: Sequence[int] | Mapping[str, Sequence[int]] | None = None
 
     def __post_init__(self):
         self.stacks()  # validate the per-stack fields now, not when the card is rendered
@@ -440,6 +445,9 @@ def _context(
         "recipe_yaml": recipe_yaml(report.recipe).rstrip() if report.recipe is not None else None,
         "healed": report.healed,
         "limitations": list(report.limitations),
+        "earlier_removed": (
+            None if report.earlier_removed is None else {k: sorted(v) for k, v in _per_stack(report.earlier_removed, "earlier_removed").items()}
+        ),
         "versions": {
             "hf_collapse": hf_collapse.__version__,
             "transformers": transformers.__version__,

@@ -119,7 +119,7 @@ def _check_report_matches(model: nn.Module, report: CollapseReport) -> None:
     recorded = getattr(model.config, "collapsed_layers", None)
     if recorded is not None:
         recorded = {k: sorted(v) for k, v in recorded.items()} if isinstance(recorded, dict) else {"": sorted(recorded)}
-        reported = {stack.name: stack.removed for stack in report.stacks()}
+        reported = _in_original_numbering(model.config, report)
         if recorded != reported:
             raise ValueError(
                 f"the report says layers {_show(reported)} were removed but the model's config records "
@@ -132,6 +132,23 @@ def _check_report_matches(model: nn.Module, report: CollapseReport) -> None:
             f"{parameters:,}: count them on the model being exported, shared weights once "
             "(sum(p.numel() for p in model.parameters()))"
         )
+
+
+def _in_original_numbering(config, report: CollapseReport) -> dict[str, list[int]]:
+    """The report's removed layers plus any earlier ones, in the original model's numbering."""
+    earlier = report.earlier_removed
+    if earlier is None:
+        return {stack.name: stack.removed for stack in report.stacks()}
+    earlier = {k: sorted(v) for k, v in earlier.items()} if isinstance(earlier, dict) else {"": sorted(earlier)}
+    originals = getattr(config, "original_num_hidden_layers", None)
+    originals = originals if isinstance(originals, dict) else {"": originals}
+    result = {}
+    for stack in report.stacks():
+        before = earlier.get(stack.name, [])
+        total = originals.get(stack.name) or stack.layers_before + len(before)
+        survivors = [i for i in range(total) if i not in set(before)]
+        result[stack.name] = sorted(before + [survivors[i] for i in stack.removed if i < len(survivors)])
+    return result
 
 
 def _show(per_stack: dict[str, list[int]]) -> str:
