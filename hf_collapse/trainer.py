@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from transformers import Trainer
@@ -41,7 +42,7 @@ class CollapseTrainer(Trainer):
             `TrainingArguments` is not accepted.
     """
 
-    _tag_names = ["hf-collapse", "lacoot", "layer-pruning"]
+    _tag_names = ["hf-collapse", "lacoot"]
 
     def __init__(self, model=None, args: CollapseConfig | None = None, **kwargs):
         if args is None:
@@ -166,6 +167,24 @@ class CollapseTrainer(Trainer):
                 penalty = penalty / self.current_gradient_accumulation_steps
             loss = loss + penalty.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
+
+    # ----------------------------------------------------------------------------------------------
+    # model card
+
+    def create_model_card(self, *args, tags: str | list[str] | None = None, **kwargs) -> None:
+        """Write the default Trainer card, tagged with our tags, unless `output_dir` holds an hf-collapse card.
+
+        `push_to_hub` and checkpoint pushes call this before uploading `output_dir`; a collapse card written
+        by [`export_collapsed`] (which says what was removed and what it cost) is never replaced.
+        """
+        from huggingface_hub import ModelCard
+
+        readme = Path(self.args.output_dir) / "README.md"
+        if readme.is_file() and "hf-collapse" in (ModelCard.load(readme).data.tags or []):
+            return
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        tags += [tag for tag in self._tag_names if tag not in tags]
+        super().create_model_card(*args, tags=tags, **kwargs)
 
     # ----------------------------------------------------------------------------------------------
     # logging

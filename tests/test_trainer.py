@@ -350,3 +350,17 @@ def test_trainer_rejects_what_it_cannot_regularise(tmp_path):
 
     with pytest.raises(TypeError, match="CollapseConfig"):
         CollapseTrainer(model=tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path), report_to=[]))
+
+
+def test_trainer_model_card_is_tagged_and_never_replaces_a_collapse_card(tmp_path):
+    from huggingface_hub import ModelCard
+
+    trainer = CollapseTrainer(model=tiny_llama(), args=config(tmp_path, max_steps=1), train_dataset=lm_dataset(4))
+    trainer.train()
+    trainer.create_model_card(model_name="tiny")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert {"hf-collapse", "lacoot"} <= set(card.data.tags)
+    collapse_card = "---\ntags:\n- hf-collapse\n- layer-pruning\n---\n\n# collapsed: layers 1, 2 removed\n"
+    (tmp_path / "README.md").write_text(collapse_card)
+    trainer.create_model_card(model_name="tiny")
+    assert (tmp_path / "README.md").read_text() == collapse_card
