@@ -32,7 +32,7 @@ test: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
 demo: install
-	$(BIN)/python -m hf_collapse.cli demo
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/hf-collapse train recipes/quickstart.yaml
 
 bench: install
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/trainer_overhead.py
