@@ -1,0 +1,246 @@
+"""The `hf-collapse` command.
+
+    hf-collapse train RECIPE.yaml [--field value ...]     fine-tune with the penalty; collapse and export if asked
+    hf-collapse validate RECIPE.yaml [--field value ...]  check a recipe without running it
+    hf-collapse score RECIPE.yaml [--field value ...]     per-layer scores of the recipe's model
+    hf-collapse collapse SRC OUT --layers 1,2             remove explicit layers, export OUT
+    hf-collapse collapse SRC OUT --num-layers K --data D  remove the K layers chosen on data D
+    hf-collapse evaluate RECIPE.yaml [--compare MODEL]    metric, perplexity and latency (before/after)
+    hf-collapse push OUT --repo-id NAMESPACE/NAME         upload an export in one commit
+
+Multi-process training: `accelerate launch -m hf_collapse.cli train RECIPE.yaml`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+class CliError(Exception):
+    """An error to report in one line (no traceback)."""
+
+
+def _recipe_verb(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("recipe", help=help_text)
+    parser.add_argument(
+        "overrides", nargs=argparse.REMAINDER, help="Recipe fields as --field value; they override the file."
+    )
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-collapse",
+        description="LaCoOT layer collapse for Hugging Face Transformers: train with a Max-Sliced Wasserstein "
+        "penalty, then delete the layers that collapsed.",
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    train = verbs.add_parser("train", help="Fine-tune with the MSW penalty; collapse, evaluate and export if the recipe asks.")
+    _recipe_verb(train, "Recipe YAML file (keys: RecipeArguments and CollapseConfig fields).")
+
+    validate = verbs.add_parser("validate", help="Check a recipe (keys, types, ranges, model and data names) without running it.")
+    _recipe_verb(validate, "Recipe YAML file.")
+
+    score = verbs.add_parser("score", help="Score every layer of the recipe's model on its calibration data.")
+    _recipe_verb(score, "Recipe YAML file (model_name_or_path may point to a fine-tuned checkpoint).")
+
+    collapse = verbs.add_parser(
+        "collapse",
+        help="Remove layers from a checkpoint (no training) and export the result.",
+        epilog="Any recipe field may follow as --field value (e.g. --max_eval_samples 500).",
+    )
+    collapse.add_argument("src", help="Source checkpoint: local folder, Hub id or offline:... alias. Never modified.")
+    collapse.add_argument("out", help="Output folder (must be empty or absent unless --overwrite).")
+    how = collapse.add_mutually_exclusive_group(required=True)
+    how.add_argument("--layers", help="Comma-separated 0-based layers to remove, e.g. 1,2.")
+    how.add_argument("--num-layers", type=int, help="Remove this many layers, chosen by score and validation metric.")
+    how.add_argument("--tolerance", type=float, help="Remove layers while the metric drops by at most this much.")
+    collapse.add_argument("--data", help="Calibration/validation data: a Hub dataset id, offline:..., or local files (comma-separated).")
+    collapse.add_argument("--recipe", help="Recipe YAML whose data and task settings to use.")
+    collapse.add_argument("--task", help="Task, when no recipe gives it (text-classification, causal-lm, image-classification).")
+    collapse.add_argument("--method", help="Layer score: msw, block_influence or angular.")
+    collapse.add_argument("--overwrite", action="store_true", help="Replace a non-empty OUT.")
+
+    evaluate = verbs.add_parser("evaluate", help="Task metric, perplexity and latency of the recipe's model.")
+    evaluate.add_argument("recipe", help="Recipe YAML file giving the model, task and evaluation data.")
+    evaluate.add_argument("--compare", help="A second model (e.g. the collapsed export) to compare with, latency interleaved.")
+
+    push = verbs.add_parser("push", help="Upload an export folder to the Hub in one commit.")
+    push.add_argument("out", help="The export folder.")
+    push.add_argument("--repo-id", required=True, help="NAMESPACE/NAME of the Hub model repo (created if needed).")
+    push.add_argument("--private", action="store_true", help="Create the repo as private.")
+    push.add_argument("--revision", help="Branch to commit to (created if needed).")
+    push.add_argument("--dry-run", action="store_true", help="List what would be uploaded; contact nothing.")
+    return parser
+
+
+def _load(recipe_path: str | None, overrides: list[str]):
+    from .recipe import load_recipe
+
+    return load_recipe(recipe_path, overrides)
+
+
+def _cmd_train(args) -> int:
+    from .pipeline import run_recipe
+
+    recipe, config, resolved = _load(args.recipe, args.overrides)
+    summary = run_recipe(recipe, config, resolved, train=True)
+    if summary is not None:
+        print("\n" + summary.table())
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from .pipeline import OFFLINE_MODELS
+
+    recipe, config, resolved = _load(args.recipe, args.overrides)
+    name = recipe.model_name_or_path
+    if name.startswith("offline:"):
+        if name not in OFFLINE_MODELS:
+            raise CliError(f"unknown offline model {name!r}: the offline models are {', '.join(OFFLINE_MODELS)}")
+        where = "offline asset"
+    elif Path(name).exists():
+        if not (Path(name) / "config.json").is_file():
+            raise CliError(f"model folder {name} has no config.json")
+        where = "local folder"
+    else:
+        where = "Hub id (not checked offline)"
+    for f in recipe.dataset_files or []:
+        if not Path(f).is_file():
+            raise CliError(f"dataset file {f} does not exist")
+    print(f"{args.recipe}: ok — {len(resolved)} keys; model {name} ({where}); task {recipe.task}; "
+          f"data {recipe.dataset_name or ', '.join(recipe.dataset_files or [])}; output {config.output_dir}")
+    return 0
+
+
+def _cmd_score(args) -> int:
+    from torch.utils.data import DataLoader
+
+    from .data import load_task_data
+    from .pipeline import load_model, load_processor, resolve_model
+    from .scoring import score_layers
+
+    recipe, config, _ = _load(args.recipe, args.overrides)
+    resolved = resolve_model(recipe.model_name_or_path)
+    processor = load_processor(recipe, resolved)
+    data = load_task_data(recipe, processor)
+    model = load_model(recipe, resolved, processor, data.label_names)
+    calibration = data.train.select(range(min(recipe.calibration_samples, len(data.train))))
+    loader = DataLoader(calibration, batch_size=config.per_device_eval_batch_size, collate_fn=data.collator)
+    batches = [{k: v for k, v in b.items() if k != "labels"} for b in loader]
+    scores = score_layers(model, batches, method=recipe.collapse_score_method)
+    print(f"layer  {scores.method}")
+    for index in range(len(scores)):
+        print(f"{index:>5}  {scores.values[index]:.6g}")
+    print("most removable first: " + ", ".join(str(i) for i in scores.ranking()))
+    return 0
+
+
+def _cmd_collapse(args) -> int:
+    from .pipeline import run_recipe
+
+    overrides = ["--model_name_or_path", args.src, "--export_dir", args.out, "--collapse", "true"]
+    if args.layers is not None:
+        try:
+            layers = [int(x) for x in args.layers.split(",") if x.strip()]
+        except ValueError:
+            raise CliError(f"--layers takes comma-separated integers such as 1,2; got {args.layers!r}") from None
+        overrides += ["--collapse_layers", *map(str, layers)]
+    elif args.num_layers is not None:
+        overrides += ["--collapse_num_layers", str(args.num_layers)]
+    else:
+        overrides += ["--collapse_tolerance", str(args.tolerance)]
+    if args.data:
+        parts = args.data.split(",")
+        if all(Path(p).is_file() for p in parts):
+            overrides += ["--dataset_files", *parts]
+        else:
+            overrides += ["--dataset_name", args.data]
+    elif args.recipe is None:
+        raise CliError("collapse needs data to measure the model on: pass --data (a dataset) or --recipe")
+    if args.task:
+        overrides += ["--task", args.task]
+    if args.method:
+        overrides += ["--collapse_score_method", args.method]
+    if args.overwrite:
+        overrides += ["--overwrite_export", "true"]
+    overrides += ["--output_dir", str(Path(args.out).with_name(Path(args.out).name + ".work"))]
+    recipe, config, resolved = _load(args.recipe, [*overrides, *args.overrides])
+    summary = run_recipe(recipe, config, resolved, train=False)
+    print("\n" + summary.table())
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .data import load_task_data
+    from .evaluation import compare_latency
+    from .pipeline import _first_batch, _task_evaluator, latency_setup, load_model, load_processor, resolve_model
+
+    recipe, config, _ = _load(args.recipe, ["--collapse", "false", *args.overrides])
+    resolved = resolve_model(recipe.model_name_or_path)
+    processor = load_processor(recipe, resolved)
+    data = load_task_data(recipe, processor)
+    names = [recipe.model_name_or_path] + ([args.compare] if args.compare else [])
+    models = [load_model(recipe, resolve_model(n), processor, data.label_names).eval() for n in names]
+    metric_name, _, evaluate = _task_evaluator(recipe, data, config.per_device_eval_batch_size)
+    for name, model in zip(names, models):
+        print(f"{name}: {metric_name} = {evaluate(model):.4f}")
+    if recipe.latency_repeats:
+        batch = _first_batch(data, config.per_device_eval_batch_size, models[0].device)
+        result = compare_latency(models[0], models[-1], batch, repeats=recipe.latency_repeats)
+        line = f"latency: {result.a.median_ms:.1f} ms"
+        if args.compare:
+            line += f" vs {result.b.median_ms:.1f} ms (speed-up {result.speedup:.2f}x)"
+        print(f"{line} — {latency_setup(result, batch, models[0])}")
+    return 0
+
+
+def _cmd_push(args) -> int:
+    from .export import push_folder
+
+    result = push_folder(args.out, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"dry run: would upload {len(result.files)} files to {args.repo_id}" + (f"@{args.revision}" if args.revision else ""))
+        for name, size in result.files:
+            print(f"  {name}  ({size:,} bytes)")
+    else:
+        print(f"pushed {len(result.files)} files to {args.repo_id} in one commit: {result.commit_url}")
+    return 0
+
+
+_COMMANDS = {
+    "train": _cmd_train,
+    "validate": _cmd_validate,
+    "score": _cmd_score,
+    "collapse": _cmd_collapse,
+    "evaluate": _cmd_evaluate,
+    "push": _cmd_push,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    # Recipe fields (--field value) may follow any verb's own options; they are checked by the recipe parser.
+    args, extra = parser.parse_known_args(argv)
+    if args.verb == "push" and extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = [*getattr(args, "overrides", []), *extra]
+    from .export import PushError
+    from .recipe import RecipeError
+
+    try:
+        return _COMMANDS[args.verb](args)
+    except PushError as error:
+        print(f"hf-collapse {args.verb}: error: {error}", file=sys.stderr)
+        return 1
+    except (CliError, RecipeError, FileNotFoundError, FileExistsError, ValueError, ModuleNotFoundError) as error:
+        print(f"hf-collapse {args.verb}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

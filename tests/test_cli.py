@@ -1,0 +1,201 @@
+"""The `hf-collapse` command and the recipes: parsing, every shipped recipe, bad input, a real run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hf_collapse.cli import main, make_parser
+from hf_collapse.recipe import RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def test_there_are_recipes():
+    names = {p.stem for p in RECIPES}
+    assert "quickstart" in names and len(RECIPES) >= 6
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_parses_and_says_how_to_run_it(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# hf-collapse train recipes/" + path.name), first
+    raw = yaml.safe_load(path.read_text())
+    # GPU recipes ask for bf16, which TrainingArguments only accepts on this CPU machine with use_cpu
+    overrides = ["--use_cpu", "true"] if raw.get("bf16") else []
+    recipe, config, resolved = load_recipe(path, overrides)
+    # every key is a field, and the resolved recipe keeps exactly those (plus what the command line set)
+    assert set(resolved) == set(raw) | ({"use_cpu"} if overrides else set())
+    assert recipe.model_name_or_path == raw["model_name_or_path"]
+    assert config.output_dir
+
+
+def test_yaml_numbers_become_numbers_and_cli_flags_override(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "model_name_or_path: offline:all-MiniLM-L6-v2\ndataset_name: offline:rotten_tomatoes\n"
+        "output_dir: out\nlearning_rate: 1e-5\nmsw_weight: 2\ncollapse_num_layers: 1\nmsw_layers: [0, 2]\n"
+    )
+    recipe, config, resolved = load_recipe(path, ["--msw_weight", "0.5", "--max_steps=7"])
+    assert isinstance(config.learning_rate, float) and config.learning_rate == 1e-5
+    assert config.msw_weight == 0.5 and config.max_steps == 7 and config.msw_layers == [0, 2]
+    assert resolved["msw_weight"] == 0.5 and resolved["max_steps"] == 7 and resolved["learning_rate"] == 1e-5
+
+
+@pytest.mark.parametrize(
+    "text,overrides,message",
+    [
+        ("model_name_or_path: m\nlearnig_rate: 1\n", [], "unknown key 'learnig_rate'.*did you mean 'learning_rate'"),
+        ("model_name_or_path: m\ncollapse: false\nmax_steps: ten\n", [], "invalid int value: 'ten'"),
+        ("model_name_or_path: m\ncollapse: false\n", ["--msw_wieght", "1"], "unknown option --msw_wieght"),
+        ("model_name_or_path: m\ncollapse: false\nmsw_weight: -1\n", [], "msw_weight must be a number >= 0"),
+        ("model_name_or_path: m\n", [], "set exactly one of collapse_layers"),
+        ("model_name_or_path: m\ncollapse: false\ntask: translation\n", [], "task must be one of"),
+        ("- a\n- b\n", [], "must be a mapping"),
+        ("model_name_or_path: m\ncollapse: false\nmax_steps: [1, 2]\n", [], "takes one value"),
+    ],
+)
+def test_bad_recipes_are_named(tmp_path, text, overrides, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path, overrides)
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "hf_collapse.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize("verb", ["train", "validate", "score", "collapse", "evaluate", "push"])
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        make_parser().parse_args([verb, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: hf-collapse " + verb in capsys.readouterr().out
+
+
+def _one_line_error(result):
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "warn" not in line.lower()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def test_bad_input_gives_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    missing = _one_line_error(_cli("validate", tmp_path / "nope.yaml"))
+    assert "nope.yaml does not exist" in missing
+
+    unknown_key = tmp_path / "unknown.yaml"
+    unknown_key.write_text("model_name_or_path: offline:all-MiniLM-L6-v2\nbogus: 1\n")
+    assert "unknown key 'bogus'" in _one_line_error(_cli("train", unknown_key))
+
+    base = (
+        f"task: text-classification\ndataset_name: offline:rotten_tomatoes\noutput_dir: {out}\n"
+        "collapse_num_layers: 1\nmax_steps: 1\nuse_cpu: true\nreport_to: none\n"
+    )
+    no_model = tmp_path / "no_model.yaml"
+    no_model.write_text(f"model_name_or_path: {tmp_path / 'missing-model'}\n" + base)
+    assert "cannot load the tokenizer" in _one_line_error(_cli("train", no_model))
+
+    unknown_offline = tmp_path / "unknown_offline.yaml"
+    unknown_offline.write_text("model_name_or_path: offline:gpt-17\n" + base)
+    assert "unknown offline model 'offline:gpt-17'" in _one_line_error(_cli("train", unknown_offline))
+
+    bad_column = tmp_path / "bad_column.yaml"
+    bad_column.write_text("model_name_or_path: offline:all-MiniLM-L6-v2\ntext_column: review\n" + base)
+    assert "no column 'review'" in _one_line_error(_cli("train", bad_column))
+
+    bad_dataset = tmp_path / "bad_dataset.yaml"
+    bad_dataset.write_text(
+        "model_name_or_path: offline:all-MiniLM-L6-v2\n"
+        + base.replace("offline:rotten_tomatoes", "someone/not-a-dataset")
+    )
+    assert "cannot load dataset 'someone/not-a-dataset'" in _one_line_error(_cli("train", bad_dataset))
+    assert not out.exists()
+
+
+def test_validate_reports_ok_for_the_quickstart():
+    result = _cli("validate", ROOT / "recipes" / "quickstart.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout and "offline asset" in result.stdout
+
+
+@pytest.mark.slow
+def test_train_runs_a_short_quickstart_end_to_end(tmp_path):
+    out = tmp_path / "model"
+    result = _cli(
+        "train",
+        ROOT / "recipes" / "quickstart.yaml",
+        "--output_dir",
+        tmp_path / "run",
+        "--export_dir",
+        out,
+        "--max_steps",
+        "4",
+        "--max_train_samples",
+        "64",
+        "--max_eval_samples",
+        "64",
+        "--calibration_samples",
+        "32",
+        "--latency_repeats",
+        "2",
+        "--collapse_num_layers",
+        "1",
+        "--collapse_candidates",
+        "2",
+        "--logging_steps",
+        "2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "removed layers" in result.stdout and "layers" in result.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 5 and len(config["collapsed_layers"]) == 1
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert recipe["max_steps"] == 4 and recipe["model_name_or_path"] == "offline:all-MiniLM-L6-v2"
+    card = (out / "README.md").read_text()
+    assert "layer_scores.png" in card and (out / "layer_scores.png").is_file()
+    # the CLI's collapse verb on the export: explicit layer, source untouched
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    again = tmp_path / "again"
+    result = _cli(
+        "collapse",
+        out,
+        again,
+        "--layers",
+        "0",
+        "--data",
+        "offline:rotten_tomatoes",
+        "--max_eval_samples",
+        "32",
+        "--calibration_samples",
+        "16",
+        "--latency_repeats",
+        "0",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    first_removed = config["collapsed_layers"]
+    config_again = json.loads((again / "config.json").read_text())
+    assert config_again["num_hidden_layers"] == 4
+    # layer 0 of the export is layer 0 of the original unless layer 0 was the one removed first
+    expected = sorted(first_removed + [0 if first_removed != [0] else 1])
+    assert config_again["collapsed_layers"] == expected and config_again["original_num_hidden_layers"] == 6
+    assert "had itself been collapsed before" in (again / "README.md").read_text()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_main_returns_two_on_a_bad_recipe(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "absent.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
