@@ -69,7 +69,8 @@ def _package_file(module: str, relative: str, pip_command: str) -> Path:
     path = _package_dir(module, pip_command) / relative
     if not path.exists():
         raise FileNotFoundError(
-            f"{path} is missing from the installed `{module}` package: reinstall it with `{pip_command} --force-reinstall`"
+            f"{path} is missing from the installed `{module}` package: "
+            f"reinstall it with `{pip_command} --force-reinstall`"
         )
     return path
 
@@ -266,8 +267,9 @@ def shakespeare_lm(
     Each work is tokenized on its own (no special tokens) and cut into consecutive blocks; the incomplete
     last block of a work is dropped, so no block spans two works. The last `validation_size` of each
     work's blocks form the validation split, which keeps validation text out of training while every work
-    of 5 blocks or more is represented in both splits (12,204 blocks of 128 SmolLM2 tokens in all). No padding: `attention_mask` is all ones and `labels` equals
-    `input_ids` (transformers' causal-LM models shift the labels themselves).
+    of 5 blocks or more is represented in both splits (12,204 blocks of 128 SmolLM2 tokens in all).
+    No padding: `attention_mask` is all ones and `labels` equals `input_ids` (transformers' causal-LM
+    models shift the labels themselves).
 
     Args:
         tokenizer (`PreTrainedTokenizerBase`): the model's tokenizer.

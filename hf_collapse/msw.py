@@ -89,12 +89,17 @@ def _safe_sqrt(value: torch.Tensor) -> torch.Tensor:
 
 
 def _refine(x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor, best: torch.Tensor, steps: int):
-    """Power-iteration refinement of one direction on detached clouds; returns the best (theta, w2²)."""
+    """Power-iteration refinement of one direction on detached clouds; returns the best (theta, w2²).
+
+    With the rank pairing of the current direction, D = x[ix] - y[iy] and the step is D^T (D theta).
+    D theta is the difference of the two sorted projections, r; D^T r = x^T r_x - y^T r_y where r_x, r_y
+    put r back in the points' own order, so no (n, d) gathered copy is needed.
+    """
     for _ in range(steps):
-        ix = torch.argsort(x @ theta)
-        iy = torch.argsort(y @ theta)
-        diff = x[ix] - y[iy]
-        candidate = diff.T @ (diff @ theta)
+        px, ix = torch.sort(x @ theta)
+        py, iy = torch.sort(y @ theta)
+        r = px - py
+        candidate = x.T @ torch.empty_like(r).scatter_(0, ix, r) - y.T @ torch.empty_like(r).scatter_(0, iy, r)
         norm = candidate.norm()
         if not torch.isfinite(norm) or norm == 0:
             break
@@ -115,7 +120,9 @@ class DirectionSearch:
     turns a training run into a slowly improving search at no extra cost.
 
     Args:
-        num_projections (`int`, defaults to 64): fresh random unit directions per call.
+        num_projections (`int`, defaults to 16): fresh random unit directions per call. With `"refine"`, 16
+            plus the kept direction reach the long-search maximum (see `benchmarks/msw_directions.py`); the
+            paper's random search used 50.
         mode (`str`, defaults to `"refine"`): `"random"` (max over the random directions, as in the
             paper's code) or `"refine"` (then improve the best one with power-iteration steps).
         refine_steps (`int`, defaults to 3): at most this many refinement steps (mode `"refine"`).
@@ -129,7 +136,7 @@ class DirectionSearch:
 
     def __init__(
         self,
-        num_projections: int = 64,
+        num_projections: int = 16,
         mode: str = "refine",
         refine_steps: int = 3,
         keep_directions: bool = True,
