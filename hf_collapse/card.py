@@ -101,6 +101,11 @@ class CollapseReport:
             Whether the model was fine-tuned again after the layers were removed.
         limitations (`list[str]`):
             Extra limitations to state, e.g. that the source weights are a dequantised GGUF copy.
+        selection (`str`, *optional*):
+            How the layers were chosen from the scores, in one sentence (e.g. "the 2 lowest-scoring layers").
+        selection_curve (`list[tuple[list[int], float]]`, *optional*):
+            The validation metric after each step of a tolerance or measured selection: (layers bypassed so
+            far, metric), starting with the full model.
         earlier_removed (`Sequence[int]` or `Mapping[str, Sequence[int]]`, *optional*):
             When the source checkpoint was itself collapsed: the layers it had already lost, in the numbering
             of the original model (its `config.collapsed_layers`). `removed_layers` stays in the numbering of
@@ -131,6 +136,8 @@ class CollapseReport:
     healed: bool = False
     limitations: list[str] = field(default_factory=list)
     earlier_removed: Sequence[int] | Mapping[str, Sequence[int]] | None = None
+    selection: str | None = None
+    selection_curve: list[tuple[list[int], float]] | None = None
 
     def __post_init__(self):
         self.stacks()  # validate the per-stack fields now, not when the card is rendered
@@ -434,6 +441,9 @@ def _context(
         "num_parameters_after": report.num_parameters_after,
         "parameter_reduction_pct": 100.0 * (1 - report.num_parameters_after / report.num_parameters_before),
         "score_method": report.score_method,
+        "selection": report.selection,
+        "task_metric": report.task_metric,
+        "selection_curve": [(list(layers), float(value)) for layers, value in report.selection_curve or []],
         "plot_file": PLOT_FILE,
         "metrics": metrics,
         "latency": latency,

@@ -161,6 +161,25 @@ def _task_evaluator(recipe: RecipeArguments, data: TaskData, batch_size: int):
     )["accuracy"]
 
 
+def _selection_sentence(recipe, metric_name: str) -> str:
+    """How the layers were chosen, for the card ("... were chosen")."""
+    if recipe.collapse_layers is not None:
+        return "the layers named in the recipe"
+    candidates = f"the {recipe.collapse_candidates} lowest-scoring" if recipe.collapse_candidates else "all"
+    if recipe.collapse_num_layers is not None:
+        if recipe.collapse_strategy == "ranked":
+            return f"the {recipe.collapse_num_layers} lowest-scoring layers"
+        return (
+            f"{recipe.collapse_num_layers} layers, one at a time, each the one among {candidates} remaining layers "
+            f"whose bypass hurt validation {metric_name} least"
+        )
+    order = "in score order" if recipe.collapse_strategy == "ranked" else (
+        f"one at a time, each the one among {candidates} remaining layers whose bypass hurt validation "
+        f"{metric_name} least,"
+    )
+    return f"layers {order} while validation {metric_name} stayed within {recipe.collapse_tolerance} of the full model"
+
+
 def _choose_layers(recipe, model, scores: LayerScores, evaluate, higher_is_better, log):
     protect = dict(protect_first=recipe.collapse_protect_first, protect_last=recipe.collapse_protect_last)
     if recipe.collapse_layers is not None:
@@ -307,6 +326,8 @@ def run_recipe(
         recipe=resolved_recipe if train else None,
         limitations=list(resolved.limitations),
         earlier_removed=earlier_removed,
+        selection=_selection_sentence(recipe, metric_name),
+        selection_curve=curve or None,
     )
     from .export import export_collapsed
 

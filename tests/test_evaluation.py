@@ -13,6 +13,9 @@ import statistics
 import subprocess
 import sys
 import textwrap
+import tomllib
+from fnmatch import fnmatch
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,6 +107,16 @@ def test_shipped_metric_names() -> None:
     assert metric_names() == ["accuracy", "f1"]
     for name in metric_names():
         assert (METRICS_DIR / name / f"{name}.py").is_file()
+
+
+def test_every_shipped_metric_is_in_the_wheel() -> None:
+    """Each metric script is either a listed package's module or matched by hf_collapse's package-data."""
+    setuptools = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = setuptools.get("package-data", {}).get("hf_collapse", [])
+    for name in metric_names():
+        relative = f"metrics/{name}/{name}.py"
+        packaged = f"hf_collapse.metrics.{name}" in setuptools["packages"] or any(fnmatch(relative, p) for p in patterns)
+        assert packaged, f"{relative} would be left out of the wheel: list hf_collapse.metrics.{name} in packages"
 
 
 def test_metric_modules_load_offline_by_path(tmp_path) -> None:
