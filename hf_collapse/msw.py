@@ -93,22 +93,23 @@ def _refine(x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor, best: torch.T
 
     With the rank pairing of the current direction, D = x[ix] - y[iy] and the step is D^T (D theta).
     D theta is the difference of the two sorted projections, r; D^T r = x^T r_x - y^T r_y where r_x, r_y
-    put r back in the points' own order, so no (n, d) gathered copy is needed.
+    put r back in the points' own order, so no (n, d) gathered copy is needed. The best direction is kept
+    with `torch.where`, not a Python `if`, so that a GPU never waits for the host inside the search.
     """
+    current = theta
     for _ in range(steps):
-        px, ix = torch.sort(x @ theta)
-        py, iy = torch.sort(y @ theta)
+        px, ix = torch.sort(x @ current)
+        py, iy = torch.sort(y @ current)
         r = px - py
-        candidate = x.T @ torch.empty_like(r).scatter_(0, ix, r) - y.T @ torch.empty_like(r).scatter_(0, iy, r)
-        norm = candidate.norm()
-        if not torch.isfinite(norm) or norm == 0:
-            break
-        candidate = candidate / norm
-        value = _w2_squared_along(x, y, candidate)
-        if value > best:
-            theta, best = candidate, value
-        else:
-            break
+        step = x.T @ torch.empty_like(r).scatter_(0, ix, r) - y.T @ torch.empty_like(r).scatter_(0, iy, r)
+        norm = step.norm()
+        # a zero or non-finite step (identical clouds, NaN input) leaves the direction where it is
+        usable = torch.isfinite(norm) & (norm > 0)
+        current = torch.where(usable, step / torch.where(usable, norm, torch.ones_like(norm)), current)
+        value = _w2_squared_along(x, y, current)
+        better = value > best
+        theta = torch.where(better, current, theta)
+        best = torch.where(better, value, best)
     return theta, best
 
 
@@ -183,8 +184,8 @@ class DirectionSearch:
         if kept is not None and kept.shape[0] == x.shape[1]:
             candidates = torch.cat([kept.to(x.device)[:, None], candidates], dim=1)
         values = sliced_w2_squared(x, y, candidates)
-        best_index = int(torch.argmax(values))
-        theta, best = candidates[:, best_index], values[best_index]
+        best_index = torch.argmax(values)  # stays on the device: no host sync
+        theta, best = candidates.index_select(1, best_index[None])[:, 0], values[best_index]
         if self.mode == "refine" and self.refine_steps > 0:
             theta, best = _refine(x, y, theta, best, self.refine_steps)
         if self.keep_directions:
@@ -237,7 +238,7 @@ def max_sliced_wasserstein(
                 )
             with torch.no_grad():
                 values = sliced_w2_squared(xf.detach(), yf.detach(), projections.to(xf))
-            theta = projections.to(xf)[:, int(torch.argmax(values))]
+            theta = projections.to(xf).index_select(1, torch.argmax(values)[None])[:, 0]
         else:
             if isinstance(search, str):
                 search = DirectionSearch(
