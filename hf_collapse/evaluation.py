@@ -103,12 +103,10 @@ def _forward_arguments(model: nn.Module) -> set[str]:
 
 
 def _column_names(dataset) -> list[str]:
-    names = getattr(dataset, "column_names", None)
-    if names is None:
-        if len(dataset) == 0:
-            raise ValueError("the dataset is empty: pass at least one example")
-        names = list(dataset[0])
-    return list(names)
+    """The columns as rows present them: a `set_transform` (e.g. image preprocessing) renames them."""
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty: pass at least one example")
+    return list(dataset[0])
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:

@@ -45,6 +45,8 @@ SCORING_METHODS = ("msw", "block_influence", "angular")
 SELECTION_STRATEGIES = ("ranked", "measured")
 # Token-level columns a padding collator knows how to pad; other columns (text, labels) are dropped.
 _TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
+# A dict whose main input has this many dimensions is a batch, not a row (token ids, images).
+_BATCH_DIMS = {"input_ids": 2, "pixel_values": 4}
 
 
 @dataclass(frozen=True)
@@ -150,9 +152,9 @@ def _as_batches(
             f"cannot read calibration examples of type {type(first).__name__}: give texts (with a tokenizer), "
             "tokenized rows (dicts with input_ids) or batches (dicts of 2-D tensors)"
         )
-    ids = first.get("input_ids")
-    if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+    if any(isinstance(first.get(key), torch.Tensor) and first[key].dim() == dims for key, dims in _BATCH_DIMS.items()):
         return data  # already a list of batches
+    ids = first.get("input_ids")
     if ids is None:
         raise ValueError(
             "calibration rows need an input_ids column: tokenize them first (e.g. dataset.map(tokenize)), "
@@ -246,7 +248,7 @@ def score_layers(
 
             - a `DataLoader`, or any iterable of batches: dicts of model inputs, used as they are (the
               padding mask is the stack's `mask_key`, usually `attention_mask`);
-            - a list of such batches (dicts whose `input_ids` is a 2-D tensor);
+            - a list of such batches (dicts whose `input_ids` is a 2-D tensor, or `pixel_values` a 4-D one);
             - tokenized rows: a `datasets.Dataset` or a list of dicts with `input_ids` (and optionally
               `attention_mask`, `token_type_ids`; other columns are dropped), grouped by `batch_size`
               in order and right-padded;

@@ -241,3 +241,41 @@ def test_train_lora_recipe_on_local_text_merges_then_collapses(tmp_path):
     assert keys and not any("lora_" in k or "base_layer" in k for k in keys)
     assert sum(k.endswith("self_attn.q_proj.weight") for k in keys) == 2
     assert "pipeline_tag: text-generation" in (out / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_train_image_classification_on_local_image_files(tmp_path):
+    """The image path of a recipe: a tiny ViT, PNG files labelled by folder, trained, collapsed, exported."""
+    import numpy as np
+    from PIL import Image
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    rng = np.random.default_rng(0)
+    files = []
+    for label, channel in (("red", 0), ("blue", 2)):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(8):
+            pixels = rng.integers(0, 80, (32, 32, 3), dtype=np.uint8)
+            pixels[..., channel] = 200
+            path = tmp_path / "images" / label / f"{i}.png"
+            Image.fromarray(pixels).save(path)
+            files.append(str(path))
+    source = tmp_path / "tiny-vit"
+    ViTForImageClassification(ViTConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8,
+    )).save_pretrained(source)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(source)
+    recipe = tmp_path / "vit.yaml"
+    recipe.write_text(
+        f"model_name_or_path: {source}\ntask: image-classification\ndataset_files: [{', '.join(files)}]\n"
+        f"eval_fraction: 0.25\noutput_dir: {tmp_path / 'run'}\nexport_dir: {tmp_path / 'out'}\nmax_steps: 2\n"
+        "per_device_train_batch_size: 4\nper_device_eval_batch_size: 4\nreport_to: none\nsave_strategy: 'no'\n"
+        "use_cpu: true\ncollapse_num_layers: 1\ncollapse_strategy: ranked\ncalibration_samples: 8\nlatency_repeats: 1\n"
+    )
+    result = _cli("train", recipe)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2 and config["id2label"] == {"0": "blue", "1": "red"}
+    assert (out / "preprocessor_config.json").is_file()
+    assert "pipeline_tag: image-classification" in (out / "README.md").read_text()
