@@ -14,13 +14,12 @@ Every function puts the model in eval mode for the run and gives each module its
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, default_data_collator
 from transformers.generation.streamers import BaseStreamer
 
-from .layers import find_layer_stacks, unwrap_model
+from .layers import eval_mode, find_layer_stacks, unwrap_model
 
 __all__ = [
     "Latency",
@@ -78,19 +77,6 @@ def load_metric(name: str, **kwargs) -> evaluate.EvaluationModule:
             "with `evaluate.load` (a Hub name needs network access, a local path to a metric script does not)"
         )
     return evaluate.load(str(METRICS_DIR / name), **kwargs)
-
-
-@contextlib.contextmanager
-def _eval_mode(*models: nn.Module) -> Iterator[None]:
-    # Restore each module's own flag: model.train() after the run would also wake deliberately frozen parts.
-    modes = {module: module.training for model in models for module in model.modules()}
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -213,7 +199,7 @@ def evaluate_classification(
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     device = _device(model)
     predictions, references = [], []
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for batch, labels in tqdm(loader, desc="evaluating", disable=not progress):
             logits = model(**_to_device(batch, device)).logits
             if logits.dim() != 2:
@@ -299,7 +285,7 @@ def perplexity(model: nn.Module, dataset, *, batch_size: int = 8, progress: bool
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=_pad_lm_rows)
     device = _device(model)
     total_nll, count = 0.0, 0
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for batch in tqdm(loader, desc="perplexity", disable=not progress):
             batch = _to_device(batch, device)
             mask = batch["attention_mask"].bool()
@@ -468,7 +454,7 @@ def measure_latency(
     """
     _check_counts(repeats, warmup)
     run = _timer(model, batch, mode, new_tokens)
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for _ in range(warmup):
             run()
         times = tuple(run() for _ in range(repeats))
@@ -494,7 +480,7 @@ def compare_latency(
     _check_counts(repeats, warmup)
     runs = (_timer(model_a, batch, mode, new_tokens), _timer(model_b, batch, mode, new_tokens))
     times: tuple[list[float], list[float]] = ([], [])
-    with _eval_mode(model_a, model_b), torch.inference_mode():
+    with eval_mode(model_a, model_b), torch.inference_mode():
         for _ in range(warmup):
             runs[0]()
             runs[1]()

@@ -24,6 +24,7 @@ __all__ = [
     "LayerStack",
     "LayerCapture",
     "bypass_layers",
+    "eval_mode",
     "find_layer_stacks",
     "resolve_layer_selection",
     "unwrap_model",
@@ -368,3 +369,19 @@ def bypass_layers(model: nn.Module, layers: Sequence[int] | dict[str, Sequence[i
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put models in eval mode for a block, then give every module back its own previous mode.
+
+    Restoring each module's flag (rather than calling `model.train()`) keeps deliberately frozen parts in eval.
+    """
+    modes = {module: module.training for model in models for module in model.modules()}
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training

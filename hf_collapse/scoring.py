@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers.utils.logging import tqdm
 
-from .layers import LayerCapture, LayerStack, bypass_layers, find_layer_stacks
+from .layers import LayerCapture, LayerStack, bypass_layers, eval_mode, find_layer_stacks
 from .msw import DirectionSearch, max_sliced_wasserstein
 
 __all__ = [
@@ -211,17 +211,6 @@ def _pick_stack(stacks: list[LayerStack], name: str | None) -> LayerStack:
     return by_name[name]
 
 
-def _eval_mode(model: nn.Module) -> dict[nn.Module, bool]:
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    return modes
-
-
-def _restore_modes(modes: dict[nn.Module, bool]) -> None:
-    for module, training in modes.items():
-        module.training = training
-
-
 def score_layers(
     model: nn.Module,
     data: Iterable[Mapping[str, object]] | Sequence[str] | Sequence[Mapping[str, object]],
@@ -294,15 +283,11 @@ def score_layers(
         totals[index] = value if totals[index] is None else totals[index] + value
         counts[index] += tokens_in.shape[0]
 
-    modes = _eval_mode(model)
-    try:
-        with torch.no_grad(), LayerCapture(model, on_pair, {target.name: range(len(target))}) as capture:
-            for batch in tqdm(batches, desc=f"scoring layers ({method})", unit="batch", disable=not progress):
-                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                with capture.armed(batch):
-                    model(**batch)
-    finally:
-        _restore_modes(modes)
+    with eval_mode(model), torch.no_grad(), LayerCapture(model, on_pair, {target.name: range(len(target))}) as capture:
+        for batch in tqdm(batches, desc=f"scoring layers ({method})", unit="batch", disable=not progress):
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            with capture.armed(batch):
+                model(**batch)
 
     if all(count == 0 for count in counts):
         raise ValueError(
@@ -486,8 +471,7 @@ def select_by_tolerance(
     order = [i for i in scores.ranking() if i in removable]
     sign = 1.0 if higher_is_better else -1.0
     removed: list[int] = []
-    modes = _eval_mode(model)
-    try:
+    with eval_mode(model):
         baseline = _evaluate(model, evaluate_fn, stack.name, [])
         curve = [((), baseline)]
         while len(removed) < min(max_layers, len(order)):
@@ -499,6 +483,4 @@ def select_by_tolerance(
             if sign * (baseline - metric) > tolerance:
                 break
             removed.append(layer)
-    finally:
-        _restore_modes(modes)
     return ToleranceSelection(layers=tuple(sorted(removed)), curve=tuple(curve), stack=stack.name)
