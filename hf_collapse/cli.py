@@ -8,7 +8,8 @@
     hf-collapse evaluate RECIPE.yaml [--compare MODEL]    metric, perplexity and latency (before/after)
     hf-collapse push OUT --repo-id NAMESPACE/NAME         upload an export in one commit
 
-Multi-process training: `accelerate launch -m hf_collapse.cli train RECIPE.yaml`.
+Multi-process training: `accelerate launch --multi_gpu -m hf_collapse.cli train RECIPE.yaml`, or the same with
+`torchrun --nproc_per_node N -m hf_collapse.cli train RECIPE.yaml`.
 """
 
 from __future__ import annotations

@@ -162,22 +162,19 @@ def _task_evaluator(recipe: RecipeArguments, data: TaskData, batch_size: int):
 
 
 def _selection_sentence(recipe, metric_name: str) -> str:
-    """How the layers were chosen, for the card ("... were chosen")."""
+    """How the layers were chosen, as a clause for the card."""
     if recipe.collapse_layers is not None:
-        return "the layers named in the recipe"
-    candidates = f"the {recipe.collapse_candidates} lowest-scoring" if recipe.collapse_candidates else "all"
+        return "the layers to remove were named in the recipe"
+    pool = f"among the {recipe.collapse_candidates} lowest-scoring ones" if recipe.collapse_candidates else "among all"
+    measured = f"each time the remaining layer ({pool}) whose bypass hurt validation {metric_name} least"
     if recipe.collapse_num_layers is not None:
         if recipe.collapse_strategy == "ranked":
-            return f"the {recipe.collapse_num_layers} lowest-scoring layers"
-        return (
-            f"{recipe.collapse_num_layers} layers, one at a time, each the one among {candidates} remaining layers "
-            f"whose bypass hurt validation {metric_name} least"
-        )
-    order = "in score order" if recipe.collapse_strategy == "ranked" else (
-        f"one at a time, each the one among {candidates} remaining layers whose bypass hurt validation "
-        f"{metric_name} least,"
-    )
-    return f"layers {order} while validation {metric_name} stayed within {recipe.collapse_tolerance} of the full model"
+            return f"the {recipe.collapse_num_layers} lowest-scoring layers were chosen"
+        return f"{recipe.collapse_num_layers} layers were chosen one at a time, {measured}"
+    within = f"while validation {metric_name} stayed within {recipe.collapse_tolerance} of the full model"
+    if recipe.collapse_strategy == "ranked":
+        return f"layers were chosen in score order {within}"
+    return f"layers were chosen one at a time, {measured}, {within}"
 
 
 def _choose_layers(recipe, model, scores: LayerScores, evaluate, higher_is_better, log):

@@ -279,3 +279,43 @@ def test_train_image_classification_on_local_image_files(tmp_path):
     assert config["num_hidden_layers"] == 2 and config["id2label"] == {"0": "blue", "1": "red"}
     assert (out / "preprocessor_config.json").is_file()
     assert "pipeline_tag: image-classification" in (out / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_two_process_launch_trains_on_both_then_main_process_exports(tmp_path):
+    """`torchrun --nproc_per_node 2 -m hf_collapse.cli train` (what `accelerate launch --multi_gpu` runs), on CPU."""
+    import socket
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hf_collapse.assets import shakespeare_works, smollm2_path
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )).save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    (tmp_path / "train.txt").write_text(shakespeare_works()["hamlet"][:20000])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model_name_or_path: {tmp_path / 'src'}\ntask: causal-lm\ndataset_files: [{tmp_path / 'train.txt'}]\n"
+        f"max_length: 32\noutput_dir: {tmp_path / 'run'}\nexport_dir: {tmp_path / 'out'}\nmax_steps: 3\n"
+        "per_device_train_batch_size: 4\nper_device_eval_batch_size: 8\nmax_eval_samples: 16\nreport_to: none\n"
+        "save_strategy: 'no'\nuse_cpu: true\ncollapse_num_layers: 1\ncollapse_strategy: ranked\n"
+        "calibration_samples: 8\nlatency_repeats: 1\n"
+    )
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={port}", "-m", "hf_collapse.cli", "train", str(recipe)],
+        capture_output=True, text=True, timeout=600,
+        env={**__import__("os").environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # both processes trained; only the main one scored, collapsed and exported
+    assert result.stdout.count("fine-tuning with the MSW penalty") == 2
+    assert result.stdout.count("exporting to") == 1
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 2
