@@ -38,12 +38,14 @@ class Method:
     num_projections: int
     refine_steps: int
     keep_directions: bool
+    search_tokens: int = 512  # the DirectionSearch default: the clouds here have at most 512 tokens
 
     @property
     def name(self) -> str:
         steps = f", {self.refine_steps} step{'s' * (self.refine_steps != 1)}" if self.mode == "refine" else ""
         memory = ", kept" if self.keep_directions else ""
-        return f"{self.mode} k={self.num_projections}{steps}{memory}"
+        subset = f", search on {self.search_tokens} tokens" if self.search_tokens < 512 else ""
+        return f"{self.mode} k={self.num_projections}{steps}{memory}{subset}"
 
 
 METHODS = (
@@ -55,6 +57,9 @@ METHODS = (
     Method("refine", 64, 5, False),
     Method("random", 64, 0, True),
     Method("refine", 16, 3, True),
+    Method("refine", 16, 2, True),
+    Method("refine", 16, 2, True, 256),
+    Method("refine", 16, 3, True, 256),
     Method("refine", 64, 1, True),
     Method("refine", 64, 3, True),
     Method("refine", 64, 5, True),
@@ -127,6 +132,7 @@ def run_model(model, batches, methods, args) -> dict:
             mode=m.mode,
             refine_steps=m.refine_steps,
             keep_directions=m.keep_directions,
+            search_tokens=m.search_tokens,
             seed=args.seed,
         )
         for m in methods

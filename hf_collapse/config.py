@@ -35,7 +35,7 @@ class CollapseConfig(TrainingArguments):
             Random unit directions drawn per layer and step. With `"refine"` and kept directions, 16 reach the
             long-search maximum on MiniLM and SmolLM2 (`benchmarks/msw_directions.py`); the paper's
             `"random"` search used 50, and reaches about a tenth of the maximum.
-        msw_refine_steps (`int`, *optional*, defaults to `3`):
+        msw_refine_steps (`int`, *optional*, defaults to `2`):
             Refinement steps per layer and step (only with `msw_search="refine"`).
         msw_search_tokens (`int`, *optional*, defaults to `512`):
             The direction is searched on a random subset of at most this many tokens of the batch (the
@@ -73,7 +73,7 @@ class CollapseConfig(TrainingArguments):
         },
     )
     msw_refine_steps: int = field(
-        default=3, metadata={"help": "Refinement steps per layer and step with msw_search=refine; 0 or more."}
+        default=2, metadata={"help": "Refinement steps per layer and step with msw_search=refine; 0 or more."}
     )
     msw_search_tokens: int = field(
         default=512,
