@@ -89,10 +89,25 @@ def _cmd_train(args) -> int:
     from .pipeline import run_recipe
 
     recipe, config, resolved = _load(args.recipe, args.overrides)
-    summary = run_recipe(recipe, config, resolved, train=True)
+    try:
+        summary = run_recipe(recipe, config, resolved, train=True)
+    finally:
+        _end_processes()
     if summary is not None:
         print("\n" + summary.table())
     return 0
+
+
+def _end_processes() -> None:
+    """Tear down the process group of a multi-process launch before the interpreter exits.
+
+    A group left to the interpreter's shutdown can abort the process ("terminate called without an active
+    exception") after all the work is done; every rank destroys its own group as soon as it is finished.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _cmd_validate(args) -> int:

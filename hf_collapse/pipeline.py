@@ -246,6 +246,12 @@ def run_recipe(
     if train:
         stage(f"fine-tuning with the MSW penalty (weight {config.msw_weight}, {config.msw_search} directions)")
         trainer.train()
+    if not recipe.collapse:
+        # every rank: under FSDP or DeepSpeed the weights are gathered collectively
+        trainer.save_model(config.output_dir)
+        if trainer.is_world_process_zero():
+            stage(f"saved the fine-tuned model to {config.output_dir} (collapse: false)")
+        return None
     if not trainer.is_world_process_zero():
         return None
     if recipe.use_peft:
@@ -253,10 +259,6 @@ def run_recipe(
     else:
         model = trainer.model
     model.eval()
-    if not recipe.collapse:
-        trainer.save_model(config.output_dir)
-        stage(f"saved the fine-tuned model to {config.output_dir} (collapse: false)")
-        return None
 
     batch_size = config.per_device_eval_batch_size
     calibration = data.train.select(range(min(recipe.calibration_samples, len(data.train))))

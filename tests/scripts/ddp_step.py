@@ -43,6 +43,10 @@ def main(out_dir: str, batch: int) -> None:
         torch.save({n: p.detach().cpu() for n, p in model.named_parameters()}, out / "params.pt")
         (out / "logs.json").write_text(json.dumps(trainer.state.log_history))
         (out / "world.json").write_text(json.dumps(trainer.args.world_size))
+    # both ranks leave together and tear the group down themselves, not in the interpreter's shutdown
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
