@@ -411,6 +411,7 @@ def select_by_tolerance(
     higher_is_better: bool = True,
     strategy: str = "ranked",
     num_candidates: int | None = None,
+    progress: bool = True,
 ) -> ToleranceSelection:
     """Remove layers one by one while a validation metric stays within `tolerance` of the full model.
 
@@ -437,6 +438,9 @@ def select_by_tolerance(
               (ties go to the lower score). It costs up to `num_candidates` evaluations per step.
         num_candidates (`int`, *optional*): with `"measured"`, how many of the lowest-scoring remaining
             layers each step tries; defaults to all of them.
+        progress (`bool`, defaults to `True`):
+            Show a progress bar over the evaluations, with the best metric of the current step (its total is
+            the most the loop can make; the bar stops early when the tolerance ends the loop).
 
     Returns:
         [`ToleranceSelection`]: the chosen layers and the metric curve.
@@ -471,15 +475,26 @@ def select_by_tolerance(
     order = [i for i in scores.ranking() if i in removable]
     sign = 1.0 if higher_is_better else -1.0
     removed: list[int] = []
-    with eval_mode(model):
-        baseline = _evaluate(model, evaluate_fn, stack.name, [])
+    steps = min(max_layers, len(order))
+    most = 1 + sum(min(pool_size or len(order), len(order) - step) for step in range(steps))
+    bar = tqdm(total=most, desc=f"choosing layers ({strategy})", unit="eval", disable=not progress)
+
+    def run(layers: list[int]) -> float:
+        value = _evaluate(model, evaluate_fn, stack.name, layers)
+        bar.update(1)
+        return value
+
+    with eval_mode(model), bar:
+        baseline = run([])
         curve = [((), baseline)]
-        while len(removed) < min(max_layers, len(order)):
+        bar.set_postfix_str(f"full model {baseline:.4g}")
+        while len(removed) < steps:
             remaining = [i for i in order if i not in removed]
-            trials = [(_evaluate(model, evaluate_fn, stack.name, [*removed, i]), i) for i in remaining[:pool_size]]
+            trials = [(run([*removed, i]), i) for i in remaining[:pool_size]]
             # max() keeps the first of equal metrics, i.e. the lower score.
             metric, layer = max(trials, key=lambda trial: sign * trial[0])
             curve.append(((*removed, layer), metric))
+            bar.set_postfix_str(f"without {sorted([*removed, layer])}: {metric:.4g}")
             if sign * (baseline - metric) > tolerance:
                 break
             removed.append(layer)

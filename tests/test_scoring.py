@@ -412,6 +412,19 @@ def test_measured_strategy_beats_a_misleading_ranking(two_identity):
     assert one_candidate == ranked
 
 
+def test_selection_progress_counts_evaluations_against_the_most_possible(two_identity, capsys):
+    model, _ = two_identity
+    misleading = LayerScores(method="msw", values=(0.0, 0.2, 0.1, 0.3))
+    select_by_tolerance(model, misleading, LogitGap(model), tolerance=1e-6, strategy="measured")
+    bar = capsys.readouterr().err.split("\r")[-1]
+    assert "choosing layers (measured)" in bar and "10/10" in bar  # 1 + 4 + 3 + 2 evaluations
+    select_by_tolerance(model, misleading, LogitGap(model), tolerance=1e-6)
+    bar = capsys.readouterr().err.split("\r")[-1]
+    assert "choosing layers (ranked)" in bar and "2/4" in bar and "without [0]" in bar  # stopped early
+    select_by_tolerance(model, misleading, LogitGap(model), tolerance=1e-6, progress=False)
+    assert "choosing layers" not in capsys.readouterr().err
+
+
 def test_tolerance_errors(two_identity):
     model, scores = two_identity
     metric = LogitGap(model)
