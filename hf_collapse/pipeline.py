@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+from transformers import set_seed
 
 from . import assets
 from .card import CollapseReport
@@ -221,6 +222,8 @@ def run_recipe(
         log(f"[{time.perf_counter() - started:6.0f}s] {text}")
 
     resolved = resolve_model(recipe.model_name_or_path)
+    # before anything random: a new classification head and LoRA's initial weights come from the global RNG
+    set_seed(config.seed)
     stage(f"loading {recipe.model_name_or_path} ({resolved.path})")
     processor = load_processor(recipe, resolved)
     data = load_task_data(recipe, processor)

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+import torch
 import yaml
 
 from hf_collapse.cli import main, make_parser
@@ -205,6 +207,33 @@ def test_main_returns_two_on_a_bad_recipe(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_recipe_runs_are_reproducible_for_a_seed(tmp_path):
+    """The new classification head is drawn after seeding: two runs in one process agree exactly."""
+    from hf_collapse.pipeline import run_recipe
+
+    def run(name: str, seed: int):
+        overrides = [
+            "--output_dir", str(tmp_path / name / "run"), "--export_dir", str(tmp_path / name / "out"),
+            "--max_train_samples", "32", "--max_eval_samples", "32", "--calibration_samples", "16",
+            "--latency_repeats", "0", "--collapse_num_layers", "1", "--collapse_strategy", "ranked",
+            "--seed", str(seed),
+        ]
+        recipe, config, resolved = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides)
+        summary = run_recipe(recipe, config, resolved, train=False, log=lambda text: None)
+        weights = tmp_path / name / "out" / "model.safetensors"
+        return summary, {k: v for k, v in safetensors.torch.load_file(weights).items() if "classifier" in k}
+
+    first, first_head = run("a", seed=0)
+    torch.randn(1000)  # the global RNG has moved on between the runs
+    second, second_head = run("b", seed=0)
+    assert first.metric_before == second.metric_before and first.metric_after == second.metric_after
+    assert first_head.keys() == second_head.keys() and first_head
+    for key in first_head:
+        assert torch.equal(first_head[key], second_head[key]), key
+    _, other_head = run("c", seed=1)
+    assert not torch.equal(first_head["classifier.weight"], other_head["classifier.weight"])
+
+
 def test_train_lora_recipe_on_local_text_merges_then_collapses(tmp_path):
     """The LoRA path of a recipe, on a tiny Llama with the real SmolLM2 tokenizer and a local text file."""
     from safetensors import safe_open
