@@ -205,7 +205,11 @@ def latency_setup(comparison, batch: dict, model: torch.nn.Module) -> str:
     """How a latency comparison was measured, in one sentence for the card."""
     first = next(iter(batch.values()))
     device = model.device
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} ({comparison.a.threads} threads)"
+    threads = comparison.a.threads
+    hardware = (
+        torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"{device.type} ({threads} thread{'' if threads == 1 else 's'})"
+    )
     return (
         f"{comparison.a.mode} pass on a batch of shape {tuple(first.shape)}, {model.dtype}, {hardware}; "
         f"median of {len(comparison.a.times_ms)} runs per model, the two models interleaved"
