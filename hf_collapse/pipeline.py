@@ -134,7 +134,7 @@ class RunSummary:
             ("parameters", f"{self.parameters_before:,}", f"{self.parameters_after:,}"),
             (self.metric_name, f"{self.metric_before:.4f}", f"{self.metric_after:.4f}"),
         ]
-        if self.perplexity_before is not None:
+        if self.perplexity_before is not None and self.metric_name != "perplexity":
             rows.append(("perplexity", f"{self.perplexity_before:.2f}", f"{self.perplexity_after:.2f}"))
         if self.speedup is not None:
             rows.append(("measured speed-up", "1.00x", f"{self.speedup:.2f}x"))

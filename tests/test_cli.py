@@ -312,7 +312,7 @@ def test_train_image_classification_on_local_image_files(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_launch_trains_on_both_then_main_process_exports(tmp_path):
-    """`torchrun --nproc_per_node 2 -m hf_collapse.cli train` (what `accelerate launch --multi_gpu` runs), on CPU."""
+    """`accelerate launch --multi_gpu --num_processes 2 -m hf_collapse.cli train`, the documented command, on CPU."""
     import socket
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -338,8 +338,10 @@ def test_two_process_launch_trains_on_both_then_main_process_exports(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={port}", "-m", "hf_collapse.cli", "train", str(recipe)],
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+         "-m", "hf_collapse.cli", "train", str(recipe)],
         capture_output=True, text=True, timeout=600,
         env={**__import__("os").environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"},
     )
@@ -348,3 +350,18 @@ def test_two_process_launch_trains_on_both_then_main_process_exports(tmp_path):
     assert result.stdout.count("fine-tuning with the MSW penalty") == 2
     assert result.stdout.count("exporting to") == 1
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_summary_table_names_each_figure_once():
+    from hf_collapse.pipeline import RunSummary
+
+    common = dict(layers_before=6, layers_after=4, removed=[1, 4], parameters_before=1000, parameters_after=800,
+                  speedup=1.5, export_dir=Path("out"))
+    lm = RunSummary(metric_name="perplexity", metric_before=12.3456, metric_after=13.5,
+                    perplexity_before=12.3456, perplexity_after=13.5, **common).table()
+    assert [line.split()[0] for line in lm.splitlines()[1:4]] == ["layers", "parameters", "perplexity"]
+    assert lm.count("perplexity") == 1 and "12.3456" in lm and "1.50x" in lm
+    cls = RunSummary(metric_name="accuracy", metric_before=0.77, metric_after=0.7467,
+                     perplexity_before=None, perplexity_after=None, **common).table()
+    assert "accuracy" in cls and "0.7467" in cls and "perplexity" not in cls
+    assert cls.splitlines()[-2:] == ["removed layers (0-based, original numbering): [1, 4]", "output: out"]
