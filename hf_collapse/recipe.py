@@ -188,6 +188,29 @@ def _as_default(action, value: Any) -> Any:
     return str(value)
 
 
+# TrainingArguments fields that transformers renamed within 5.x: a recipe may use either name, and gets the
+# one the installed version has (the new one when both exist, so no deprecation warning).
+_RENAMED = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+
+
+def _current_names(values: dict, actions: dict) -> dict:
+    """`values` with each renamed field under the name that the installed transformers knows."""
+    new_to_old = {new: old for old, new in _RENAMED.items()}
+    renamed = {}
+    for key, value in values.items():
+        if key in _RENAMED and _RENAMED[key] in actions:
+            key = _RENAMED[key]
+        elif key in new_to_old and key not in actions and new_to_old[key] in actions:
+            key = new_to_old[key]
+        if key in renamed:
+            raise RecipeError(f"the recipe sets {key!r} twice (under its old and its new name); keep one")
+        renamed[key] = value
+    return renamed
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> tuple[RecipeArguments, CollapseConfig, dict]:
     """Parse a recipe file plus command-line overrides.
 
@@ -212,6 +235,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise RecipeError(f"recipe file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
         if not isinstance(values, dict):
             raise RecipeError(f"recipe file {path} must be a mapping of field: value, got {type(values).__name__}")
+        values = _current_names(values, actions)
         for key in values:
             if key not in actions:
                 close = difflib.get_close_matches(str(key), list(actions), n=1)

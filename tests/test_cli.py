@@ -365,3 +365,24 @@ def test_summary_table_names_each_figure_once():
                      perplexity_before=None, perplexity_after=None, **common).table()
     assert "accuracy" in cls and "0.7467" in cls and "perplexity" not in cls
     assert cls.splitlines()[-2:] == ["removed layers (0-based, original numbering): [1, 4]", "output: out"]
+
+
+def test_checkpointing_field_takes_the_installed_transformers_name(tmp_path):
+    """transformers 5.x renamed gradient_checkpointing to activation_checkpointing; recipes may use either."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    current = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    for key in ("gradient_checkpointing", "activation_checkpointing"):
+        recipe = tmp_path / f"{key}.yaml"
+        recipe.write_text(f"model_name_or_path: x\ntask: causal-lm\ndataset_name: y\noutput_dir: {tmp_path}\ncollapse: false\n{key}: true\n")
+        _, config, resolved = load_recipe(recipe)
+        assert getattr(config, current) is True
+        assert resolved[current] is True and set(resolved) & {"gradient_checkpointing", "activation_checkpointing"} == {current}
+    both = tmp_path / "both.yaml"
+    both.write_text("gradient_checkpointing: true\nactivation_checkpointing: false\n")
+    if current == "activation_checkpointing":
+        with pytest.raises(RecipeError, match="twice"):
+            load_recipe(both)

@@ -14,6 +14,7 @@ from transformers import (
     LlamaForCausalLM,
     Trainer,
     TrainerCallback,
+    TrainingArguments,
 )
 
 from hf_collapse import CollapseConfig, CollapseTrainer, DirectionSearch, max_sliced_wasserstein
@@ -203,6 +204,10 @@ def test_zero_weight_equals_plain_trainer(tmp_path):
         torch.testing.assert_close(ours[name], plain[name], rtol=0, atol=0, msg=name)
 
 
+# transformers renamed the field within 5.x; use the installed version's name (no deprecation warning)
+CHECKPOINTING = "activation_checkpointing" if hasattr(TrainingArguments, "activation_checkpointing") else "gradient_checkpointing"
+
+
 def test_gradient_checkpointing_captures_each_layer_once_and_gives_the_same_update(tmp_path):
     data = lm_dataset(4)
     calls = []
@@ -217,11 +222,12 @@ def test_gradient_checkpointing_captures_each_layer_once_and_gives_the_same_upda
         model = tiny_llama()
         args = config(
             tmp_path, max_steps=1, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0,
-            max_grad_norm=0.0, msw_weight=5.0, gradient_checkpointing=checkpointing,
+            max_grad_norm=0.0, msw_weight=5.0, **{CHECKPOINTING: checkpointing},
         )
         trainer = Counting(model=model, args=args, train_dataset=data)
         trainer._search = FixedDirection(32)
         trainer.train()
+        assert getattr(model, f"is_{CHECKPOINTING}") is checkpointing  # it really was on (or off)
         return list(calls), {n: p.detach().clone() for n, p in model.named_parameters()}
 
     calls_plain, params_plain = run(False)
