@@ -238,6 +238,32 @@ def test_gradient_checkpointing_captures_each_layer_once_and_gives_the_same_upda
         torch.testing.assert_close(params_ckpt[name], params_plain[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_captured_hidden_states_are_released_after_each_step(tmp_path, checkpointing):
+    import gc
+    import weakref
+
+    refs = []
+
+    class Watching(CollapseTrainer):
+        def _on_layer(self, stack, index, tokens_in, tokens_out):
+            refs.extend((weakref.ref(tokens_in), weakref.ref(tokens_out)))
+            super()._on_layer(stack, index, tokens_in, tokens_out)
+
+    step_ends = []
+
+    class CheckAtStepEnd(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            gc.collect()
+            step_ends.append((len(refs), sum(ref() is not None for ref in refs)))
+
+    args = config(tmp_path, max_steps=2, learning_rate=1e-3, msw_weight=1.0, **{CHECKPOINTING: checkpointing})
+    trainer = Watching(model=tiny_llama(), args=args, train_dataset=lm_dataset(8), callbacks=[CheckAtStepEnd()])
+    trainer.train()
+    # 3 layers x (input, output) captured per step, none of them still alive once the step is over
+    assert step_ends == [(6, 0), (12, 0)]
+
+
 def _layer_msw(model, data, seed=0):
     values = {}
     search = DirectionSearch(num_projections=64, seed=seed, keep_directions=False)
