@@ -15,6 +15,7 @@ Multi-process training: `accelerate launch --multi_gpu -m hf_collapse.cli train 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -238,7 +239,19 @@ _COMMANDS = {
 }
 
 
+class _DropHubRetryNoise(logging.Filter):
+    """huggingface_hub logs two lines per retry of a failed request (ten before it gives up); the command reports
+    the outcome in one line of its own, so the retries themselves are not shown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return " thrown while requesting " not in message and not message.startswith("Retrying in ")
+
+
 def main(argv: list[str] | None = None) -> int:
+    retries = logging.getLogger("huggingface_hub.utils._http")
+    if not any(isinstance(f, _DropHubRetryNoise) for f in retries.filters):
+        retries.addFilter(_DropHubRetryNoise())
     parser = make_parser()
     # Recipe fields (--field value) may follow any verb's own options; they are checked by the recipe parser.
     args, extra = parser.parse_known_args(argv)
