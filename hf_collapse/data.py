@@ -8,7 +8,7 @@ model inputs:
 - `text-classification`: tokenized `text_column` (truncated to `max_length`), `label_column` as labels,
   padded per batch;
 - `causal-lm`: `text_column` tokenized, concatenated and cut into blocks of `max_length` tokens
-  (labels = inputs; the model shifts them);
+  (labels = inputs; the model shifts them); `max_train_samples` / `max_eval_samples` count blocks;
 - `image-classification`: `image_column` through the image processor, `label_column` as labels.
   Local image files (`dataset_files: [cats/1.png, dogs/2.png, ...]`) take their label from the folder name.
 """
@@ -107,9 +107,16 @@ def _raw_splits(recipe) -> tuple[Any, Any]:
     else:
         parts = train.train_test_split(test_size=recipe.eval_fraction, seed=recipe.split_seed)
         train, evaluation = parts["train"], parts["test"]
+    if recipe.task != "causal-lm":  # a causal LM caps its blocks, after grouping (see load_task_data)
+        train, evaluation = _capped(train, evaluation, recipe)
+    return train, evaluation
+
+
+def _capped(train, evaluation, recipe):
+    """The splits cut to the recipe's max_train_samples / max_eval_samples (first rows kept)."""
     if recipe.max_train_samples is not None:
         train = train.select(range(min(recipe.max_train_samples, len(train))))
-    if recipe.max_eval_samples is not None:
+    if recipe.max_eval_samples is not None and evaluation is not None:
         evaluation = evaluation.select(range(min(recipe.max_eval_samples, len(evaluation))))
     return train, evaluation
 
@@ -190,7 +197,8 @@ def load_task_data(recipe, processing_class) -> TaskData:
         ]
         if len(splits[0]) == 0:
             raise ValueError(f"the training text is shorter than one block of max_length={block} tokens")
-        return TaskData(splits[0], splits[1], default_data_collator, None, dataset_ids)
+        train_blocks, eval_blocks = _capped(splits[0], splits[1], recipe)
+        return TaskData(train_blocks, eval_blocks, default_data_collator, None, dataset_ids)
 
     if recipe.task == "image-classification":
         _require_columns(train, [recipe.image_column, recipe.label_column], ["image_column", "label_column"])

@@ -44,7 +44,7 @@ class RecipeArguments:
         train_split, eval_split (`str`): split names; a missing eval split is carved from train (`eval_fraction`).
         text_column, label_column, image_column (`str`): the columns the task reads.
         max_length (`int`, defaults to 128): token limit (classification) or block size (causal LM).
-        max_train_samples, max_eval_samples (`int`, *optional*): cap the splits.
+        max_train_samples, max_eval_samples (`int`, *optional*): cap the splits (rows; blocks for a causal LM).
         use_peft (`bool`): train LoRA adapters (merged before the collapse) instead of all weights.
         collapse (`bool`, defaults to `True`): score, choose and remove layers after training, then export.
         collapse_layers / collapse_num_layers / collapse_tolerance: exactly one way to choose the layers to
@@ -81,8 +81,12 @@ class RecipeArguments:
     max_length: int = field(
         default=128, metadata={"help": "Token limit per example (classification) or block size (causal LM)."}
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many evaluation rows."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many training rows (causal-lm: blocks of max_length tokens)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many evaluation rows (causal-lm: blocks of max_length tokens)."}
+    )
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters; they are merged before the collapse."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})

@@ -386,3 +386,41 @@ def test_checkpointing_field_takes_the_installed_transformers_name(tmp_path):
     if current == "activation_checkpointing":
         with pytest.raises(RecipeError, match="twice"):
             load_recipe(both)
+
+
+OFFLINE_RECIPES = [p for p in RECIPES if p.stem != "quickstart" and "offline:" in p.read_text()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", OFFLINE_RECIPES, ids=lambda p: p.stem)
+def test_every_offline_recipe_runs_shortened_on_its_real_model(tmp_path, path):
+    """Each offline recipe as shipped (real model, real data, its own penalty and selection settings), cut to one
+    optimizer step and a few rows, so that a broken recipe shows up here and not after an hour of training."""
+    recipe = yaml.safe_load(path.read_text())
+    out = tmp_path / "out"
+    result = _cli(
+        "train", path, "--output_dir", tmp_path / "run", "--export_dir", out,
+        "--max_steps", "1", "--gradient_accumulation_steps", "1", "--per_device_train_batch_size", "2",
+        "--max_train_samples", "8", "--max_eval_samples", "8", "--calibration_samples", "8",
+        "--collapse_candidates", "2", "--latency_repeats", "0", "--warmup_steps", "0", "--eval_strategy", "no",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    removed = config.get("collapsed_layers", [])
+    original = config.get("original_num_hidden_layers", config["num_hidden_layers"])
+    assert config["num_hidden_layers"] == original - len(removed)
+    if "collapse_num_layers" in recipe:
+        assert len(removed) == recipe["collapse_num_layers"]
+    else:  # a tolerance recipe may keep every layer after one step; its curve is printed either way
+        assert "collapse_tolerance" in recipe and "bypassed none:" in result.stdout
+    first, last = recipe.get("collapse_protect_first", 0), recipe.get("collapse_protect_last", 0)
+    assert all(first <= layer < config["original_num_hidden_layers"] - last for layer in removed)
+    written = yaml.safe_load((out / "recipe.yaml").read_text())
+    overridden = {"output_dir", "export_dir", "max_steps", "gradient_accumulation_steps", "per_device_train_batch_size",
+                  "max_train_samples", "max_eval_samples", "calibration_samples", "collapse_candidates",
+                  "latency_repeats", "warmup_steps", "eval_strategy"}
+    _, _, as_shipped = load_recipe(path)  # resolved values: 1e-4 read as a number, report_to: none as []
+    assert {k: v for k, v in as_shipped.items() if k not in overridden} == {
+        k: written[k] for k in as_shipped if k not in overridden}
+    assert written["max_steps"] == 1 and written["collapse_candidates"] == 2
+    assert f"removed layers (0-based, original numbering): {removed}" in result.stdout
