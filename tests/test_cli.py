@@ -424,3 +424,15 @@ def test_every_offline_recipe_runs_shortened_on_its_real_model(tmp_path, path):
         k: written[k] for k in as_shipped if k not in overridden}
     assert written["max_steps"] == 1 and written["collapse_candidates"] == 2
     assert f"removed layers (0-based, original numbering): {removed}" in result.stdout
+
+
+def test_hub_retry_chatter_is_dropped_but_other_hub_warnings_pass(tmp_path, caplog):
+    import logging
+
+    main(["validate", str(tmp_path / "absent.yaml")])  # any command installs the filter
+    hub_http = logging.getLogger("huggingface_hub.utils._http")
+    with caplog.at_level(logging.WARNING, logger="huggingface_hub.utils._http"):
+        hub_http.warning("'[Errno -2] Name or service not known' thrown while requesting HEAD https://huggingface.co/x")
+        hub_http.warning("Retrying in 1s [Retry 1/5].")
+        hub_http.warning("something else the user should see")
+    assert [r.getMessage() for r in caplog.records if r.name == hub_http.name] == ["something else the user should see"]
