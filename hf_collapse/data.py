@@ -107,8 +107,6 @@ def _raw_splits(recipe) -> tuple[Any, Any]:
     else:
         parts = train.train_test_split(test_size=recipe.eval_fraction, seed=recipe.split_seed)
         train, evaluation = parts["train"], parts["test"]
-    if recipe.task != "causal-lm":  # a causal LM caps its blocks, after grouping (see load_task_data)
-        train, evaluation = _capped(train, evaluation, recipe)
     return train, evaluation
 
 
@@ -116,7 +114,7 @@ def _capped(train, evaluation, recipe):
     """The splits cut to the recipe's max_train_samples / max_eval_samples (first rows kept)."""
     if recipe.max_train_samples is not None:
         train = train.select(range(min(recipe.max_train_samples, len(train))))
-    if recipe.max_eval_samples is not None and evaluation is not None:
+    if recipe.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(recipe.max_eval_samples, len(evaluation))))
     return train, evaluation
 
@@ -163,6 +161,8 @@ def load_task_data(recipe, processing_class) -> TaskData:
     from transformers import DataCollatorWithPadding, default_data_collator
 
     train, evaluation = _raw_splits(recipe)
+    if recipe.task != "causal-lm":  # rows are the samples; a causal LM caps its blocks after grouping, below
+        train, evaluation = _capped(train, evaluation, recipe)
     dataset_ids = [recipe.dataset_name] if recipe.dataset_name else [str(f) for f in recipe.dataset_files]
 
     if recipe.task == "text-classification":

@@ -414,7 +414,7 @@ def test_every_offline_recipe_runs_shortened_on_its_real_model(tmp_path, path):
     else:  # a tolerance recipe may keep every layer after one step; its curve is printed either way
         assert "collapse_tolerance" in recipe and "bypassed none:" in result.stdout
     first, last = recipe.get("collapse_protect_first", 0), recipe.get("collapse_protect_last", 0)
-    assert all(first <= layer < config["original_num_hidden_layers"] - last for layer in removed)
+    assert all(first <= layer < original - last for layer in removed)
     written = yaml.safe_load((out / "recipe.yaml").read_text())
     overridden = {"output_dir", "export_dir", "max_steps", "gradient_accumulation_steps", "per_device_train_batch_size",
                   "max_train_samples", "max_eval_samples", "calibration_samples", "collapse_candidates",
