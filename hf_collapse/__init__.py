@@ -9,6 +9,7 @@ from .card import CollapseReport
 from .config import CollapseConfig
 from .export import export_collapsed, push_folder
 from .layers import bypass_layers, find_layer_stacks
+from .models import load_model, load_processor, resolve_model
 from .msw import DirectionSearch, max_sliced_wasserstein
 from .scoring import LayerScores, score_layers, select_by_tolerance, select_lowest
 from .surgery import collapse_layers
@@ -24,8 +25,11 @@ __all__ = [
     "collapse_layers",
     "export_collapsed",
     "find_layer_stacks",
+    "load_model",
+    "load_processor",
     "max_sliced_wasserstein",
     "push_folder",
+    "resolve_model",
     "score_layers",
     "select_by_tolerance",
     "select_lowest",

@@ -112,7 +112,7 @@ def _end_processes() -> None:
 
 
 def _cmd_validate(args) -> int:
-    from .pipeline import OFFLINE_MODELS
+    from .models import OFFLINE_MODELS
 
     recipe, config, resolved = _load(args.recipe, args.overrides)
     name = recipe.model_name_or_path
@@ -138,7 +138,7 @@ def _cmd_score(args) -> int:
     from torch.utils.data import DataLoader
 
     from .data import load_task_data
-    from .pipeline import load_model, load_processor, resolve_model
+    from .models import load_model, load_processor, resolve_model
     from .scoring import score_layers
 
     recipe, config, _ = _load(args.recipe, args.overrides)
@@ -195,7 +195,8 @@ def _cmd_collapse(args) -> int:
 def _cmd_evaluate(args) -> int:
     from .data import load_task_data
     from .evaluation import compare_latency
-    from .pipeline import _first_batch, _task_evaluator, latency_setup, load_model, load_processor, resolve_model
+    from .models import load_model, load_processor, resolve_model
+    from .pipeline import _first_batch, _task_evaluator, latency_setup
 
     recipe, config, _ = _load(args.recipe, ["--collapse", "false", *args.overrides])
     resolved = resolve_model(recipe.model_name_or_path)
