@@ -5,26 +5,33 @@ score the layers (`score_layers`), choose them (`select_by_tolerance`), delete t
 (`collapse_layers`) and publish the slimmer model with its card (`export_collapsed`, `push_folder`).
 """
 
+from importlib.util import find_spec
+
 from .card import CollapseReport
-from .config import CollapseConfig
+from .config import CollapseConfig, MSWArguments
 from .export import export_collapsed, push_folder
 from .layers import bypass_layers, find_layer_stacks
 from .models import load_model, load_processor, resolve_model
 from .msw import DirectionSearch, max_sliced_wasserstein
 from .scoring import LayerScores, score_layers, select_by_tolerance, select_lowest
+from .post import collapse_model, heal
 from .surgery import collapse_layers
-from .trainer import CollapseTrainer
+from .trainer import CollapseTrainer, MSWPenaltyMixin
 
 __all__ = [
     "CollapseConfig",
     "CollapseReport",
     "CollapseTrainer",
+    "MSWArguments",
+    "MSWPenaltyMixin",
     "DirectionSearch",
     "LayerScores",
     "bypass_layers",
     "collapse_layers",
+    "collapse_model",
     "export_collapsed",
     "find_layer_stacks",
+    "heal",
     "load_model",
     "load_processor",
     "max_sliced_wasserstein",
@@ -34,4 +41,9 @@ __all__ = [
     "select_by_tolerance",
     "select_lowest",
 ]
+# TRL is an optional extra: its trainers are offered when it is installed, and `import hf_collapse` never needs it.
+if find_spec("trl") is not None:
+    from .sft import CollapseSFTConfig, CollapseSFTTrainer
+
+    __all__ += ["CollapseSFTConfig", "CollapseSFTTrainer"]
 __version__ = "0.1.0"

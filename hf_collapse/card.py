@@ -117,8 +117,8 @@ class CollapseReport:
     layers_before: int | Mapping[str, int]
     num_parameters_before: int
     num_parameters_after: int
-    scores: Sequence[float] | Mapping[str, Sequence[float]]
-    score_method: str
+    scores: Sequence[float] | Mapping[str, Sequence[float]] | None
+    score_method: str | None
     task_metric: str | None = None
     metric_before: float | None = None
     metric_after: float | None = None
@@ -155,7 +155,7 @@ class CollapseReport:
         """The per-stack view of the report: one entry for a one-stack model, encoder and decoder otherwise."""
         removed = _per_stack(self.removed_layers, "removed_layers")
         before = _per_stack(self.layers_before, "layers_before")
-        scores = _per_stack(self.scores, "scores")
+        scores = {name: None for name in before} if self.scores is None else _per_stack(self.scores, "scores")
         if not (removed.keys() == before.keys() == scores.keys()):
             raise ValueError(
                 f"removed_layers, layers_before and scores must name the same stacks, got {sorted(removed)}, "
@@ -172,8 +172,8 @@ class CollapseReport:
                 )
             if len(set(indices)) != len(indices):
                 raise ValueError(f"removed_layers lists a layer twice ({indices}): name each layer once")
-            values = [float(s) for s in scores[name]]
-            if len(values) != count:
+            values = [] if scores[name] is None else [float(s) for s in scores[name]]
+            if scores[name] is not None and len(values) != count:
                 raise ValueError(
                     f"scores has {len(values)} values for {where} but it had {count} layers: give one score per "
                     "layer, in the numbering before removal"
@@ -304,7 +304,8 @@ def write_card(
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot write the model card into {folder}: it is not an existing folder")
     content = render_card(report, repo_id=repo_id, processing_class=processing_class)
-    plot_layer_scores(report, folder / PLOT_FILE)
+    if report.scores is not None:
+        plot_layer_scores(report, folder / PLOT_FILE)
     card_path = folder / CARD_FILE
     card_path.write_text(content, encoding="utf-8")
     return card_path
@@ -441,6 +442,7 @@ def _context(
         "num_parameters_after": report.num_parameters_after,
         "parameter_reduction_pct": 100.0 * (1 - report.num_parameters_after / report.num_parameters_before),
         "score_method": report.score_method,
+        "has_scores": report.scores is not None,
         "selection": report.selection,
         "task_metric": report.task_metric,
         "selection_curve": [(list(layers), float(value)) for layers, value in report.selection_curve or []],

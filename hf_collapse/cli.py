@@ -166,6 +166,8 @@ def _cmd_collapse(args) -> int:
             layers = [int(x) for x in args.layers.split(",") if x.strip()]
         except ValueError:
             raise CliError(f"--layers takes comma-separated integers such as 1,2; got {args.layers!r}") from None
+        if not args.data and args.recipe is None:
+            return _collapse_without_data(args, layers)
         overrides += ["--collapse_layers", *map(str, layers)]
     elif args.num_layers is not None:
         overrides += ["--collapse_num_layers", str(args.num_layers)]
@@ -178,7 +180,7 @@ def _cmd_collapse(args) -> int:
         else:
             overrides += ["--dataset_name", args.data]
     elif args.recipe is None:
-        raise CliError("collapse needs data to measure the model on: pass --data (a dataset) or --recipe")
+        raise CliError("choosing layers needs data to measure the model on: pass --data (a dataset) or --recipe, or name them with --layers")
     if args.task:
         overrides += ["--task", args.task]
     if args.method:
@@ -192,11 +194,34 @@ def _cmd_collapse(args) -> int:
     return 0
 
 
+def _collapse_without_data(args, layers: list[int]) -> int:
+    """Remove given layers from a checkpoint as it was saved: no data, no scores, no metric (the card says so)."""
+    from .export import export_collapsed
+    from .models import load_checkpoint
+    from .post import collapse_model
+
+    if args.overrides or args.task or args.method:
+        raise CliError("recipe fields, --task and --method need data: add --data or --recipe, or drop them")
+    resolved, model, processor = load_checkpoint(args.src)
+    model, report = collapse_model(
+        model, layers=layers, base_model=resolved.base_model,
+        report_fields=dict(license=resolved.license, limitations=list(resolved.limitations)),
+    )
+    out = export_collapsed(model, args.out, report=report, processing_class=processor, overwrite=args.overwrite)
+    after = report.layers_before - len(report.removed_layers)
+    print(
+        f"removed layers {report.removed_layers} of {type(model).__name__}: {report.layers_before} -> {after} layers, "
+        f"{report.num_parameters_before:,} -> {report.num_parameters_after:,} parameters (nothing measured: no data)"
+    )
+    print(f"output: {Path(out).resolve()}")
+    return 0
+
+
 def _cmd_evaluate(args) -> int:
     from .data import load_task_data
     from .evaluation import compare_latency
     from .models import load_model, load_processor, resolve_model
-    from .pipeline import _first_batch, _task_evaluator, latency_setup
+    from .pipeline import _first_batch, latency_setup, task_evaluator
 
     recipe, config, _ = _load(args.recipe, ["--collapse", "false", *args.overrides])
     resolved = resolve_model(recipe.model_name_or_path)
@@ -204,7 +229,7 @@ def _cmd_evaluate(args) -> int:
     data = load_task_data(recipe, processor)
     names = [recipe.model_name_or_path] + ([args.compare] if args.compare else [])
     models = [load_model(recipe, resolve_model(n), processor, data.label_names).eval() for n in names]
-    metric_name, _, evaluate = _task_evaluator(recipe, data, config.per_device_eval_batch_size)
+    metric_name, _, evaluate = task_evaluator(recipe.task, data.eval, data.collator, config.per_device_eval_batch_size)
     for name, model in zip(names, models):
         print(f"{name}: {metric_name} = {evaluate(model):.4f}")
     if recipe.latency_repeats:

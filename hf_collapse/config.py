@@ -1,56 +1,114 @@
-"""`CollapseConfig`: `TrainingArguments` plus the settings of the MSW penalty."""
+"""The settings of the MSW penalty and of target-depth training, as a mixin for any `TrainingArguments`."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
 from .msw import SEARCH_MODES
 
-__all__ = ["CollapseConfig"]
+__all__ = ["CollapseConfig", "MSWArguments", "steps_of"]
 
 NORMALIZATIONS = ("none", "input_rms")
+TARGET_CHOICES = ("measured", "score", "post_hoc")
+
+
+def steps_of(value: float, total: int) -> int:
+    """A step count given as an integer (>= 1) or as a fraction of `total` (in [0, 1)), as `warmup_steps` is."""
+    return int(value) if value >= 1 else math.ceil(total * value)
 
 
 @dataclass
-class CollapseConfig(TrainingArguments):
+class MSWArguments:
     r"""
-    Configuration of [`CollapseTrainer`]: every [`~transformers.TrainingArguments`] field, plus the
-    Max-Sliced Wasserstein (MSW) penalty of LaCoOT. The training loss is
+    The fields of LaCoOT's Max-Sliced Wasserstein (MSW) penalty and of target-depth training, to be mixed
+    into any [`~transformers.TrainingArguments`] subclass (`CollapseConfig` = this + `TrainingArguments`;
+    `CollapseSFTConfig` = this + TRL's `SFTConfig`). The training loss is
 
-        task loss + msw_weight · mean over regularised layers of MSW(layer input, layer output)
+        task loss + λ · mean over regularised layers of MSW(layer input, layer output)
+                  [+ distill_weight · T² · KL(teacher ‖ student)]
 
     where the clouds are the non-padding tokens of the batch.
 
+    Without a target depth every layer (or `msw_layers`) is regularised alike, as in the paper. With a target
+    depth (`collapse_num_layers` or `collapse_layers`), training prepares *those* layers for removal: from
+    `target_choice_steps` on, only the targets are penalised (λ ramped over `msw_warmup_steps` and, with
+    `msw_adaptive`, adapted to their measured bypass cost), their residual update can be faded to exactly
+    zero (`fade_steps`), and the rest of the network can be distilled from the model as it was when the
+    targets were chosen (`distill_weight`). What training targeted is what the collapse removes.
+
     Parameters:
         msw_weight (`float`, *optional*, defaults to `1.0`):
-            λ, the weight of the penalty. 0 trains without it (distances are still logged). The paper
-            used 0.1–9 depending on the model.
+            λ, the weight of the penalty (the starting λ when it adapts). 0 trains without it (distances are
+            still logged). The paper used 0.1–9 depending on the model.
         msw_search (`str`, *optional*, defaults to `"refine"`):
             How the slicing direction is chosen: `"random"` (max over `msw_num_projections` fresh random
             directions, as the paper's code does) or `"refine"` (the best of them, and of the direction kept
             from the previous step, improved by `msw_refine_steps` power-iteration steps).
         msw_num_projections (`int`, *optional*, defaults to `16`):
-            Random unit directions drawn per layer and step. With `"refine"` and kept directions, 16 reach the
-            long-search maximum on MiniLM and SmolLM2 (`benchmarks/msw_directions.py`); the paper's
-            `"random"` search used 50, and reaches about a tenth of the maximum.
+            Random unit directions drawn per layer and step (`benchmarks/msw_directions.py` compares them).
         msw_refine_steps (`int`, *optional*, defaults to `2`):
             Refinement steps per layer and step (only with `msw_search="refine"`).
         msw_search_tokens (`int`, *optional*, defaults to `512`):
             The direction is searched on a random subset of at most this many tokens of the batch (the
-            distance itself always uses every token). Sorting the projections of every token dominates the
-            cost; 0 searches on all tokens.
+            distance itself always uses every token); 0 searches on all tokens.
         msw_keep_directions (`bool`, *optional*, defaults to `True`):
             Offer each layer's best direction of the previous step as a candidate again.
         msw_layers (`list[int]`, *optional*):
-            0-based indices of the layers whose distance enters the penalty; default all. Every layer's
-            distance is logged either way.
+            0-based indices of the layers whose distance enters the uniform penalty; default all. Every
+            layer's distance is logged either way. Not used with a target depth (the targets are penalised).
         msw_warmup_steps (`int`, *optional*, defaults to `0`):
-            λ grows linearly from 0 to `msw_weight` over this many optimizer steps.
+            λ grows linearly from 0 over this many optimizer steps (counted from the target choice when
+            there is a target depth).
         msw_normalization (`str`, *optional*, defaults to `"none"`):
             `"none"` (raw MSW, as in the paper) or `"input_rms"` (MSW divided by the root-mean-square norm
             of the layer's input tokens, so that layers with massive activations do not dominate the mean).
+        msw_mask_key (`str`, *optional*):
+            The input that marks real tokens (1) and padding (0); default the model's (`attention_mask`).
+            Without that input in a batch (padding-free packing), every token is a sample.
+        collapse_num_layers (`int`, *optional*):
+            Target depth: how many layers to remove. With `target_choice` other than `"post_hoc"`, training
+            chooses that many targets at `target_choice_steps` and prepares them for removal.
+        collapse_layers (`list[int]`, *optional*):
+            The layers to remove (0-based), given explicitly; training targets them from `target_choice_steps`.
+        collapse_protect_first, collapse_protect_last (`int`, *optional*, defaults to `0`):
+            Never target or remove the first / last this many layers.
+        target_choice (`str`, *optional*, defaults to `"measured"`):
+            How targets are chosen when only their number is given: `"measured"` (greedily, the layer whose
+            bypass raises the task loss least on `target_choice_samples` evaluation rows), `"score"` (the lowest
+            MSW distances on those rows) or `"post_hoc"` (no targeting: uniform penalty, layers chosen after
+            training, as in the paper).
+        target_choice_steps (`float`, *optional*, defaults to `0.3`):
+            When targeting starts: an optimizer step (>= 1) or a fraction of the training steps (< 1). Before
+            it the model is fine-tuned (with the uniform penalty if `msw_weight` > 0).
+        target_choice_samples (`int`, *optional*, defaults to `128`):
+            Evaluation rows on which bypass costs are measured (target choice and λ adaptation).
+        target_choice_candidates (`int`, *optional*, defaults to `8`):
+            After the first round of single-layer costs, each further greedy round measures only this many of
+            the cheapest remaining layers (so a 30-layer model costs tens of evaluations, not hundreds).
+        msw_adaptive (`bool`, *optional*, defaults to `True`):
+            With targets, adapt λ every `msw_adapt_steps`: double it while bypassing the targets still raises the
+            evaluation loss by more than `msw_adapt_tolerance` (relative), halve it when the full model's
+            evaluation loss has risen by more than that since the choice. The applied schedule is recorded.
+        msw_adapt_steps (`int`, *optional*, defaults to `20`):
+            Optimizer steps between two adaptations.
+        msw_adapt_tolerance (`float`, *optional*, defaults to `0.02`):
+            Relative loss increase treated as "costs too much" by the adaptation.
+        fade_steps (`float`, *optional*, defaults to `0`):
+            Fade the targets' residual update `out - in` linearly to exactly zero over this many optimizer steps
+            (or fraction of training) starting at the target choice, so the rest of the network learns to work
+            without them inside the budget; 0 does not fade. Must end by the last training step.
+        distill_weight (`float`, *optional*, defaults to `0`):
+            Weight of a logit distillation term (KL with temperature) from a frozen teacher: the model as it was
+            at the target choice (or the `teacher_model` given to the trainer). Costs one frozen copy of the
+            weights and one no-grad forward per step. 0 = no distillation.
+        distill_temperature (`float`, *optional*, defaults to `2.0`):
+            Softmax temperature of the distillation term.
+        heal_steps (`int`, *optional*, defaults to `0`):
+            Optimizer steps of fine-tuning after the layers are removed ([`heal`]); they come on top of
+            `max_steps` and are recorded in the card. 0 = no healing.
     """
 
     msw_weight: float = field(
@@ -87,7 +145,7 @@ class CollapseConfig(TrainingArguments):
     )
     msw_layers: list[int] | None = field(
         default=None,
-        metadata={"help": "0-based indices of the regularised layers (default: all layers)."},
+        metadata={"help": "0-based indices of the layers of the uniform penalty (default: all layers)."},
     )
     msw_warmup_steps: int = field(
         default=0, metadata={"help": "Optimizer steps over which the penalty weight ramps up from 0; 0 or more."}
@@ -99,33 +157,148 @@ class CollapseConfig(TrainingArguments):
             "choices": list(NORMALIZATIONS),
         },
     )
+    msw_mask_key: str | None = field(
+        default=None,
+        metadata={"help": "Input that marks real tokens (default: the model's attention_mask); absent = all real."},
+    )
+    collapse_num_layers: int | None = field(
+        default=None, metadata={"help": "Target depth: remove this many layers (training prepares them)."}
+    )
+    collapse_layers: list[int] | None = field(
+        default=None, metadata={"help": "Remove exactly these 0-based layers (training targets them)."}
+    )
+    collapse_protect_first: int = field(default=0, metadata={"help": "Never target or remove the first this many layers."})
+    collapse_protect_last: int = field(default=0, metadata={"help": "Never target or remove the last this many layers."})
+    target_choice: str = field(
+        default="measured",
+        metadata={
+            "help": "How targets are chosen: measured (least bypass cost), score (lowest MSW), or post_hoc "
+            "(no targeting; choose after training).",
+            "choices": list(TARGET_CHOICES),
+        },
+    )
+    target_choice_steps: float = field(
+        default=0.3, metadata={"help": "When targeting starts: a step (>= 1) or a fraction of training (< 1)."}
+    )
+    target_choice_samples: int = field(
+        default=128, metadata={"help": "Evaluation rows for measuring bypass costs (choice and adaptation)."}
+    )
+    target_choice_candidates: int = field(
+        default=8, metadata={"help": "Layers measured per greedy round after the first; at least 1."}
+    )
+    msw_adaptive: bool = field(
+        default=True, metadata={"help": "With targets, adapt lambda to the measured bypass cost (recorded)."}
+    )
+    msw_adapt_steps: int = field(default=20, metadata={"help": "Optimizer steps between adaptations of lambda."})
+    msw_adapt_tolerance: float = field(
+        default=0.02, metadata={"help": "Relative evaluation-loss increase that the adaptation treats as too much."}
+    )
+    fade_steps: float = field(
+        default=0,
+        metadata={"help": "Fade the targets to zero over this many steps (or fraction) after the choice; 0: no fade."},
+    )
+    distill_weight: float = field(
+        default=0.0, metadata={"help": "Weight of logit distillation from the frozen teacher; 0: none."}
+    )
+    distill_temperature: float = field(default=2.0, metadata={"help": "Temperature of the distillation term; > 0."})
+    heal_steps: int = field(
+        default=0, metadata={"help": "Fine-tuning steps after the layers are removed (on top of max_steps); 0: none."}
+    )
+
+    @property
+    def has_target(self) -> bool:
+        """Whether training prepares specific layers for removal (a target depth that is not post hoc)."""
+        wants = self.collapse_layers is not None or self.collapse_num_layers is not None
+        return wants and self.target_choice != "post_hoc"
 
     def __post_init__(self):
-        if self.msw_weight is None or not self.msw_weight >= 0:  # also rejects NaN
-            raise ValueError(f"msw_weight must be a number >= 0, got {self.msw_weight}")
+        def finite(name: str, low: float = 0.0, strict: bool = False) -> None:
+            value = getattr(self, name)
+            ok = value is not None and math.isfinite(value) and (value > low if strict else value >= low)
+            if not ok:
+                raise ValueError(f"{name} must be a number {'>' if strict else '>='} {low:g} (and finite), got {value}")
+
+        for name in ("msw_weight", "msw_adapt_tolerance", "distill_weight", "fade_steps", "target_choice_steps"):
+            finite(name)
+        finite("distill_temperature", strict=True)
         if self.msw_search not in SEARCH_MODES:
             raise ValueError(f"msw_search must be one of {', '.join(SEARCH_MODES)}; got {self.msw_search!r}")
         if self.msw_num_projections < 1:
             raise ValueError(
                 f"msw_num_projections must be at least 1 (the number of random directions), got {self.msw_num_projections}"
             )
-        if self.msw_refine_steps < 0:
-            raise ValueError(f"msw_refine_steps must be 0 or more, got {self.msw_refine_steps}")
         if self.msw_search_tokens < 0 or self.msw_search_tokens == 1:
             raise ValueError(
                 f"msw_search_tokens must be at least 2 (or 0 to search on all tokens), got {self.msw_search_tokens}"
             )
-        if self.msw_warmup_steps < 0:
-            raise ValueError(f"msw_warmup_steps must be 0 or more, got {self.msw_warmup_steps}")
+        for name in ("msw_refine_steps", "msw_warmup_steps", "heal_steps", "collapse_protect_first", "collapse_protect_last"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        for name in ("msw_adapt_steps", "target_choice_samples", "target_choice_candidates"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.msw_normalization not in NORMALIZATIONS:
             raise ValueError(
                 f"msw_normalization must be one of {', '.join(NORMALIZATIONS)}; got {self.msw_normalization!r}"
             )
-        if self.msw_layers is not None:
-            if len(self.msw_layers) == 0:
-                raise ValueError("msw_layers is empty: leave it unset to regularise every layer, or name at least one")
-            if any(i < 0 for i in self.msw_layers):
-                raise ValueError(f"msw_layers are 0-based layer indices and cannot be negative: {self.msw_layers}")
-            if len(set(self.msw_layers)) != len(self.msw_layers):
-                raise ValueError(f"msw_layers names a layer twice: {self.msw_layers}")
-        super().__post_init__()
+        if self.target_choice not in TARGET_CHOICES:
+            raise ValueError(f"target_choice must be one of {', '.join(TARGET_CHOICES)}; got {self.target_choice!r}")
+        for name in ("msw_layers", "collapse_layers"):
+            _check_indices(name, getattr(self, name))
+        if self.collapse_num_layers is not None and self.collapse_num_layers < 1:
+            raise ValueError(f"collapse_num_layers must be at least 1 (or left unset), got {self.collapse_num_layers}")
+        if self.collapse_layers is not None and self.collapse_num_layers is not None:
+            if len(self.collapse_layers) != self.collapse_num_layers:
+                raise ValueError(
+                    f"collapse_layers names {len(self.collapse_layers)} layers but collapse_num_layers is "
+                    f"{self.collapse_num_layers}: set one of them"
+                )
+        if self.has_target and self.msw_layers is not None:
+            raise ValueError(
+                "msw_layers selects the layers of the uniform penalty; with a target depth the targets are penalised: "
+                "unset msw_layers, or set target_choice: post_hoc"
+            )
+        if not self.has_target:
+            if self.fade_steps:
+                raise ValueError(
+                    "fade_steps fades targeted layers: set collapse_num_layers or collapse_layers (with target_choice "
+                    "measured or score), or leave fade_steps at 0"
+                )
+        if hasattr(super(), "__post_init__"):
+            super().__post_init__()
+        if self.has_target and getattr(self, "max_steps", 0) > 0:
+            self.check_schedule(self.max_steps)
+
+    def check_schedule(self, total_steps: int) -> None:
+        """Refuse a target schedule that does not fit in `total_steps` optimizer steps."""
+        start = steps_of(self.target_choice_steps, total_steps)
+        if start >= total_steps:
+            raise ValueError(
+                f"targeting starts at step {start} but training has only {total_steps} steps: lower "
+                "target_choice_steps (a fraction such as 0.3 scales with the budget) or train longer"
+            )
+        end = start + steps_of(self.fade_steps, total_steps) if self.fade_steps else start
+        if end > total_steps:
+            raise ValueError(
+                f"the fade would end at step {end}, after the last of {total_steps} training steps: lower fade_steps "
+                "or target_choice_steps"
+            )
+
+
+def _check_indices(name: str, value: list[int] | None) -> None:
+    if value is None:
+        return
+    if len(value) == 0:
+        raise ValueError(f"{name} is empty: leave it unset, or name at least one layer")
+    if any(i < 0 for i in value):
+        raise ValueError(f"{name} are 0-based layer indices and cannot be negative: {value}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"{name} names a layer twice: {value}")
+
+
+@dataclass
+class CollapseConfig(MSWArguments, TrainingArguments):
+    r"""
+    Configuration of [`CollapseTrainer`]: every [`~transformers.TrainingArguments`] field plus the fields of
+    [`MSWArguments`] (the MSW penalty, target depth, fading, distillation and healing).
+    """

@@ -8,7 +8,10 @@ from dataclasses import dataclass
 from . import assets
 from .recipe import RecipeArguments, RecipeError
 
-__all__ = ["AUTO_CLASSES", "OFFLINE_MODELS", "PIPELINE_TAGS", "ResolvedModel", "load_model", "load_processor", "resolve_model"]
+__all__ = [
+    "AUTO_CLASSES", "OFFLINE_MODELS", "PIPELINE_TAGS", "ResolvedModel", "load_checkpoint", "load_model", "load_processor",
+    "resolve_model",
+]
 
 
 @dataclass(frozen=True)
@@ -93,3 +96,27 @@ def load_model(recipe: RecipeArguments, resolved: ResolvedModel, processor, labe
     if recipe.task != "image-classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = processor.pad_token_id
     return model
+
+
+def load_checkpoint(name: str):
+    """A checkpoint as the class it was saved as (`config.architectures`), with its tokenizer or processor.
+
+    For removing given layers without data: nothing is added to the model (no new head), so what is exported
+    is what was loaded, minus the layers. Returns `(resolved, model, processor or None)`.
+    """
+    import transformers
+
+    resolved = resolve_model(name)
+    config = _load("config", resolved.path, lambda: transformers.AutoConfig.from_pretrained(resolved.path))
+    architectures = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    model_class = model_class or transformers.AutoModel
+    model = _load("model", resolved.path, lambda: model_class.from_pretrained(resolved.path))
+    processor = None
+    for auto in (transformers.AutoTokenizer, transformers.AutoImageProcessor):
+        try:
+            processor = auto.from_pretrained(resolved.path)
+            break
+        except (OSError, ValueError, KeyError):
+            continue
+    return resolved, model, processor

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-import math
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,17 +12,14 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import set_seed
 
-from .card import CollapseReport
 from .config import CollapseConfig
 from .data import TaskData, load_task_data
-from .layers import find_layer_stacks
 from .models import PIPELINE_TAGS, load_model, load_processor, resolve_model
 from .recipe import RecipeArguments, RecipeError
-from .scoring import LayerScores, score_layers, select_by_tolerance, select_explicit, select_lowest
-from .surgery import collapse_layers
+from .post import collapse_model, heal, selection_sentence
 from .trainer import CollapseTrainer
 
-__all__ = ["RunSummary", "run_recipe"]
+__all__ = ["RunSummary", "run_recipe", "task_evaluator"]
 
 
 @dataclass
@@ -42,6 +39,10 @@ class RunSummary:
     speedup: float | None
     export_dir: Path | None
     selection_curve: list = field(default_factory=list)
+    train_steps: int = 0
+    heal_steps: int = 0
+    targets: list[int] | None = None
+    msw_schedule: list = field(default_factory=list)
 
     def table(self) -> str:
         rows = [
@@ -56,58 +57,26 @@ class RunSummary:
         width = max(len(r[0]) for r in rows)
         lines = [f"{'':{width}}  {'before':>14}  {'after':>14}"]
         lines += [f"{name:{width}}  {before:>14}  {after:>14}" for name, before, after in rows]
+        if self.train_steps or self.heal_steps:
+            total = self.train_steps + self.heal_steps
+            lines.append(f"optimizer steps: {self.train_steps} training + {self.heal_steps} healing = {total}")
+        if self.targets is not None:
+            lines.append(f"training targeted layers {self.targets}")
         lines.append(f"removed layers (0-based, original numbering): {self.removed}")
         if self.export_dir is not None:
             lines.append(f"output: {self.export_dir}")
         return "\n".join(lines)
 
 
-def _num_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def _task_evaluator(recipe: RecipeArguments, data: TaskData, batch_size: int):
-    """(metric name, higher is better, model -> metric) on the evaluation split."""
+def task_evaluator(task: str, dataset, collator, batch_size: int):
+    """(metric name, higher is better, model -> metric) on one split of a recipe's data."""
     from .evaluation import evaluate_classification, perplexity
 
-    if recipe.task == "causal-lm":
-        return "perplexity", False, lambda model: perplexity(model, data.eval, batch_size=batch_size, progress=False)
+    if task == "causal-lm":
+        return "perplexity", False, lambda model: perplexity(model, dataset, batch_size=batch_size, progress=False)
     return "accuracy", True, lambda model: evaluate_classification(
-        model, data.eval, batch_size=batch_size, collator=data.collator, progress=False
+        model, dataset, batch_size=batch_size, collator=collator, progress=False
     )["accuracy"]
-
-
-def _selection_sentence(recipe, metric_name: str) -> str:
-    """How the layers were chosen, as a clause for the card."""
-    if recipe.collapse_layers is not None:
-        return "the layers to remove were named in the recipe"
-    pool = f"among the {recipe.collapse_candidates} lowest-scoring ones" if recipe.collapse_candidates else "among all"
-    measured = f"each time the remaining layer ({pool}) whose bypass hurt validation {metric_name} least"
-    if recipe.collapse_num_layers is not None:
-        if recipe.collapse_strategy == "ranked":
-            return f"the {recipe.collapse_num_layers} lowest-scoring layers were chosen"
-        return f"{recipe.collapse_num_layers} layers were chosen one at a time, {measured}"
-    within = f"while validation {metric_name} stayed within {recipe.collapse_tolerance} of the full model"
-    if recipe.collapse_strategy == "ranked":
-        return f"layers were chosen in score order {within}"
-    return f"layers were chosen one at a time, {measured}, {within}"
-
-
-def _choose_layers(recipe, model, scores: LayerScores, evaluate, higher_is_better, log):
-    protect = dict(protect_first=recipe.collapse_protect_first, protect_last=recipe.collapse_protect_last)
-    if recipe.collapse_layers is not None:
-        return select_explicit(recipe.collapse_layers, len(scores), **protect), []
-    if recipe.collapse_num_layers is not None and recipe.collapse_strategy == "ranked":
-        return select_lowest(scores, recipe.collapse_num_layers, **protect), []
-    tolerance = recipe.collapse_tolerance if recipe.collapse_tolerance is not None else math.inf
-    selection = select_by_tolerance(
-        model, scores, evaluate, tolerance, max_layers=recipe.collapse_num_layers,
-        higher_is_better=higher_is_better, strategy=recipe.collapse_strategy,
-        num_candidates=recipe.collapse_candidates, **protect,
-    )
-    for layers, value in selection.curve:
-        log(f"    bypassed {list(layers) or 'none'}: {value:.4f}")
-    return list(selection.layers), [[list(layers), value] for layers, value in selection.curve]
 
 
 def _first_batch(data: TaskData, batch_size: int, device) -> dict:
@@ -134,7 +103,8 @@ def latency_setup(comparison, batch: dict, model: torch.nn.Module) -> str:
 def run_recipe(
     recipe: RecipeArguments, config: CollapseConfig, resolved_recipe: dict, *, train: bool = True, log=print
 ) -> RunSummary | None:
-    """Run a recipe end to end. Returns `None` on non-main processes (they only take part in training)."""
+    """Run a recipe end to end: train (with the penalty and any target), then [`collapse_model`], [`heal`],
+    latency and export. Returns `None` on non-main processes (they only take part in training)."""
     started = time.perf_counter()
 
     def stage(text: str) -> None:
@@ -147,10 +117,15 @@ def run_recipe(
     processor = load_processor(recipe, resolved)
     data = load_task_data(recipe, processor)
     model = load_model(recipe, resolved, processor, data.label_names)
-    stage(f"data: {len(data.train)} training rows, {len(data.eval)} evaluation rows ({', '.join(data.dataset_ids)})")
+    test = getattr(data, "test", None)
+    stage(
+        f"data: {len(data.train)} training rows, {len(data.eval)} validation rows"
+        + (f", {len(test)} test rows" if test is not None else "") + f" ({', '.join(data.dataset_ids)})"
+    )
     if recipe.task == "image-classification":
         config.remove_unused_columns = False  # the image transform needs the raw image column
 
+    lora = None
     if recipe.use_peft:
         import peft
 
@@ -166,7 +141,8 @@ def run_recipe(
         data_collator=data.collator, processing_class=processor,
     )
     if train:
-        stage(f"fine-tuning with the MSW penalty (weight {config.msw_weight}, {config.msw_search} directions)")
+        what = "targeting " + (str(config.collapse_layers) if config.collapse_layers else f"{config.collapse_num_layers} layers") if config.has_target else "uniform"
+        stage(f"fine-tuning with the MSW penalty (weight {config.msw_weight}, {what}, {config.msw_search} directions)")
         trainer.train()
     if not recipe.collapse:
         # every rank: under FSDP or DeepSpeed the weights are gathered collectively
@@ -176,10 +152,7 @@ def run_recipe(
         return None
     if not trainer.is_world_process_zero():
         return None
-    if recipe.use_peft:
-        model = trainer.model.merge_and_unload()
-    else:
-        model = trainer.model
+    model = trainer.model.merge_and_unload() if recipe.use_peft else trainer.model
     model.eval()
 
     batch_size = config.per_device_eval_batch_size
@@ -187,25 +160,46 @@ def run_recipe(
     if len(calibration) == 0:
         raise RecipeError("the training split is empty: there is no calibration data to score the layers")
     loader = DataLoader(calibration, batch_size=batch_size, collate_fn=data.collator)
-    stage(f"scoring {len(find_layer_stacks(model)[0])} layers ({recipe.collapse_score_method}) on {len(calibration)} rows")
     batches = [{k: v.to(model.device) for k, v in b.items() if k != "labels"} for b in loader]
-    scores = score_layers(model, batches, method=recipe.collapse_score_method)
-    stage("scores: " + ", ".join(f"{i}: {v:.4g}" for i, v in enumerate(scores.values)))
+    metric_name, higher_is_better, choose_on = task_evaluator(recipe.task, data.eval, data.collator, batch_size)
+    report_split = test if test is not None else data.eval
+    _, _, evaluate = task_evaluator(recipe.task, report_split, data.collator, batch_size)
 
-    metric_name, higher_is_better, evaluate = _task_evaluator(recipe, data, batch_size)
-    metric_before = evaluate(model)
-    stage(f"{metric_name} of the full model: {metric_before:.4f}; choosing layers ({recipe.collapse_strategy})")
-    removed, curve = _choose_layers(recipe, model, scores, evaluate, higher_is_better, lambda t: stage(t))
-
-    layers_before = len(scores)
-    parameters_before = _num_parameters(model)
+    targeted = train and config.has_target
+    layers = trainer.collapse_targets if targeted else config.collapse_layers
+    heal_teacher = None
+    if config.heal_steps and config.distill_weight > 0:
+        # the full-depth model before surgery; a faded model already equals the collapsed one, so its teacher is
+        # the copy taken when targeting started
+        faded = targeted and config.fade_steps
+        heal_teacher = trainer.teacher_model if faded else copy.deepcopy(model)
     full = copy.deepcopy(model) if recipe.latency_repeats else None
-    perplexity_before = metric_before if recipe.task == "causal-lm" else None
-    earlier_removed = copy.deepcopy(getattr(model.config, "collapsed_layers", None))
-    collapse_layers(model, removed)
-    stage(f"removed layers {removed}: {layers_before} -> {layers_before - len(removed)} layers")
-    metric_after = evaluate(model)
-    perplexity_after = metric_after if recipe.task == "causal-lm" else None
+    perplexity_before = None
+    stage(f"scoring, choosing ({'training targets' if targeted else recipe.collapse_strategy}) and collapsing")
+    model, report = collapse_model(
+        model,
+        layers=layers,
+        num_layers=None if layers is not None else config.collapse_num_layers,
+        tolerance=None if layers is not None or config.collapse_num_layers is not None else recipe.collapse_tolerance,
+        calibration=batches, score_method=recipe.collapse_score_method, strategy=recipe.collapse_strategy,
+        candidates=recipe.collapse_candidates, protect_first=config.collapse_protect_first,
+        protect_last=config.collapse_protect_last, choose_on=choose_on, evaluate=evaluate, metric_name=metric_name,
+        higher_is_better=higher_is_better, base_model=resolved.base_model,
+        selection=selection_sentence(targeted=trainer.msw_schedule[0]["choice"]) if targeted else None,
+        log=lambda text: stage(text),
+    )
+    metric_before, metric_after = report.metric_before, report.metric_after
+    heal_steps_done = 0
+    if config.heal_steps:
+        stage(f"healing: {config.heal_steps} fine-tuning steps of the collapsed model" + (" with distillation" if heal_teacher else ""))
+        model, heal_steps_done = heal(
+            model, config, data.train, data_collator=data.collator, processing_class=processor,
+            teacher=heal_teacher, peft_config=lora,
+        )
+        metric_after = evaluate(model)
+        stage(f"{metric_name} after healing: {metric_after:.4f}")
+    if recipe.task == "causal-lm":
+        perplexity_before = metric_before
 
     latency = {}
     if full is not None:
@@ -215,41 +209,31 @@ def run_recipe(
         batch = _first_batch(data, batch_size, model.device)
         comparison = compare_latency(full, model, batch, repeats=recipe.latency_repeats)
         latency = {
-            "before_ms": comparison.a.median_ms,
-            "after_ms": comparison.b.median_ms,
-            "speedup": comparison.speedup,
-            "setup": latency_setup(comparison, batch, model),
+            "latency_ms_before": comparison.a.median_ms,
+            "latency_ms_after": comparison.b.median_ms,
+            "latency_setup": latency_setup(comparison, batch, model),
         }
+        speedup = comparison.speedup
         del full
+    else:
+        speedup = None
 
-    export_dir = Path(recipe.export_dir or Path(config.output_dir) / "collapsed")
-    report = CollapseReport(
-        base_model=resolved.base_model,
-        removed_layers=removed,
-        layers_before=layers_before,
-        num_parameters_before=parameters_before,
-        num_parameters_after=_num_parameters(model),
-        scores=list(scores.values),
-        score_method=scores.method,
-        task_metric=metric_name,
-        metric_before=metric_before,
+    report = dataclasses.replace(
+        report,
         metric_after=metric_after,
         perplexity_before=perplexity_before,
-        perplexity_after=perplexity_after,
-        latency_ms_before=latency.get("before_ms"),
-        latency_ms_after=latency.get("after_ms"),
-        latency_setup=latency.get("setup"),
+        perplexity_after=metric_after if recipe.task == "causal-lm" else None,
         datasets=[d for d in data.dataset_ids if not d.startswith("offline:")],
         eval_dataset=recipe.dataset_name,
-        eval_split=recipe.eval_split if recipe.dataset_name else None,
+        eval_split=(("test" if test is not None else recipe.eval_split) if recipe.dataset_name else None),
         license=resolved.license,
         pipeline_tag=PIPELINE_TAGS[recipe.task],
         recipe=resolved_recipe if train else None,
+        healed=heal_steps_done > 0,
         limitations=list(resolved.limitations),
-        earlier_removed=earlier_removed,
-        selection=_selection_sentence(recipe, metric_name),
-        selection_curve=curve or None,
+        **latency,
     )
+    export_dir = Path(recipe.export_dir or Path(config.output_dir) / "collapsed")
     from .export import export_collapsed
 
     stage(f"exporting to {export_dir}")
@@ -257,10 +241,13 @@ def run_recipe(
         model, export_dir, report=report, processing_class=processor, repo_id=recipe.export_repo_id,
         overwrite=recipe.overwrite_export,
     )
+    depth = report.layers_before
     return RunSummary(
-        layers_before=layers_before, layers_after=layers_before - len(removed), removed=removed,
-        parameters_before=parameters_before, parameters_after=_num_parameters(model), metric_name=metric_name,
-        metric_before=metric_before, metric_after=metric_after, perplexity_before=perplexity_before,
-        perplexity_after=perplexity_after, speedup=latency.get("speedup"), export_dir=export_dir.resolve(),
-        selection_curve=curve,
+        layers_before=depth, layers_after=depth - len(report.removed_layers), removed=list(report.removed_layers),
+        parameters_before=report.num_parameters_before, parameters_after=model.num_parameters(),
+        metric_name=metric_name, metric_before=metric_before, metric_after=metric_after,
+        perplexity_before=perplexity_before, perplexity_after=metric_after if recipe.task == "causal-lm" else None,
+        speedup=speedup, export_dir=export_dir.resolve(), selection_curve=report.selection_curve or [],
+        train_steps=trainer.state.global_step if train else 0, heal_steps=heal_steps_done,
+        targets=list(trainer.collapse_targets or []) if targeted else None, msw_schedule=list(trainer.msw_schedule),
     )

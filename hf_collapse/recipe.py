@@ -21,7 +21,7 @@ from .config import CollapseConfig
 from .data import OFFLINE_DATASETS, TASKS
 from .scoring import SCORING_METHODS, SELECTION_STRATEGIES
 
-__all__ = ["RecipeArguments", "RecipeError", "load_recipe", "make_parser", "resolved_recipe"]
+__all__ = ["RecipeArguments", "RecipeError", "check_choice", "load_recipe", "make_parser", "resolved_recipe"]
 
 
 class RecipeError(ValueError):
@@ -47,8 +47,9 @@ class RecipeArguments:
         max_train_samples, max_eval_samples (`int`, *optional*): cap the splits (rows; blocks for a causal LM).
         use_peft (`bool`): train LoRA adapters (merged before the collapse) instead of all weights.
         collapse (`bool`, defaults to `True`): score, choose and remove layers after training, then export.
-        collapse_layers / collapse_num_layers / collapse_tolerance: exactly one way to choose the layers to
-            remove: an explicit list (0-based), a budget k, or the largest metric drop accepted.
+        collapse_tolerance (`float`, *optional*): remove layers while the validation metric drops by at most this
+            much. With `collapse: true`, exactly one of it and the [`CollapseConfig`] fields `collapse_layers`
+            (an explicit list) and `collapse_num_layers` (a target depth) is set.
         collapse_strategy (`str`, defaults to `"measured"`): with a budget or a tolerance, `ranked` removes
             layers in score order; `measured` tries the lowest-scoring candidates and removes the one whose
             removal hurts the validation metric least.
@@ -98,10 +99,6 @@ class RecipeArguments:
     collapse_score_method: str = field(
         default="msw", metadata={"help": "Layer score.", "choices": list(SCORING_METHODS)}
     )
-    collapse_layers: list[int] | None = field(
-        default=None, metadata={"help": "Remove exactly these 0-based layers."}
-    )
-    collapse_num_layers: int | None = field(default=None, metadata={"help": "Remove this many layers."})
     collapse_tolerance: float | None = field(
         default=None,
         metadata={"help": "Remove layers while the validation metric drops by at most this much (metric units)."},
@@ -113,8 +110,6 @@ class RecipeArguments:
     collapse_candidates: int | None = field(
         default=None, metadata={"help": "With measured selection, try only this many lowest-scoring layers per step."}
     )
-    collapse_protect_first: int = field(default=0, metadata={"help": "Never remove the first this many layers."})
-    collapse_protect_last: int = field(default=0, metadata={"help": "Never remove the last this many layers."})
     calibration_samples: int = field(default=256, metadata={"help": "Training rows used to score the layers."})
     latency_repeats: int = field(
         default=10, metadata={"help": "Interleaved timed forward passes per model for the latency figures; 0 skips."}
@@ -140,28 +135,17 @@ class RecipeArguments:
             raise RecipeError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
         if self.max_length < 2:
             raise RecipeError(f"max_length must be at least 2 tokens, got {self.max_length}")
-        for name in ("max_train_samples", "max_eval_samples", "collapse_num_layers", "collapse_candidates"):
+        for name in ("max_train_samples", "max_eval_samples", "collapse_candidates"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise RecipeError(f"{name} must be at least 1 (or left unset), got {value}")
-        for name in ("collapse_protect_first", "collapse_protect_last", "latency_repeats"):
+        for name in ("latency_repeats",):
             if getattr(self, name) < 0:
                 raise RecipeError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.calibration_samples < 1:
             raise RecipeError(f"calibration_samples must be at least 1, got {self.calibration_samples}")
         if self.collapse_tolerance is not None and not self.collapse_tolerance >= 0:
             raise RecipeError(f"collapse_tolerance must be 0 or more, got {self.collapse_tolerance}")
-        if self.collapse:
-            chosen = [
-                name
-                for name in ("collapse_layers", "collapse_num_layers", "collapse_tolerance")
-                if getattr(self, name) is not None
-            ]
-            if len(chosen) != 1:
-                raise RecipeError(
-                    "with collapse: true, set exactly one of collapse_layers, collapse_num_layers, collapse_tolerance "
-                    f"(got {', '.join(chosen) if chosen else 'none'}); or set collapse: false to only train"
-                )
 
 
 def make_parser() -> HfArgumentParser:
@@ -261,8 +245,30 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         close = difflib.get_close_matches(flag.lstrip("-").replace("-", "_"), list(actions), n=1)
         hint = f" (did you mean --{close[0]}?)" if close else ""
         raise RecipeError(f"unknown option {flag}{hint}")
+    check_choice(recipe, config)
     given = set(values) | {arg[2:].split("=")[0].replace("-", "_") for arg in overrides if arg.startswith("--")}
     return recipe, config, resolved_recipe(recipe, config, given)
+
+
+def check_choice(recipe: RecipeArguments, config: CollapseConfig) -> None:
+    """With `collapse: true`, exactly one way to choose the layers; healing needs a collapse."""
+    if not recipe.collapse:
+        if config.heal_steps or config.has_target:
+            what = "heal_steps" if config.heal_steps else "a target depth (collapse_layers / collapse_num_layers)"
+            raise RecipeError(f"{what} needs collapse: true (the layers are removed after training)")
+        return
+    chosen = [
+        name for name, value in (
+            ("collapse_layers", config.collapse_layers),
+            ("collapse_num_layers", config.collapse_num_layers),
+            ("collapse_tolerance", recipe.collapse_tolerance),
+        ) if value is not None
+    ]
+    if len(chosen) != 1:
+        raise RecipeError(
+            "with collapse: true, set exactly one of collapse_layers, collapse_num_layers, collapse_tolerance "
+            f"(got {', '.join(chosen) if chosen else 'none'}); or set collapse: false to only train"
+        )
 
 
 def _plain(value: Any) -> Any:

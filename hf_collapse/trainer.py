@@ -1,62 +1,90 @@
-"""`CollapseTrainer`: a `Trainer` whose loss adds LaCoOT's per-layer MSW penalty."""
+"""LaCoOT's MSW penalty as a mixin for any `Trainer`, and `CollapseTrainer` = the mixin + `Trainer`.
+
+The mixin adds, to whatever loss the trainer computes:
+
+- the per-layer Max-Sliced Wasserstein penalty, read from forward hooks on the layer modules;
+- with a target depth, the targeting schedule: choose the layers to remove (measured bypass cost or score),
+  penalise only them with an adaptive λ, fade their residual update to zero, distil from a frozen teacher.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.utils.data import Subset
 from transformers import Trainer
+from transformers.utils import logging
 
-from .config import CollapseConfig
-from .layers import LayerCapture, LayerStack, find_layer_stacks, unwrap_model
+from .config import CollapseConfig, MSWArguments, steps_of
+from .layers import LayerCapture, LayerStack, bypass_layers, eval_mode, find_layer_stacks, resolve_layer_selection, unwrap_model
 from .msw import DirectionSearch, max_sliced_wasserstein
+from .scoring import score_layers, select_lowest
 
-__all__ = ["CollapseTrainer"]
+__all__ = ["CollapseTrainer", "MSWPenaltyMixin"]
+
+logger = logging.get_logger(__name__)
 
 
-class CollapseTrainer(Trainer):
-    """[`~transformers.Trainer`] that trains with LaCoOT's Max-Sliced Wasserstein penalty.
+class MSWPenaltyMixin:
+    """Adds LaCoOT's Max-Sliced Wasserstein penalty (and target-depth training) to any `Trainer` subclass.
 
-    The loss is `task loss + λ · mean over regularised layers of MSW(layer input, layer output)`, with
-    λ = `args.msw_weight` (ramped up over `args.msw_warmup_steps`). Each layer's input and output are
-    read by forward hooks that exist only during the step's forward pass, so the model carries no
-    hooks outside training or evaluation calls, PEFT-wrapped models work, and gradient checkpointing
-    does not count a layer twice.
+    Put it first in the bases and give the trainer arguments that carry the [`MSWArguments`] fields:
 
-    Logged through the normal Trainer logging (and so to every `report_to` integration), averaged
-    over the logging window and across processes:
+    ```python
+    class MyCollapseTrainer(MSWPenaltyMixin, MyTrainer): ...
 
-    - `msw/layer_<i>`: every layer's MSW (regularised or not; `encoder_layer_<i>` / `decoder_layer_<i>` for
-      encoder-decoder models);
-    - `msw/mean`: the mean over regularised layers; `msw/weight`: the current λ; `msw/penalty`: λ · mean,
-      the amount added to the loss.
+    @dataclass
+    class MyCollapseConfig(MSWArguments, MyTrainingArguments): ...
+    ```
 
-    In evaluation the same keys appear with the `eval_` prefix; `eval_loss` stays the task loss alone,
-    so it is comparable with a plain `Trainer`.
+    The penalty is `λ · mean over regularised layers of MSW(layer input, layer output)`, on the non-padding
+    tokens of the batch. Each layer's input and output are read by forward hooks that exist only while
+    `compute_loss` runs. **Capture contract:** during training only the forward passes that carry gradients
+    count (a second, no-grad pass in the same step, such as a DPO reference pass with the adapter disabled,
+    neither overwrites nor dilutes the penalty); several gradient passes in one step are averaged per layer.
+    In evaluation every pass counts and the penalty is logged, never added (`eval_loss` stays the task loss).
+
+    With a target depth (`collapse_num_layers` / `collapse_layers`, see [`MSWArguments`]), at
+    `target_choice_steps` the targets are chosen (unless given), the penalty moves onto them alone, λ adapts to
+    their measured bypass cost (`msw_adaptive`), their residual update fades to zero (`fade_steps`), and a
+    frozen teacher (the model at that step, or `teacher_model`) is distilled into the student
+    (`distill_weight`). `collapse_targets` and `msw_schedule` record what was applied.
+
+    Logged through the trainer's normal logging, averaged over the logging window and across processes:
+    `msw/layer_<i>` (every layer), `msw/mean`, `msw/weight` (λ), `msw/penalty` (λ · mean, added to the loss),
+    `msw/target/layer_<i>` (targets), `fade/alpha`, `distill/loss`.
 
     Args:
-        model, ...: as for [`~transformers.Trainer`].
-        args ([`CollapseConfig`]): training arguments with the penalty settings. A plain
-            `TrainingArguments` is not accepted.
+        teacher_model (`PreTrainedModel`, *optional*):
+            The frozen teacher of the distillation term (same architecture and output width as the model);
+            default: a frozen copy of the model taken when targeting starts.
+        *args, **kwargs: those of the trainer the mixin is combined with; `args` must carry the `msw_*` fields.
     """
 
-    _tag_names = ["hf-collapse", "lacoot"]
+    _msw_tag_names = ("hf-collapse", "lacoot")
 
-    def __init__(self, model=None, args: CollapseConfig | None = None, **kwargs):
-        if args is None:
-            raise ValueError("CollapseTrainer needs args=CollapseConfig(output_dir=...) to know the penalty settings")
-        if not isinstance(args, CollapseConfig):
+    def __init__(self, *args, teacher_model: torch.nn.Module | None = None, **kwargs):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if not isinstance(training_args, MSWArguments):
+            got = "no args" if training_args is None else type(training_args).__name__
             raise TypeError(
-                f"args must be a CollapseConfig (a TrainingArguments subclass with the msw_* fields), got {type(args).__name__}"
+                f"{type(self).__name__} needs training arguments with the msw_* fields (a subclass of "
+                f"hf_collapse.MSWArguments and TrainingArguments, such as CollapseConfig), got {got}"
             )
-        super().__init__(model=model, args=args, **kwargs)
+        super().__init__(*args, **kwargs)
         if self.args.n_gpu > 1:
             raise ValueError(
-                "CollapseTrainer does not support torch.nn.DataParallel (several GPUs in one process): "
+                f"{type(self).__name__} does not support torch.nn.DataParallel (several GPUs in one process): "
                 "launch one process per GPU with `accelerate launch` or `torchrun` instead"
             )
+        args = self.args
         self._search = DirectionSearch(
             num_projections=args.msw_num_projections,
             mode=args.msw_search,
@@ -65,12 +93,38 @@ class CollapseTrainer(Trainer):
             search_tokens=args.msw_search_tokens or None,
             seed=args.seed + args.process_index,
         )
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._msw_metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._capture: LayerCapture | None = None
         self._captured_model: torch.nn.Module | None = None
         self._regularised: set[str] = set()
-        self._step_values: dict[str, torch.Tensor] = {}
-        self._layer_capture()  # fail early on a model without a recognisable stack or bad msw_layers
+        self._step_values: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._recording_training = False
+        # target-depth state; collapse_targets is given or chosen when targeting starts
+        self.collapse_targets: list[int] | None = list(args.collapse_layers) if args.collapse_layers else None
+        self.msw_schedule: list[dict] = []
+        self._target_weight = args.msw_weight
+        self._target_start: int | None = None
+        self._reference_loss: float | None = None
+        self._prepared_step = -1
+        self.teacher_model = teacher_model
+        stacks = self._layer_capture().stacks  # fail early on a model without a recognisable stack or bad layers
+        if args.has_target:
+            self._check_target_request(stacks)
+            if args.target_choice == "measured" or args.msw_adaptive:
+                if self.eval_dataset is None:
+                    raise ValueError(
+                        f"target_choice={args.target_choice!r} with msw_adaptive={args.msw_adaptive} measures bypass "
+                        "costs on evaluation rows: pass eval_dataset (validation data) to the trainer, or use "
+                        "collapse_layers with msw_adaptive: false"
+                    )
+        if teacher_model is not None:
+            _check_teacher(unwrap_model(self.model), unwrap_model(teacher_model))
+            teacher_model.eval().requires_grad_(False)
+        elif args.distill_weight > 0 and not args.has_target:
+            raise ValueError(
+                "distill_weight > 0 without a target depth distils from a given teacher: pass teacher_model= (for "
+                "example the full-depth model), or set collapse_num_layers to distil from the model at the target choice"
+            )
 
     # ----------------------------------------------------------------------------------------------
     # capture
@@ -79,6 +133,8 @@ class CollapseTrainer(Trainer):
         inner = unwrap_model(self.model)
         if self._capture is None or self._captured_model is not inner:
             stacks = find_layer_stacks(inner)
+            if self.args.msw_mask_key is not None and len(stacks) != 1:
+                raise ValueError("msw_mask_key names one padding mask; an encoder-decoder model has one per stack: unset it")
             self._capture = LayerCapture(inner, self._on_layer)  # every layer is logged
             self._captured_model = inner
             self._regularised = self._regularised_keys(stacks)
@@ -94,32 +150,220 @@ class CollapseTrainer(Trainer):
                 "between the encoder and decoder stacks): leave msw_layers unset to regularise every layer"
             )
         (stack,) = stacks
-        for index in wanted:
-            if index >= len(stack):
-                raise ValueError(
-                    f"layer {index} does not exist: the model has {len(stack)} layers, numbered 0-{len(stack) - 1} "
-                    "(check msw_layers)"
-                )
-        return {stack.key(i) for i in wanted}
+        return {stack.key(i) for i in resolve_layer_selection(stacks, wanted)[stack.name]}
+
+    def _check_target_request(self, stacks: list[LayerStack]) -> None:
+        args = self.args
+        if len(stacks) != 1:
+            raise ValueError(
+                "a target depth needs a model with one layer stack; for encoder-decoder models use target_choice: "
+                "post_hoc and choose the layers after training"
+            )
+        depth = len(stacks[0])
+        protected = set(range(args.collapse_protect_first)) | set(range(depth - args.collapse_protect_last, depth))
+        removable = depth - len(protected)
+        wanted = len(self.collapse_targets) if self.collapse_targets else args.collapse_num_layers
+        if wanted >= depth:
+            raise ValueError(
+                f"removing {wanted} of the model's {depth} layers would leave none: ask for at most {depth - 1}"
+            )
+        if wanted > removable:
+            raise ValueError(
+                f"{wanted} layers to remove, but only {removable} of {depth} are not protected "
+                f"(collapse_protect_first={args.collapse_protect_first}, collapse_protect_last={args.collapse_protect_last})"
+            )
+        if self.collapse_targets:
+            resolve_layer_selection(stacks, self.collapse_targets)
+            bad = sorted(set(self.collapse_targets) & protected)
+            if bad:
+                raise ValueError(f"collapse_layers {bad} are protected (collapse_protect_first/last): choose other layers")
 
     def _on_layer(self, stack: LayerStack, index: int, tokens_in: torch.Tensor, tokens_out: torch.Tensor) -> None:
+        if self._recording_training and not torch.is_grad_enabled():
+            return  # not the student's gradient pass (a reference or other no-grad forward in the same step)
         key = stack.key(index)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and key in self._regularised):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and key in self._penalised_keys()):
             value = max_sliced_wasserstein(tokens_in, tokens_out, search=self._search, key=key)
             if self.args.msw_normalization == "input_rms":
                 rms = tokens_in.detach().float().pow(2).mean().sqrt()
                 value = value / rms.clamp_min(torch.finfo(torch.float32).eps)
-        self._step_values[key] = value
+        self._step_values[key].append(value)
+
+    def _capture_inputs(self, inputs: dict) -> dict:
+        key = self.args.msw_mask_key
+        if key is None:
+            return inputs
+        (stack,) = self._capture.stacks
+        return {stack.mask_key: inputs.get(key)}
+
+    # ----------------------------------------------------------------------------------------------
+    # schedule: λ, targets, fade
+
+    @property
+    def targeting(self) -> bool:
+        """Whether the target phase has begun (targets known and penalised)."""
+        return self._target_start is not None
+
+    def _penalised_keys(self) -> set[str]:
+        if not self.args.has_target:
+            return self._regularised
+        if not self.targeting:
+            return set()
+        (stack,) = self._capture.stacks
+        return {stack.key(i) for i in self.collapse_targets}
+
+    def current_msw_weight(self) -> float:
+        """λ at the current optimizer step (warm-up ramp included; 0 before targeting starts)."""
+        warmup, step = self.args.msw_warmup_steps, self.state.global_step
+        if self.args.has_target:
+            if not self.targeting:
+                return 0.0
+            weight, step = self._target_weight, step - self._target_start
+        else:
+            weight = self.args.msw_weight
+        return weight if warmup == 0 else weight * min(1.0, step / warmup)
+
+    def fade_alpha(self) -> float:
+        """How much of the targets' residual update is kept now: 1 before the fade, 0 once it is over."""
+        if not (self.targeting and self.args.fade_steps):
+            return 1.0
+        length = steps_of(self.args.fade_steps, self.state.max_steps)
+        return max(0.0, 1.0 - (self.state.global_step - self._target_start) / length)
+
+    @contextlib.contextmanager
+    def _fade(self) -> Iterator[None]:
+        alpha = self.fade_alpha()
+        if alpha == 1.0:
+            yield
+            return
+        (stack,) = self._capture.stacks
+
+        def hook(module, args, kwargs, output):
+            hidden_in = args[0] if args else kwargs["hidden_states"]
+            hidden_out = output if isinstance(output, torch.Tensor) else output[0]
+            # alpha 0 returns the input itself: the faded model is then exactly the one without the layer
+            faded = hidden_in if alpha == 0.0 else hidden_in + alpha * (hidden_out - hidden_in)
+            return faded if isinstance(output, torch.Tensor) else (faded, *output[1:])
+
+        handles = [stack.layers[i].register_forward_hook(hook, with_kwargs=True) for i in self.collapse_targets]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def training_step(self, *args, **kwargs):
+        if self.args.has_target and self.state.global_step != self._prepared_step:
+            self._prepared_step = self.state.global_step  # once per optimizer step, not per micro-batch
+            self._advance_schedule(args[0] if args else kwargs["model"])
+        return super().training_step(*args, **kwargs)
+
+    def _advance_schedule(self, model: torch.nn.Module) -> None:
+        step, total = self.state.global_step, self.state.max_steps
+        if not self.targeting:
+            self.args.check_schedule(total)
+            if step >= steps_of(self.args.target_choice_steps, total):
+                self._start_targeting(model, step)
+            return
+        since = step - self._target_start
+        if self.args.msw_adaptive and self._target_weight > 0 and since > 0 and since % self.args.msw_adapt_steps == 0:
+            if self.fade_alpha() > 0:  # once faded out, the targets no longer act and λ has nothing to adapt to
+                self._adapt_weight(model, step)
+
+    def _start_targeting(self, model: torch.nn.Module, step: int) -> None:
+        args = self.args
+        evaluations = 0
+        if self.collapse_targets is None:
+            chooser = self._choose_measured if args.target_choice == "measured" else self._choose_by_score
+            self.collapse_targets, evaluations = chooser(model)
+        self._target_start = step
+        if args.msw_adaptive:
+            self._reference_loss = self._bypass_loss(model, [])
+            evaluations += 1
+        if args.distill_weight > 0 and self.teacher_model is None:
+            self.teacher_model = copy.deepcopy(unwrap_model(model))
+        if self.teacher_model is not None:
+            self.teacher_model.eval().requires_grad_(False)
+        self.msw_schedule.append(
+            {"step": step, "event": "targets", "targets": list(self.collapse_targets), "weight": self._target_weight,
+             "choice": "given" if args.collapse_layers else args.target_choice, "evaluations": evaluations}
+        )
+        logger.info(f"step {step}: targeting layers {self.collapse_targets} ({self.msw_schedule[-1]['choice']})")
+
+    def _adapt_weight(self, model: torch.nn.Module, step: int) -> None:
+        tolerance = self.args.msw_adapt_tolerance
+        full = self._bypass_loss(model, [], fade=True)
+        bypassed = self._bypass_loss(model, self.collapse_targets)
+        cost = (bypassed - full) / max(abs(full), 1e-12)
+        drift = (full - self._reference_loss) / max(abs(self._reference_loss), 1e-12)
+        event = "kept"
+        if drift > tolerance:
+            self._target_weight /= 2
+            event = "halved: the task loss rose"
+        elif cost > tolerance:
+            self._target_weight *= 2
+            event = "doubled: bypassing the targets still costs too much"
+        self.msw_schedule.append(
+            {"step": step, "event": event, "weight": self._target_weight, "bypass_cost": cost, "loss_drift": drift}
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # measuring bypass costs on evaluation rows
+
+    def _choice_loader(self):
+        dataset = self.eval_dataset
+        if isinstance(dataset, dict):
+            dataset = next(iter(dataset.values()))
+        n = min(self.args.target_choice_samples, len(dataset))
+        subset = dataset.select(range(n)) if hasattr(dataset, "select") else Subset(dataset, range(n))
+        return self.get_eval_dataloader(subset)
+
+    def _bypass_loss(self, model: torch.nn.Module, layers: list[int], fade: bool = False) -> float:
+        """The mean task loss on the choice rows with `layers` bypassed (and the current fade, if asked)."""
+        total = torch.zeros(2, device=self.args.device)
+        with eval_mode(model), torch.no_grad(), bypass_layers(unwrap_model(model), layers):
+            for batch in self._choice_loader():
+                batch = self._prepare_inputs(batch)
+                with self._fade() if fade else contextlib.nullcontext(), self.compute_loss_context_manager():
+                    loss = super().compute_loss(model, batch)
+                rows = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
+                total += torch.stack([loss.detach().float() * rows, torch.tensor(float(rows), device=total.device)])
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        return (total[0] / total[1]).item()
+
+    def _allowed_targets(self) -> list[int]:
+        (stack,) = self._capture.stacks
+        depth, args = len(stack), self.args
+        return list(range(args.collapse_protect_first, depth - args.collapse_protect_last))
+
+    def _choose_measured(self, model: torch.nn.Module) -> tuple[list[int], int]:
+        allowed = self._allowed_targets()
+        costs = {layer: self._bypass_loss(model, [layer]) for layer in allowed}
+        evaluations = len(costs)
+        chosen = [min(allowed, key=lambda layer: (costs[layer], layer))]
+        while len(chosen) < self.args.collapse_num_layers:
+            remaining = sorted((layer for layer in allowed if layer not in chosen), key=lambda layer: (costs[layer], layer))
+            trial = {layer: self._bypass_loss(model, [*chosen, layer]) for layer in remaining[: self.args.target_choice_candidates]}
+            evaluations += len(trial)
+            chosen.append(min(trial, key=lambda layer: (trial[layer], layer)))
+        return sorted(chosen), evaluations
+
+    def _choose_by_score(self, model: torch.nn.Module) -> tuple[list[int], int]:
+        batches = [{k: v for k, v in self._prepare_inputs(b).items() if k != "labels"} for b in self._choice_loader()]
+        scores = score_layers(unwrap_model(model), batches, method="msw", progress=False)
+        if self.accelerator.num_processes > 1:  # every rank must remove the same layers
+            from accelerate.utils import broadcast_object_list
+
+            scores = broadcast_object_list([scores])[0]
+        args = self.args
+        chosen = select_lowest(
+            scores, args.collapse_num_layers, protect_first=args.collapse_protect_first, protect_last=args.collapse_protect_last
+        )
+        return sorted(chosen), 1
 
     # ----------------------------------------------------------------------------------------------
     # loss
-
-    def current_msw_weight(self) -> float:
-        """λ at the current optimizer step (after warm-up)."""
-        warmup = self.args.msw_warmup_steps
-        if warmup == 0:
-            return self.args.msw_weight
-        return self.args.msw_weight * min(1.0, self.state.global_step / warmup)
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         # Mirrors Trainer.training_step: when True, the Trainer will NOT divide the returned loss by the
@@ -131,48 +375,81 @@ class CollapseTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         capture = self._layer_capture()
-        self._step_values = {}
-        with capture, capture.armed(inputs):
-            loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        distill = mode == "train" and self.args.distill_weight > 0 and (self.targeting or not self.args.has_target)
+        self._step_values = defaultdict(list)
+        self._recording_training = model.training
+        with capture, capture.armed(self._capture_inputs(inputs)), self._fade():
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs or distill, num_items_in_batch=num_items_in_batch
             )
-        values, self._step_values = self._step_values, {}
+        loss, outputs = result if (return_outputs or distill) else (result, None)
+        values = {key: torch.stack(v).mean() for key, v in self._step_values.items()}
+        self._step_values = defaultdict(list)
         if not values:
             raise RuntimeError(
-                "no layer reported its hidden states during the forward pass: the model's layer stack was "
-                "not called (is the model wrapped in a way that replaces its modules?)"
+                f"{type(self).__name__}.compute_loss ran no forward pass of the model's layer stack"
+                f"{' with gradients' if mode == 'train' else ''}, so the MSW penalty has nothing to act on: the mixin "
+                "needs a compute_loss that calls the model being trained"
             )
+        penalty = self._penalty(values, mode)
+        if mode == "train":
+            scale = self.current_gradient_accumulation_steps if self._loss_is_scaled_for_ga(num_items_in_batch) else 1
+            if penalty is not None:
+                loss = loss + (penalty / scale).to(loss.dtype)
+            if distill:
+                kd = self._distillation_loss(outputs, inputs)
+                self._msw_metrics[mode]["distill/loss"].append(kd.item())
+                loss = loss + (self.args.distill_weight * kd / scale).to(loss.dtype)
+            if self.targeting:
+                self._msw_metrics[mode]["fade/alpha"].append(self.fade_alpha())
+        return (loss, outputs) if return_outputs else loss
 
+    def _penalty(self, values: dict[str, torch.Tensor], mode: str) -> torch.Tensor | None:
+        """Log every layer's distance; return λ · mean over penalised layers (None when nothing is added)."""
         keys = list(values)
         floats = torch.stack([values[k].detach() for k in keys]).tolist()  # one device sync per step
+        penalised = self._penalised_keys()
         for key, value in zip(keys, floats):
-            if key in self._regularised and not math.isfinite(value):
+            if key in penalised and not math.isfinite(value):
                 raise FloatingPointError(
                     f"the MSW penalty of {key} is {value} at step {self.state.global_step}: that layer's input or "
                     "output holds NaN/Inf. Training stopped before the optimizer step so the weights stay finite; "
                     "lower the learning rate or msw_weight, or use bf16 instead of fp16."
                 )
-            self._metrics[mode][f"msw/{key}"].append(value)
-
-        regularised = [k for k in keys if k in self._regularised]
-        mean_value = sum(floats[keys.index(k)] for k in regularised) / len(regularised)
+            self._msw_metrics[mode][f"msw/{key}"].append(value)
+            if self.targeting and key in penalised:
+                self._msw_metrics[mode][f"msw/target/{key}"].append(value)
+        chosen = [k for k in keys if k in penalised]
         weight = self.current_msw_weight()
-        self._metrics[mode]["msw/mean"].append(mean_value)
-        self._metrics[mode]["msw/weight"].append(weight)
-        self._metrics[mode]["msw/penalty"].append(weight * mean_value)
-        penalty = weight * torch.stack([values[k] for k in regularised]).mean()
+        self._msw_metrics[mode]["msw/weight"].append(weight)
+        if not chosen:
+            self._msw_metrics[mode]["msw/penalty"].append(0.0)
+            return None
+        mean_value = sum(floats[keys.index(k)] for k in chosen) / len(chosen)
+        self._msw_metrics[mode]["msw/mean"].append(mean_value)
+        self._msw_metrics[mode]["msw/penalty"].append(weight * mean_value)
+        if mode != "train" or weight == 0:
+            return None
+        return weight * torch.stack([values[k] for k in chosen]).mean()
 
-        if mode == "train" and weight > 0:
-            if self._loss_is_scaled_for_ga(num_items_in_batch):
-                penalty = penalty / self.current_gradient_accumulation_steps
-            loss = loss + penalty.to(loss.dtype)
-        return (loss, outputs) if return_outputs else loss
+    def _distillation_loss(self, outputs, inputs: dict) -> torch.Tensor:
+        logits = getattr(outputs, "logits", None) if not isinstance(outputs, dict) else outputs.get("logits")
+        if logits is None or not logits.requires_grad:
+            raise ValueError(
+                f"distill_weight needs the student's logits with gradients, and {type(self).__name__}.compute_loss "
+                "does not return them (TRL's fused LM head does not build logits): set distill_weight: 0"
+            )
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        with torch.no_grad():
+            teacher_logits = self.teacher_model(**model_inputs).logits
+        mask = inputs.get(self.args.msw_mask_key or "attention_mask") if logits.dim() == 3 else None
+        return distillation_loss(logits, teacher_logits, self.args.distill_temperature, mask)
 
     # ----------------------------------------------------------------------------------------------
     # model card
 
     def create_model_card(self, *args, tags: str | list[str] | None = None, **kwargs) -> None:
-        """Write the default Trainer card, tagged with our tags, unless `output_dir` holds an hf-collapse card.
+        """Write the trainer's card, tagged with our tags, unless `output_dir` holds an hf-collapse card.
 
         `push_to_hub` and checkpoint pushes call this before uploading `output_dir`; a collapse card written
         by [`export_collapsed`] (which says what was removed and what it cost) is never replaced.
@@ -183,14 +460,14 @@ class CollapseTrainer(Trainer):
         if readme.is_file() and "hf-collapse" in (ModelCard.load(readme).data.tags or []):
             return
         tags = [tags] if isinstance(tags, str) else list(tags or [])
-        tags += [tag for tag in self._tag_names if tag not in tags]
+        tags += [tag for tag in self._msw_tag_names if tag not in tags]
         super().create_model_card(*args, tags=tags, **kwargs)
 
     # ----------------------------------------------------------------------------------------------
     # logging
 
     def _flush_metrics(self, mode: str) -> dict[str, float]:
-        metrics = self._metrics[mode]
+        metrics = self._msw_metrics[mode]
         if not metrics:
             return {}
         keys = sorted(metrics)
@@ -212,3 +489,53 @@ class CollapseTrainer(Trainer):
         for key, value in self._flush_metrics("eval").items():
             output.metrics[f"{metric_key_prefix}_{key}"] = value
         return output
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`T² · KL(softmax(teacher / T) ‖ softmax(student / T))`, averaged over rows (and unmasked positions).
+
+    Zero when the two logits are equal; the gradient reaches only the student (the teacher is detached).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"the teacher's logits have shape {tuple(teacher_logits.shape)} but the student's {tuple(student_logits.shape)}: "
+            "distillation needs a teacher with the same vocabulary / labels"
+        )
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    per_row = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
+    if mask is not None:
+        weights = mask.to(per_row.dtype)
+        return temperature**2 * (per_row * weights).sum() / weights.sum().clamp_min(1)
+    return temperature**2 * per_row.mean()
+
+
+def _check_teacher(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+    s, t = getattr(student, "config", None), getattr(teacher, "config", None)
+    if s is None or t is None:
+        raise ValueError("teacher_model must be a transformers model with a config, like the student")
+    if s.model_type != t.model_type:
+        raise ValueError(f"the teacher is a {t.model_type} model but the student a {s.model_type}: use the same architecture")
+    for name in ("vocab_size", "num_labels"):
+        a, b = getattr(s.get_text_config(), name, None), getattr(t.get_text_config(), name, None)
+        if a != b:
+            raise ValueError(f"the teacher's {name} is {b} but the student's is {a}: distillation needs the same outputs")
+
+
+class CollapseTrainer(MSWPenaltyMixin, Trainer):
+    """[`~transformers.Trainer`] that trains with LaCoOT's Max-Sliced Wasserstein penalty: [`MSWPenaltyMixin`]
+    on a plain `Trainer`.
+
+    Args:
+        model, ...: as for [`~transformers.Trainer`].
+        args ([`CollapseConfig`]): training arguments with the penalty settings (any `TrainingArguments`
+            subclass that mixes in [`MSWArguments`]); a plain `TrainingArguments` is refused.
+        teacher_model (*optional*): the distillation teacher (see [`MSWPenaltyMixin`]).
+    """
+
+    def __init__(self, model=None, args: CollapseConfig | None = None, **kwargs):
+        if args is None:
+            raise ValueError("CollapseTrainer needs args=CollapseConfig(output_dir=...) to know the penalty settings")
+        super().__init__(model=model, args=args, **kwargs)

@@ -40,7 +40,7 @@ def test_yaml_numbers_become_numbers_and_cli_flags_override(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(
         "model_name_or_path: offline:all-MiniLM-L6-v2\ndataset_name: offline:rotten_tomatoes\n"
-        "output_dir: out\nlearning_rate: 1e-5\nmsw_weight: 2\ncollapse_num_layers: 1\nmsw_layers: [0, 2]\n"
+        "output_dir: out\nlearning_rate: 1e-5\nmsw_weight: 2\ncollapse_num_layers: 1\nmsw_layers: [0, 2]\ntarget_choice: post_hoc\n"
     )
     recipe, config, resolved = load_recipe(path, ["--msw_weight", "0.5", "--max_steps=7"])
     assert isinstance(config.learning_rate, float) and config.learning_rate == 1e-5
@@ -105,7 +105,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path):
 
     base = (
         f"task: text-classification\ndataset_name: offline:rotten_tomatoes\noutput_dir: {out}\n"
-        "collapse_num_layers: 1\nmax_steps: 1\nuse_cpu: true\nreport_to: none\n"
+        "collapse_num_layers: 1\ntarget_choice: post_hoc\nmax_steps: 1\nuse_cpu: true\nreport_to: none\n"
     )
     no_model = tmp_path / "no_model.yaml"
     no_model.write_text(f"model_name_or_path: {tmp_path / 'missing-model'}\n" + base)

@@ -146,7 +146,7 @@ def test_padding_changes_nothing(tmp_path):
         labels = batch_ids.masked_fill(batch_mask == 0, -100)
         with torch.no_grad():
             trainer.compute_loss(model, {"input_ids": batch_ids, "attention_mask": batch_mask, "labels": labels})
-        results.append([trainer._metrics["eval"][f"msw/layer_{i}"][0] for i in range(3)])
+        results.append([trainer._msw_metrics["eval"][f"msw/layer_{i}"][0] for i in range(3)])
     assert results[0] == pytest.approx(results[1], rel=1e-4)
 
 

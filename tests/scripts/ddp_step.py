@@ -20,7 +20,7 @@ class Recording(SequentialCollapseTrainer):
     local_means: list = []
 
     def _flush_metrics(self, mode):
-        metrics = self._metrics[mode]
+        metrics = self._msw_metrics[mode]
         self.local_means.append({k: sum(v) / len(v) for k, v in metrics.items()})
         return super()._flush_metrics(mode)
 
