@@ -207,8 +207,8 @@ class MSWPenaltyMixin:
     def _penalised_keys(self) -> set[str]:
         if not self.args.has_target:
             return self._regularised
-        if not self.targeting:
-            return set()
+        if not self.targeting or self.fade_alpha() == 0.0:
+            return set()  # nothing targeted yet, or the targets are faded out (they no longer act)
         (stack,) = self._capture.stacks
         return {stack.key(i) for i in self.collapse_targets}
 
