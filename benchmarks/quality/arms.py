@@ -1,0 +1,215 @@
+"""The arms, as a registry: one function each, `(context, seed, k) -> result dict`.
+
+A result holds the test and out-of-domain metrics of the model the arm produces (`report`), the layers
+removed, what choosing them cost (`selection`: forward passes, evaluations, seconds) and the training
+budget spent (`train_steps` optimizer steps of `batch_size` rows; healing steps included). `k = 0` is the
+full-depth model (only the arms registered with `full_depth=True` run it).
+
+To add an arm (a new training mode), write one function and decorate it:
+
+    @arm("target_depth", "fine-tune with the penalty on k targeted layers, then delete them")
+    def target_depth(ctx, seed, k):
+        model = ctx.pretrained(seed)
+        ctx.fit(model, seed, ctx.study.steps, penalty=True)
+        ...
+        return result(ctx, key, model, selection, train_steps=ctx.study.steps)
+
+then name it in a study's `arms` (benchmarks/quality/studies.py).
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import hf_collapse
+
+from .context import Context, Selection
+
+__all__ = ["ARMS", "Arm", "arm", "result"]
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    description: str
+    fn: Callable[[Context, int, int], dict]
+    full_depth: bool = False  # runs at k = 0 only (a full-depth reference)
+    family: str = "post-hoc"  # "reference", "post-hoc", "ours", "baseline"
+
+
+ARMS: dict[str, Arm] = {}
+
+
+def arm(name: str, description: str, *, full_depth: bool = False, family: str = "post-hoc"):
+    def register(fn):
+        if name in ARMS:
+            raise ValueError(f"arm {name!r} is registered twice")
+        ARMS[name] = Arm(name, description, fn, full_depth, family)
+        return fn
+
+    return register
+
+
+def result(ctx: Context, key: str, model, selection: Selection | None, *, train_steps: int, **extra) -> dict:
+    """The standard result of an arm: the report of `model` without the selected layers."""
+    layers = selection.layers if selection is not None else []
+    out = ctx.report(key, model, layers)
+    out.update(
+        train_steps=train_steps,
+        train_batch=ctx.study.batch_size,
+        selection=selection.cost() if selection is not None else None,
+        validation=selection.validation if selection is not None else None,
+        trials=selection.trials if selection is not None else None,
+    )
+    out.update(extra)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- references
+
+
+@arm("vanilla", "ordinary full-depth fine-tune (transformers Trainer)", full_depth=True, family="reference")
+def vanilla(ctx: Context, seed: int, k: int) -> dict:
+    return result(ctx, f"vanilla/{seed}", ctx.finetuned("vanilla", seed), None, train_steps=ctx.study.steps)
+
+
+@arm("penalty", "full-depth fine-tune with the uniform MSW penalty (CollapseTrainer)", full_depth=True, family="reference")
+def penalty(ctx: Context, seed: int, k: int) -> dict:
+    return result(ctx, f"penalty/{seed}", ctx.finetuned("penalty", seed), None, train_steps=ctx.study.steps)
+
+
+# ---------------------------------------------------------------------------------------------- post-hoc peers
+
+
+def _posthoc(recipe: str, method: str):
+    def run(ctx: Context, seed: int, k: int) -> dict:
+        model = ctx.finetuned(recipe, seed)
+        key = f"{recipe}/{seed}"
+        return result(ctx, key, model, ctx.ranked(key, model, method, k), train_steps=ctx.study.steps)
+
+    return run
+
+
+arm("vanilla_block_influence", "vanilla fine-tune, k lowest Block Influence (ShortGPT) removed")(
+    _posthoc("vanilla", "block_influence")
+)
+arm("vanilla_angular", "vanilla fine-tune, k lowest angular distance (Gromov et al.) removed")(
+    _posthoc("vanilla", "angular")
+)
+arm("vanilla_msw", "vanilla fine-tune, k lowest MSW removed (the paper's ablation: MSW ranking without the penalty)")(
+    _posthoc("vanilla", "msw")
+)
+arm("penalty_msw", "uniform penalty, k lowest MSW removed", family="ours")(_posthoc("penalty", "msw"))
+
+
+@arm("vanilla_last_k", "vanilla fine-tune, the k layers before the final one removed")
+def vanilla_last_k(ctx: Context, seed: int, k: int) -> dict:
+    n = ctx.num_layers
+    selection = Selection(list(range(n - 1 - k, n - 1)), "last k before the final layer")
+    return result(ctx, f"vanilla/{seed}", ctx.finetuned("vanilla", seed), selection, train_steps=ctx.study.steps)
+
+
+@arm("vanilla_random", "vanilla fine-tune, k random layers removed (mean of the draws)")
+def vanilla_random(ctx: Context, seed: int, k: int) -> dict:
+    model, key = ctx.finetuned("vanilla", seed), f"vanilla/{seed}"
+    draws = []
+    for draw in range(ctx.study.random_draws):
+        rng = random.Random(1000 * seed + 10 * k + draw)
+        layers = sorted(rng.sample(range(ctx.num_layers), k))
+        draws.append(ctx.report(key, model, layers))
+    out = dict(draws[0])
+    for split in ("test", "ood"):
+        values = [d[split][ctx.metric_name] for d in draws]
+        out[split] = dict(draws[0][split], **{ctx.metric_name: statistics.fmean(values)})
+        if ctx.classification:  # the SE of a mean over draws of the same rows: the mean of their SEs
+            out[split]["se"] = statistics.fmean(d[split]["se"] for d in draws)
+    out.update(
+        layers=None,
+        draws=[{"layers": d["layers"], "test": d["test"], "ood": d["ood"]} for d in draws],
+        train_steps=ctx.study.steps,
+        train_batch=ctx.study.batch_size,
+        selection={"method": f"{len(draws)} random draws", "forward_passes": 0, "evaluations": 0, "seconds": 0.0},
+        validation=None,
+        trials=None,
+    )
+    return out
+
+
+def _measured(recipe: str, cheap: bool):
+    def run(ctx: Context, seed: int, k: int) -> dict:
+        model, key = ctx.finetuned(recipe, seed), f"{recipe}/{seed}"
+        return result(ctx, key, model, ctx.measured(key, model, k, cheap=cheap), train_steps=ctx.study.steps)
+
+    return run
+
+
+arm("vanilla_measured", "vanilla fine-tune, greedy measured bypass (every layer, all validation rows)")(
+    _measured("vanilla", False)
+)
+arm("vanilla_measured_cheap", "vanilla fine-tune, cheap greedy bypass (best few by Block Influence, validation subset)")(
+    _measured("vanilla", True)
+)
+arm("penalty_measured", "uniform penalty, greedy measured bypass (every layer, all validation rows)", family="ours")(
+    _measured("penalty", False)
+)
+arm("penalty_measured_cheap", "uniform penalty, cheap greedy bypass", family="ours")(_measured("penalty", True))
+
+
+# ---------------------------------------------------------------------------------------------- strong baselines
+
+
+@arm("prune_then_finetune", "delete k layers of the pretrained model (Block Influence on calibration rows), then fine-tune the whole budget", family="baseline")
+def prune_then_finetune(ctx: Context, seed: int, k: int) -> dict:
+    model = ctx.pretrained(seed)
+    key = f"pretrained/{seed}"
+    selection = ctx.ranked(key, model, "block_influence", k)
+    hf_collapse.collapse_layers(model, selection.layers)
+    seconds = ctx.fit(model, seed, ctx.study.steps)
+    model.eval()
+    ctx.log(f"  prune-then-fine-tune k={k} seed {seed}: removed {selection.layers}, trained in {seconds:.0f} s")
+    out = result(ctx, f"ptf-{k}/{seed}", model, None, train_steps=ctx.study.steps)
+    out.update(layers=selection.layers, selection=selection.cost(), num_layers=ctx.num_layers - k)
+    return out
+
+
+@arm("prune_then_heal", "vanilla fine-tune for steps - heal_steps, remove k layers by the post-hoc rule best on validation, heal for heal_steps", family="baseline")
+def prune_then_heal(ctx: Context, seed: int, k: int) -> dict:
+    study = ctx.study
+    model = ctx.partial(seed)
+    key = f"partial/{seed}"
+    candidates = [ctx.ranked(key, model, m, k) for m in ("block_influence", "angular", "msw")]
+    candidates.append(Selection(list(range(ctx.num_layers - 1 - k, ctx.num_layers - 1)), "last k before the final layer"))
+    greedy = ctx.measured(key, model, k, cheap=ctx.num_layers > 12)
+    forward, seconds = greedy.forward_passes, greedy.seconds
+    for candidate in candidates:  # the rankings' own validation metric; the greedy path measured its own
+        start = time.perf_counter()
+        candidate.validation = ctx.validation_metric(model, candidate.layers)
+        seconds += time.perf_counter() - start + candidate.seconds
+        forward += len(ctx.validation) + candidate.forward_passes
+    candidates.append(greedy)
+    sign = 1 if ctx.higher_is_better else -1
+    best = max(candidates, key=lambda c: sign * c.validation)
+    hf_collapse.collapse_layers(model, best.layers)
+    heal = ctx.fit(model, seed, study.heal_steps, **ctx.heal_schedule())
+    model.eval()
+    ctx.log(f"  prune-then-heal k={k} seed {seed}: {best.method} removed {best.layers}, healed {study.heal_steps} steps in {heal:.0f} s")
+    out = result(ctx, f"pth-{k}/{seed}", model, None, train_steps=study.steps)
+    out.update(
+        layers=best.layers,
+        num_layers=ctx.num_layers - k,
+        rule=best.method,
+        validation=best.validation,
+        heal_steps=study.heal_steps,
+        candidates=[{"method": c.method, "layers": c.layers, "validation": c.validation} for c in candidates],
+        selection={
+            "method": f"best of {len(candidates)} post-hoc rules on validation",
+            "forward_passes": forward,
+            "evaluations": greedy.evaluations + len(candidates) - 1,
+            "seconds": round(seconds, 3),
+        },
+    )
+    return out

@@ -1,0 +1,320 @@
+"""What the arms of one study share: data, the pretrained model, fine-tunes (one per seed and recipe, cached),
+layer scores, measured selections and evaluations. Everything goes through hf_collapse's public API."""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+import hf_collapse
+from hf_collapse import assets
+from hf_collapse.data import load_task_data
+from hf_collapse.energy import measure_energy
+from hf_collapse.evaluation import evaluate_classification, perplexity
+from hf_collapse.recipe import RecipeArguments
+
+from .studies import Study
+
+__all__ = ["Context", "Selection"]
+
+
+@dataclass
+class Selection:
+    """Layers chosen by a rule, with what choosing cost (forward passes = rows run through the model)."""
+
+    layers: list[int]
+    method: str
+    forward_passes: int = 0
+    evaluations: int = 0
+    seconds: float = 0.0
+    validation: float | None = None  # the metric on the validation rows it was chosen on, when measured
+    trials: list | None = None  # every measured candidate: [step, layers bypassed, metric]
+
+    def cost(self) -> dict:
+        return {
+            "method": self.method,
+            "forward_passes": self.forward_passes,
+            "evaluations": self.evaluations,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class _Snapshot(TrainerCallback):
+    """Keeps a CPU copy of the weights after optimizer step `at` (prune-then-heal starts from it)."""
+
+    def __init__(self, at: int):
+        self.at, self.state_dict = at, None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.at and model is not None:
+            self.state_dict = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+class Context:
+    """Shared state of one study run. Built once; arms call its methods."""
+
+    def __init__(self, study: Study, log=print):
+        self.study, self.log = study, log
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.tmp = Path(tempfile.mkdtemp(prefix="hf-collapse-quality-"))
+        self.recipe = RecipeArguments(
+            model_name_or_path=study.model,
+            task=study.task,
+            dataset_name=study.dataset,
+            max_length=study.max_length,
+            max_train_samples=study.train_rows,
+            max_eval_samples=study.validation_rows,
+            collapse=False,  # the arms choose and remove layers themselves
+        )
+        self.resolved = hf_collapse.resolve_model(study.model)
+        self.processor = hf_collapse.load_processor(self.recipe, self.resolved)
+        self.data = load_task_data(self.recipe, self.processor)
+        if self.data.test is None:
+            raise ValueError(f"{study.dataset} has no test split: the benchmark reports on held-out test data only")
+        self.train = self.data.train
+        self.validation = self.data.eval
+        self.test = self._cap(self.data.test, study.test_rows)
+        self.cheap_validation = self.validation.select(range(min(study.cheap_rows, len(self.validation))))
+        self.calibration = self.train.select(range(min(study.calibration_rows, len(self.train))))
+        self.ood = self._ood()
+        self.num_layers = self._num_layers()
+        self.classification = study.task == "text-classification"
+        self._models: dict[str, torch.nn.Module] = {}
+        self._snapshots: dict[str, dict] = {}
+        self._scores: dict[tuple, hf_collapse.LayerScores] = {}
+        self._greedy: dict[tuple, object] = {}
+        self._reports: dict[tuple, dict] = {}
+
+    # ------------------------------------------------------------------ data
+
+    @staticmethod
+    def _cap(split, rows):
+        if rows is None or rows >= len(split):
+            return split
+        # a fixed shuffle, so that a capped causal-LM test set spans its held-out works, not only the first one
+        return split.shuffle(seed=1234).select(range(rows))
+
+    def _ood(self):
+        study = self.study
+        if study.ood == "sentiment_tweets":
+            tweets = assets.sentiment_tweets(max_per_label=max(1, study.ood_rows // 2))
+
+            def encode(batch):
+                out = self.processor(batch["text"], truncation=True, max_length=study.ood_max_length)
+                out["labels"] = batch["label"]
+                return out
+
+            return tweets.map(encode, batched=True, remove_columns=tweets.column_names)
+        if study.ood == "health_tweets":
+            from datasets import Dataset
+
+            texts = assets.health_tweets(max_rows=study.ood_rows)
+            ids = [self.processor(t, truncation=True, max_length=study.ood_max_length)["input_ids"] for t in texts]
+            ids = [row for row in ids if len(row) >= 2]
+            return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]})
+        raise ValueError(f"unknown out-of-domain set {study.ood!r}: sentiment_tweets or health_tweets")
+
+    def _num_layers(self) -> int:
+        config = transformers.AutoConfig.from_pretrained(self.resolved.path)
+        return int(config.get_text_config().num_hidden_layers)
+
+    # ------------------------------------------------------------------ models and training
+
+    def pretrained(self, seed: int) -> torch.nn.Module:
+        """The pretrained model with a fresh task head (initialised from `seed`)."""
+        transformers.set_seed(seed)
+        model = hf_collapse.load_model(self.recipe, self.resolved, self.processor, self.data.label_names)
+        return model.to(self.device)
+
+    def _arguments(self, seed: int, steps: int, penalty: bool, learning_rate=None, warmup_steps=None):
+        study = self.study
+        kwargs = dict(
+            output_dir=str(self.tmp / "trainer"),
+            max_steps=steps,
+            per_device_train_batch_size=study.batch_size,
+            learning_rate=study.learning_rate if learning_rate is None else learning_rate,
+            warmup_steps=study.warmup_steps if warmup_steps is None else warmup_steps,
+            lr_scheduler_type="linear",
+            logging_steps=max(1, steps),
+            save_strategy="no",
+            eval_strategy="no",
+            report_to="none",
+            seed=seed,
+            use_cpu=self.device == "cpu",
+            disable_tqdm=True,
+        )
+        if penalty:
+            return hf_collapse.CollapseConfig(
+                msw_weight=study.msw_weight, msw_warmup_steps=study.msw_warmup_steps, **kwargs
+            )
+        return TrainingArguments(**kwargs)
+
+    def fit(self, model, seed: int, steps: int, *, penalty: bool = False, callbacks=(), **schedule) -> float:
+        """Fine-tune `model` in place for `steps` optimizer steps; returns the wall time."""
+        args = self._arguments(seed, steps, penalty, **schedule)
+        trainer_class = hf_collapse.CollapseTrainer if penalty else Trainer
+        trainer = trainer_class(
+            model=model,
+            args=args,
+            train_dataset=self.train,
+            data_collator=self.data.collator,
+            callbacks=list(callbacks),
+        )
+        trainer.remove_callback(PrinterCallback)  # the loss dicts would flood the study's log
+        start = time.perf_counter()
+        trainer.train()
+        return time.perf_counter() - start
+
+    def finetuned(self, recipe: str, seed: int) -> torch.nn.Module:
+        """The full-depth fine-tune `recipe` ("vanilla" or "penalty") for `seed`, trained once per run and shared.
+
+        The vanilla run also keeps its weights after `steps - heal_steps` steps (see `partial`).
+        """
+        key = f"{recipe}/{seed}"
+        if key not in self._models:
+            model = self.pretrained(seed)
+            snapshot = _Snapshot(self.study.steps - self.study.heal_steps)
+            seconds = self.fit(model, seed, self.study.steps, penalty=recipe == "penalty", callbacks=[snapshot])
+            self.log(f"  fine-tuned {recipe} seed {seed}: {self.study.steps} steps in {seconds:.0f} s")
+            model.eval()
+            self._models[key] = model
+            self._snapshots[key] = snapshot.state_dict
+        return self._models[key]
+
+    def partial(self, seed: int) -> torch.nn.Module:
+        """A copy of the vanilla fine-tune as it was after `steps - heal_steps` optimizer steps."""
+        self.finetuned("vanilla", seed)
+        model = self.pretrained(seed)
+        model.load_state_dict(self._snapshots[f"vanilla/{seed}"])
+        model.eval()
+        return model
+
+    def heal_schedule(self) -> dict:
+        """Learning rate for healing: the vanilla run's linear schedule continued from where it was cut."""
+        study = self.study
+        cut = study.steps - study.heal_steps
+        decay = max(1, study.steps - study.warmup_steps)
+        factor = min(1.0, (study.steps - cut) / decay) if cut >= study.warmup_steps else 1.0
+        return {"learning_rate": study.learning_rate * factor, "warmup_steps": 0}
+
+    def forget(self, seed: int) -> None:
+        """Drop what is cached for `seed` (the runner goes seed by seed, so memory stays bounded)."""
+        for key in [k for k in self._models if k.endswith(f"/{seed}")]:
+            del self._models[key]
+            self._snapshots.pop(key, None)
+        for cache in (self._scores, self._greedy, self._reports):
+            for key in [k for k in cache if k[0].endswith(f"/{seed}")]:
+                del cache[key]
+
+    # ------------------------------------------------------------------ metrics
+
+    @property
+    def metric_name(self) -> str:
+        return "accuracy" if self.classification else "perplexity"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.classification
+
+    def metric(self, model, split) -> float:
+        batch = self.study.eval_batch_size
+        if self.classification:
+            return evaluate_classification(model, split, batch_size=batch, collator=self.data.collator)["accuracy"]
+        return perplexity(model, split, batch_size=batch)
+
+    def split_result(self, model, split) -> dict:
+        value = self.metric(model, split)
+        result = {self.metric_name: value, "rows": len(split)}
+        if self.classification:
+            result["se"] = math.sqrt(max(value * (1 - value), 0.0) / len(split))
+        return result
+
+    def report(self, key: str, model, layers: list[int]) -> dict:
+        """Test and out-of-domain results of `model` with `layers` deleted (on a copy, with collapse_layers),
+        plus inference energy on the test rows. Cached per (model key, layers)."""
+        cache_key = (key, tuple(sorted(layers)))
+        if cache_key not in self._reports:
+            collapsed = copy.deepcopy(model)
+            if layers:
+                hf_collapse.collapse_layers(collapsed, sorted(layers))
+            test, energy = measure_energy(lambda: self.split_result(collapsed, self.test), len(self.test), device=self.device)
+            self._reports[cache_key] = {
+                "layers": sorted(layers),
+                "num_layers": self.num_layers - len(layers),
+                "parameters": sum(p.numel() for p in collapsed.parameters()),
+                "test": test,
+                "ood": self.split_result(collapsed, self.ood),
+                "energy": energy.to_dict(),
+            }
+            del collapsed
+        return copy.deepcopy(self._reports[cache_key])
+
+    # ------------------------------------------------------------------ choosing layers
+
+    def scores(self, key: str, model, method: str) -> tuple[hf_collapse.LayerScores, float]:
+        """Per-layer scores of `model` on the calibration rows (cached), and the wall time they took."""
+        cache_key = (key, method)
+        if cache_key not in self._scores:
+            start = time.perf_counter()
+            scores = hf_collapse.score_layers(
+                model, self.calibration, method=method, tokenizer=self.processor, batch_size=self.study.eval_batch_size, progress=False
+            )
+            self._scores[cache_key] = (scores, time.perf_counter() - start)
+        return self._scores[cache_key]
+
+    def ranked(self, key: str, model, method: str, k: int) -> Selection:
+        """The k lowest-scoring layers (one calibration pass)."""
+        scores, seconds = self.scores(key, model, method)
+        layers = hf_collapse.select_lowest(scores, k)
+        return Selection(layers, f"{method} ranking", forward_passes=len(self.calibration), seconds=seconds)
+
+    def measured(self, key: str, model, k: int, *, cheap: bool = False) -> Selection:
+        """Greedy bypass: each step removes the layer whose bypass hurts the validation metric least.
+
+        Full: every remaining layer tried on all validation rows. Cheap: only the `cheap_candidates`
+        lowest-Block-Influence layers tried, on `cheap_rows` validation rows. The greedy path for the
+        study's largest k is computed once; the choice for a smaller k is its prefix, and its cost counts
+        only the evaluations up to that step (wall time prorated by evaluations).
+        """
+        cache_key = (key, "cheap" if cheap else "full")
+        rows = self.cheap_validation if cheap else self.validation
+        method = "block_influence" if cheap else "msw"  # full: the order only breaks ties
+        scores, score_seconds = self.scores(key, model, method)
+        if cache_key not in self._greedy:
+            self._greedy[cache_key] = hf_collapse.select_by_tolerance(
+                model,
+                scores,
+                lambda m: self.metric(m, rows),
+                math.inf,
+                max_layers=max(self.study.ks),
+                higher_is_better=self.higher_is_better,
+                strategy="measured",
+                num_candidates=self.study.cheap_candidates if cheap else None,
+                progress=False,
+            )
+        selection = self._greedy[cache_key]
+        chosen, value = selection.curve[k]
+        trials = [t for t in selection.trials if t[0] <= k]
+        passes = len(trials) * len(rows) + (len(self.calibration) if cheap else 0)
+        seconds = selection.seconds * len(trials) / max(1, selection.evaluations) + (score_seconds if cheap else 0.0)
+        name = (
+            f"greedy bypass, {self.study.cheap_candidates} lowest-BI candidates on {len(rows)} validation rows"
+            if cheap
+            else f"greedy bypass, every layer on {len(rows)} validation rows"
+        )
+        return Selection(
+            sorted(chosen), name, passes, len(trials), seconds, value, [[s, list(l), m] for s, l, m in trials]
+        )
+
+    def validation_metric(self, model, layers: list[int]) -> float:
+        """The validation metric with `layers` bypassed (no surgery)."""
+        with hf_collapse.bypass_layers(model, {"": list(layers)} if layers else {}):
+            return self.metric(model, self.validation)

@@ -1,0 +1,98 @@
+"""The quality benchmark end to end on the real MiniLM (`--quick`: tiny schedule and splits), its resume, and
+its refusals of bad input before any training."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks.quality import ARMS, StudyError, check_study, get_study, run_study
+from benchmarks.quality.__main__ import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality") / "minilm"
+    assert main(["minilm", "--quick", "--output", str(out)]) == 0
+    return out
+
+
+def test_quick_study_writes_every_arm_and_the_report(quick_run: Path):
+    study = get_study("minilm", quick=True)
+    files = sorted(quick_run.glob("*/seed*_k*.json"))
+    expected = sum(1 if ARMS[a].full_depth else len(study.ks) for a in study.arms) * len(study.seeds)
+    assert len(files) == expected
+    for path in files:
+        r = json.loads(path.read_text())
+        assert r["train_steps"] == study.steps and r["train_batch"] == study.batch_size
+        for split in ("test", "ood"):
+            acc, n = r[split]["accuracy"], r[split]["rows"]
+            assert 0 <= acc <= 1
+            if r["arm"] != "vanilla_random":  # a mean over draws carries the mean of the draws' SEs
+                assert r[split]["se"] == pytest.approx(math.sqrt(acc * (1 - acc) / n))
+        assert r["test"]["rows"] == study.test_rows and r["ood"]["rows"] == study.ood_rows
+        if r["k"] > 0 and r["layers"] is not None:
+            assert len(r["layers"]) == r["k"] and r["num_layers"] == 6 - r["k"]
+        # no counter on this CPU: "not measured" with a reason, never a number
+        assert r["energy"]["joules"] is None and r["energy"]["reason"]
+    results = (quick_run / "RESULTS.md").read_text()
+    assert "| prune_then_finetune |" in results and "Not measured" in results
+    assert (quick_run / "plots" / "quality_minilm_test.png").stat().st_size > 1000
+
+
+def test_measured_selection_keeps_trials_and_costs(quick_run: Path):
+    full = json.loads((quick_run / "vanilla_measured" / "seed0_k2.json").read_text())
+    cheap = json.loads((quick_run / "vanilla_measured_cheap" / "seed0_k2.json").read_text())
+    study = get_study("minilm", quick=True)
+    # full greedy: baseline + 6 + 5 candidates, each on all validation rows
+    assert full["selection"]["evaluations"] == 1 + 6 + 5 == len(full["trials"])
+    assert full["selection"]["forward_passes"] == 12 * study.validation_rows
+    assert {t[1][0] for t in full["trials"] if t[0] == 1} == set(range(6))
+    # cheap: baseline + 3 + 3 candidates on the subset, plus one Block Influence calibration pass
+    assert cheap["selection"]["evaluations"] == 1 + 3 + 3
+    assert cheap["selection"]["forward_passes"] == 7 * study.cheap_rows + study.calibration_rows
+    k1 = json.loads((quick_run / "vanilla_measured" / "seed0_k1.json").read_text())
+    assert k1["layers"] == [full["trials"][i][1][0] for i in range(1, 7) if full["trials"][i][2] == k1["validation"]][:1]
+
+
+def test_prune_then_heal_spends_the_same_budget(quick_run: Path):
+    r = json.loads((quick_run / "prune_then_heal" / "seed0_k1.json").read_text())
+    assert r["train_steps"] == get_study("minilm", quick=True).steps and r["heal_steps"] == 2
+    assert r["rule"] in {c["method"] for c in r["candidates"]}
+    best = max(c["validation"] for c in r["candidates"])
+    assert r["validation"] == best
+
+
+def test_rerun_resumes_and_a_changed_protocol_is_refused(quick_run: Path, capsys):
+    study = get_study("minilm", quick=True)
+    before = {p: p.stat().st_mtime_ns for p in quick_run.glob("*/seed*_k*.json")}
+    run_study(study, quick_run, log=print)
+    assert "0 to run" in capsys.readouterr().out
+    assert before == {p: p.stat().st_mtime_ns for p in quick_run.glob("*/seed*_k*.json")}
+    import dataclasses
+
+    with pytest.raises(StudyError, match="different configuration.*steps"):
+        check_study(dataclasses.replace(study, steps=5), quick_run)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [({"arms": ("vanilla", "no_such_arm")}, "unknown arm"), ({"ks": (6,)}, "at least one layer"), ({"ks": (0,)}, "1 to 5")],
+)
+def test_bad_input_is_refused_before_training(tmp_path, changes, message):
+    import dataclasses
+
+    study = dataclasses.replace(get_study("minilm", quick=True), **changes)
+    with pytest.raises(StudyError, match=message):
+        run_study(study, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_study_is_a_clear_error(capsys):
+    assert main(["nonesuch", "--quick"]) == 2
+    assert "unknown study" in capsys.readouterr().err
