@@ -12,11 +12,12 @@ from .layers import bypass_layers, find_layer_stacks
 from .models import load_model, load_processor, resolve_model
 from .msw import DirectionSearch, max_sliced_wasserstein
 from .scoring import LayerScores, score_layers, select_by_tolerance, select_lowest
-from .surgery import collapse_layers
+from .surgery import CollapseRecord, collapse_layers
 from .trainer import CollapseTrainer
 
 __all__ = [
     "CollapseConfig",
+    "CollapseRecord",
     "CollapseReport",
     "CollapseTrainer",
     "DirectionSearch",

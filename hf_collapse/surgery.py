@@ -14,17 +14,29 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from accelerate import init_empty_weights
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .layers import LayerStack, _get_path, _layer_count, find_layer_stacks, resolve_layer_selection, unwrap_model
+from .layers import (
+    LayerStack,
+    _get_path,
+    _layer_count,
+    bypass_layers,
+    eval_mode,
+    find_layer_stacks,
+    resolve_layer_selection,
+    unwrap_model,
+)
 
-__all__ = ["collapse_layers"]
+__all__ = ["CollapseRecord", "collapse_layers"]
 
 _DELETE = object()  # config update value meaning "remove this attribute"
 # Where collapse_layers records what it removed (on the top-level config), in the original numbering.
@@ -49,12 +61,16 @@ class _Removal:
         return f"the {self.stack.name} stack" if self.stack.name else "the model"
 
 
+_Undo = Callable[[], None]
+_Apply = Callable[[], _Undo]  # a module change: makes it, and returns what puts it back exactly
+
+
 @dataclass
 class _Edit:
     """Changes a rule asks for: config attribute updates (or `_DELETE`) and module changes to run later."""
 
     config: dict[str, object] = field(default_factory=dict)
-    modules: list[Callable[[], None]] = field(default_factory=list)
+    modules: list[_Apply] = field(default_factory=list)
 
 
 def _refuse(removal: _Removal, why: str) -> ValueError:
@@ -145,13 +161,24 @@ def _query_projection(attention: nn.Module) -> tuple[nn.Module, int] | None:
     return module, width
 
 
-def _scale_queries(attention: nn.Module, module: nn.Module, columns: int, factor: float) -> Callable[[], None]:
-    def apply() -> None:
+def _scale_queries(attention: nn.Module, module: nn.Module, columns: int, factor: float) -> _Apply:
+    def apply() -> _Undo:
+        saved = (module.weight[..., :columns].clone(), None if module.bias is None else module.bias[:columns].clone())
+        scaling = attention.scaling
         with torch.no_grad():
             module.weight[..., :columns] *= factor
             if module.bias is not None:
                 module.bias[:columns] *= factor
         attention.scaling /= factor  # what the module would compute at its new layer_idx
+
+        def undo() -> None:
+            with torch.no_grad():
+                module.weight[..., :columns].copy_(saved[0])
+                if saved[1] is not None:
+                    module.bias[:columns].copy_(saved[1])
+            attention.scaling = scaling
+
+        return undo
 
     return apply
 
@@ -178,10 +205,17 @@ def _move_relative_attention_bias(removal: _Removal, config, name: str, value) -
     return edit
 
 
-def _move_bias(owner: nn.Module, target: nn.Module) -> Callable[[], None]:
-    def apply() -> None:
+def _move_bias(owner: nn.Module, target: nn.Module) -> _Apply:
+    def apply() -> _Undo:
+        had = target.has_relative_attention_bias
         target.relative_attention_bias = owner.relative_attention_bias
         target.has_relative_attention_bias = True
+
+        def undo() -> None:
+            del target.relative_attention_bias
+            target.has_relative_attention_bias = had
+
+        return undo
 
     return apply
 
@@ -281,9 +315,16 @@ def _renumber_edit(removal: _Removal) -> _Edit:
             if new != old:
                 moves.append((module, new))
 
-    def apply() -> None:
+    def apply() -> _Undo:
+        previous = [(module, module.layer_idx) for module, _ in moves]
         for module, new in moves:
             module.layer_idx = new
+
+        def undo() -> None:
+            for module, index in previous:
+                module.layer_idx = index
+
+        return undo
 
     return _Edit(modules=[apply])
 
@@ -300,11 +341,19 @@ def _parent_edit(model: nn.Module, removal: _Removal) -> _Edit:
     if parent_config is not stack.config and parent_config is not model.config and counted and counted[1] == count:
         copy_attr = counted[0]
 
-    def apply() -> None:
+    def apply() -> _Undo:
         for attr in attrs:
             setattr(parent, attr, new_count)
         if copy_attr is not None:
             setattr(parent_config, copy_attr, new_count)
+
+        def undo() -> None:
+            for attr in attrs:
+                setattr(parent, attr, count)
+            if copy_attr is not None:
+                setattr(parent_config, copy_attr, count)
+
+        return undo
 
     return _Edit(modules=[apply])
 
@@ -332,27 +381,43 @@ def _previous_record(config, stack: LayerStack, two_stacks: bool) -> tuple[list[
     return before, total
 
 
-def _record_values(config, stacks: list[LayerStack], selection: dict[str, list[int]]) -> dict[str, object]:
-    """`collapsed_layers` / `original_num_hidden_layers` after this removal, in the original numbering."""
+def _record_values(
+    config, stacks: list[LayerStack], selection: dict[str, list[int]]
+) -> tuple[dict[str, object], dict[str, tuple[int, ...]]]:
+    """`collapsed_layers` / `original_num_hidden_layers` after this removal, and this removal per stack, both in
+    the original numbering."""
     collapsed: dict[str, list[int]] = {}
     original_counts: dict[str, int] = {}
+    now: dict[str, tuple[int, ...]] = {}
     for stack in stacks:
         before, total = _previous_record(config, stack, two_stacks=len(stacks) > 1)
         surviving = [i for i in range(total) if i not in set(before)]
-        collapsed[stack.name] = sorted(before + [surviving[i] for i in selection.get(stack.name, [])])
+        now[stack.name] = tuple(surviving[i] for i in selection.get(stack.name, []))
+        collapsed[stack.name] = sorted(before + list(now[stack.name]))
         original_counts[stack.name] = total
     if len(stacks) > 1:
-        return {"collapsed_layers": collapsed, "original_num_hidden_layers": original_counts}
+        return {"collapsed_layers": collapsed, "original_num_hidden_layers": original_counts}, now
     (name,) = collapsed
-    return {"collapsed_layers": collapsed[name], "original_num_hidden_layers": original_counts[name]}
+    return {"collapsed_layers": collapsed[name], "original_num_hidden_layers": original_counts[name]}, now
 
 
-def _set_config(config, updates: dict[str, object]) -> None:
+def _set_config(config, updates: dict[str, object]) -> _Undo:
+    """Apply `updates` to `config`; return what restores every attribute it touched (or removes a new one)."""
+    previous = {name: vars(config).get(name, _DELETE) for name in updates}
     for name, value in updates.items():
         if value is _DELETE:
             delattr(config, name)
         else:
             setattr(config, name, value)
+
+    def undo() -> None:
+        for name, value in previous.items():
+            if value is not _DELETE:
+                setattr(config, name, value)
+            elif name in vars(config):
+                delattr(config, name)
+
+    return undo
 
 
 def _check_configs(config_updates: list[tuple[object, dict[str, object]]]) -> dict[int, object]:
@@ -408,7 +473,213 @@ def _refuse_adapters(model: nn.Module) -> None:
         )
 
 
-def collapse_layers(model: nn.Module, layers: Sequence[int] | dict[str, Sequence[int]]) -> nn.Module:
+# ---- verification by construction: run after the changes are made, before they are kept ----------------------
+
+# Module attributes that say how a module is being run, not what it is: a fresh model may differ in them.
+_RUNTIME_ATTRS = frozenset({"training", "gradient_checkpointing"})
+_SCALARS = (bool, int, float, str, type(None))
+_SHOWN = 3  # differences named in an error
+
+
+def _settings(module: nn.Module) -> dict[str, object]:
+    return {
+        name: value
+        for name, value in vars(module).items()
+        if not name.startswith("_") and name not in _RUNTIME_ATTRS and isinstance(value, _SCALARS)
+    }
+
+
+def _same_setting(a: object, b: object) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
+    return type(a) is type(b) and a == b
+
+
+def _structure_differences(model: nn.Module, config) -> list[str]:
+    """How `model` differs from a model built from `config`: module types and settings, tensor names and shapes.
+
+    The fresh model is built with its parameters on the meta device (no memory); tied weights are listed under
+    every name, so a difference in tying is not mistaken for a missing weight. A module rebuilt as another type
+    is reported once, not once per tensor inside it.
+    """
+    with init_empty_weights():
+        fresh = type(model)(copy.deepcopy(config))
+    differences, retyped = [], []
+    fresh_modules = dict(fresh.named_modules())
+    for path, module in model.named_modules():
+        other = fresh_modules.get(path)
+        if other is None:
+            continue  # its tensors are reported below
+        where = path or type(model).__name__
+        if type(other) is not type(module):
+            differences.append(f"{where} is a {type(module).__name__} but would be rebuilt as a {type(other).__name__}")
+            retyped.append(f"{path}.")
+            continue
+        ours, theirs = _settings(module), _settings(other)
+        differences += [
+            f"{where}.{name} is {ours.get(name)!r} but would be rebuilt as {theirs.get(name)!r}"
+            for name in sorted(set(ours) | set(theirs))
+            if not _same_setting(ours.get(name), theirs.get(name))
+        ]
+    for kind in ("parameters", "buffers"):
+        ours = {n: tuple(t.shape) for n, t in getattr(model, f"named_{kind}")(remove_duplicate=False)}
+        theirs = {n: tuple(t.shape) for n, t in getattr(fresh, f"named_{kind}")(remove_duplicate=False)}
+        found = [f"{n} (shape {ours[n]}) would not be rebuilt" for n in ours if n not in theirs]
+        found += [f"{n} (shape {theirs[n]}) would be created, randomly initialised" for n in theirs if n not in ours]
+        found += [f"{n} has shape {ours[n]} but would be rebuilt as {theirs[n]}" for n in ours if theirs.get(n, ours[n]) != ours[n]]
+        differences += [d for d in found if not d.startswith(tuple(retyped))]
+    return differences
+
+
+def _special_token_ids(*configs) -> set[int]:
+    ids: set[int] = set()
+    for config in configs:
+        for name, value in vars(config).items():
+            if name.endswith(("_token_id", "_token_index", "_token_ids")):
+                ids.update(v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, int))
+    return ids
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+        return weight.device
+    real = [p.device for p in model.parameters() if p.device.type != "meta"]
+    return real[0] if real else torch.device("cpu")
+
+
+def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """A small deterministic input built from the config, or None when the forward takes neither tokens nor pixels.
+
+    Tokens avoid every special id of the config (an image token would make a multimodal model expect pixels);
+    encoder-decoders also get decoder tokens; vision models get one image of the configured size.
+    """
+    config = model.config
+    accepted = set(inspect.signature(model.forward).parameters)
+    text = config.get_text_config(decoder=True)
+    vocab = getattr(text, "vocab_size", None)
+    generator = torch.Generator().manual_seed(0)
+    device = _input_device(model)
+    if "input_ids" in accepted and isinstance(vocab, int) and vocab > 0:
+        special = _special_token_ids(config, text)
+        allowed = torch.tensor([i for i in range(min(vocab, 4096)) if i not in special] or [0])
+        pick = lambda n: allowed[torch.randint(len(allowed), (1, n), generator=generator)].to(device)  # noqa: E731
+        probe = {"input_ids": pick(8)}
+        if "decoder_input_ids" in accepted and getattr(config, "is_encoder_decoder", False):
+            probe["decoder_input_ids"] = pick(4)
+        return probe
+    vision = getattr(config, "vision_config", None) or config
+    size = getattr(vision, "image_size", None)
+    if "pixel_values" in accepted and size is not None:
+        height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        channels = getattr(vision, "num_channels", 3)
+        return {"pixel_values": torch.randn(1, channels, height, width, generator=generator).to(device, dtype)}
+    return None
+
+
+def _output_tensors(output) -> dict[str, torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return {"output": output}
+    items = output.items() if isinstance(output, dict) else enumerate(output)
+    found = {}
+    for name, value in items:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            found[str(name)] = value
+        elif isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            found.update({f"{name}[{i}]": v for i, v in enumerate(value) if v.is_floating_point()})
+    return found
+
+
+def _run_probe(model: nn.Module, probe: dict) -> dict[str, torch.Tensor]:
+    with torch.no_grad(), eval_mode(model):
+        return {k: v.detach().float().cpu() for k, v in _output_tensors(model(**probe)).items()}
+
+
+def _output_differences(reference: dict[str, torch.Tensor], got: dict[str, torch.Tensor], dtype) -> list[str]:
+    tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+    differences = [f"output {name!r} is missing" for name in reference if name not in got]
+    for name, expected in reference.items():
+        value = got.get(name)
+        if value is None:
+            continue
+        if value.shape != expected.shape:
+            differences.append(f"output {name!r} has shape {tuple(value.shape)}, not {tuple(expected.shape)}")
+            continue
+        scale = float(expected.abs().max()) if expected.numel() else 0.0
+        error = float((value - expected).abs().max()) if expected.numel() else 0.0
+        if error > tolerance * max(scale, 1e-6) or not torch.isfinite(value).all() == torch.isfinite(expected).all():
+            differences.append(f"output {name!r} differs by up to {error:.3g} (its largest value is {scale:.3g})")
+    return differences
+
+
+def _suspect_fields(configs) -> list[str]:
+    """Config fields that look layer-related and that no rule updated: the likely cause of a difference."""
+    handled = {rule.field for rule in _RULES} | {o for rule in _RULES for o in rule.owns}
+    handled |= set(_RECORD_FIELDS) | set(_PARENT_COUNT_ATTRS) | {"num_decoder_layers", "encoder_layers", "decoder_layers"}
+    names = set()
+    for config in configs:
+        for name, value in vars(config).items():
+            lowered = name.lower()
+            if name in handled or name.startswith("_") or isinstance(value, bool):
+                continue
+            if isinstance(value, (int, list, tuple)) and ("layer" in lowered or "dense" in lowered):
+                names.add(name)
+    return sorted(names)
+
+
+def _verification_error(what: str, differences: list[str], configs) -> ValueError:
+    shown = "; ".join(differences[:_SHOWN]) + (f"; and {len(differences) - _SHOWN} more" if len(differences) > _SHOWN else "")
+    suspects = _suspect_fields(configs)
+    hint = (
+        f" Config field(s) that may describe layers and that no rule updated: {', '.join(suspects)}."
+        if suspects
+        else ""
+    )
+    return ValueError(
+        f"the collapse could not be verified, so nothing was changed: {what}: {shown}.{hint} "
+        "This family needs a rule in hf_collapse.surgery._RULES; until then remove other layers or keep these"
+    )
+
+
+@dataclass(frozen=True)
+class CollapseRecord:
+    """What one call to [`collapse_layers`] removed.
+
+    Attributes:
+        removed (`dict[str, tuple[int, ...]]`): per stack name (`""` for a one-stack model, `"encoder"` /
+            `"decoder"` for encoder-decoders), the 0-based layers removed by this call, in the *original*
+            numbering (before any collapse; the same numbering as `config.collapsed_layers`).
+        layers_before (`dict[str, int]`): each stack's layer count before this call.
+        layers_after (`dict[str, int]`): each stack's layer count after it.
+        parameters_before (`int`): `model.num_parameters()` before this call.
+        parameters_after (`int`): `model.num_parameters()` after it.
+        outputs_verified (`bool`): whether the collapsed model's output was checked against the original's with
+            the layers bypassed, on a probe input built from the config (or given). `False` when the model's
+            forward takes neither `input_ids` nor `pixel_values` (only the structure was checked), or when
+            nothing was removed.
+    """
+
+    removed: dict[str, tuple[int, ...]]
+    layers_before: dict[str, int]
+    layers_after: dict[str, int]
+    parameters_before: int
+    parameters_after: int
+    outputs_verified: bool
+
+    @property
+    def num_removed(self) -> int:
+        """How many layers this call removed, over all stacks."""
+        return sum(len(indices) for indices in self.removed.values())
+
+
+def collapse_layers(
+    model: nn.Module,
+    layers: Sequence[int] | dict[str, Sequence[int]],
+    *,
+    probe_inputs: dict[str, torch.Tensor] | None = None,
+) -> CollapseRecord:
     """Remove layers from a transformers model in place, leaving a plain, smaller model of the same family.
 
     The removed blocks leave the `nn.ModuleList`; every `layer_idx` inside the kept blocks is renumbered to
@@ -420,6 +691,15 @@ def collapse_layers(model: nn.Module, layers: Sequence[int] | dict[str, Sequence
     `1/(layer_idx + 1)` get their queries rescaled so their outputs do not change. The result saves with
     `save_pretrained` and reloads with the plain `AutoModel*` class, without missing or unexpected weights.
 
+    Every collapse is verified before it is kept, whatever the architecture: (1) a model built from the new
+    config (parameters on the meta device) must have exactly the collapsed model's parameter and buffer names
+    and shapes, module types and module settings (such as each attention's sliding window); (2) on a small
+    probe input, the collapsed model's outputs must equal the original's with the same layers bypassed
+    ([`bypass_layers`]). The probe is built from the config (tokens that avoid the special ids, decoder tokens
+    for encoder-decoders, one image of `image_size` for vision models) unless `probe_inputs` is given; a model
+    whose forward takes neither `input_ids` nor `pixel_values` is checked by (1) alone, and the record says so.
+    If a check fails, the model and its config are restored exactly and the call raises.
+
     The removal is recorded on the top-level `model.config`, in the *original* numbering, cumulatively over
     repeated calls:
 
@@ -428,50 +708,123 @@ def collapse_layers(model: nn.Module, layers: Sequence[int] | dict[str, Sequence
     - `original_num_hidden_layers`: the layer count before any collapse (`int`, or a dict per stack).
 
     Args:
-        model (`nn.Module`): a transformers model, possibly wrapped by `torch.compile` or DDP, without PEFT adapters.
+        model (`nn.Module`): a transformers model, possibly wrapped by `torch.compile`, DDP or FSDP, without PEFT
+            adapters.
         layers (`Sequence[int]` or `dict[str, Sequence[int]]`): the 0-based layers to remove, in the model's
             current numbering: a list for one-stack models, `{"encoder": [...], "decoder": [...]}` for
             encoder-decoder models (a stack left out keeps all its layers). An empty selection changes nothing.
+        probe_inputs (`dict[str, torch.Tensor]`, *optional*): keyword inputs of the model for the output check,
+            instead of the probe built from the config.
 
     Returns:
-        `nn.Module`: `model` itself.
+        [`CollapseRecord`]: what was removed (original numbering), layer and parameter counts before and after.
 
     Raises:
         `ValueError`: the request cannot be done exactly; the model is left untouched. That is: an index out of
             range, negative, not an integer or given twice; every layer of a stack; PEFT adapters still attached;
             no recognisable layer stack; a per-layer config field or architecture quirk with no exact update
-            (for instance layer 0 of ModernBERT).
+            (for instance layer 0 of ModernBERT); a failed verification (the message names the tensors, modules
+            or outputs that differ, and the config fields that may be the cause).
     """
     _refuse_adapters(model)
     inner = unwrap_model(model)
     stacks = find_layer_stacks(inner)
     selection = resolve_layer_selection(stacks, layers)
+    counts = {stack.name: len(stack) for stack in stacks}
+    parameters = inner.num_parameters()
     if not any(selection.values()):
-        return model
+        return CollapseRecord({name: () for name in counts}, counts, counts, parameters, parameters, False)
 
     edits: list[_Edit] = []
     config_updates: list[tuple[object, dict[str, object]]] = []
     for stack in stacks:
-        removed = selection.get(stack.name, [])
-        if not removed:
+        chosen = selection.get(stack.name, [])
+        if not chosen:
             continue
-        removal = _Removal(stack, tuple(removed), tuple(i for i in range(len(stack)) if i not in set(removed)))
+        removal = _Removal(stack, tuple(chosen), tuple(i for i in range(len(stack)) if i not in set(chosen)))
         if not removal.kept:
             raise _refuse(removal, f"that is every layer; keep at least one of the {len(stack)}")
         per_layer = _per_layer_edit(removal)
         config_updates.append((stack.config, per_layer.config))
         edits += [per_layer, _renumber_edit(removal), _parent_edit(inner, removal)]
-    config_updates.append((inner.config, _record_values(inner.config, stacks, selection)))
+    record_values, removed = _record_values(inner.config, stacks, selection)
+    config_updates.append((inner.config, record_values))
     trial = _check_configs(config_updates)
     _check_decoder_cache(trial[id(inner.config)], stacks, selection)
 
-    # Everything is checked: from here on nothing can refuse.
-    for edit in edits:
-        for apply in edit.modules:
-            apply()
-    for stack in stacks:
-        for index in reversed(selection.get(stack.name, [])):
+    probe = _probe_inputs(inner) if probe_inputs is None else probe_inputs
+    reference = None
+    if probe is not None:
+        with bypass_layers(inner, selection):
+            reference = _run_probe(inner, probe)
+
+    undo = _apply(stacks, selection, edits, config_updates)
+    try:
+        _verify(inner, stacks, probe, reference)
+    except BaseException:
+        undo()
+        raise
+    return CollapseRecord(
+        removed=removed,
+        layers_before=counts,
+        layers_after={stack.name: len(stack) for stack in stacks},
+        parameters_before=parameters,
+        parameters_after=inner.num_parameters(),
+        outputs_verified=reference is not None,
+    )
+
+
+def _apply(stacks, selection, edits, config_updates) -> _Undo:
+    """Make every change; return what undoes all of them, in reverse order."""
+    undos: list[_Undo] = []
+
+    def undo() -> None:
+        for step in reversed(undos):
+            step()
+
+    try:
+        for edit in edits:
+            for apply in edit.modules:
+                undos.append(apply())
+        for stack in stacks:
+            undos.append(_delete_layers(stack, selection.get(stack.name, [])))
+        for config, updates in config_updates:
+            undos.append(_set_config(config, updates))
+    except BaseException:
+        undo()
+        raise
+    return undo
+
+
+def _delete_layers(stack: LayerStack, indices: Sequence[int]) -> _Undo:
+    every = list(stack.layers)
+    for index in reversed(indices):
+        del stack.layers[index]
+
+    def undo() -> None:
+        for index in reversed(range(len(stack.layers))):
             del stack.layers[index]
-    for config, updates in config_updates:
-        _set_config(config, updates)
-    return model
+        stack.layers.extend(every)
+
+    return undo
+
+
+def _verify(inner: nn.Module, stacks: list[LayerStack], probe, reference) -> None:
+    configs = [inner.config, *{id(s.config): s.config for s in stacks}.values()]
+    differences = _structure_differences(inner, inner.config)
+    if differences:
+        raise _verification_error("a model built from the new config would not be this model", differences, configs)
+    if reference is None:
+        return
+    try:
+        got = _run_probe(inner, probe)
+    except Exception as error:
+        raise _verification_error(
+            "the collapsed model fails on the probe input", [f"{type(error).__name__}: {error}"], configs
+        ) from error
+    dtype = next((p.dtype for p in inner.parameters() if p.is_floating_point()), torch.float32)
+    differences = _output_differences(reference, got, dtype)
+    if differences:
+        raise _verification_error(
+            "its output differs from the original's with the same layers bypassed", differences, configs
+        )
