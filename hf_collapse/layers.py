@@ -174,7 +174,8 @@ def find_layer_stacks(model: nn.Module) -> list[LayerStack]:
 
     for path in _KNOWN_STACK_PATHS:
         modules = _get_path(inner, path)
-        if _is_homogeneous(modules) and len(modules) == count:
+        # at a known path, blocks of several kinds are one stack too (hybrid attention / state-space models)
+        if isinstance(modules, nn.ModuleList) and len(modules) == count > 0:
             return [LayerStack("", path, modules, text_config, count_attr, "attention_mask")]
 
     candidates = [

@@ -12,11 +12,13 @@ model is changed only when the whole request can be done exactly. Weights keys a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +31,7 @@ from .layers import (
     LayerStack,
     _get_path,
     _layer_count,
+    _real_attr,
     bypass_layers,
     eval_mode,
     find_layer_stacks,
@@ -230,6 +233,37 @@ def _keep_first_layer(removal: _Removal, config, name: str, value) -> _Edit:
     return _Edit()
 
 
+def _remap_stages(removal: _Removal, config, name: str, value) -> _Edit:
+    # Backbones (DINOv2, ViT-style): stage_names = ["stem", "stage1", ..., "stageN"], stage k is layer k - 1's
+    # output; out_indices / out_features pick the stages the backbone returns.
+    count = len(removal.stack)
+    if list(value) != ["stem"] + [f"stage{i}" for i in range(1, count + 1)]:
+        raise _refuse(
+            removal,
+            f"config.stage_names={value!r} is not one stage per layer (stem, stage1..stage{count}), so the stages "
+            "cannot follow the kept layers",
+        )
+    new_index = removal.new_index
+    outputs = [i % (count + 1) for i in (config.out_indices or [])]
+    lost = [i for i in outputs if i and i - 1 not in new_index]
+    if lost:
+        raise _refuse(
+            removal,
+            f"the backbone returns stage(s) {', '.join(value[i] for i in lost)} (out_features), the output of layer(s) "
+            f"{', '.join(str(i - 1) for i in lost)}; keep those layers, or change out_features first",
+        )
+    stages = ["stem"] + [f"stage{i}" for i in range(1, len(removal.kept) + 1)]
+    indices = [0 if i == 0 else new_index[i - 1] + 1 for i in outputs]
+    return _Edit(config={"stage_names": stages, "_out_indices": indices, "_out_features": [stages[i] for i in indices]})
+
+
+def _keep_pattern(removal: _Removal, config, name: str, value) -> _Edit:
+    # The layer kinds are given by integers (start / interval / end, or period / offset) that stay as they are:
+    # the removal is exact only if the pattern, counted afresh over the kept layers, gives each its own kind.
+    # `_check_layer_kinds` compares the kinds; nothing to update here beyond the count.
+    return _Edit()
+
+
 @dataclass(frozen=True)
 class _Rule:
     """How a config field (present and not None, False or empty) follows the removal of layers.
@@ -255,6 +289,15 @@ _RULES: tuple[_Rule, ...] = (
     _Rule("no_rope_layers", _slice_per_layer),  # SmolLM3, Llama4: a 0/1 RoPE flag per layer
     _Rule("moe_layers", _remap_indices),  # Llama4: indices of the MoE layers
     _Rule("first_k_dense_replace", _count_kept_below),  # DeepSeek-V2/V3: layers below k are dense
+    _Rule("num_dense_layers", _count_kept_below),  # LFM2-MoE: the same "first k layers are dense"
+    _Rule("attn_layer_indices", _remap_indices),  # Bamba: indices of the attention layers (others are Mamba)
+    _Rule("full_attn_idxs", _remap_indices),  # LFM2: indices of the attention layers (others are convolutions)
+    _Rule("hybrid_layer_ids", _remap_indices),  # Zamba2: indices of the layers with the shared attention block
+    _Rule("stage_names", _remap_stages, owns=("_out_indices", "_out_features")),  # backbones
+    # Patterns given by integers; the kinds they give are compared in _check_layer_kinds (see _LAYER_KINDS).
+    _Rule("attn_layer_period", _keep_pattern, owns=("attn_layer_offset",)),  # Jamba
+    _Rule("expert_layer_period", _keep_pattern, owns=("expert_layer_offset",)),  # Jamba
+    _Rule("moe_layer_interval", _keep_pattern, owns=("moe_layer_start_index", "moe_layer_end_index")),  # ERNIE-4.5
     _Rule("max_window_layers", _count_kept_below),  # Qwen2/3: layers from this index on may slide
     # Qwen2/3-MoE: layer i is sparse iff (i + 1) % decoder_sparse_step == 0 and i not in mlp_only_layers.
     _Rule("decoder_sparse_step", _explicit_sparse_layers, owns=("mlp_only_layers",)),
@@ -265,25 +308,118 @@ _RULES: tuple[_Rule, ...] = (
 )
 
 
+# Per-layer kinds that a config gives by a formula in the modeling code rather than by a config field or property:
+# (the fields that must be present, the kind of layer i). Read-only properties of the config that give one entry
+# per layer (Jamba's `layers_block_type`, Bamba's, FalconH1's) are found without a row here.
+_LAYER_KINDS: tuple[tuple[tuple[str, ...], Callable[[object, int], object]], ...] = (
+    (  # ERNIE-4.5-MoE: MoE where (i + 1) % interval == 0 and start <= i <= end
+        ("moe_layer_interval", "moe_layer_start_index", "moe_layer_end_index"),
+        lambda c, i: (i + 1) % c.moe_layer_interval == 0 and c.moe_layer_start_index <= i <= c.moe_layer_end_index,
+    ),
+)
+_SUGGESTIONS = 4  # removals named in a refusal
+
+
 def _rule_applies(rule: _Rule, value) -> bool:
     if value is None or value is False or (isinstance(value, (list, tuple)) and not value):
         return False
     return rule.when is None or value == rule.when
 
 
-def _per_layer_edit(removal: _Removal) -> _Edit:
-    """Run every rule that applies to the stack's config; refuse unknown per-layer list fields."""
+def _read_only_property(config, name: str) -> bool:
+    attribute = getattr(type(config), name, None)
+    return isinstance(attribute, property) and attribute.fset is None
+
+
+def _layer_kinds(config, count: int) -> dict[str, list]:
+    """Every per-layer list a config gives without storing it: read-only properties and `_LAYER_KINDS` formulas."""
+    kinds = {}
+    for name in dir(type(config)):
+        if name.startswith("_") or not _read_only_property(config, name):
+            continue
+        try:
+            value = getattr(config, name)
+        except Exception:  # a property that does not apply to this config
+            continue
+        if isinstance(value, (list, tuple)) and len(value) == count:
+            kinds[name] = list(value)
+    for fields, kind in _LAYER_KINDS:
+        if all(isinstance(getattr(config, f, None), int) for f in fields):
+            kinds[" / ".join(fields)] = [kind(config, i) for i in range(count)]
+    return kinds
+
+
+def _kinds_mismatch(removal: _Removal, updates: dict[str, object]) -> list[str]:
+    """The derived per-layer lists that would not follow the kept layers once `updates` are made."""
+    config = removal.stack.config
+    before = _layer_kinds(config, len(removal.stack))
+    if not before:
+        return []
+    trial = copy.deepcopy(config)
+    _set_config(trial, updates)
+    after = _layer_kinds(trial, len(removal.kept))
+    return [name for name, kinds in before.items() if after.get(name) != [kinds[i] for i in removal.kept]]
+
+
+def _removable_instead(removal: _Removal) -> list[list[int]]:
+    """Up to `_SUGGESTIONS` sets of as many layers whose removal the rules can express exactly."""
+    count, size = len(removal.stack), len(removal.removed)
+    windows = [tuple(range(start, start + size)) for start in range(count - size + 1)]
+    spread = itertools.islice(itertools.combinations(range(count), size), 2000)
+    found = []
+    for candidate in dict.fromkeys([*windows, *spread]):
+        kept = tuple(i for i in range(count) if i not in candidate)
+        trial = _Removal(removal.stack, candidate, kept)
+        try:
+            if kept and not _kinds_mismatch(trial, _rule_updates(trial, suggest=False)[0].config):
+                found.append(list(candidate))
+        except ValueError:
+            continue
+        if len(found) == _SUGGESTIONS:
+            break
+    return found
+
+
+def _rule_updates(removal: _Removal, suggest: bool = True) -> tuple[_Edit, set[str]]:
+    """Run every rule that applies to the stack's config; return the edit and the fields the rules covered.
+
+    A rule's field is read through the config's `attribute_map` (Zamba's `layer_types` is `layers_block_type`);
+    a field that is a read-only property derived from other fields is left to them (Jamba's `layer_types`).
+    """
     config = removal.stack.config
     edit = _Edit(config={removal.stack.count_attr: len(removal.kept)})
     handled = set(_RECORD_FIELDS)
     for rule in _RULES:
-        value = getattr(config, rule.field, None)
+        name = _real_attr(config, rule.field)
+        value = getattr(config, name, None)
         if not _rule_applies(rule, value):
             continue
-        handled.update((rule.field, *rule.owns))
-        found = rule.handler(removal, config, rule.field, value)
+        handled.update((rule.field, name, *rule.owns))
+        if _read_only_property(config, name):
+            continue
+        found = rule.handler(removal, config, name, value)
         edit.config.update(found.config)
         edit.modules.extend(found.modules)
+    mismatch = _kinds_mismatch(removal, edit.config)
+    if mismatch:
+        instead = _removable_instead(removal) if suggest else []
+        raise _refuse(
+            removal,
+            f"{type(config).__name__} gives the layer pattern {', '.join(mismatch)} by integers or from other fields, "
+            "and counted over the kept layers it would give them other kinds than they have"
+            + (
+                f"; removals of {len(removal.removed)} layer(s) it can express: {'; '.join(map(str, instead))}"
+                if instead
+                else f"; no removal of {len(removal.removed)} layer(s) keeps it"
+            ),
+        )
+    return edit, handled
+
+
+def _per_layer_edit(removal: _Removal) -> _Edit:
+    """The config and module changes every rule asks for; refuse unknown per-layer list fields."""
+    config = removal.stack.config
+    edit, handled = _rule_updates(removal)
     unknown = [
         name
         for name, value in vars(config).items()
@@ -495,16 +631,19 @@ def _same_setting(a: object, b: object) -> bool:
     return type(a) is type(b) and a == b
 
 
-def _structure_differences(model: nn.Module, config) -> list[str]:
+def _structure(model: nn.Module, config) -> dict[tuple[str, ...], str]:
     """How `model` differs from a model built from `config`: module types and settings, tensor names and shapes.
 
-    The fresh model is built with its parameters on the meta device (no memory); tied weights are listed under
-    every name, so a difference in tying is not mistaken for a missing weight. A module rebuilt as another type
-    is reported once, not once per tensor inside it.
+    Keyed by (module or tensor path, what) so that differences already present before a collapse (settings a
+    forward pass changes, modules a user swapped) can be told apart. The fresh model is built with its
+    parameters on the meta device (no memory); tied weights are listed under every name, so a difference in
+    tying is not mistaken for a missing weight. A module rebuilt as another type is reported once, not once per
+    tensor inside it.
     """
     with init_empty_weights():
         fresh = type(model)(copy.deepcopy(config))
-    differences, retyped = [], []
+    differences: dict[tuple[str, ...], str] = {}
+    retyped = []
     fresh_modules = dict(fresh.named_modules())
     for path, module in model.named_modules():
         other = fresh_modules.get(path)
@@ -512,23 +651,55 @@ def _structure_differences(model: nn.Module, config) -> list[str]:
             continue  # its tensors are reported below
         where = path or type(model).__name__
         if type(other) is not type(module):
-            differences.append(f"{where} is a {type(module).__name__} but would be rebuilt as a {type(other).__name__}")
+            differences[(path, "type")] = (
+                f"{where} is a {type(module).__name__} but would be rebuilt as a {type(other).__name__}"
+            )
             retyped.append(f"{path}.")
             continue
         ours, theirs = _settings(module), _settings(other)
-        differences += [
-            f"{where}.{name} is {ours.get(name)!r} but would be rebuilt as {theirs.get(name)!r}"
-            for name in sorted(set(ours) | set(theirs))
-            if not _same_setting(ours.get(name), theirs.get(name))
-        ]
+        for name in sorted(set(ours) | set(theirs)):
+            if not _same_setting(ours.get(name), theirs.get(name)):
+                differences[(path, "setting", name)] = (
+                    f"{where}.{name} is {ours.get(name)!r} but would be rebuilt as {theirs.get(name)!r}"
+                )
     for kind in ("parameters", "buffers"):
         ours = {n: tuple(t.shape) for n, t in getattr(model, f"named_{kind}")(remove_duplicate=False)}
         theirs = {n: tuple(t.shape) for n, t in getattr(fresh, f"named_{kind}")(remove_duplicate=False)}
-        found = [f"{n} (shape {ours[n]}) would not be rebuilt" for n in ours if n not in theirs]
-        found += [f"{n} (shape {theirs[n]}) would be created, randomly initialised" for n in theirs if n not in ours]
-        found += [f"{n} has shape {ours[n]} but would be rebuilt as {theirs[n]}" for n in ours if theirs.get(n, ours[n]) != ours[n]]
-        differences += [d for d in found if not d.startswith(tuple(retyped))]
+        for name in sorted(set(ours) | set(theirs)):
+            if name.startswith(tuple(retyped)) or ours.get(name) == theirs.get(name):
+                continue
+            if name not in theirs:
+                message = f"{name} (shape {ours[name]}) would not be rebuilt"
+            elif name not in ours:
+                message = f"{name} (shape {theirs[name]}) would be created, randomly initialised"
+            else:
+                message = f"{name} has shape {ours[name]} but would be rebuilt as {theirs[name]}"
+            differences[(name, kind)] = message
     return differences
+
+
+def _old_path(path: str, renames: dict[str, str]) -> str:
+    """The path a module or tensor of the collapsed model had before (`model.layers.1.x` -> `model.layers.2.x`)."""
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        old = renames.get(".".join(parts[:cut]))
+        if old is not None:
+            return ".".join([old, *parts[cut:]])
+    return path
+
+
+@contextlib.contextmanager
+def _settings_kept(model: nn.Module) -> Iterator[None]:
+    """Give every module back its scalar settings after a probe: some forwards adjust them to the input (Swin's
+    window size), and a probe must leave no trace."""
+    saved = [(module, _settings(module)) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, settings in saved:
+            for name, value in settings.items():
+                if vars(module).get(name, _DELETE) is not value:
+                    setattr(module, name, value)
 
 
 def _special_token_ids(*configs) -> set[int]:
@@ -593,7 +764,7 @@ def _output_tensors(output) -> dict[str, torch.Tensor]:
 
 
 def _run_probe(model: nn.Module, probe: dict) -> dict[str, torch.Tensor]:
-    with torch.no_grad(), eval_mode(model):
+    with torch.no_grad(), eval_mode(model), _settings_kept(model):
         return {k: v.detach().float().cpu() for k, v in _output_tensors(model(**probe)).items()}
 
 
@@ -753,14 +924,17 @@ def collapse_layers(
     _check_decoder_cache(trial[id(inner.config)], stacks, selection)
 
     probe = _probe_inputs(inner) if probe_inputs is None else probe_inputs
-    reference = None
-    if probe is not None:
-        with bypass_layers(inner, selection):
-            reference = _run_probe(inner, probe)
+    reference = None if probe is None else _reference_outputs(inner, selection, probe, given=probe_inputs is not None)
 
+    baseline = _structure(inner, inner.config)  # what already differs from a fresh build, before any change
+    renames = {
+        f"{stack.path}.{new}": f"{stack.path}.{old}"
+        for stack in stacks
+        for new, old in enumerate(i for i in range(len(stack)) if i not in set(selection.get(stack.name, [])))
+    }
     undo = _apply(stacks, selection, edits, config_updates)
     try:
-        _verify(inner, stacks, probe, reference)
+        _verify(inner, stacks, probe, reference, baseline, renames)
     except BaseException:
         undo()
         raise
@@ -772,6 +946,33 @@ def collapse_layers(
         parameters_after=inner.num_parameters(),
         outputs_verified=reference is not None,
     )
+
+
+def _reference_outputs(inner: nn.Module, selection, probe: dict, given: bool) -> dict[str, torch.Tensor] | None:
+    """The original's outputs on the probe with the layers bypassed; None when the built probe does not fit the model.
+
+    A bypass that breaks a model which runs on the probe means the layers change the hidden states' shape (Swin's
+    stages, for example): they cannot be removed. A probe built from the config that the model itself does not
+    accept (it needs other inputs) leaves the structure check alone; a probe given by the caller must work.
+    """
+    try:
+        with bypass_layers(inner, selection):
+            return _run_probe(inner, probe)
+    except Exception as bypassed_error:
+        try:
+            _run_probe(inner, probe)
+        except Exception as error:
+            if given:
+                raise ValueError(f"the model fails on the given probe_inputs: {type(error).__name__}: {error}") from error
+            return None
+        chosen = {name: indices for name, indices in selection.items() if indices}
+        layers = ", ".join(f"{name} {indices}" if name else str(indices) for name, indices in chosen.items())
+        raise ValueError(
+            f"cannot remove layers {layers}: the model fails once they are bypassed "
+            f"({type(bypassed_error).__name__}: {bypassed_error}), so their input and output are not interchangeable "
+            "(for example blocks that change the hidden size or the sequence length); only layers whose output has "
+            "the shape of their input can be removed"
+        ) from bypassed_error
 
 
 def _apply(stacks, selection, edits, config_updates) -> _Undo:
@@ -809,9 +1010,13 @@ def _delete_layers(stack: LayerStack, indices: Sequence[int]) -> _Undo:
     return undo
 
 
-def _verify(inner: nn.Module, stacks: list[LayerStack], probe, reference) -> None:
+def _verify(inner: nn.Module, stacks: list[LayerStack], probe, reference, baseline, renames) -> None:
     configs = [inner.config, *{id(s.config): s.config for s in stacks}.values()]
-    differences = _structure_differences(inner, inner.config)
+    differences = [
+        message
+        for key, message in _structure(inner, inner.config).items()
+        if (_old_path(key[0], renames), *key[1:]) not in baseline
+    ]
     if differences:
         raise _verification_error("a model built from the new config would not be this model", differences, configs)
     if reference is None:
