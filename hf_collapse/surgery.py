@@ -845,6 +845,50 @@ class CollapseRecord:
         return sum(len(indices) for indices in self.removed.values())
 
 
+def _refuse_offloaded(model: nn.Module) -> None:
+    offloaded = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise ValueError(
+            f"{len(offloaded)} weights of the model (e.g. {offloaded[0]}) are offloaded (device_map with 'disk' or "
+            "CPU offload): their offload index is keyed by the old layer names, so the collapsed model would save "
+            "wrong weights. Load the model without offloading (for instance on CPU, device_map=None) to collapse it, "
+            "then dispatch the collapsed model again"
+        )
+
+
+def _device_map_edit(model: nn.Module, stacks: list[LayerStack], selection: dict[str, list[int]]) -> _Apply:
+    """Renumber `hf_device_map` (set by `device_map=` loading) to the kept layers; its hooks stay on the modules."""
+
+    def apply() -> _Undo:
+        device_map = getattr(model, "hf_device_map", None)
+        if not isinstance(device_map, dict):
+            return lambda: None
+        renamed = {}
+        for name, device in device_map.items():
+            new_name = name
+            for stack in stacks:
+                prefix = f"{stack.path}."
+                if not name.startswith(prefix):
+                    continue
+                index, _, rest = name[len(prefix) :].partition(".")
+                removed = selection.get(stack.name, [])
+                if not index.isdigit() or int(index) in removed:
+                    new_name = None if index.isdigit() else name
+                    break
+                moved = int(index) - sum(1 for i in removed if i < int(index))
+                new_name = f"{prefix}{moved}" + (f".{rest}" if rest else "")
+            if new_name is not None:
+                renamed[new_name] = device
+        model.hf_device_map = renamed
+
+        def undo() -> None:
+            model.hf_device_map = device_map
+
+        return undo
+
+    return apply
+
+
 def collapse_layers(
     model: nn.Module,
     layers: Sequence[int] | dict[str, Sequence[int]],
@@ -899,6 +943,7 @@ def collapse_layers(
     """
     _refuse_adapters(model)
     inner = unwrap_model(model)
+    _refuse_offloaded(inner)
     stacks = find_layer_stacks(inner)
     selection = resolve_layer_selection(stacks, layers)
     counts = {stack.name: len(stack) for stack in stacks}
@@ -918,6 +963,7 @@ def collapse_layers(
         per_layer = _per_layer_edit(removal)
         config_updates.append((stack.config, per_layer.config))
         edits += [per_layer, _renumber_edit(removal), _parent_edit(inner, removal)]
+    edits.append(_Edit(modules=[_device_map_edit(inner, stacks, selection)]))
     record_values, removed = _record_values(inner.config, stacks, selection)
     config_updates.append((inner.config, record_values))
     trial = _check_configs(config_updates)
