@@ -33,9 +33,11 @@ from hf_collapse.surgery import collapse_layers
 
 @contextlib.contextmanager
 def verification_off():
-    """`collapse_layers` without its checks: no probe input (so no reference pass) and no rebuild or probe after."""
-    with mock.patch.object(surgery, "_probe_inputs", lambda model: None), mock.patch.object(
-        surgery, "_verify", lambda *args: None
+    """`collapse_layers` without its checks: no probe input (so no reference pass), no rebuilt models."""
+    with (
+        mock.patch.object(surgery, "_probe_inputs", lambda model: None),
+        mock.patch.object(surgery, "_structure", lambda model, config: {}),
+        mock.patch.object(surgery, "_verify", lambda *args: None),
     ):
         yield
 
