@@ -78,7 +78,8 @@ def bench_minilm(args: argparse.Namespace) -> list[dict]:
     path = assets.minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     full = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
-    collapsed = collapse_layers(copy.deepcopy(full), args.minilm_drop)
+    collapsed = copy.deepcopy(full)
+    collapse_layers(collapsed, args.minilm_drop)
     texts = list(assets.rotten_tomatoes(max_test=args.classify_batch)["test"]["text"])
     batch = dict(tokenizer(texts, padding=True, truncation=True, return_tensors="pt"))
     length = batch["input_ids"].shape[1]
@@ -106,7 +107,8 @@ def bench_smollm2(args: argparse.Namespace) -> list[dict]:
     path = assets.smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     full = AutoModelForCausalLM.from_pretrained(path).eval()
-    collapsed = collapse_layers(copy.deepcopy(full), args.smollm2_drop)
+    collapsed = copy.deepcopy(full)
+    collapse_layers(collapsed, args.smollm2_drop)
     blocks = assets.shakespeare_lm(
         tokenizer, block_size=args.prompt_tokens, max_train=0, max_validation=args.lm_batch
     )["validation"]

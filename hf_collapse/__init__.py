@@ -15,11 +15,12 @@ from .models import load_model, load_processor, resolve_model
 from .msw import DirectionSearch, max_sliced_wasserstein
 from .scoring import LayerScores, score_layers, select_by_tolerance, select_lowest
 from .post import collapse_model, heal
-from .surgery import collapse_layers
+from .surgery import CollapseRecord, collapse_layers
 from .trainer import CollapseTrainer, MSWPenaltyMixin
 
 __all__ = [
     "CollapseConfig",
+    "CollapseRecord",
     "CollapseReport",
     "CollapseTrainer",
     "MSWArguments",

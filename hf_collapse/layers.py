@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
 __all__ = [
@@ -82,19 +83,17 @@ class LayerStack:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """Return the transformers model inside DDP / FSDP / torch.compile / PEFT wrappers."""
+    """Return the transformers model inside DDP / FSDP / DeepSpeed / torch.compile / PEFT wrappers.
+
+    Distributed containers and `torch.compile` are removed by `accelerate.utils.extract_model_from_parallel`
+    (which knows every wrapper accelerate can create); a PEFT model gives its base model.
+    """
     while True:
-        if hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
-            inner = model.get_base_model()
-            if inner is model:
-                return model
-            model = inner
-        else:
+        model = extract_model_from_parallel(model, keep_torch_compile=False)
+        base = getattr(model, "get_base_model", None)
+        if not callable(base) or base() is model:
             return model
+        model = base()
 
 
 def _get_path(model: nn.Module, path: str) -> nn.Module | None:
@@ -174,7 +173,8 @@ def find_layer_stacks(model: nn.Module) -> list[LayerStack]:
 
     for path in _KNOWN_STACK_PATHS:
         modules = _get_path(inner, path)
-        if _is_homogeneous(modules) and len(modules) == count:
+        # at a known path, blocks of several kinds are one stack too (hybrid attention / state-space models)
+        if isinstance(modules, nn.ModuleList) and len(modules) == count > 0:
             return [LayerStack("", path, modules, text_config, count_attr, "attention_mask")]
 
     candidates = [

@@ -339,7 +339,8 @@ def test_flops_per_token_matches_the_formula(llama) -> None:
 
 
 def test_flops_ratio_after_collapse(llama) -> None:
-    collapsed = collapse_layers(copy.deepcopy(llama), [1, 2])
+    collapsed = copy.deepcopy(llama)
+    collapse_layers(collapsed, [1, 2])
     ratio = flops_per_token(llama, context_length=7) / flops_per_token(collapsed, context_length=7)
     expected = (2 * (4 * LLAMA_BLOCK + LLAMA_HEAD) + 4 * 4 * 7 * 32) / (
         2 * (2 * LLAMA_BLOCK + LLAMA_HEAD) + 4 * 2 * 7 * 32
@@ -347,9 +348,9 @@ def test_flops_ratio_after_collapse(llama) -> None:
     assert ratio == pytest.approx(expected)
     # a classifier has no per-token head: without attention, removing k of L blocks gives exactly L / (L - k)
     encoder = bert_classifier()
-    assert flops_per_token(encoder) / flops_per_token(collapse_layers(copy.deepcopy(encoder), [0])) == pytest.approx(
-        4 / 3
-    )
+    collapsed_encoder = copy.deepcopy(encoder)
+    collapse_layers(collapsed_encoder, [0])
+    assert flops_per_token(encoder) / flops_per_token(collapsed_encoder) == pytest.approx(4 / 3)
 
 
 def test_flops_refuses_mixture_of_experts_and_negative_context(llama) -> None:
@@ -412,7 +413,8 @@ def test_decode_generates_exactly_new_tokens_greedily(llama) -> None:
 
 
 def test_compare_latency_interleaves_the_models(llama) -> None:
-    collapsed = collapse_layers(copy.deepcopy(llama), [1, 2])
+    collapsed = copy.deepcopy(llama)
+    collapse_layers(collapsed, [1, 2])
     calls = []
     handles = [
         model.register_forward_pre_hook(lambda m, args, name=name: calls.append(name))

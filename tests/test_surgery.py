@@ -94,7 +94,8 @@ def case(tmp_path_factory):
             original = tiny.build()
             with bypass_layers(original, tiny.drop):
                 reference = logits(original, inputs)
-            collapsed = collapse_layers(tiny.build(), tiny.drop)
+            collapsed = tiny.build()
+            collapse_layers(collapsed, tiny.drop)
             folder = tmp_path_factory.mktemp(name)
             collapsed.save_pretrained(folder)
             reloaded, info, messages = load_with_messages(tiny, folder)
@@ -299,7 +300,9 @@ def test_repeated_collapse_records_original_indices(tmp_path):
     original = tiny.build()
     with bypass_layers(original, [1, 2]):
         reference = logits(original, inputs)
-    model = collapse_layers(collapse_layers(tiny.build(), [1]), [1])  # the second call's layer 1 was layer 2
+    model = tiny.build()
+    collapse_layers(model, [1])
+    collapse_layers(model, [1])  # the second call's layer 1 was layer 2
     assert model.config.collapsed_layers == [1, 2]
     assert model.config.original_num_hidden_layers == 4
     torch.testing.assert_close(logits(model, inputs), reference)
@@ -313,7 +316,8 @@ def test_repeated_collapse_records_original_indices(tmp_path):
 
 def test_t5_decoder_only_selection_keeps_the_encoder():
     tiny = TINY_MODELS["t5"]
-    model = collapse_layers(tiny.build(), {"decoder": [1]})
+    model = tiny.build()
+    collapse_layers(model, {"decoder": [1]})
     assert len(model.encoder.block) == 4 and len(model.decoder.block) == 3
     assert model.config.collapsed_layers == {"encoder": [], "decoder": [1]}
     assert model.config.original_num_hidden_layers == {"encoder": 4, "decoder": 4}
@@ -322,7 +326,9 @@ def test_t5_decoder_only_selection_keeps_the_encoder():
 def test_empty_selection_changes_nothing():
     model = TINY_MODELS["llama"].build()
     before = model.config.to_dict()
-    assert collapse_layers(model, []) is model
+    record = collapse_layers(model, [])
+    assert record.removed == {"": ()} and record.layers_after == record.layers_before == {"": 4}
+    assert record.parameters_after == record.parameters_before == model.num_parameters()
     assert model.config.to_dict() == before
     assert len(model.model.layers) == 4
 

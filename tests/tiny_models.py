@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 from transformers import (
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForImageTextToText,
@@ -389,4 +390,117 @@ TINY_MODELS: dict[str, TinyModel] = {
         "encoder",
         drop=[1],
     ),
+}
+
+
+# ---- the exact-or-refused matrix (tests/test_matrix.py) -------------------------------------------------------
+# Families whose layer structure lives in hybrid patterns, "first k" integers, start/interval integers, index
+# lists, backbone stages or tensors outside the layers. Each is collapsed in several ways and must come out exact
+# or refused; `drop` is unused there (the cases name their own layers).
+_MAMBA2 = dict(mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_n_heads=4, mamba_n_groups=1, mamba_chunk_size=8)
+_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=16, patch_size=4)
+
+MATRIX_MODELS: dict[str, TinyModel] = {
+    # layer_types conv / attention; full_attn_idxs lists the attention layers
+    "lfm2": TinyModel("Lfm2Config", dict(_DECODER, full_attn_idxs=[1, 3]), "Lfm2ForCausalLM", AutoModelForCausalLM, "causal-lm"),
+    # layers below num_dense_layers are dense, the others MoE
+    "lfm2-moe": TinyModel(
+        "Lfm2MoeConfig",
+        dict(_DECODER, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, num_dense_layers=2,
+             layer_types=["conv", "full_attention", "conv", "full_attention"]),
+        "Lfm2MoeForCausalLM", AutoModelForCausalLM, "causal-lm",
+    ),  # fmt: skip
+    # attention and experts every 2nd layer from layer 1 (period / offset integers; layer_types is a read-only property)
+    "jamba": TinyModel(
+        "JambaConfig",
+        dict(_DECODER, num_experts=2, num_experts_per_tok=1, attn_layer_period=2, attn_layer_offset=1,
+             expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+             use_mamba_kernels=False),
+        "JambaForCausalLM", AutoModelForCausalLM, "causal-lm",
+    ),  # fmt: skip
+    # attention layers by index (attn_layer_indices), the others Mamba2; layer_types is derived
+    "bamba": TinyModel(
+        "BambaConfig", dict(_DECODER, attn_layer_indices=[1, 3], mamba_d_head=16, **_MAMBA2), "BambaForCausalLM",
+        AutoModelForCausalLM, "causal-lm",
+    ),  # fmt: skip
+    "falcon-h1": TinyModel(
+        "FalconH1Config", dict(_DECODER, mamba_d_ssm=64, mamba_use_mlp=True, **_MAMBA2), "FalconH1ForCausalLM",
+        AutoModelForCausalLM, "causal-lm",
+    ),  # fmt: skip
+    "granite-moe-hybrid": TinyModel(
+        "GraniteMoeHybridConfig",
+        dict(_DECODER, layer_types=["mamba", "attention", "mamba", "attention"], num_local_experts=2,
+             num_experts_per_tok=1, shared_intermediate_size=32, mamba_d_head=16, **_MAMBA2),
+        "GraniteMoeHybridForCausalLM", AutoModelForCausalLM, "causal-lm",
+    ),  # fmt: skip
+    "qwen3-next": TinyModel(
+        "Qwen3NextConfig",
+        dict(_DECODER, head_dim=8, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+             linear_value_head_dim=8, moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4,
+             num_experts_per_tok=2, decoder_sparse_step=1, full_attention_interval=2),
+        "Qwen3NextForCausalLM", AutoModelForCausalLM, "causal-lm",
+    ),  # fmt: skip
+    # shared attention block: its layer_idx is -1 in every hybrid layer
+    "zamba2": TinyModel(
+        "Zamba2Config",
+        dict(_DECODER, mamba_d_state=8, mamba_ngroups=1, mamba_headdim=8, n_mamba_heads=8, num_mem_blocks=1,
+             layers_block_type=["mamba", "hybrid", "mamba", "hybrid"], use_mem_rope=False, adapter_rank=4),
+        "Zamba2ForCausalLM", AutoModelForCausalLM, "causal-lm",
+    ),  # fmt: skip
+    # MoE where (i + 1) % 2 == 0 and 1 <= i <= 3: layers 1 and 3 (start / interval / end integers)
+    "ernie4.5-moe": TinyModel(
+        "Ernie4_5_MoeConfig",
+        dict(_DECODER, moe_num_experts=4, moe_k=2, moe_intermediate_size=16, moe_layer_start_index=1,
+             moe_layer_interval=2, moe_layer_end_index=3),
+        "Ernie4_5_MoeForCausalLM", AutoModelForCausalLM, "causal-lm",
+    ),  # fmt: skip
+    # linear attention whose decay depends on num_hidden_layers, stored in every layer
+    "minimax": TinyModel(
+        "MiniMaxConfig",
+        dict(_DECODER, head_dim=8, num_local_experts=2, num_experts_per_tok=1, block_size=4,
+             layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"]),
+        "MiniMaxForCausalLM", AutoModelForCausalLM, "causal-lm",
+    ),  # fmt: skip
+    # per-layer embeddings sized by the layer count, outside the layer modules
+    "gemma3n-text": TinyModel(
+        "Gemma3nTextConfig",
+        dict(_DECODER, head_dim=8, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB, laurel_rank=4,
+             altup_num_inputs=2, num_kv_shared_layers=0, activation_sparsity_pattern=[0.0] * 4,
+             intermediate_size=[64] * 4, sliding_window=4),
+        "Gemma3nForCausalLM", AutoModelForCausalLM, "causal-lm",
+    ),  # fmt: skip
+    # a convolution applied after layer 0 only (by loop index), in the encoder
+    "deberta-v2-conv": TinyModel(
+        "DebertaV2Config",
+        dict(_ENCODER, conv_kernel_size=3, relative_attention=True, position_buckets=8, max_relative_positions=16,
+             pos_att_type=["p2c", "c2p"]),
+        "DebertaV2ForMaskedLM", AutoModelForMaskedLM, "encoder",
+    ),  # fmt: skip
+    # stage_names stem, stage1..stage4; the backbone returns stage2 and stage4
+    "dinov2-backbone": TinyModel(
+        "Dinov2Config", dict(_VISION, out_features=["stage2", "stage4"]), "Dinov2Backbone", transformers.Dinov2Backbone,
+        "vision",
+    ),  # AutoBackbone.from_pretrained does not take a local folder in transformers 5
+    # hierarchical: each "layer" is a stage of another width
+    "swin": TinyModel(
+        "SwinConfig",
+        dict(image_size=32, patch_size=2, embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 1, 2, 2], window_size=2),
+        "SwinModel", AutoModel, "vision",
+    ),  # fmt: skip
+    # multimodal text stacks
+    "llava": TinyModel(
+        "LlavaConfig",
+        dict(text_config=dict(_DECODER, model_type="llama"), image_token_id=VOCAB - 1,
+             vision_config=dict(_VISION, model_type="clip_vision_model", projection_dim=32)),
+        "LlavaForConditionalGeneration", AutoModelForImageTextToText, "causal-lm",
+    ),  # fmt: skip
+    "qwen2-vl": TinyModel(
+        "Qwen2VLConfig",
+        dict(text_config=dict(_DECODER, model_type="qwen2_vl_text",
+                              rope_parameters=dict(rope_type="default", mrope_section=[1, 1, 2], rope_theta=10000.0)),
+             vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, patch_size=2,
+                                spatial_merge_size=1, temporal_patch_size=1),
+             image_token_id=VOCAB - 1, video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3),
+        "Qwen2VLForConditionalGeneration", AutoModelForImageTextToText, "causal-lm",
+    ),  # fmt: skip
 }
