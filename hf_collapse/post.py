@@ -140,9 +140,8 @@ def collapse_model(
         for bypassed, value in curve:
             log(f"    bypassed {bypassed or 'none'}: {value:.4f}")
 
-    parameters_before = unwrap_model(model).num_parameters()
     earlier_removed = copy.deepcopy(getattr(model.config, "collapsed_layers", None))
-    collapse_layers(model, removed)
+    record = collapse_layers(model, removed)
     log(f"removed layers {removed}: {depth} -> {depth - len(removed)} layers")
     metric_after = evaluate(model) if evaluate is not None else None
     if selection is None:
@@ -155,8 +154,8 @@ def collapse_model(
         base_model=base_model or getattr(model.config, "name_or_path", "") or type(model).__name__,
         removed_layers=removed,
         layers_before=depth,
-        num_parameters_before=parameters_before,
-        num_parameters_after=unwrap_model(model).num_parameters(),
+        num_parameters_before=record.parameters_before,
+        num_parameters_after=record.parameters_after,
         scores=list(scores.values) if has_scores else None,
         score_method=scores.method if has_scores else None,
         task_metric=metric_name if evaluate is not None else None,

@@ -213,3 +213,59 @@ def prune_then_heal(ctx: Context, seed: int, k: int) -> dict:
         },
     )
     return out
+
+
+# ---------------------------------------------------------------------------------------------- ours: target depth
+
+
+def _targeted(name: str, fields: dict, *, heal: bool = False):
+    """Target-depth training through the public API: CollapseConfig(collapse_num_layers=k, ...) + CollapseTrainer,
+    then the targets removed with collapse_layers (and, with `heal`, hf_collapse.heal for the last heal_steps)."""
+
+    def run(ctx: Context, seed: int, k: int) -> dict:
+        study = ctx.study
+        model = ctx.pretrained(seed)
+        heal_steps = study.heal_steps if heal else 0
+        trainer, seconds = ctx.fit_targeted(model, seed, study.steps - heal_steps, k, heal_steps=heal_steps, **fields)
+        targets = list(trainer.collapse_targets)
+        choice = trainer.msw_schedule[0]
+        hf_collapse.collapse_layers(model, targets)
+        if heal:
+            model, done = hf_collapse.heal(model, trainer.args, ctx.train, data_collator=ctx.data.collator)
+            assert done == heal_steps, (done, heal_steps)
+        model.eval()
+        ctx.log(f"  {name} k={k} seed {seed}: targeted {targets} at step {choice['step']}, trained in {seconds:.0f} s")
+        out = result(ctx, f"{name}-{k}/{seed}", model, None, train_steps=study.steps)
+        rows = min(fields.get("target_choice_samples", 128), len(ctx.validation))
+        teacher_rows = (study.steps - heal_steps - choice["step"]) * study.batch_size if fields.get("distill_weight") else 0
+        out.update(
+            layers=targets,
+            num_layers=ctx.num_layers - k,
+            heal_steps=heal_steps,
+            teacher_forward_rows=teacher_rows,
+            schedule=trainer.msw_schedule,
+            selection={
+                "method": f"measured bypass during training (step {choice['step']}, {rows} validation rows)",
+                "forward_passes": choice["evaluations"] * rows,
+                "evaluations": choice["evaluations"],
+                "seconds": choice.get("seconds", 0.0),
+            },
+        )
+        return out
+
+    return run
+
+
+_TARGET = dict(target_choice="measured", target_choice_steps=0.3, msw_adaptive=False, msw_weight=0.0)
+arm("target_fade", "targets chosen by measured bypass at 30 % of training, faded to zero over the next 40 %; no penalty", family="ours")(
+    _targeted("target_fade", dict(_TARGET, fade_steps=0.4))
+)
+arm("target_fade_msw", "as target_fade, plus the MSW penalty on the targets (lambda from 0.3, adaptive)", family="ours")(
+    _targeted("target_fade_msw", dict(_TARGET, fade_steps=0.4, msw_weight=0.3, msw_adaptive=True))
+)
+arm("target_fade_distill", "as target_fade, plus logit distillation (T 2, weight 1) from the model at the choice", family="ours")(
+    _targeted("target_fade_distill", dict(_TARGET, fade_steps=0.4, distill_weight=1.0))
+)
+arm("target_msw_heal", "adaptive MSW penalty on measured targets (no fade), removed at steps - heal_steps, then healed", family="ours")(
+    _targeted("target_msw_heal", dict(_TARGET, msw_weight=0.3, msw_adaptive=True), heal=True)
+)

@@ -4,6 +4,7 @@ layer scores, measured selections and evaluations. Everything goes through hf_co
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import tempfile
 import time
@@ -172,6 +173,23 @@ class Context:
         start = time.perf_counter()
         trainer.train()
         return time.perf_counter() - start
+
+    def fit_targeted(self, model, seed: int, steps: int, k: int, **fields):
+        """Fine-tune with a target depth of `k` layers (CollapseConfig + CollapseTrainer, validation rows for the
+        measured choice); returns the trainer (its `collapse_targets`, `msw_schedule`) and the wall time."""
+        base = self._arguments(seed, steps, penalty=False).to_dict()
+        keep = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+        args = hf_collapse.CollapseConfig(
+            **{k_: v for k_, v in base.items() if k_ in keep}, collapse_num_layers=k,
+            msw_warmup_steps=self.study.msw_warmup_steps, **fields,
+        )
+        trainer = hf_collapse.CollapseTrainer(
+            model=model, args=args, train_dataset=self.train, eval_dataset=self.validation, data_collator=self.data.collator,
+        )
+        trainer.remove_callback(PrinterCallback)
+        start = time.perf_counter()
+        trainer.train()
+        return trainer, time.perf_counter() - start
 
     def finetuned(self, recipe: str, seed: int) -> torch.nn.Module:
         """The full-depth fine-tune `recipe` ("vanilla" or "penalty") for `seed`, trained once per run and shared.

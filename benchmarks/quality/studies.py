@@ -76,6 +76,10 @@ MINILM_ARMS = (
     "penalty_measured_cheap",
     "prune_then_finetune",
     "prune_then_heal",
+    "target_fade",
+    "target_fade_msw",
+    "target_fade_distill",
+    "target_msw_heal",
 )
 
 STUDIES: dict[str, Study] = {
