@@ -7,6 +7,7 @@
     hf-collapse collapse SRC OUT --num-layers K --data D  remove the K layers chosen on data D
     hf-collapse evaluate RECIPE.yaml [--compare MODEL]    metric, perplexity and latency (before/after)
     hf-collapse push OUT --repo-id NAMESPACE/NAME         upload an export in one commit
+    hf-collapse recipes [NAME PATH]                       list the shipped recipes, or copy one to PATH
 
 Multi-process training: `accelerate launch --multi_gpu -m hf_collapse.cli train RECIPE.yaml`, or the same with
 `torchrun --nproc_per_node N -m hf_collapse.cli train RECIPE.yaml`.
@@ -77,6 +78,13 @@ def make_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="Create the repo as private.")
     push.add_argument("--revision", help="Branch to commit to (created if needed).")
     push.add_argument("--dry-run", action="store_true", help="List what would be uploaded; contact nothing.")
+
+    recipes = verbs.add_parser(
+        "recipes", help="List the recipes shipped with hf-collapse (one name a line), or copy one to edit.",
+        epilog="Example: hf-collapse recipes quickstart my_run.yaml && hf-collapse train my_run.yaml",
+    )
+    recipes.add_argument("name", nargs="?", help="Recipe to copy (a name from the list, with or without .yaml).")
+    recipes.add_argument("path", nargs="?", help="Where to copy it (a file, or an existing folder).")
     return parser
 
 
@@ -230,6 +238,42 @@ def _cmd_push(args) -> int:
     return 0
 
 
+def _recipes_root() -> Path:
+    """The shipped recipes: `hf_collapse/recipes/` in a wheel, `recipes/` at the root of a source checkout."""
+    import importlib.resources
+
+    try:
+        root = Path(str(importlib.resources.files("hf_collapse.recipes")))
+    except ModuleNotFoundError:  # a source checkout: the editable finder may not map the data-only package
+        root = Path(__file__).resolve().parent.parent / "recipes"
+    if not any(root.glob("*.yaml")):
+        raise CliError(f"no recipes found in {root}: reinstall hf-collapse (the wheel ships them as hf_collapse/recipes/)")
+    return root
+
+
+def _cmd_recipes(args) -> int:
+    import shutil
+
+    root = _recipes_root()
+    names = sorted(p.stem for p in root.glob("*.yaml"))
+    if args.name is None:
+        print("\n".join(names))
+        return 0
+    name = args.name.removesuffix(".yaml")
+    if name not in names:
+        raise CliError(f"no recipe named {args.name!r}: the recipes are {', '.join(names)}")
+    if args.path is None:
+        raise CliError(f"say where to copy {name}: hf-collapse recipes {name} PATH")
+    target = Path(args.path)
+    if target.is_dir():
+        target = target / f"{name}.yaml"
+    if target.exists():
+        raise CliError(f"{target} already exists: choose another path (nothing was copied)")
+    shutil.copyfile(root / f"{name}.yaml", target)
+    print(f"copied {name} to {target}")
+    return 0
+
+
 _COMMANDS = {
     "train": _cmd_train,
     "validate": _cmd_validate,
@@ -237,6 +281,7 @@ _COMMANDS = {
     "collapse": _cmd_collapse,
     "evaluate": _cmd_evaluate,
     "push": _cmd_push,
+    "recipes": _cmd_recipes,
 }
 
 
@@ -256,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     # Recipe fields (--field value) may follow any verb's own options; they are checked by the recipe parser.
     args, extra = parser.parse_known_args(argv)
-    if args.verb == "push" and extra:
+    if args.verb in ("push", "recipes") and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
     from .export import PushError
