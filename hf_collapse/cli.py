@@ -195,15 +195,78 @@ def _cmd_collapse(args) -> int:
         overrides += ["--overwrite_export", "true"]
     overrides += ["--output_dir", str(Path(args.out).with_name(Path(args.out).name + ".work"))]
     recipe, config, resolved = _load(args.recipe, [*overrides, *args.overrides])
+    from .models import resolve_model, task_head_is_new
+
+    source = resolve_model(recipe.model_name_or_path)
+    if task_head_is_new(source, recipe.task):  # e.g. a BertModel checkpoint and a classification task
+        return _collapse_as_saved(recipe, config, source)
     summary = run_recipe(recipe, config, resolved, train=False)
     print("\n" + summary.table())
+    return 0
+
+
+def _collapse_as_saved(recipe, config, source) -> int:
+    """Collapse a checkpoint that has no head for the recipe's task as the class it was saved as, with no task metric.
+
+    Without training a new head would stay random: its accuracy would mean nothing, and publishing it would give
+    users a silently wrong classifier. The layers are scored on the data's text, chosen by name or by score, and the
+    export is the checkpoint's own class (with a sentence-transformers pipeline when the source has one).
+    """
+    from torch.utils.data import DataLoader
+
+    from .card import CollapseReport
+    from .data import load_task_data
+    from .export import export_collapsed
+    from .models import load_as_saved, load_processor, saved_architecture
+    from .scoring import score_layers, select_explicit, select_lowest
+    from .surgery import collapse_layers
+
+    if recipe.collapse_layers is None and (recipe.collapse_tolerance is not None or recipe.collapse_strategy != "ranked"):
+        raise CliError(
+            f"{recipe.model_name_or_path} is saved as {saved_architecture(source)}, without a {recipe.task} head: a new "
+            "head would be untrained, so the validation metric that a measured or tolerance selection chooses by would "
+            "measure random weights. Name the layers (--layers 1,4), choose by score (--num-layers K "
+            "--collapse_strategy ranked), or train a head first (hf-collapse train)"
+        )
+    processor = load_processor(recipe, source)
+    data = load_task_data(recipe, processor)
+    model = load_as_saved(source).eval()
+    calibration = data.train.select(range(min(recipe.calibration_samples, len(data.train))))
+    loader = DataLoader(calibration, batch_size=config.per_device_eval_batch_size, collate_fn=data.collator)
+    scores = score_layers(model, [{k: v for k, v in b.items() if k != "labels"} for b in loader],
+                          method=recipe.collapse_score_method)
+    protect = dict(protect_first=recipe.collapse_protect_first, protect_last=recipe.collapse_protect_last)
+    if recipe.collapse_layers is not None:
+        removed, selection = select_explicit(recipe.collapse_layers, len(scores), **protect), "the layers were named"
+    else:
+        removed = select_lowest(scores, recipe.collapse_num_layers, **protect)
+        selection = f"the {recipe.collapse_num_layers} lowest-scoring layers were chosen"
+    count = lambda m: sum(p.numel() for p in {id(p): p for p in m.parameters()}.values())  # noqa: E731
+    parameters_before, earlier = count(model), getattr(model.config, "collapsed_layers", None)
+    collapse_layers(model, removed)
+    report = CollapseReport(
+        base_model=source.base_model, removed_layers=removed, layers_before=len(scores),
+        num_parameters_before=parameters_before, num_parameters_after=count(model), scores=list(scores.values),
+        score_method=scores.method, datasets=list(data.dataset_ids), license=source.license,
+        pipeline_tag="feature-extraction", limitations=[
+            *source.limitations,
+            f"Exported as {type(model).__name__}, the class the source checkpoint was saved as: it has no task head "
+            f"and no task metric was measured (a {recipe.task} head would have been untrained).",
+        ],
+        earlier_removed=earlier, selection=selection,
+    )
+    out = export_collapsed(model, recipe.export_dir, report=report, processing_class=processor,
+                           repo_id=recipe.export_repo_id, overwrite=recipe.overwrite_export)
+    print(f"removed layers (0-based, original numbering): {removed}: {len(scores)} -> {len(scores) - len(removed)} "
+          f"layers, {parameters_before:,} -> {count(model):,} parameters; exported as {type(model).__name__} "
+          f"(no task metric: the checkpoint has no {recipe.task} head)\noutput: {out}")
     return 0
 
 
 def _cmd_evaluate(args) -> int:
     from .data import load_task_data
     from .evaluation import compare_latency
-    from .models import load_model, load_processor, resolve_model
+    from .models import check_head_trained, load_model, load_processor, resolve_model
     from .pipeline import _first_batch, _task_evaluator, latency_setup
 
     recipe, config, _ = _load(args.recipe, ["--collapse", "false", *args.overrides])
@@ -212,6 +275,8 @@ def _cmd_evaluate(args) -> int:
     data = load_task_data(recipe, processor)
     names = [recipe.model_name_or_path] + ([args.compare] if args.compare else [])
     models = [load_model(recipe, resolve_model(n), processor, data.label_names).eval() for n in names]
+    for model in models:  # a head created at load time measures nothing but its random initialisation
+        check_head_trained(model, f"evaluate {model.config._name_or_path}")
     metric_name, _, evaluate = _task_evaluator(recipe, data, config.per_device_eval_batch_size)
     for name, model in zip(names, models):
         print(f"{name}: {metric_name} = {evaluate(model):.4f}")
