@@ -27,7 +27,7 @@ from .layers import find_layer_stacks, unwrap_model
 from .models import check_head_trained
 from .sbert import read_layout, write_layout
 
-__all__ = ["PushError", "PushResult", "export_collapsed", "push_folder", "upload_plan"]
+__all__ = ["HubPush", "PushError", "PushResult", "export_collapsed", "push_folder", "take_hub_push", "upload_plan"]
 
 RECIPE_FILE = "recipe.yaml"
 
@@ -332,6 +332,52 @@ def push_folder(
             repo_type="model",
         )
     return PushResult(repo_id, branch, files, commit_url=str(commit.commit_url))
+
+
+@dataclass(frozen=True)
+class HubPush:
+    """Where a training run's `push_to_hub` goes, taken from its `TrainingArguments` (see [`take_hub_push`])."""
+
+    repo_id: str
+    private: bool = False
+    revision: str | None = None
+    token: str | None = None
+
+    def push(self, folder: str | os.PathLike) -> PushResult:
+        """Upload the export ``folder`` with [`push_folder`], as one commit."""
+        return push_folder(folder, self.repo_id, private=self.private, revision=self.revision, token=self.token)
+
+
+def take_hub_push(args) -> HubPush | None:
+    """Take the Hub push away from the Trainer, so that the collapsed export is pushed instead of the full model.
+
+    With `push_to_hub=True`, `Trainer` creates the repo when it is built and uploads the full-depth model at every
+    save. A collapse run wants one commit of the collapsed export with its card at the end, so this reads the
+    push settings (`hub_model_id`, `hub_private_repo`, `hub_revision`, `hub_token`), sets `args.push_to_hub` to
+    `False` before the Trainer is built, and returns them; call [`HubPush.push`] on the export folder.
+
+    Returns:
+        [`HubPush`] or `None`: `None` when `args.push_to_hub` is not set.
+
+    Raises:
+        `ValueError`: `push_to_hub` is set without a valid `hub_model_id`.
+    """
+    if not getattr(args, "push_to_hub", False):
+        return None
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    repo_id = getattr(args, "hub_model_id", None)
+    if not repo_id:
+        raise ValueError("push_to_hub is set but hub_model_id is not: name the repo to push the collapsed model to, "
+                         "e.g. hub_model_id: your-name/minilm-collapsed")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"hub_model_id {repo_id!r} is not a valid repo id: {error}") from None
+    push = HubPush(repo_id, bool(args.hub_private_repo), getattr(args, "hub_revision", None), args.hub_token)
+    args.push_to_hub = False
+    return push
 
 
 @contextlib.contextmanager

@@ -161,6 +161,9 @@ def run_recipe(
         )
         model = peft.get_peft_model(model, lora)
 
+    from .export import take_hub_push
+
+    hub_push = take_hub_push(config) if recipe.collapse else None  # push the collapsed export, not the full model
     trainer = CollapseTrainer(
         model=model, args=config, train_dataset=data.train, eval_dataset=data.eval,
         data_collator=data.collator, processing_class=processor,
@@ -254,9 +257,12 @@ def run_recipe(
 
     stage(f"exporting to {export_dir}")
     export_collapsed(
-        model, export_dir, report=report, processing_class=processor, repo_id=recipe.export_repo_id,
-        overwrite=recipe.overwrite_export,
+        model, export_dir, report=report, processing_class=processor,
+        repo_id=recipe.export_repo_id or (hub_push.repo_id if hub_push else None), overwrite=recipe.overwrite_export,
     )
+    if hub_push is not None:
+        stage(f"pushing {export_dir} to {hub_push.repo_id} (one commit)")
+        stage(f"pushed: {hub_push.push(export_dir).commit_url}")
     return RunSummary(
         layers_before=layers_before, layers_after=layers_before - len(removed), removed=removed,
         parameters_before=parameters_before, parameters_after=_num_parameters(model), metric_name=metric_name,
