@@ -8,11 +8,12 @@ renderer does not provide fails instead of printing an empty string; nothing her
 from __future__ import annotations
 
 import importlib.resources
+import json
 import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,21 @@ class CollapseReport:
                 "latency values are set but latency_setup is not: say how they were measured "
                 "(device, batch shape, dtype, threads, statistic), a bare number in a card is not comparable"
             )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-ready values (the recipe's credentials redacted); see [`from_dict`]."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["benchmarks"] = [asdict(b) for b in self.benchmarks]
+        if self.recipe is not None:
+            values["recipe"] = redact_tokens(self.recipe)
+        return json.loads(json.dumps(values, default=list))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> CollapseReport:
+        """A report from [`to_dict`]'s output."""
+        values = dict(values)
+        values["benchmarks"] = [BenchmarkResult(**b) for b in values.get("benchmarks", [])]
+        return cls(**values)
 
     def stacks(self) -> list[StackSummary]:
         """The per-stack view of the report: one entry for a one-stack model, encoder and decoder otherwise."""

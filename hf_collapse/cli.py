@@ -71,6 +71,11 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate = verbs.add_parser("evaluate", help="Task metric, perplexity and latency of the recipe's model.")
     evaluate.add_argument("recipe", help="Recipe YAML file giving the model, task and evaluation data.")
     evaluate.add_argument("--compare", help="A second model (e.g. the collapsed export) to compare with, latency interleaved.")
+    evaluate.add_argument("--lm-eval-tasks", help="Also run these lm-evaluation-harness tasks (comma-separated, e.g. "
+                          "hellaswag,arc_easy) on both models; with --compare on an export, the results go into its card.")
+    evaluate.add_argument("--lm-eval-include", help="Folder of extra lm-eval task YAML files (e.g. a local perplexity task).")
+    evaluate.add_argument("--lm-eval-limit", type=float, help="Evaluate at most this many documents per task (a quick check).")
+    evaluate.add_argument("--lm-eval-fewshot", type=int, help="Few-shot examples per prompt (default: each task's own).")
 
     push = verbs.add_parser("push", help="Upload an export folder to the Hub in one commit.")
     push.add_argument("out", help="The export folder.")
@@ -287,7 +292,33 @@ def _cmd_evaluate(args) -> int:
         if args.compare:
             line += f" vs {result.b.median_ms:.1f} ms (speed-up {result.speedup:.2f}x)"
         print(f"{line} — {latency_setup(result, batch, models[0])}")
+    if args.lm_eval_tasks:
+        _lm_eval(args, [resolve_model(n).path for n in names])
     return 0
+
+
+def _lm_eval(args, paths: list[str]) -> None:
+    """lm-eval tasks on the model (and the --compare model); results into the --compare export's card."""
+    from .export import REPORT_FILE, add_benchmarks
+    from .lmeval import LmEvalError, compare_lm_eval, run_lm_eval
+
+    tasks = [t.strip() for t in args.lm_eval_tasks.split(",") if t.strip()]
+    limit = int(args.lm_eval_limit) if args.lm_eval_limit and args.lm_eval_limit >= 1 else args.lm_eval_limit
+    options = dict(include_path=args.lm_eval_include, num_fewshot=args.lm_eval_fewshot, limit=limit)
+    try:
+        if len(paths) == 1:
+            for task, metrics in run_lm_eval(paths[0], tasks, **options)["results"].items():
+                for metric, value in metrics.items():
+                    print(f"lm-eval {task} {metric}: {value:.4f}")
+            return
+        results = compare_lm_eval(paths[0], paths[1], tasks, **options)
+    except LmEvalError as error:
+        raise CliError(str(error)) from None
+    for r in results:
+        print(f"lm-eval {r.task} {r.metric}: {r.before:.4f} -> {r.after:.4f}" if r.before is not None
+              else f"lm-eval {r.task} {r.metric}: {r.after:.4f}")
+    if (Path(paths[1]) / REPORT_FILE).is_file():
+        print(f"card updated: {add_benchmarks(paths[1], results)}")
 
 
 def _cmd_push(args) -> int:

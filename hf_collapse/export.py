@@ -12,6 +12,7 @@ replaced once the new one is complete.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -27,9 +28,13 @@ from .layers import find_layer_stacks, unwrap_model
 from .models import check_head_trained
 from .sbert import read_layout, write_layout
 
-__all__ = ["HubPush", "PushError", "PushResult", "export_collapsed", "push_folder", "take_hub_push", "upload_plan"]
+__all__ = [
+    "HubPush", "PushError", "PushResult", "add_benchmarks", "export_collapsed", "push_folder", "take_hub_push", "upload_plan",
+]
 
 RECIPE_FILE = "recipe.yaml"
+# The report the card was rendered from, so that later measurements (lm-eval) can be added and the card rendered again.
+REPORT_FILE = "collapse_report.json"
 
 
 def export_collapsed(
@@ -103,11 +108,43 @@ def export_collapsed(
         if report.recipe is not None:
             (staging / RECIPE_FILE).write_text(recipe_yaml(report.recipe), encoding="utf-8")
         write_card(report, staging, repo_id=repo_id, processing_class=processing_class)
+        (staging / REPORT_FILE).write_text(
+            json.dumps({"repo_id": repo_id, "report": report.to_dict()}, indent=1), encoding="utf-8"
+        )
         _move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def add_benchmarks(folder: str | os.PathLike, benchmarks: list) -> Path:
+    """Add benchmark results (e.g. from [`compare_lm_eval`]) to an export and render its card again.
+
+    Results for a task and metric already in the report replace the old ones. The card (`README.md`), its plot and
+    `collapse_report.json` are rewritten; the weights are not touched. Returns the card's path.
+    """
+    from .card import write_card
+
+    folder = Path(folder)
+    saved = folder / REPORT_FILE
+    if not saved.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no {REPORT_FILE}: add results to a folder written by export_collapsed (hf-collapse train or "
+            "collapse), whose card can be rendered again"
+        )
+    stored = json.loads(saved.read_text(encoding="utf-8"))
+    report = CollapseReport.from_dict(stored["report"])
+    new = {(b.task, b.metric) for b in benchmarks}
+    report = replace(report, benchmarks=[b for b in report.benchmarks if (b.task, b.metric) not in new] + list(benchmarks))
+    processing_class = None
+    if (folder / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        processing_class = AutoTokenizer.from_pretrained(folder)
+    card = write_card(report, folder, repo_id=stored.get("repo_id"), processing_class=processing_class)
+    saved.write_text(json.dumps({"repo_id": stored.get("repo_id"), "report": report.to_dict()}, indent=1), encoding="utf-8")
+    return card
 
 
 def _sentence_transformers_report(model: nn.Module, report: CollapseReport, layout) -> CollapseReport:
