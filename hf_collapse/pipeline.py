@@ -12,9 +12,9 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import set_seed
 
-from .config import CollapseConfig
+from .config import CollapseConfig, steps_of
 from .data import TaskData, load_task_data
-from .models import PIPELINE_TAGS, load_model, load_processor, resolve_model
+from .models import PIPELINE_TAGS, check_head_trained, load_model, load_processor, resolve_model
 from .recipe import RecipeArguments, RecipeError
 from .post import collapse_model, heal, selection_sentence
 from .trainer import CollapseTrainer
@@ -79,6 +79,26 @@ def task_evaluator(task: str, dataset, collator, batch_size: int):
     )["accuracy"]
 
 
+def _training_fields(config: CollapseConfig, trainer: CollapseTrainer, heal_steps: int, lora: bool) -> dict:
+    """What the card records of the training method: targets and their choice, λ as applied, fade, distillation, healing."""
+    fields = {"training_steps": trainer.state.global_step}
+    if heal_steps:
+        fields.update(healing_steps=heal_steps, healing_lora=lora)
+    if not config.has_target or not trainer.msw_schedule:
+        return fields
+    start = trainer.msw_schedule[0]
+    fields.update(
+        target_layers=list(trainer.collapse_targets),
+        target_choice=f"{start['choice']} at step {start['step']}",
+        penalty_schedule=[(entry["step"], entry["weight"]) for entry in trainer.msw_schedule],
+    )
+    if config.fade_steps:
+        fields["fade_window"] = (start["step"], start["step"] + steps_of(config.fade_steps, trainer.state.max_steps))
+    if config.distill_weight:
+        fields.update(distillation_weight=config.distill_weight, distillation_temperature=config.distill_temperature)
+    return fields
+
+
 def _first_batch(data: TaskData, batch_size: int, device) -> dict:
     rows = [data.eval[i] for i in range(min(batch_size, len(data.eval)))]
     batch = data.collator(rows)
@@ -136,6 +156,9 @@ def run_recipe(
         )
         model = peft.get_peft_model(model, lora)
 
+    from .export import take_hub_push
+
+    hub_push = take_hub_push(config) if recipe.collapse else None  # push the collapsed export, not the full model
     trainer = CollapseTrainer(
         model=model, args=config, train_dataset=data.train, eval_dataset=data.eval,
         data_collator=data.collator, processing_class=processor,
@@ -154,6 +177,7 @@ def run_recipe(
         return None
     model = trainer.model.merge_and_unload() if recipe.use_peft else trainer.model
     model.eval()
+    check_head_trained(model, "measure it on the task or choose layers by its metric")
 
     batch_size = config.per_device_eval_batch_size
     calibration = data.train.select(range(min(recipe.calibration_samples, len(data.train))))
@@ -161,9 +185,17 @@ def run_recipe(
         raise RecipeError("the training split is empty: there is no calibration data to score the layers")
     loader = DataLoader(calibration, batch_size=batch_size, collate_fn=data.collator)
     batches = [{k: v.to(model.device) for k, v in b.items() if k != "labels"} for b in loader]
-    metric_name, higher_is_better, choose_on = task_evaluator(recipe.task, data.eval, data.collator, batch_size)
-    report_split = test if test is not None else data.eval
-    _, _, evaluate = task_evaluator(recipe.task, report_split, data.collator, batch_size)
+    # Layers are chosen on validation rows and the figures are reported on rows that chose nothing: the test split,
+    # or, for data without one, the second half of the validation rows (the first half chooses).
+    if test is not None:
+        choice_rows, report_rows = data.eval, test
+        selection_split, eval_split = recipe.eval_split, "test"
+    else:
+        halves = data.eval.train_test_split(test_size=0.5, seed=recipe.split_seed)
+        choice_rows, report_rows = halves["train"], halves["test"]
+        selection_split, eval_split = f"{recipe.eval_split} (half A)", f"{recipe.eval_split} (half B)"
+    metric_name, higher_is_better, choose_on = task_evaluator(recipe.task, choice_rows, data.collator, batch_size)
+    _, _, evaluate = task_evaluator(recipe.task, report_rows, data.collator, batch_size)
 
     targeted = train and config.has_target
     layers = trainer.collapse_targets if targeted else config.collapse_layers
@@ -218,15 +250,18 @@ def run_recipe(
     else:
         speedup = None
 
+    measured_choice = targeted or layers is None
     report = dataclasses.replace(
         report,
         metric_after=metric_after,
         perplexity_before=perplexity_before,
         perplexity_after=metric_after if recipe.task == "causal-lm" else None,
-        datasets=[d for d in data.dataset_ids if not d.startswith("offline:")],
+        datasets=list(data.dataset_ids),
         eval_dataset=recipe.dataset_name,
-        eval_split=(("test" if test is not None else recipe.eval_split) if recipe.dataset_name else None),
+        eval_split=eval_split,
+        selection_split=selection_split if measured_choice else None,
         license=resolved.license,
+        **(_training_fields(config, trainer, heal_steps_done, lora is not None) if train else {}),
         pipeline_tag=PIPELINE_TAGS[recipe.task],
         recipe=resolved_recipe if train else None,
         healed=heal_steps_done > 0,
@@ -238,9 +273,12 @@ def run_recipe(
 
     stage(f"exporting to {export_dir}")
     export_collapsed(
-        model, export_dir, report=report, processing_class=processor, repo_id=recipe.export_repo_id,
-        overwrite=recipe.overwrite_export,
+        model, export_dir, report=report, processing_class=processor,
+        repo_id=recipe.export_repo_id or (hub_push.repo_id if hub_push else None), overwrite=recipe.overwrite_export,
     )
+    if hub_push is not None:
+        stage(f"pushing {export_dir} to {hub_push.repo_id} (one commit)")
+        stage(f"pushed: {hub_push.push(export_dir).commit_url}")
     depth = report.layers_before
     return RunSummary(
         layers_before=depth, layers_after=depth - len(report.removed_layers), removed=list(report.removed_layers),

@@ -88,6 +88,9 @@ class RecipeArguments:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Use at most this many evaluation rows (causal-lm: blocks of max_length tokens)."}
     )
+    max_test_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many test rows (causal-lm: blocks), where the data has a test split."}
+    )
     use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters; they are merged before the collapse."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
@@ -135,7 +138,7 @@ class RecipeArguments:
             raise RecipeError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
         if self.max_length < 2:
             raise RecipeError(f"max_length must be at least 2 tokens, got {self.max_length}")
-        for name in ("max_train_samples", "max_eval_samples", "collapse_candidates"):
+        for name in ("max_train_samples", "max_eval_samples", "max_test_samples", "collapse_candidates"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise RecipeError(f"{name} must be at least 1 (or left unset), got {value}")
