@@ -160,6 +160,8 @@ def test_train_runs_a_short_quickstart_end_to_end(tmp_path):
         "2",
         "--logging_steps",
         "2",
+        "--target_choice",  # the paper's post-hoc choice (the target-depth path is tested in test_targets.py)
+        "post_hoc",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "removed layers" in result.stdout and "layers" in result.stdout
