@@ -110,13 +110,13 @@ class MSWPenaltyMixin:
         stacks = self._layer_capture().stacks  # fail early on a model without a recognisable stack or bad layers
         if args.has_target:
             self._check_target_request(stacks)
-            if args.target_choice == "measured" or args.msw_adaptive:
-                if self.eval_dataset is None:
-                    raise ValueError(
-                        f"target_choice={args.target_choice!r} with msw_adaptive={args.msw_adaptive} measures bypass "
-                        "costs on evaluation rows: pass eval_dataset (validation data) to the trainer, or use "
-                        "collapse_layers with msw_adaptive: false"
-                    )
+            # choosing the targets (by cost or by score) and adapting λ both read evaluation rows
+            if (self.collapse_targets is None or args.msw_adaptive) and self.eval_dataset is None:
+                what = "msw_adaptive=True" if self.collapse_targets else f"choosing targets (target_choice={args.target_choice!r})"
+                raise ValueError(
+                    f"{what} measures the model on evaluation rows: pass eval_dataset (validation data) to the trainer, "
+                    "or give collapse_layers with msw_adaptive: false"
+                )
         if teacher_model is not None:
             _check_teacher(unwrap_model(self.model), unwrap_model(teacher_model))
             teacher_model.eval().requires_grad_(False)
