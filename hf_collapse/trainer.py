@@ -120,6 +120,8 @@ class MSWPenaltyMixin:
         if teacher_model is not None:
             _check_teacher(unwrap_model(self.model), unwrap_model(teacher_model))
             teacher_model.eval().requires_grad_(False)
+            if getattr(teacher_model, "hf_device_map", None) is None:  # Trainer moves the student, not the teacher
+                teacher_model.to(self.args.device)
         elif args.distill_weight > 0 and not args.has_target:
             raise ValueError(
                 "distill_weight > 0 without a target depth distils from a given teacher: pass teacher_model= (for "

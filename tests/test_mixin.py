@@ -154,6 +154,35 @@ def test_sft_penalty_gradient_is_that_of_one_forward_on_every_loss_path(tmp_path
     assert logs[0]["msw/penalty"] > 0
 
 
+@pytest.mark.parametrize("choice", ["score", "measured"])
+def test_sft_chooses_targets_on_its_evaluation_rows(tmp_path, tokenizer, choice):
+    model = tiny_llama()
+    with torch.no_grad():  # layer 1 is exactly the identity: its distance is 0 and bypassing it costs nothing
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    data = datasets.Dataset.from_dict({"text": texts(8, 10)})
+    args = sft_config(
+        tmp_path, max_steps=3, learning_rate=1e-5, collapse_num_layers=1, target_choice=choice, target_choice_steps=1,
+        target_choice_samples=4, msw_adapt_steps=1,
+    )
+    trainer = CollapseSFTTrainer(model=model, args=args, train_dataset=data, eval_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    event, *adaptations = trainer.msw_schedule
+    assert event["targets"] == trainer.collapse_targets
+    # one scoring pass or 3 single-layer bypasses, plus the reference loss of the adaptation
+    assert event["evaluations"] == (1 if choice == "score" else 3) + 1
+    assert [a["step"] for a in adaptations] == [2]
+    if choice == "score":
+        assert trainer.collapse_targets == [1]
+
+
+def test_sft_refuses_distillation_at_construction(tmp_path, tokenizer):
+    data = datasets.Dataset.from_dict({"text": texts(4, 10)})
+    args = sft_config(tmp_path, max_steps=4, collapse_layers=[1], target_choice_steps=2, msw_adaptive=False, distill_weight=1.0)
+    with pytest.raises(ValueError, match="distill_weight > 0 needs the student's logits"):
+        CollapseSFTTrainer(model=tiny_llama(), args=args, train_dataset=data, processing_class=tokenizer)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The capture contract on hand-written trainers
 
