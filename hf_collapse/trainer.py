@@ -52,7 +52,8 @@ class MSWPenaltyMixin:
     In evaluation every pass counts and the penalty is logged, never added (`eval_loss` stays the task loss).
 
     With a target depth (`collapse_num_layers` / `collapse_layers`, see [`MSWArguments`]), at
-    `target_choice_steps` the targets are chosen (unless given), the penalty moves onto them alone, λ adapts to
+    `target_choice_steps` the targets are chosen (unless given), the penalty starts on them alone (nothing is
+    penalised before), λ adapts to
     their measured bypass cost (`msw_adaptive`), their residual update fades to zero (`fade_steps`), and a
     frozen teacher (the model at that step, or `teacher_model`) is distilled into the student
     (`distill_weight`). `collapse_targets` and `msw_schedule` record what was applied.

@@ -126,6 +126,32 @@ def test_sft_penalty_reaches_the_weights_and_is_logged(tmp_path, tokenizer):
     assert logs[0]["msw/layer_1"] == pytest.approx(logs_without[0]["msw/layer_1"], rel=1e-6)
 
 
+def test_sft_penalty_weighs_the_same_with_gradient_accumulation(tmp_path, tokenizer):
+    """TRL's loss is already scaled for accumulation (num_items_in_batch): the penalty must be divided by the mixin."""
+    from torch.utils.data import SequentialSampler
+
+    class Sequential(CollapseSFTTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    pair = texts(2, 10, seed=4)
+    data = datasets.Dataset.from_dict({"text": pair + pair})  # [a, b, a, b]: each half holds the same tokens
+
+    def run(weight, batch, accumulation):
+        args = sft_config(
+            tmp_path, max_steps=1, msw_weight=weight, per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+        )
+        trainer = Sequential(model=tiny_llama(), args=args, train_dataset=data, processing_class=tokenizer)
+        trainer._search = FixedDirection(32)
+        trainer.train()
+        return params(trainer.model)
+
+    full = difference(run(5.0, 4, 1), run(0.0, 4, 1))
+    accumulated = difference(run(5.0, 2, 2), run(0.0, 2, 2))
+    assert_same_share(accumulated, full, rtol=1e-3)
+
+
 def _sft_first_batch(tmp_path, tokenizer):
     trainer, _ = build_sft(tmp_path, tokenizer, 0.0, steps=1)
     batch = next(iter(trainer.get_train_dataloader()))
