@@ -17,7 +17,7 @@ from test_trainer import VOCAB, FixedDirection, LogRecorder, SequentialTrainer, 
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
-from hf_collapse import CollapseTrainer, MSWArguments, MSWPenaltyMixin, collapse_model, max_sliced_wasserstein
+from hf_collapse import MSWArguments, MSWPenaltyMixin, collapse_model, max_sliced_wasserstein
 from hf_collapse.layers import LayerCapture, bypass_layers
 
 trl = pytest.importorskip("trl")
@@ -588,7 +588,7 @@ def test_collapse_model_with_explicit_layers_needs_no_data():
 
 def test_collapse_model_ranked_removes_the_lowest_scoring_layer():
     model = identity_layer_llama(identity=2)
-    collapsed, report = collapse_model(model, num_layers=1, strategy="ranked", calibration=batches())
+    _, report = collapse_model(model, num_layers=1, strategy="ranked", calibration=batches())
     assert report.removed_layers == [2] and report.score_method == "msw"
     assert len(report.scores) == 4 and report.scores[2] == pytest.approx(0.0, abs=1e-6)
     assert min(report.scores[i] for i in (0, 1, 3)) > 1e-4
