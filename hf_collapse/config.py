@@ -82,7 +82,7 @@ class MSWArguments:
             training, as in the paper).
         target_choice_steps (`float`, *optional*, defaults to `0.3`):
             When targeting starts: an optimizer step (>= 1) or a fraction of the training steps (< 1). Before
-            it the model is fine-tuned (with the uniform penalty if `msw_weight` > 0).
+            it the model is fine-tuned without the penalty (every layer's distance is still logged).
         target_choice_samples (`int`, *optional*, defaults to `128`):
             Evaluation rows on which bypass costs are measured (target choice and λ adaptation).
         target_choice_candidates (`int`, *optional*, defaults to `8`):

@@ -25,3 +25,11 @@ class CollapseSFTTrainer(MSWPenaltyMixin, SFTTrainer):
     """TRL's [`~trl.SFTTrainer`] with LaCoOT's MSW penalty ([`MSWPenaltyMixin`]); takes a [`CollapseSFTConfig`]."""
 
     _tag_names = [*SFTTrainer._tag_names, "hf-collapse", "lacoot"]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.distill_weight > 0:  # refused now, not at the first distillation step after the warm-up
+            raise ValueError(
+                "distill_weight > 0 needs the student's logits, which CollapseSFTTrainer's loss (TRL's fused LM head) "
+                "never builds: set distill_weight: 0, or distil with CollapseTrainer"
+            )

@@ -52,7 +52,8 @@ class MSWPenaltyMixin:
     In evaluation every pass counts and the penalty is logged, never added (`eval_loss` stays the task loss).
 
     With a target depth (`collapse_num_layers` / `collapse_layers`, see [`MSWArguments`]), at
-    `target_choice_steps` the targets are chosen (unless given), the penalty moves onto them alone, λ adapts to
+    `target_choice_steps` the targets are chosen (unless given), the penalty starts on them alone (nothing is
+    penalised before), λ adapts to
     their measured bypass cost (`msw_adaptive`), their residual update fades to zero (`fade_steps`), and a
     frozen teacher (the model at that step, or `teacher_model`) is distilled into the student
     (`distill_weight`). `collapse_targets` and `msw_schedule` record what was applied.
@@ -110,16 +111,18 @@ class MSWPenaltyMixin:
         stacks = self._layer_capture().stacks  # fail early on a model without a recognisable stack or bad layers
         if args.has_target:
             self._check_target_request(stacks)
-            if args.target_choice == "measured" or args.msw_adaptive:
-                if self.eval_dataset is None:
-                    raise ValueError(
-                        f"target_choice={args.target_choice!r} with msw_adaptive={args.msw_adaptive} measures bypass "
-                        "costs on evaluation rows: pass eval_dataset (validation data) to the trainer, or use "
-                        "collapse_layers with msw_adaptive: false"
-                    )
+            # choosing the targets (by cost or by score) and adapting λ both read evaluation rows
+            if (self.collapse_targets is None or args.msw_adaptive) and self.eval_dataset is None:
+                what = "msw_adaptive=True" if self.collapse_targets else f"choosing targets (target_choice={args.target_choice!r})"
+                raise ValueError(
+                    f"{what} measures the model on evaluation rows: pass eval_dataset (validation data) to the trainer, "
+                    "or give collapse_layers with msw_adaptive: false"
+                )
         if teacher_model is not None:
             _check_teacher(unwrap_model(self.model), unwrap_model(teacher_model))
             teacher_model.eval().requires_grad_(False)
+            if getattr(teacher_model, "hf_device_map", None) is None:  # Trainer moves the student, not the teacher
+                teacher_model.to(self.args.device)
         elif args.distill_weight > 0 and not args.has_target:
             raise ValueError(
                 "distill_weight > 0 without a target depth distils from a given teacher: pass teacher_model= (for "
