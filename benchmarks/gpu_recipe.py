@@ -203,7 +203,7 @@ def _speed_and_energy(full_path: Path, slim_path: Path, repeats: int, energy_sec
             generate(model)
             rounds += 1
         rounds = max(1, round(rounds * 4))  # about energy_seconds of generation, measured in one reading
-        tokens, reading = measure_energy(lambda m=model: sum(generate(m) for _ in range(rounds)), 1, counter=counter)
+        tokens, reading = measure_energy(lambda m=model, n=rounds: sum(generate(m) for _ in range(n)), 1, counter=counter)
         energy[name] = {"joules": reading.joules, "tokens": tokens, "seconds": reading.seconds, "source": reading.source}
         energy[name]["joules_per_1000_tokens"] = reading.joules * 1000 / tokens
     energy["ratio"] = energy["collapsed"]["joules_per_1000_tokens"] / energy["full"]["joules_per_1000_tokens"]
