@@ -7,6 +7,7 @@ score the layers (`score_layers`), choose them (`select_by_tolerance`), delete t
 
 from importlib.util import find_spec
 
+from .adapters import check_adapter_fits, merge_dequantized, remap_adapter
 from .card import CollapseReport
 from .config import CollapseConfig, MSWArguments
 from .export import export_collapsed, push_folder
@@ -28,6 +29,7 @@ __all__ = [
     "DirectionSearch",
     "LayerScores",
     "bypass_layers",
+    "check_adapter_fits",
     "collapse_layers",
     "collapse_model",
     "export_collapsed",
@@ -36,7 +38,9 @@ __all__ = [
     "load_model",
     "load_processor",
     "max_sliced_wasserstein",
+    "merge_dequantized",
     "push_folder",
+    "remap_adapter",
     "resolve_model",
     "score_layers",
     "select_by_tolerance",
