@@ -218,7 +218,7 @@ def test_recipe_runs_are_reproducible_for_a_seed(tmp_path):
             "--output_dir", str(tmp_path / name / "run"), "--export_dir", str(tmp_path / name / "out"),
             "--max_train_samples", "32", "--max_eval_samples", "32", "--calibration_samples", "16",
             "--latency_repeats", "0", "--collapse_num_layers", "1", "--collapse_strategy", "ranked",
-            "--seed", str(seed),
+            "--target_choice", "post_hoc", "--seed", str(seed),
             # one real training step: an export never carries a head that was never trained (issue #12)
             "--max_steps", "1", "--warmup_steps", "0", "--per_device_train_batch_size", "4",
         ]
@@ -407,6 +407,9 @@ def test_every_offline_recipe_runs_shortened_on_its_real_model(tmp_path, path):
         "--max_steps", "1", "--gradient_accumulation_steps", "1", "--per_device_train_batch_size", "2",
         "--max_train_samples", "8", "--max_eval_samples", "8", "--calibration_samples", "8",
         "--collapse_candidates", "2", "--latency_repeats", "0", "--warmup_steps", "0", "--eval_strategy", "no",
+        "--max_test_samples", "8",
+        # one step leaves no room for a warm-up: a target-depth recipe targets from step 0, by score (one pass)
+        "--target_choice_steps", "0", "--target_choice", "score",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
@@ -422,7 +425,8 @@ def test_every_offline_recipe_runs_shortened_on_its_real_model(tmp_path, path):
     written = yaml.safe_load((out / "recipe.yaml").read_text())
     overridden = {"output_dir", "export_dir", "max_steps", "gradient_accumulation_steps", "per_device_train_batch_size",
                   "max_train_samples", "max_eval_samples", "calibration_samples", "collapse_candidates",
-                  "latency_repeats", "warmup_steps", "eval_strategy"}
+                  "latency_repeats", "warmup_steps", "eval_strategy", "max_test_samples", "target_choice_steps",
+                  "target_choice"}
     _, _, as_shipped = load_recipe(path)  # resolved values: 1e-4 read as a number, report_to: none as []
     assert {k: v for k, v in as_shipped.items() if k not in overridden} == {
         k: written[k] for k in as_shipped if k not in overridden}
