@@ -324,6 +324,8 @@ class MSWPenaltyMixin:
     def _bypass_loss(self, model: torch.nn.Module, layers: list[int], fade: bool = False) -> float:
         """The mean task loss on the choice rows with `layers` bypassed (and the current fade, if asked)."""
         total = torch.zeros(2, device=self.args.device)
+        # a trainer that logs from its compute_loss (TRL's `_metrics`) must not count these measurement passes
+        logged = copy.deepcopy(getattr(self, "_metrics", None))
         with eval_mode(model), torch.no_grad(), bypass_layers(unwrap_model(model), layers):
             for batch in self._choice_loader():
                 batch = self._prepare_inputs(batch)
@@ -331,6 +333,8 @@ class MSWPenaltyMixin:
                     loss = super().compute_loss(model, batch)
                 rows = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
                 total += torch.stack([loss.detach().float() * rows, torch.tensor(float(rows), device=total.device)])
+        if logged is not None:
+            self._metrics = logged
         if self.accelerator.num_processes > 1:
             total = self.accelerator.reduce(total, reduction="sum")
         return (total[0] / total[1]).item()

@@ -68,6 +68,32 @@ def test_prune_then_heal_spends_the_same_budget(quick_run: Path):
     assert r["validation"] == best
 
 
+def test_target_arms_remove_what_training_targeted(quick_run: Path):
+    study = get_study("minilm", quick=True)
+    for name in ("target_fade", "target_fade_msw", "target_fade_distill", "target_msw_heal"):
+        r = json.loads((quick_run / name / "seed0_k1.json").read_text())
+        start = r["schedule"][0]
+        assert start["event"] == "targets" and start["targets"] == r["layers"] and len(r["layers"]) == 1
+        assert r["train_steps"] == study.steps and r["num_layers"] == 5
+        assert r["selection"]["evaluations"] == start["evaluations"] > 0
+    heal = json.loads((quick_run / "target_msw_heal" / "seed0_k1.json").read_text())
+    assert heal["heal_steps"] == study.heal_steps
+    distill = json.loads((quick_run / "target_fade_distill" / "seed0_k1.json").read_text())
+    assert distill["teacher_forward_rows"] == (study.steps - distill["schedule"][0]["step"]) * study.batch_size
+
+
+def test_the_gpu_section_of_results_survives_a_report(quick_run: Path, tmp_path):
+    from benchmarks.gpu_recipe import SECTION_BEGIN, SECTION_END
+    from benchmarks.quality.report import write_report
+
+    results = tmp_path / "RESULTS.md"
+    gpu = f"{SECTION_BEGIN}\nH200 figures\n{SECTION_END}"
+    results.write_text(f"stale tables\n\n{gpu}\n")
+    write_report([quick_run], results, tmp_path / "plots", str(quick_run))
+    text = results.read_text()
+    assert text.count(gpu) == 1 and "stale tables" not in text and "| prune_then_finetune |" in text
+
+
 def test_rerun_resumes_and_a_changed_protocol_is_refused(quick_run: Path, capsys):
     study = get_study("minilm", quick=True)
     before = {p: p.stat().st_mtime_ns for p in quick_run.glob("*/seed*_k*.json")}

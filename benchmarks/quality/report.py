@@ -262,5 +262,14 @@ def write_report(study_dirs: list[Path], results_md: Path, plot_dir: Path, root_
         if results:
             sections.append(_study_section(config["study"]["name"], config, results, Path(plot_dir), prefix))
     results_md.parent.mkdir(parents=True, exist_ok=True)
-    results_md.write_text("\n".join(sections))
+    text = "\n".join(sections)
+    # the GPU section belongs to benchmarks/gpu_recipe.py: carry it over unchanged
+    if results_md.is_file():
+        from benchmarks.gpu_recipe import SECTION_BEGIN, SECTION_END
+
+        old = results_md.read_text()
+        begin, end = old.find(SECTION_BEGIN), old.find(SECTION_END)
+        if begin != -1 and end != -1:
+            text = text.rstrip("\n") + "\n\n" + old[begin : end + len(SECTION_END)] + "\n"
+    results_md.write_text(text)
     return results_md
