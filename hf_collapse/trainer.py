@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -275,10 +276,11 @@ class MSWPenaltyMixin:
 
     def _start_targeting(self, model: torch.nn.Module, step: int) -> None:
         args = self.args
-        evaluations = 0
+        evaluations, started = 0, time.perf_counter()
         if self.collapse_targets is None:
             chooser = self._choose_measured if args.target_choice == "measured" else self._choose_by_score
             self.collapse_targets, evaluations = chooser(model)
+        seconds = time.perf_counter() - started
         self._target_start = step
         if args.msw_adaptive:
             self._reference_loss = self._bypass_loss(model, [])
@@ -289,7 +291,8 @@ class MSWPenaltyMixin:
             self.teacher_model.eval().requires_grad_(False)
         self.msw_schedule.append(
             {"step": step, "event": "targets", "targets": list(self.collapse_targets), "weight": self._target_weight,
-             "choice": "given" if args.collapse_layers else args.target_choice, "evaluations": evaluations}
+             "choice": "given" if args.collapse_layers else args.target_choice, "evaluations": evaluations,
+             "seconds": round(seconds, 3)}
         )
         logger.info(f"step {step}: targeting layers {self.collapse_targets} ({self.msw_schedule[-1]['choice']})")
 
