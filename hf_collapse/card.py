@@ -23,6 +23,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from .layers import check_layer_indices
+
 __all__ = ["BenchmarkResult", "CollapseReport", "plot_layer_scores", "render_card", "write_card"]
 
 CARD_FILE = "README.md"
@@ -241,14 +243,10 @@ class CollapseReport:
         summaries = []
         for name, count in before.items():
             where = f"the {name} stack" if name else "the model"
-            indices = sorted(int(i) for i in removed[name])
-            bad = [i for i in indices if not 0 <= i < count]
-            if bad:
-                raise ValueError(
-                    f"removed layer {bad[0]} does not exist: {where} had {count} layers, numbered 0-{count - 1}"
-                )
-            if len(set(indices)) != len(indices):
-                raise ValueError(f"removed_layers lists a layer twice ({indices}): name each layer once")
+            try:
+                indices = check_layer_indices(removed[name], count, where)  # numbered before removal
+            except ValueError as error:
+                raise ValueError(f"removed_layers: {error}") from None
             values = [] if scores[name] is None else [float(s) for s in scores[name]]
             if scores[name] is not None and len(values) != count:
                 raise ValueError(

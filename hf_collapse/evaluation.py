@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm  # the bar transformers.utils.logging.disable_progress_bar() hides
 from transformers import DataCollatorWithPadding, default_data_collator
 from transformers.generation.streamers import BaseStreamer
 

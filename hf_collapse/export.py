@@ -205,12 +205,11 @@ def _check_report_matches(model: nn.Module, report: CollapseReport) -> None:
                 f"the report says layers {_show(reported)} were removed but the model's config records "
                 f"{_show(recorded)} (config.collapsed_layers): build the report from the collapse that made this model"
             )
-    parameters = sum(p.numel() for p in model.parameters())
+    parameters = model.num_parameters()
     if parameters != report.num_parameters_after:
         raise ValueError(
             f"the report says the collapsed model has {report.num_parameters_after:,} parameters but it has "
-            f"{parameters:,}: count them on the model being exported, shared weights once "
-            "(sum(p.numel() for p in model.parameters()))"
+            f"{parameters:,}: count them on the model being exported (model.num_parameters(), shared weights once)"
         )
 
 

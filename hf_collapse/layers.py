@@ -320,17 +320,23 @@ def resolve_layer_selection(
         if name not in by_name:
             raise ValueError(f"unknown layer stack {name!r}: this model has {', '.join(repr(n) for n in by_name)}")
         stack = by_name[name]
-        indices = [_layer_index(i) for i in indices]
-        for index in indices:
-            if not 0 <= index < len(stack):
-                raise ValueError(
-                    f"layer {index} does not exist: the {stack.name or 'model'} stack has {len(stack)} layers, "
-                    f"numbered 0-{len(stack) - 1}"
-                )
-        if len(set(indices)) != len(indices):
-            raise ValueError(f"duplicate layer indices in {sorted(indices)}: name each layer once")
-        resolved[name] = sorted(indices)
+        resolved[name] = check_layer_indices(indices, len(stack), f"the {stack.name or 'model'} stack")
     return resolved
+
+
+def check_layer_indices(indices: Sequence[int], count: int, where: str = "the model") -> list[int]:
+    """The one check of a list of 0-based layer indices against a stack of `count` layers; returns them sorted.
+
+    Raises:
+        `ValueError`: an index that is not an integer, out of range (negative included) or named twice.
+    """
+    indices = [_layer_index(i) for i in indices]
+    for index in indices:
+        if not 0 <= index < count:
+            raise ValueError(f"layer {index} does not exist: {where} has {count} layers, numbered 0-{count - 1}")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"duplicate layer indices in {sorted(indices)}: name each layer once")
+    return sorted(indices)
 
 
 def _layer_index(value: object) -> int:

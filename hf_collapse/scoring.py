@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers.utils.logging import tqdm
 
-from .layers import LayerCapture, LayerStack, bypass_layers, eval_mode, find_layer_stacks
+from .layers import LayerCapture, LayerStack, bypass_layers, check_layer_indices, eval_mode, find_layer_stacks
 from .msw import DirectionSearch, max_sliced_wasserstein
 
 __all__ = [
@@ -368,14 +368,9 @@ def select_explicit(
         `ValueError`: an index out of range, duplicated or protected, an empty choice, or every layer.
     """
     removable = _removable(num_layers, protect_first, protect_last)
-    chosen = [int(i) for i in layers]
+    chosen = check_layer_indices(layers, num_layers)
     if not chosen:
         raise ValueError("no layer was chosen: name at least one layer to remove")
-    for index in chosen:
-        if not 0 <= index < num_layers:
-            raise ValueError(f"layer {index} does not exist: the model has {num_layers} layers, numbered 0-{num_layers - 1}")
-    if len(set(chosen)) != len(chosen):
-        raise ValueError(f"duplicate layer indices in {sorted(chosen)}: name each layer once")
     if len(chosen) == num_layers:
         raise ValueError(f"removing all {num_layers} layers is refused: keep at least one")
     protected = sorted(set(chosen) - set(removable))

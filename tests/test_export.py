@@ -381,8 +381,8 @@ def test_encoder_decoder_report_renders_each_stack():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"removed_layers": [7]}, "removed layer 7 does not exist: the model had 4 layers, numbered 0-3"),
-        ({"removed_layers": [1, 1]}, "lists a layer twice"),
+        ({"removed_layers": [7]}, "removed_layers: layer 7 does not exist: the model has 4 layers, numbered 0-3"),
+        ({"removed_layers": [1, 1]}, "removed_layers: duplicate layer indices in [1, 1]"),
         ({"scores": [0.1, 0.2]}, "scores has 2 values for the model but it had 4 layers"),
         ({"task_metric": None}, "name the metric"),
         ({"latency_setup": None}, "say how they were measured"),

@@ -267,7 +267,7 @@ class Context:
             self._reports[cache_key] = {
                 "layers": sorted(layers),
                 "num_layers": self.num_layers - len(layers),
-                "parameters": sum(p.numel() for p in collapsed.parameters()),
+                "parameters": collapsed.num_parameters(),
                 "test": test,
                 "ood": self.split_result(collapsed, self.ood),
                 "energy": energy.to_dict(),
