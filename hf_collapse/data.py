@@ -245,3 +245,41 @@ def load_task_data(recipe, processing_class) -> TaskData:
         return TaskData(splits[0], splits[1], _stack_rows, names, dataset_ids, splits[2])
 
     raise ValueError(f"unknown task {recipe.task!r}: choose one of {', '.join(TASKS)}")
+
+
+def right_pad(rows: list, *, pad_token_id: int = 0, lm_labels: bool = False) -> dict[str, torch.Tensor]:
+    """Right-pad tokenized rows into a batch: every real token keeps its position, padding is masked out.
+
+    `input_ids`, `attention_mask` (all ones when a row has none) and `token_type_ids` (when the rows have them);
+    with `lm_labels`, causal-LM `labels` too (a row's own labels, else its input ids; -100 on the padding).
+
+    Raises:
+        `ValueError`: a row whose mask or labels do not have one entry per token.
+    """
+    ids = [torch.as_tensor(row["input_ids"], dtype=torch.long) for row in rows]
+    width = max(len(row_ids) for row_ids in ids)
+    batch = {
+        "input_ids": torch.full((len(rows), width), pad_token_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+    }
+    if "token_type_ids" in rows[0]:
+        batch["token_type_ids"] = torch.zeros((len(rows), width), dtype=torch.long)
+    if lm_labels:
+        batch["labels"] = torch.full((len(rows), width), -100, dtype=torch.long)  # the value transformers' losses skip
+    for i, (row, row_ids) in enumerate(zip(rows, ids)):
+        n = len(row_ids)
+        mask = row.get("attention_mask")
+        mask = torch.ones(n, dtype=torch.long) if mask is None else torch.as_tensor(mask, dtype=torch.long)
+        labels = torch.as_tensor(row["labels"], dtype=torch.long) if lm_labels and "labels" in row else row_ids
+        if len(mask) != n or (lm_labels and len(labels) != n):
+            raise ValueError(
+                f"row {i} of a batch has {n} input_ids but {len(mask)} attention_mask"
+                + (f" and {len(labels)} labels" if lm_labels else "") + " entries: give one per token"
+            )
+        batch["input_ids"][i, :n] = row_ids
+        batch["attention_mask"][i, :n] = mask
+        if "token_type_ids" in batch:
+            batch["token_type_ids"][i, :n] = torch.as_tensor(row["token_type_ids"], dtype=torch.long)
+        if lm_labels:
+            batch["labels"][i, :n] = labels
+    return batch

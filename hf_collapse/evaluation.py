@@ -21,6 +21,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
-from transformers.utils.logging import tqdm  # the bar transformers.utils.logging.disable_progress_bar() hides
 from transformers import DataCollatorWithPadding, default_data_collator
 from transformers.generation.streamers import BaseStreamer
+from transformers.utils.logging import (
+    tqdm,  # the bar transformers.utils.logging.disable_progress_bar() hides
+)
 
+from .data import right_pad
 from .layers import eval_mode, find_layer_stacks, unwrap_model
 
 __all__ = [
@@ -271,30 +275,6 @@ def _label_column(columns: list[str], label_column: str | None) -> str:
     raise ValueError(f"the dataset has no 'labels' or 'label' column (columns: {columns}): pass label_column=...")
 
 
-def _pad_lm_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Right-pad causal-LM rows: real tokens keep their positions and cannot attend to the padding after them."""
-    ids = [torch.as_tensor(row["input_ids"], dtype=torch.long) for row in rows]
-    width = max(len(x) for x in ids)
-    batch = {
-        "input_ids": torch.zeros(len(rows), width, dtype=torch.long),
-        "attention_mask": torch.zeros(len(rows), width, dtype=torch.long),
-        "labels": torch.full((len(rows), width), _IGNORE_INDEX, dtype=torch.long),
-    }
-    for i, (row, row_ids) in enumerate(zip(rows, ids)):
-        n = len(row_ids)
-        mask = torch.as_tensor(row.get("attention_mask", [1] * n), dtype=torch.long)
-        labels = torch.as_tensor(row["labels"], dtype=torch.long) if "labels" in row else row_ids
-        if len(mask) != n or len(labels) != n:
-            raise ValueError(
-                f"row {i} of a batch has {n} input_ids but {len(mask)} attention_mask and {len(labels)} labels "
-                "entries: give one per token"
-            )
-        batch["input_ids"][i, :n] = row_ids
-        batch["attention_mask"][i, :n] = mask
-        batch["labels"][i, :n] = labels
-    return batch
-
-
 def perplexity(
     model: nn.Module, dataset, *, batch_size: int = 8, sort_by_length: bool = True, progress: bool = False
 ) -> float:
@@ -327,7 +307,7 @@ def perplexity(
         )
     extra = {"use_cache": False} if "use_cache" in _forward_arguments(model) else {}
     order = _length_order(dataset, "input_ids") if sort_by_length else None
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=_pad_lm_rows, sampler=order)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=partial(right_pad, lm_labels=True), sampler=order)
     device = _device(model)
     total_nll, count = 0.0, 0
     with eval_mode(model), torch.inference_mode():

@@ -28,7 +28,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers.utils.logging import tqdm
 
-from .layers import LayerCapture, LayerStack, bypass_layers, check_layer_indices, eval_mode, find_layer_stacks
+from .data import right_pad
+from .layers import (
+    LayerCapture,
+    LayerStack,
+    bypass_layers,
+    check_layer_indices,
+    eval_mode,
+    find_layer_stacks,
+)
 from .msw import DirectionSearch, max_sliced_wasserstein
 
 __all__ = [
@@ -128,26 +136,6 @@ class ToleranceSelection:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _pad_rows(rows: Sequence[Mapping], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad tokenized rows into a batch (right padding keeps every real token's position)."""
-    ids = [torch.as_tensor(row["input_ids"], dtype=torch.long) for row in rows]
-    length = max(len(row_ids) for row_ids in ids)
-    batch = {
-        "input_ids": torch.full((len(rows), length), pad_token_id, dtype=torch.long),
-        "attention_mask": torch.zeros((len(rows), length), dtype=torch.long),
-    }
-    if "token_type_ids" in rows[0]:
-        batch["token_type_ids"] = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, (row, row_ids) in enumerate(zip(rows, ids)):
-        n = len(row_ids)
-        batch["input_ids"][i, :n] = row_ids
-        mask = row.get("attention_mask")
-        batch["attention_mask"][i, :n] = 1 if mask is None else torch.as_tensor(mask, dtype=torch.long)
-        if "token_type_ids" in batch:
-            batch["token_type_ids"][i, :n] = torch.as_tensor(row["token_type_ids"], dtype=torch.long)
-    return batch
-
-
 def _as_batches(
     data: object, tokenizer: object | None, batch_size: int, max_length: int
 ) -> Iterable[Mapping[str, object]]:
@@ -186,7 +174,7 @@ def _as_batches(
     # Padded positions are masked out of every score, so any valid id works when there is no tokenizer.
     pad_token_id = getattr(tokenizer, "pad_token_id", None)
     pad_token_id = 0 if pad_token_id is None else pad_token_id
-    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=partial(_pad_rows, pad_token_id=pad_token_id))
+    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=partial(right_pad, pad_token_id=pad_token_id))
 
 
 # ---------------------------------------------------------------------------------------------------
