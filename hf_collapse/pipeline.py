@@ -166,7 +166,7 @@ def run_recipe(
     if train:
         what = "targeting " + (str(config.collapse_layers) if config.collapse_layers else f"{config.collapse_num_layers} layers") if config.has_target else "uniform"
         stage(f"fine-tuning with the MSW penalty (weight {config.msw_weight}, {what}, {config.msw_search} directions)")
-        trainer.train()
+        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     if not recipe.collapse:
         # every rank: under FSDP or DeepSpeed the weights are gathered collectively
         trainer.save_model(config.output_dir)
