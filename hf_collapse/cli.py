@@ -54,6 +54,19 @@ class _Outputs:
         return [path for path in cls.paths if _fingerprint(path) != cls.before[path]]
 
     @classmethod
+    def remove_empty_new(cls) -> list[Path]:
+        """Remove the watched folders that this command created and that hold no file (a run that failed early)."""
+        import shutil
+
+        removed = []
+        for path in cls.paths:
+            new = cls.before[path][0] is None
+            if new and path.is_dir() and not any(p.is_file() for p in path.rglob("*")):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed
+
+    @classmethod
     def reset(cls) -> None:
         cls.paths, cls.before = [], {}
 
@@ -536,7 +549,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, OSError) and not isinstance(error, (FileNotFoundError, FileExistsError)):
             message += " (check that the folder exists, is writable and has free space)"
         if written:
-            message += f" [work had begun: {', '.join(str(p) for p in written)} changed]"
+            removed = _Outputs.remove_empty_new()
+            kept = [p for p in written if p not in removed]
+            message += " [work had begun" + (f"; kept: {', '.join(map(str, kept))}" if kept else "; nothing was left") + "]"
         print(f"hf-collapse {args.verb}: error: {message}", file=sys.stderr)
         return EXIT_FAILED if written else EXIT_REFUSED
     except KeyboardInterrupt:

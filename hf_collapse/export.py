@@ -379,6 +379,14 @@ def upload_plan(folder: str | os.PathLike) -> list[tuple[str, int]]:
         raise ValueError(
             f"{folder} has no {' or '.join(missing)}, so it is not a model export: create it with export_collapsed"
         )
+    if not any(name.endswith(".safetensors") for name in names):
+        raise ValueError(f"{folder} has no .safetensors weights, so it is not a model export: create it with export_collapsed")
+    pickled = sorted(name for name in names if name.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")))
+    if pickled:
+        raise ValueError(
+            f"{folder} holds pickled files ({', '.join(pickled)}), which can run code when loaded: push safetensors only "
+            "(remove them, or export again with export_collapsed)"
+        )
     return files
 
 

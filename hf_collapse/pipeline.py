@@ -183,8 +183,14 @@ def preflight(recipe: RecipeArguments, config: CollapseConfig, *, train: bool = 
         return  # a Hub id: its config is read when the model loads
     try:
         model_config = AutoConfig.from_pretrained(str(source))
-    except Exception as error:  # the loaders report it with the model's name
-        raise RecipeError(f"cannot read the config of {name}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    except Exception as error:  # transformers raises many types; the user needs one sentence
+        if "trust_remote_code" in str(error):
+            raise RecipeError(
+                f"{name} needs its own Python code to load (trust_remote_code); hf-collapse never runs code from a "
+                "checkpoint: use a model whose architecture transformers implements"
+            ) from None
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise RecipeError(f"cannot read the config of {name}: {first}") from None
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     if not getattr(model_config, "is_encoder_decoder", False):
         depth = getattr(text, "num_hidden_layers", None)
