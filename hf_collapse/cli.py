@@ -20,11 +20,70 @@ import logging
 import sys
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["EXIT_FAILED", "EXIT_REFUSED", "main"]
+
+# Exit codes: 2 = the input was refused before anything was written; 1 = a failure after work began (files may
+# have been written: checkpoints to resume from, say); an unexpected exception keeps its traceback (exit 1 too).
+EXIT_REFUSED = 2
+EXIT_FAILED = 1
 
 
 class CliError(Exception):
     """An error to report in one line (no traceback)."""
+
+
+class _Outputs:
+    """The folders a command may write, with what they held when it started, so that a failure can tell whether
+    anything was written (exit 1) or the input was refused first (exit 2)."""
+
+    paths: list[Path] = []
+    before: dict[Path, object] = {}
+
+    @classmethod
+    def watch(cls, *paths) -> None:
+        for path in paths:
+            if path is None:
+                continue
+            path = Path(path).absolute()
+            if path not in cls.before:
+                cls.paths.append(path)
+                cls.before[path] = _fingerprint(path)
+
+    @classmethod
+    def written(cls) -> list[Path]:
+        return [path for path in cls.paths if _fingerprint(path) != cls.before[path]]
+
+    @classmethod
+    def remove_empty_new(cls) -> list[Path]:
+        """Remove the watched folders that this command created and that hold no file (a run that failed early)."""
+        import shutil
+
+        removed = []
+        for path in cls.paths:
+            new = cls.before[path][0] is None
+            if new and path.is_dir() and not any(p.is_file() for p in path.rglob("*")):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.paths, cls.before = [], {}
+
+
+def _fingerprint(path: Path) -> object:
+    """What is in ``path`` (and the hidden staging folders next to it): names, sizes and modification times."""
+    if not path.exists():
+        entries = None
+    elif path.is_dir():
+        entries = sorted(
+            (p.relative_to(path).as_posix(), p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
+            for p in path.rglob("*")
+        )
+    else:
+        entries = (path.stat().st_size, path.stat().st_mtime_ns)
+    siblings = sorted(p.name for p in path.parent.glob(f".{path.name}.*")) if path.parent.is_dir() else []
+    return entries, siblings
 
 
 def _recipe_verb(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -96,7 +155,9 @@ def make_parser() -> argparse.ArgumentParser:
 def _load(recipe_path: str | None, overrides: list[str]):
     from .recipe import load_recipe
 
-    return load_recipe(recipe_path, overrides)
+    recipe, config, resolved = load_recipe(recipe_path, overrides)
+    _Outputs.watch(config.output_dir, recipe.export_dir)
+    return recipe, config, resolved
 
 
 def _cmd_train(args) -> int:
@@ -127,8 +188,11 @@ def _end_processes() -> None:
 def _cmd_validate(args) -> int:
     from .models import OFFLINE_MODELS
 
+    from .pipeline import preflight
+
     recipe, config, resolved = _load(args.recipe, args.overrides)
     name = recipe.model_name_or_path
+    preflight(recipe, config)
     if name.startswith("offline:"):
         if name not in OFFLINE_MODELS:
             raise CliError(f"unknown offline model {name!r}: the offline models are {', '.join(OFFLINE_MODELS)}")
@@ -170,9 +234,26 @@ def _cmd_score(args) -> int:
     return 0
 
 
+def _check_collapse_paths(src: str, out: str) -> None:
+    """Refuse an OUT that is, contains or lies inside a local SRC before anything is created."""
+    from .models import resolve_model
+
+    source = Path(resolve_model(src).path)
+    if not source.exists():
+        return
+    a, b = source.resolve(), Path(out).absolute().resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise CliError(
+            f"the output folder {out} overlaps the source checkpoint {src}: choose an output folder outside it "
+            "(the source is never modified)"
+        )
+
+
 def _cmd_collapse(args) -> int:
     from .pipeline import run_recipe
 
+    _Outputs.watch(args.out)
+    _check_collapse_paths(args.src, args.out)
     overrides = ["--model_name_or_path", args.src, "--export_dir", args.out, "--collapse", "true"]
     if args.layers is not None:
         try:
@@ -200,16 +281,47 @@ def _cmd_collapse(args) -> int:
         overrides += ["--collapse_score_method", args.method]
     if args.overwrite:
         overrides += ["--overwrite_export", "true"]
-    overrides += ["--output_dir", str(Path(args.out).with_name(Path(args.out).name + ".work"))]
+    work = Path(args.out).absolute().with_name(Path(args.out).name + ".work")
+    overrides += ["--output_dir", str(work)]
     recipe, config, resolved = _load(args.recipe, [*overrides, *args.overrides])
     from .models import resolve_model, task_head_is_new
+    from .pipeline import preflight
 
+    preflight(recipe, config, train=False)  # before the work folder exists
+    _clear_stale_work(work)
     source = resolve_model(recipe.model_name_or_path)
-    if task_head_is_new(source, recipe.task):  # e.g. a BertModel checkpoint and a classification task
-        return _collapse_as_saved(recipe, config, source)
-    summary = run_recipe(recipe, config, resolved, train=False)
+    try:
+        if task_head_is_new(source, recipe.task):  # e.g. a BertModel checkpoint and a classification task
+            return _collapse_as_saved(recipe, config, source)
+        summary = run_recipe(recipe, config, resolved, train=False)
+    finally:
+        _remove_work(work)
     print("\n" + summary.table())
     return 0
+
+
+def _clear_stale_work(work: Path) -> None:
+    """An `OUT.work` folder left by a killed collapse: removed when it holds nothing but empty folders (what this
+    command writes there), reported otherwise."""
+    if not work.exists():
+        return
+    if work.is_dir() and not any(p.is_file() for p in work.rglob("*")):
+        import shutil
+
+        shutil.rmtree(work)
+        print(f"removed {work}, an empty work folder left by an interrupted run", file=sys.stderr)
+        return
+    raise CliError(
+        f"{work} exists and is not an empty work folder of hf-collapse (an interrupted run, or someone else's files): "
+        "look inside, then remove it or choose another output folder"
+    )
+
+
+def _remove_work(work: Path) -> None:
+    import shutil
+
+    if work.is_dir():
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _collapse_without_data(args, layers: list[int]) -> int:
@@ -418,17 +530,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb in ("push", "recipes") and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
+    import pickle
+
     from .export import PushError
     from .recipe import RecipeError
 
+    _Outputs.reset()
     try:
         return _COMMANDS[args.verb](args)
     except PushError as error:
-        print(f"hf-collapse {args.verb}: error: {error}", file=sys.stderr)
-        return 1
-    except (CliError, RecipeError, FileNotFoundError, FileExistsError, ValueError, ModuleNotFoundError) as error:
-        print(f"hf-collapse {args.verb}: error: {error}", file=sys.stderr)
-        return 2
+        print(f"hf-collapse {args.verb}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_FAILED
+    except (
+        CliError, RecipeError, OSError, ValueError, ModuleNotFoundError, FloatingPointError, pickle.UnpicklingError,
+    ) as error:
+        written = _Outputs.written()
+        message = _one_line(error)
+        if isinstance(error, OSError) and not isinstance(error, (FileNotFoundError, FileExistsError)):
+            message += " (check that the folder exists, is writable and has free space)"
+        if written:
+            removed = _Outputs.remove_empty_new()
+            kept = [p for p in written if p not in removed]
+            message += " [work had begun" + (f"; kept: {', '.join(map(str, kept))}" if kept else "; nothing was left") + "]"
+        print(f"hf-collapse {args.verb}: error: {message}", file=sys.stderr)
+        return EXIT_FAILED if written else EXIT_REFUSED
+    except KeyboardInterrupt:
+        print(f"hf-collapse {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text
 
 
 if __name__ == "__main__":

@@ -154,15 +154,69 @@ def _label_names(train, column: str) -> list[str]:
     names = getattr(feature, "names", None)
     if names:
         return list(names)
-    return sorted({str(v) for v in train[column]})
+    values = train[column]
+    missing = next((i for i, v in enumerate(values) if v is None or (isinstance(v, str) and not v.strip())), None)
+    if missing is not None:
+        raise ValueError(
+            f"row {missing} of the training split has no value in the label column {column!r}: give every row a label "
+            "(or drop the unlabelled rows)"
+        )
+    if any(isinstance(v, (list, dict)) for v in values[:100]):
+        raise ValueError(
+            f"the label column {column!r} holds lists or mappings, not one class per row: use a column with one label "
+            "(a string or an integer) per row"
+        )
+    if any(isinstance(v, float) and not float(v).is_integer() for v in values):
+        raise ValueError(
+            f"the label column {column!r} holds non-integer numbers (a regression target?); text-classification needs "
+            "class labels: integers or strings"
+        )
+    # class names in a stable order: integers by value, strings alphabetically
+    distinct = {str(int(v)) if isinstance(v, float) else str(v) for v in values}
+    if len(distinct) < 2:
+        raise ValueError(
+            f"the label column {column!r} has a single class ({', '.join(distinct) or 'none'}) in the training split: "
+            "classification needs at least two"
+        )
+    numeric = all(name.lstrip("-").isdigit() for name in distinct)
+    return sorted(distinct, key=int) if numeric else sorted(distinct)
 
 
 def _encode_labels(split, column: str, names: list[str]):
+    """Class ids for a label column of strings (or numbers), mapped through ``names`` (from the training split).
+
+    A label the training split does not have is refused, naming it. The column is replaced (not updated in place:
+    `datasets` would keep a string column's type and hand the collator strings).
+    """
     feature = split.features[column]
     if getattr(feature, "names", None):
         return split
     index = {name: i for i, name in enumerate(names)}
-    return split.map(lambda row: {column: index[str(row[column])]})
+
+    def key(value) -> str:
+        return str(int(value)) if isinstance(value, float) and float(value).is_integer() else str(value)
+
+    unknown = sorted({key(v) for v in split[column]} - set(index))
+    if unknown:
+        raise ValueError(
+            f"the label column {column!r} has classes the training split does not have: {', '.join(unknown[:5])}; "
+            "every evaluation label must occur in the training data"
+        )
+    encoded = split.map(lambda row: {"__hf_collapse_label": index[key(row[column])]}, remove_columns=[column])
+    return encoded.rename_column("__hf_collapse_label", column)
+
+
+def _require_rows(train, evaluation, recipe) -> None:
+    if len(train) == 0:
+        raise ValueError(
+            f"the training split {recipe.train_split!r} is empty (after max_train_samples): point train_split at a "
+            "split with rows"
+        )
+    if evaluation is not None and len(evaluation) == 0:
+        raise ValueError(
+            f"the evaluation split {recipe.eval_split!r} is empty (after max_eval_samples): layers are chosen and "
+            "measured on it; give it rows or use eval_fraction"
+        )
 
 
 def _stack_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
@@ -185,6 +239,7 @@ def load_task_data(recipe, processing_class) -> TaskData:
     train, evaluation, test = _raw_splits(recipe)
     if recipe.task != "causal-lm":  # rows are the samples; a causal LM caps its blocks after grouping, below
         train, evaluation, test = _capped(train, evaluation, recipe, test)
+        _require_rows(train, evaluation, recipe)
     dataset_ids = [recipe.dataset_name] if recipe.dataset_name else [str(f) for f in recipe.dataset_files]
 
     if recipe.task == "text-classification":
@@ -223,6 +278,11 @@ def load_task_data(recipe, processing_class) -> TaskData:
         ]
         if len(splits[0]) == 0:
             raise ValueError(f"the training text is shorter than one block of max_length={block} tokens")
+        if splits[1] is not None and len(splits[1]) == 0:
+            raise ValueError(
+                f"the evaluation text is shorter than one block of max_length={block} tokens: give the evaluation split "
+                "more text or lower max_length"
+            )
         train_blocks, eval_blocks, test_blocks = _capped(splits[0], splits[1], recipe, splits[2])
         return TaskData(train_blocks, eval_blocks, default_data_collator, None, dataset_ids, test_blocks)
 

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -29,10 +31,15 @@ from .models import check_head_trained
 from .sbert import read_layout, write_layout
 
 __all__ = [
-    "HubPush", "PushError", "PushResult", "add_benchmarks", "export_collapsed", "push_folder", "take_hub_push", "upload_plan",
+    "HubPush", "PushError", "PushResult", "add_benchmarks", "clear_stale", "export_collapsed", "push_folder", "take_hub_push",
+    "upload_plan",
 ]
 
+logger = logging.getLogger(__name__)
+
 RECIPE_FILE = "recipe.yaml"
+# Inside a staging folder while it is being written: which process writes it, for which export (see clear_stale).
+_STAGING_MARKER = ".hf_collapse_staging.json"
 # The report the card was rendered from, so that later measurements (lm-eval) can be added and the card rendered again.
 REPORT_FILE = "collapse_report.json"
 
@@ -90,6 +97,7 @@ def export_collapsed(
         report = _sentence_transformers_report(inner, report, layout)
     out = Path(out_dir).absolute()
     _check_not_source(inner, out)
+    clear_stale(out)  # before the checks below: a restored old export counts as existing
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder: choose another output path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -97,10 +105,16 @@ def export_collapsed(
             f"{out} already exists and is not empty: choose another folder or pass overwrite=True to replace it"
         )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        inner.save_pretrained(staging)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as error:
+        raise PermissionError(
+            f"cannot write the export next to {out}: {error.strerror or error}; choose a folder you can write to"
+        ) from error
+    try:
+        (staging / _STAGING_MARKER).write_text(json.dumps({"pid": os.getpid(), "out": str(out)}), encoding="utf-8")
+        inner.save_pretrained(staging, safe_serialization=True)
         if processing_class is not None:
             processing_class.save_pretrained(staging)
         if layout is not None and report.sentence_transformers_modules is not None:
@@ -111,6 +125,8 @@ def export_collapsed(
         (staging / REPORT_FILE).write_text(
             json.dumps({"repo_id": repo_id, "report": report.to_dict()}, indent=1), encoding="utf-8"
         )
+        _check_safetensors_only(staging)
+        (staging / _STAGING_MARKER).unlink()
         _move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -246,6 +262,68 @@ def _check_not_source(model: nn.Module, out: Path) -> None:
         )
 
 
+def _check_safetensors_only(folder: Path) -> None:
+    pickled = sorted(p.name for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+    if pickled:
+        raise ValueError(
+            f"the export would contain pickled weights ({', '.join(pickled)}), which can run code when loaded; "
+            "hf-collapse exports safetensors only: save the model's weights as safetensors"
+        )
+    if not any(folder.glob("*.safetensors")):
+        raise ValueError(f"save_pretrained wrote no safetensors weights into {folder}: export a transformers model")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clear_stale(out: str | os.PathLike) -> list[str]:
+    """Clean up what an interrupted [`export_collapsed`] to ``out`` left next to it; returns what was done.
+
+    - a hidden staging folder (`.OUT.xxxxxxxx.partial`) whose writer is no longer running is deleted (a live
+      writer's is left alone);
+    - a retired copy of an old export (`.OUT.xxxxxxxx.old`, from a kill between the two renames of a replacement)
+      is deleted when ``out`` exists, and renamed back to ``out`` when it does not (the old export is restored).
+    Each action is logged as a warning.
+    """
+    out = Path(out).absolute()
+    if not out.parent.is_dir():
+        return []
+    done = []
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.[A-Za-z0-9_]{{8}}\.(partial|old)$")
+    for path in sorted(out.parent.iterdir()):
+        match = pattern.match(path.name)
+        if not match or not path.is_dir():
+            continue
+        if match.group(1) == "partial":
+            marker = path / _STAGING_MARKER
+            try:
+                owner = json.loads(marker.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                owner = {}
+            if owner.get("out") not in (None, str(out)):
+                continue
+            if owner.get("pid") not in (None, os.getpid()) and _alive(int(owner["pid"])):
+                continue  # another process is writing this export right now
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {path.name}, a half-written export left by an interrupted run")
+        elif out.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {path.name}, an old export that an interrupted replacement had set aside")
+        else:
+            os.rename(path, out)
+            done.append(f"restored {out.name} from {path.name}: an interrupted replacement had set it aside")
+    for line in done:
+        logger.warning(f"{out.parent}: {line}")
+    return done
+
+
 def _move_into_place(staging: Path, out: Path) -> None:
     """Rename the finished ``staging`` folder to ``out``, replacing an existing ``out`` only at the end."""
     if not out.exists():
@@ -299,6 +377,14 @@ def upload_plan(folder: str | os.PathLike) -> list[tuple[str, int]]:
     if missing:
         raise ValueError(
             f"{folder} has no {' or '.join(missing)}, so it is not a model export: create it with export_collapsed"
+        )
+    if not any(name.endswith(".safetensors") for name in names):
+        raise ValueError(f"{folder} has no .safetensors weights, so it is not a model export: create it with export_collapsed")
+    pickled = sorted(name for name in names if name.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")))
+    if pickled:
+        raise ValueError(
+            f"{folder} holds pickled files ({', '.join(pickled)}), which can run code when loaded: push safetensors only "
+            "(remove them, or export again with export_collapsed)"
         )
     return files
 

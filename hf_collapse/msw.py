@@ -81,6 +81,21 @@ def _w2_squared_along(x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor) -> 
     return (px - py).pow(2).mean()
 
 
+def _w2_along(x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """W2 (not squared) along one direction, finite whenever the projected differences are.
+
+    The rank-paired differences are divided by a power of two near their largest magnitude before squaring
+    (and the root multiplied back): squares of float32 values above ~1.8e19 would overflow to inf, and
+    scaling by a power of two is exact, so for ordinary values the result is bit-identical to
+    `sqrt(mean(diff**2))`.
+    """
+    diff = torch.sort(x @ theta).values - torch.sort(y @ theta).values
+    largest = diff.detach().abs().amax()
+    _, exponent = torch.frexp(torch.where(torch.isfinite(largest), largest, torch.ones_like(largest)))
+    scale = torch.ldexp(torch.ones_like(largest), exponent)
+    return scale * _safe_sqrt((diff / scale).pow(2).mean())
+
+
 def _safe_sqrt(value: torch.Tensor) -> torch.Tensor:
     # sqrt has an infinite slope at 0: identical clouds must give 0 with a zero (not NaN) gradient.
     # NaN must stay NaN (not be mapped to 0) so that a broken layer is noticed.
@@ -197,6 +212,25 @@ class DirectionSearch:
         """Drop every remembered direction."""
         self._kept.clear()
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The search's state as named tensors (for a checkpoint): the kept directions (`kept/<key>`) and the
+        states of the private generators (`generator/<device>`). Keys must be strings to be saved."""
+        state = {f"kept/{key}": theta.detach().cpu().contiguous() for key, theta in self._kept.items()}
+        state.update({f"generator/{device}": g.get_state() for device, g in self._generators.items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what [`state_dict`] returned: a resumed run then draws the same directions as an
+        uninterrupted one."""
+        self._kept = {name[len("kept/"):]: t.clone() for name, t in state.items() if name.startswith("kept/")}
+        self._generators = {}
+        for name, t in state.items():
+            if name.startswith("generator/"):
+                device = name[len("generator/"):]
+                generator = torch.Generator(device=device)
+                generator.set_state(t.clone())
+                self._generators[device] = generator
+
 
 def max_sliced_wasserstein(
     x: torch.Tensor,
@@ -246,6 +280,5 @@ def max_sliced_wasserstein(
                     num_projections=num_projections, mode=search, keep_directions=False, search_tokens=None
                 )
             theta = search(xf, yf, key=key)
-        value = _w2_squared_along(xf, yf, theta.detach())
-    return _safe_sqrt(value)
+        return _w2_along(xf, yf, theta.detach())
 

@@ -19,7 +19,7 @@ from .recipe import RecipeArguments, RecipeError
 from .post import collapse_model, heal, selection_sentence
 from .trainer import CollapseTrainer
 
-__all__ = ["RunSummary", "run_recipe", "task_evaluator"]
+__all__ = ["RunSummary", "preflight", "run_recipe", "task_evaluator"]
 
 
 @dataclass
@@ -120,6 +120,118 @@ def latency_setup(comparison, batch: dict, model: torch.nn.Module) -> str:
     )
 
 
+def _overlaps(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def _local_model_path(name: str) -> bool:
+    """Whether a model name that does not exist on disk was meant as a local path (not a Hub id)."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name
+
+
+def preflight(recipe: RecipeArguments, config: CollapseConfig, *, train: bool = True) -> None:
+    """Every refusal that needs neither the weights nor the data rows, before anything is loaded or written.
+
+    Checks: the model path exists (a local path) and has a `config.json`; a layer budget or explicit layers fit the
+    model's depth and protected layers; `max_length` is within the model's position limit; the export and output
+    folders do not overlap the source checkpoint; a non-empty export folder needs `overwrite_export`; a checkpoint to
+    resume from exists and is complete; a Hub push names its repo.
+
+    Raises:
+        [`RecipeError`]: the first problem found, in one sentence that says what to change.
+    """
+    from transformers import AutoConfig
+
+    from .trainer import resolve_resume
+
+    name = recipe.model_name_or_path
+    resolved = resolve_model(name)
+    source = Path(resolved.path).expanduser()
+    local = source.exists()
+    if not local and not name.startswith("offline:") and _local_model_path(name):
+        raise RecipeError(
+            f"cannot load the tokenizer and model of {name}: that path does not exist; give an existing folder, a Hub id "
+            "or an offline:... model"
+        )
+    if local and source.is_dir() and not (source / "config.json").is_file():
+        raise RecipeError(f"model folder {name} has no config.json: point model_name_or_path at a saved transformers model")
+    export_dir = Path(recipe.export_dir) if recipe.export_dir else Path(config.output_dir) / "collapsed"
+    if local:
+        for what, path in (("export_dir", export_dir), ("output_dir", Path(config.output_dir))):
+            if (recipe.collapse or what == "output_dir") and _overlaps(path, source):
+                raise RecipeError(
+                    f"{what} {path} overlaps the source checkpoint {source}: write to a separate folder so the source "
+                    "stays untouched"
+                )
+    if Path(config.output_dir).exists() and not Path(config.output_dir).is_dir():
+        raise RecipeError(f"output_dir {config.output_dir} exists and is not a folder: choose another path")
+    if recipe.collapse:
+        if export_dir.exists() and not export_dir.is_dir():
+            raise RecipeError(f"export_dir {export_dir} exists and is not a folder: choose another path")
+        if export_dir.is_dir() and any(export_dir.iterdir()) and not recipe.overwrite_export:
+            raise RecipeError(
+                f"export_dir {export_dir} already exists and is not empty: choose another folder, or set "
+                "overwrite_export: true to replace it once the new export is complete"
+            )
+    if train:
+        try:
+            resolve_resume(config.resume_from_checkpoint, config.output_dir)
+        except FileNotFoundError as error:
+            raise RecipeError(str(error)) from None
+    if not local:
+        return  # a Hub id: its config is read when the model loads
+    try:
+        model_config = AutoConfig.from_pretrained(str(source))
+    except Exception as error:  # transformers raises many types; the user needs one sentence
+        if "trust_remote_code" in str(error):
+            raise RecipeError(
+                f"{name} needs its own Python code to load (trust_remote_code); hf-collapse never runs code from a "
+                "checkpoint: use a model whose architecture transformers implements"
+            ) from None
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise RecipeError(f"cannot read the config of {name}: {first}") from None
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    if not getattr(model_config, "is_encoder_decoder", False):
+        depth = getattr(text, "num_hidden_layers", None)
+        if isinstance(depth, int) and recipe.collapse:
+            _check_budget(config, depth)
+    limit = getattr(text, "max_position_embeddings", None)
+    if recipe.task != "image-classification" and isinstance(limit, int) and 0 < limit < recipe.max_length:
+        raise RecipeError(
+            f"max_length {recipe.max_length} is above the model's position limit of {limit} tokens "
+            f"(max_position_embeddings): lower max_length to {limit} or less"
+        )
+
+
+def _check_budget(config: CollapseConfig, depth: int) -> None:
+    protected = set(range(config.collapse_protect_first)) | set(range(depth - config.collapse_protect_last, depth))
+    removable = depth - len(protected & set(range(depth)))
+    if config.collapse_layers is not None:
+        bad = [i for i in config.collapse_layers if i >= depth]
+        if bad:
+            raise RecipeError(
+                f"collapse_layers {bad} do not exist: the model has {depth} layers, numbered 0-{depth - 1}"
+            )
+        if len(config.collapse_layers) >= depth:
+            raise RecipeError(f"removing all {depth} layers would leave none: name at most {depth - 1}")
+        hit = sorted(set(config.collapse_layers) & protected)
+        if hit:
+            raise RecipeError(f"collapse_layers {hit} are protected (collapse_protect_first/last): choose other layers")
+    wanted = config.collapse_num_layers
+    if wanted is not None:
+        if wanted >= depth:
+            raise RecipeError(
+                f"collapse_num_layers {wanted} would remove all of the model's {depth} layers or more: ask for at most "
+                f"{depth - 1}"
+            )
+        if wanted > removable:
+            raise RecipeError(
+                f"collapse_num_layers {wanted}, but only {removable} of the model's {depth} layers are not protected "
+                f"(collapse_protect_first={config.collapse_protect_first}, collapse_protect_last={config.collapse_protect_last})"
+            )
+
+
 def run_recipe(
     recipe: RecipeArguments, config: CollapseConfig, resolved_recipe: dict, *, train: bool = True, log=print
 ) -> RunSummary | None:
@@ -130,6 +242,7 @@ def run_recipe(
     def stage(text: str) -> None:
         log(f"[{time.perf_counter() - started:6.0f}s] {text}")
 
+    preflight(recipe, config, train=train)
     resolved = resolve_model(recipe.model_name_or_path)
     # before anything random: a new classification head and LoRA's initial weights come from the global RNG
     set_seed(config.seed)
@@ -166,7 +279,7 @@ def run_recipe(
     if train:
         what = "targeting " + (str(config.collapse_layers) if config.collapse_layers else f"{config.collapse_num_layers} layers") if config.has_target else "uniform"
         stage(f"fine-tuning with the MSW penalty (weight {config.msw_weight}, {what}, {config.msw_search} directions)")
-        trainer.train()
+        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     if not recipe.collapse:
         # every rank: under FSDP or DeepSpeed the weights are gathered collectively
         trainer.save_model(config.output_dir)

@@ -151,6 +151,39 @@ class RecipeArguments:
             raise RecipeError(f"collapse_tolerance must be 0 or more, got {self.collapse_tolerance}")
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data only, no Python objects) that refuses a key given twice in one mapping;
+    plain PyYAML keeps the last value silently."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hashable = key in seen
+            except TypeError:
+                hashable = False
+            if hashable:
+                raise RecipeError(
+                    f"the recipe sets {key!r} twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); keep one"
+                )
+            try:
+                seen[key] = key_node.start_mark.line
+            except TypeError:
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path):
+    """The YAML document in ``path``, read safely, with duplicate keys refused (RecipeError)."""
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as error:
+        raise RecipeError(f"recipe file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe file {path} is not UTF-8 text: save it as UTF-8 YAML") from None
+
+
 def make_parser() -> HfArgumentParser:
     """The argument parser of a recipe: `RecipeArguments` and `CollapseConfig` fields as `--flags`."""
     parser = HfArgumentParser((RecipeArguments, CollapseConfig))
@@ -220,10 +253,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"recipe file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise RecipeError(f"recipe file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        values = read_yaml(path) or {}
         if not isinstance(values, dict):
             raise RecipeError(f"recipe file {path} must be a mapping of field: value, got {type(values).__name__}")
         values = _current_names(values, actions)

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import json
 import math
+import os
+import re
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -28,9 +32,76 @@ from .layers import LayerCapture, LayerStack, bypass_layers, eval_mode, find_lay
 from .msw import DirectionSearch, max_sliced_wasserstein
 from .scoring import score_layers, select_lowest
 
-__all__ = ["CollapseTrainer", "MSWPenaltyMixin"]
+__all__ = ["CollapseTrainer", "MSWPenaltyMixin", "latest_checkpoint"]
 
 logger = logging.get_logger(__name__)
+
+# Written into every checkpoint folder next to the Trainer's own files, before them: a checkpoint whose
+# trainer_state.json exists therefore also has the penalty state (see `latest_checkpoint`).
+PENALTY_STATE_FILE = "hf_collapse_state.json"
+PENALTY_TENSORS_FILE = "hf_collapse_state.safetensors"
+TEACHER_FILE = "hf_collapse_teacher.safetensors"
+_TRAINER_STATE_FILE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be resumed from (None when it can)."""
+    if not folder.is_dir():
+        return "it is not a folder"
+    missing = [name for name in (_TRAINER_STATE_FILE, PENALTY_STATE_FILE) if not (folder / name).is_file()]
+    if missing:
+        return f"it has no {' and no '.join(missing)} (a checkpoint interrupted while being written, or not written by an hf-collapse trainer)"
+    return None
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path:
+    """The highest-numbered *complete* `checkpoint-N` folder in ``output_dir``.
+
+    A checkpoint that a killed run left half-written (no `trainer_state.json` or no penalty state) is skipped
+    with a warning, where `transformers.trainer_utils.get_last_checkpoint` would pick it and fail.
+
+    Raises:
+        `FileNotFoundError`: no complete checkpoint in ``output_dir`` (the message lists the incomplete ones).
+    """
+    folder = Path(output_dir)
+    found = sorted(
+        (int(m.group(1)), path) for path in (folder.iterdir() if folder.is_dir() else [])
+        if (m := _CHECKPOINT.match(path.name)) and path.is_dir()
+    )
+    skipped = []
+    for _, path in reversed(found):
+        problem = _checkpoint_problem(path)
+        if problem is None:
+            if skipped:
+                logger.warning(f"resuming from {path.name}; skipped incomplete {', '.join(skipped)}")
+            return path
+        skipped.append(path.name)
+    detail = f" (incomplete: {', '.join(skipped)})" if skipped else ""
+    raise FileNotFoundError(
+        f"resume_from_checkpoint: true, but {folder} has no complete checkpoint-N folder{detail}: train without "
+        "resume_from_checkpoint, or name a checkpoint folder"
+    )
+
+
+def resolve_resume(value: str | bool | None, output_dir: str | os.PathLike) -> Path | None:
+    """`resume_from_checkpoint` as given (`True`/"true"/"latest", a folder, or nothing) -> the checkpoint folder.
+
+    Raises:
+        `FileNotFoundError`: no complete checkpoint where it says.
+    """
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "false", "no")):
+        return None
+    if value is True or (isinstance(value, str) and value.strip().lower() in ("true", "yes", "latest")):
+        return latest_checkpoint(output_dir)
+    path = Path(value)
+    problem = _checkpoint_problem(path)
+    if problem is not None:
+        raise FileNotFoundError(
+            f"cannot resume from {path}: {problem}. Name a checkpoint-N folder written by hf-collapse, or "
+            "resume_from_checkpoint: true for the latest complete one in output_dir"
+        )
+    return path
 
 
 class MSWPenaltyMixin:
@@ -100,7 +171,9 @@ class MSWPenaltyMixin:
         self._captured_model: torch.nn.Module | None = None
         self._regularised: set[str] = set()
         self._step_values: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._layers_seen = 0  # layer passes of the current compute_loss, with or without real tokens
         self._recording_training = False
+        self._teacher_taken = False  # the teacher is a copy taken at the target choice (saved in checkpoints)
         # target-depth state; collapse_targets is given or chosen when targeting starts
         self.collapse_targets: list[int] | None = list(args.collapse_layers) if args.collapse_layers else None
         self.msw_schedule: list[dict] = []
@@ -185,6 +258,9 @@ class MSWPenaltyMixin:
     def _on_layer(self, stack: LayerStack, index: int, tokens_in: torch.Tensor, tokens_out: torch.Tensor) -> None:
         if self._recording_training and not torch.is_grad_enabled():
             return  # not the student's gradient pass (a reference or other no-grad forward in the same step)
+        self._layers_seen += 1
+        if tokens_in.shape[0] == 0:
+            return  # a batch with no real token (all padding): this layer contributes nothing this step
         key = stack.key(index)
         with torch.set_grad_enabled(torch.is_grad_enabled() and key in self._penalised_keys()):
             value = max_sliced_wasserstein(tokens_in, tokens_out, search=self._search, key=key)
@@ -287,6 +363,7 @@ class MSWPenaltyMixin:
             evaluations += 1
         if args.distill_weight > 0 and self.teacher_model is None:
             self.teacher_model = copy.deepcopy(unwrap_model(model))
+            self._teacher_taken = True
         if self.teacher_model is not None:
             self.teacher_model.eval().requires_grad_(False)
         self.msw_schedule.append(
@@ -387,6 +464,7 @@ class MSWPenaltyMixin:
         capture = self._layer_capture()
         distill = mode == "train" and self.args.distill_weight > 0 and (self.targeting or not self.args.has_target)
         self._step_values = defaultdict(list)
+        self._layers_seen = 0
         self._recording_training = model.training
         with capture, capture.armed(self._capture_inputs(inputs)), self._fade():
             result = super().compute_loss(
@@ -395,6 +473,14 @@ class MSWPenaltyMixin:
         loss, outputs = result if (return_outputs or distill) else (result, None)
         values = {key: torch.stack(v).mean() for key, v in self._step_values.items()}
         self._step_values = defaultdict(list)
+        if not values and self._layers_seen:
+            # every position of the batch is padding: no cloud to compare, the task loss alone trains this step
+            self._msw_metrics[mode]["msw/empty_batches"].append(1.0)
+            logger.warning(
+                f"step {self.state.global_step}: a batch has no real token (its attention mask is all zeros); the MSW "
+                "penalty adds nothing for it"
+            )
+            return (loss, outputs) if return_outputs else loss
         if not values:
             raise RuntimeError(
                 f"{type(self).__name__}.compute_loss ran no forward pass of the model's layer stack"
@@ -456,6 +542,129 @@ class MSWPenaltyMixin:
         return distillation_loss(logits, teacher_logits, self.args.distill_temperature, mask)
 
     # ----------------------------------------------------------------------------------------------
+    # checkpoints: the penalty state is saved with every checkpoint and restored on resume
+
+    def _state_names(self) -> tuple[str, str]:
+        if self.args.world_size > 1:  # each process keeps its own directions and generator
+            rank = self.args.process_index
+            return f"hf_collapse_state_{rank}.json", f"hf_collapse_state_{rank}.safetensors"
+        return PENALTY_STATE_FILE, PENALTY_TENSORS_FILE
+
+    def _settings(self) -> dict:
+        # what shapes the training run; heal_steps only acts after it
+        return {
+            f.name: _jsonable(getattr(self.args, f.name)) for f in dataclasses.fields(MSWArguments) if f.name != "heal_steps"
+        }
+
+    def _save_penalty_state(self, folder: str | os.PathLike) -> None:
+        """Write what the penalty needs to continue exactly: kept directions and generators, λ, targets, schedule,
+        reference loss, the logging window's unflushed values, and a teacher copied at the target choice."""
+        from safetensors.torch import save_file, save_model
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        json_name, tensors_name = self._state_names()
+        if self._teacher_taken and self.args.should_save:
+            save_model(self.teacher_model, str(folder / TEACHER_FILE))
+        save_file(self._search.state_dict(), str(folder / tensors_name))
+        state = {
+            "global_step": self.state.global_step,
+            "settings": self._settings(),
+            "collapse_targets": self.collapse_targets,
+            "target_start": self._target_start,
+            "target_weight": self._target_weight,
+            "reference_loss": self._reference_loss,
+            "msw_schedule": self.msw_schedule,
+            "prepared_step": self._prepared_step,
+            "teacher": "taken" if self._teacher_taken else ("given" if self.teacher_model is not None else None),
+            "pending_metrics": {k: list(v) for k, v in self._msw_metrics["train"].items()},
+        }
+        (folder / json_name).write_text(json.dumps(state, indent=1), encoding="utf-8")
+
+    def _load_penalty_state(self, folder: str | os.PathLike) -> None:
+        """Restore what [`_save_penalty_state`] wrote; refuses a checkpoint written with other penalty settings."""
+        from safetensors.torch import load_file, load_model
+
+        folder = Path(folder)
+        json_name, tensors_name = self._state_names()
+        if not (folder / json_name).is_file():
+            raise FileNotFoundError(
+                f"cannot resume from {folder}: it has no {json_name} (not written by an hf-collapse trainer, or by a "
+                "run with another number of processes); resume from a checkpoint of the same run"
+            )
+        state = json.loads((folder / json_name).read_text(encoding="utf-8"))
+        now = self._settings()
+        changed = sorted(k for k, v in state["settings"].items() if k in now and now[k] != v)
+        if changed:
+            detail = ", ".join(f"{k}: {state['settings'][k]!r} -> {now[k]!r}" for k in changed)
+            raise ValueError(
+                f"cannot resume from {folder}: the penalty settings differ from the checkpoint's ({detail}); resume "
+                "with the settings of the interrupted run, or start a new run without resume_from_checkpoint"
+            )
+        if state["teacher"] == "given" and self.teacher_model is None:
+            raise ValueError(
+                f"cannot resume from {folder}: the run distilled from a given teacher_model, which checkpoints do not "
+                "hold; pass the same teacher_model= to the trainer again"
+            )
+        self._search.load_state_dict(load_file(str(folder / tensors_name)))
+        self.collapse_targets = state["collapse_targets"]
+        self._target_start = state["target_start"]
+        self._target_weight = state["target_weight"]
+        self._reference_loss = state["reference_loss"]
+        self.msw_schedule = state["msw_schedule"]
+        self._prepared_step = state["prepared_step"]
+        self._msw_metrics["train"] = defaultdict(list, state["pending_metrics"])
+        if state["teacher"] == "taken":
+            if not (folder / TEACHER_FILE).is_file():
+                raise FileNotFoundError(f"cannot resume from {folder}: its distillation teacher {TEACHER_FILE} is missing")
+            teacher = copy.deepcopy(unwrap_model(self.model))
+            load_model(teacher, str(folder / TEACHER_FILE), device=str(self.args.device))
+            self.teacher_model = teacher.to(self.args.device).eval().requires_grad_(False)
+            self._teacher_taken = True
+
+    def _save_checkpoint(self, model, trial) -> None:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._save_penalty_state(folder)  # first: trainer_state.json, written last, then marks a complete checkpoint
+        with self._token_off_disk():
+            super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        with self._token_off_disk():
+            super().save_model(output_dir, _internal_call)
+
+    @contextlib.contextmanager
+    def _token_off_disk(self) -> Iterator[None]:
+        """Keep `hub_token` out of the pickled `training_args.bin` that Trainer saves next to weights.
+
+        The token is only needed for uploads; without `push_to_hub` none happens, so it is unset while saving."""
+        token = getattr(self.args, "hub_token", None)
+        if token is None or self.args.push_to_hub:
+            yield
+            return
+        self.args.hub_token = None
+        try:
+            yield
+        finally:
+            self.args.hub_token = token
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """`Trainer.train`, resuming the penalty state too.
+
+        `resume_from_checkpoint=True` (or `"true"` / `"latest"`) takes the latest *complete* checkpoint in
+        `output_dir` (see [`latest_checkpoint`]). Resumed with the same settings and seed, the run logs the same
+        losses as an uninterrupted one. A teacher copied at the target choice is restored from the checkpoint; a
+        given `teacher_model` must be passed again. A checkpoint written with other `msw_*` / target settings is
+        refused.
+        """
+        checkpoint = resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        if checkpoint is not None:
+            self._load_penalty_state(checkpoint)
+            checkpoint = str(checkpoint)
+        return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------
     # model card
 
     def create_model_card(self, *args, tags: str | list[str] | None = None, **kwargs) -> None:
@@ -499,6 +708,14 @@ class MSWPenaltyMixin:
         for key, value in self._flush_metrics("eval").items():
             output.metrics[f"{metric_key_prefix}_{key}"] = value
         return output
+
+
+def _jsonable(value):
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
 
 
 def distillation_loss(
