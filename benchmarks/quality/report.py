@@ -97,7 +97,8 @@ def _study_section(name: str, config: dict, results: list[dict], plot_dir: Path,
     seeds = sorted({r["seed"] for r in results})
     lines.append(
         f"Schedule: {study['steps']} optimizer steps x batch {study['batch_size']}, lr {study['learning_rate']}, "
-        f"{study['warmup_steps']} warm-up steps, max length {study['max_length']}; seeds {seeds}; "
+        f"{study['warmup_steps']} warm-up steps, max length {study['max_length']}; seeds run: {seeds} (per arm: "
+        "see the seeds column); "
         f"penalty λ = {study['msw_weight']}; prune-then-heal heals the last {study['heal_steps']} steps. {study.get('notes', '')}"
     )
     first = results[0]
@@ -111,11 +112,12 @@ def _study_section(name: str, config: dict, results: list[dict], plot_dir: Path,
     lines.append("")
 
     references = [(a, table[(a, 0)]) for a in arms if (a, 0) in table]
-    lines += [f"### Test {metric}", "", "| arm | " + " | ".join(["full depth"] + [f"k = {k} removed" for k in ks]) + " |"]
-    lines.append("|---|" + "---:|" * (len(ks) + 1))
+    lines += [f"### Test {metric}", "", "| arm | seeds | " + " | ".join(["full depth"] + [f"k = {k} removed" for k in ks]) + " |"]
+    lines.append("|---|---|" + "---:|" * (len(ks) + 1))
     for a in arms:
         row = [_cell(table.get((a, 0)), "test")] + [_cell(table.get((a, k)), "test") for k in ks]
-        lines.append(f"| {a} | " + " | ".join(row) + " |")
+        seeds_of = sorted({s for k in [0, *ks] if (a, k) in table for s in table[(a, k)]["seeds"]})
+        lines.append(f"| {a} | {', '.join(map(str, seeds_of))} | " + " | ".join(row) + " |")
     lines += ["", f"### Out-of-domain {metric} ({study['ood']})", ""]
     lines.append("| arm | " + " | ".join(["full depth"] + [f"k = {k}" for k in ks]) + " |")
     lines.append("|---|" + "---:|" * (len(ks) + 1))
@@ -127,7 +129,7 @@ def _study_section(name: str, config: dict, results: list[dict], plot_dir: Path,
     full = table.get(("vanilla", 0))
     sign = 1 if metric == "accuracy" else -1
     lines += ["", "### Headline per k (test, mean over seeds)", ""]
-    lines.append("| k | vanilla full depth | best post-hoc peer | best of ours (penalty) | prune-then-fine-tune | prune-then-heal |")
+    lines.append("| k | vanilla full depth | best post-hoc peer | best training-time collapse (ours) | prune-then-fine-tune | prune-then-heal |")
     lines.append("|---:|---:|---:|---:|---:|---:|")
     for k in ks:
         def best(family):
@@ -208,7 +210,8 @@ def _study_section(name: str, config: dict, results: list[dict], plot_dir: Path,
 
     plots = _plots(name, table, arms, ks, metric, plot_dir)
     lines += ["", "### Plots", ""] + [f"![{p.stem}]({link_prefix}{p.name})" for p in plots]
-    lines += ["", "Arms:", ""] + [f"- `{a}`: {ARMS[a].description}" for a in arms if a in ARMS]
+    descriptions = {r["arm"]: r.get("description") or (ARMS[r["arm"]].description if r["arm"] in ARMS else "") for r in results}
+    lines += ["", "Arms:", ""] + [f"- `{a}` ({table[next(key for key in table if key[0] == a)]['family']}): {descriptions.get(a, '')}" for a in arms]
     return "\n".join(lines) + "\n"
 
 
