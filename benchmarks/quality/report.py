@@ -78,6 +78,9 @@ def _cell(entry: dict | None, split: str) -> str:
     text = f"{_fmt(s['mean'], entry['metric'])} ± {_fmt(s['std'], entry['metric'])}"
     if "se" in s:
         text += f" (SE {s['se']:.3f})"
+    n = len(entry["seeds"])
+    if n < entry.get("study_seeds", n):  # fewer seeds than the study's: say so in the cell
+        text += f" [{n} seed{'s' if n > 1 else ''}]"
     return text
 
 
@@ -89,6 +92,9 @@ def _arm_order(names) -> list[str]:
 def _study_section(name: str, config: dict, results: list[dict], plot_dir: Path, link_prefix: str) -> str:
     study = config["study"]
     table = aggregate(results)
+    most = max(len(e["seeds"]) for e in table.values())
+    for e in table.values():
+        e["study_seeds"] = max(len(study["seeds"]), most)
     metric = results[0]["metric"]
     arms = _arm_order({a for a, _ in table})
     ks = sorted({k for _, k in table if k > 0})
