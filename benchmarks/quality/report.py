@@ -230,13 +230,18 @@ def _plots(name: str, table: dict, arms: list[str], ks: list[int], metric: str, 
     plot_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for split, title in (("test", "test"), ("ood", "out-of-domain")):
-        figure, axes = plt.subplots(figsize=(8, 5))
-        for a in arms:
+        figure, axes = plt.subplots(figsize=(9, 6))
+        colours = plt.cm.tab20.colors
+        styles = {"post-hoc": ":", "ours": "-", "baseline": "--"}
+        markers = {"post-hoc": "o", "ours": "s", "baseline": "D"}
+        for index, a in enumerate(arms):
             points = [(k, table[(a, k)][split]) for k in ks if (a, k) in table]
             if points:
+                family = table[next(key for key in table if key[0] == a)]["family"]
                 axes.errorbar(
                     [p[0] for p in points], [p[1]["mean"] for p in points], yerr=[p[1]["std"] for p in points],
-                    marker="o", capsize=3, label=a,
+                    marker=markers.get(family, "^"), linestyle=styles.get(family, "-."), capsize=3,
+                    color=colours[index % len(colours)], label=f"{a} ({family})",
                 )
             elif (a, 0) in table:
                 s = table[(a, 0)][split]
