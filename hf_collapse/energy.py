@@ -57,8 +57,8 @@ class RaplCounter(EnergyCounter):
 
     source = "RAPL"
 
-    def __init__(self, root: str | Path = POWERCAP_ROOT):
-        self.root = Path(root)
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(POWERCAP_ROOT if root is None else root)
         zones = sorted(p for p in self.root.glob("intel-rapl:*") if p.name.count(":") == 1)
         if not zones:
             raise RuntimeError(f"no RAPL package zone (intel-rapl:N) under {self.root}: this machine exposes no RAPL counter")
@@ -121,7 +121,7 @@ class NvmlCounter(EnergyCounter):
         return (after - before) / 1e3  # millijoules
 
 
-def find_counter(device: str = "cpu", *, powercap_root: str | Path = POWERCAP_ROOT, nvml_module: Any = None):
+def find_counter(device: str = "cpu", *, powercap_root: str | Path | None = None, nvml_module: Any = None):
     """The hardware energy counter for `device`, or why there is none.
 
     Args:
@@ -137,7 +137,7 @@ def find_counter(device: str = "cpu", *, powercap_root: str | Path = POWERCAP_RO
             index = int(device.split(":", 1)[1]) if ":" in device else 0
             return NvmlCounter(index, module=nvml_module), ""
         if device == "cpu":
-            return RaplCounter(powercap_root), ""
+            return RaplCounter(POWERCAP_ROOT if powercap_root is None else powercap_root), ""
     except RuntimeError as error:
         return None, str(error)
     return None, f"no energy counter is known for device {device!r} (only cpu via RAPL and cuda via NVML)"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -111,7 +111,7 @@ class ToleranceSelection:
     curve: tuple[tuple[tuple[int, ...], float], ...]
     stack: str = ""
     trials: tuple[tuple[int, tuple[int, ...], float], ...] = ()
-    seconds: float = 0.0
+    seconds: float = field(default=0.0, compare=False)  # wall time: two equal choices may differ in it
     higher_is_better: bool = True
 
     @property

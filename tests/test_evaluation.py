@@ -442,3 +442,47 @@ def test_latency_refusals(llama) -> None:
         compare_latency(llama, llama, batch, repeats=0)
     with pytest.raises(ValueError, match="use mode='forward'"):
         measure_latency(bert_classifier(), {"input_ids": torch.tensor([[3, 4]])}, mode="prefill")
+
+
+# ---- length-sorted batches and cached metric modules ----
+
+
+def test_load_metric_is_loaded_once_and_reused() -> None:
+    assert load_metric("accuracy", keep_in_memory=True) is load_metric("accuracy", keep_in_memory=True)
+    assert load_metric("f1", keep_in_memory=True) is not load_metric("accuracy", keep_in_memory=True)
+
+
+def test_length_sorted_batches_pad_less_and_keep_the_dataset_order(tokenized: Dataset, tokenizer, monkeypatch) -> None:
+    model = bert_classifier(seed=3)
+    with torch.no_grad():
+        expected = [int(model(input_ids=torch.tensor([row["input_ids"]])).logits.argmax()) for row in tokenized]
+    module = load_metric("accuracy", keep_in_memory=True)
+    seen: list[tuple[list, list]] = []
+    compute = module.compute
+    monkeypatch.setattr(
+        module, "compute", lambda predictions, references, **kw: seen.append((predictions, references)) or compute(predictions=predictions, references=references)
+    )
+    widths: list[tuple[int, int]] = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        by_length = evaluate_classification(model, tokenized, batch_size=4, tokenizer=tokenizer, metric=module)
+        padded_sorted = sum(rows * width for rows, width in widths)
+        widths.clear()
+        unsorted = evaluate_classification(model, tokenized, batch_size=4, tokenizer=tokenizer, metric=module, sort_by_length=False)
+        padded_unsorted = sum(rows * width for rows, width in widths)
+    finally:
+        hook.remove()
+    assert by_length == unsorted
+    # the metric sees every row's own prediction, in the dataset's order, both ways
+    assert seen[0] == seen[1] == (expected, list(tokenized["labels"]))
+    real = sum(len(ids) for ids in tokenized["input_ids"])
+    assert real <= padded_sorted < padded_unsorted
+
+
+def test_perplexity_does_not_depend_on_sorting() -> None:
+    model = TINY_MODELS["llama"].build()
+    rows = lm_rows(seed=1)
+    assert perplexity(model, rows, batch_size=2) == pytest.approx(
+        perplexity(model, rows, batch_size=2, sort_by_length=False), rel=1e-5
+    )
+    assert perplexity(model, rows, batch_size=2) == pytest.approx(hand_perplexity(model, rows), rel=1e-5)

@@ -3,6 +3,7 @@ its refusals of bad input before any training."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -56,6 +57,10 @@ def test_measured_selection_keeps_trials_and_costs(quick_run: Path):
     # cheap: baseline + 3 + 3 candidates on the subset, plus one Block Influence calibration pass
     assert cheap["selection"]["evaluations"] == 1 + 3 + 3
     assert cheap["selection"]["forward_passes"] == 7 * study.cheap_rows + study.calibration_rows
+    # screened: every single-layer cost once on the subset, then greedy over the 3 cheapest
+    screened = json.loads((quick_run / "vanilla_measured_screened" / "seed0_k2.json").read_text())
+    assert screened["selection"]["evaluations"] == (1 + 6) + (1 + 3 + 3)
+    assert screened["selection"]["forward_passes"] == 14 * study.cheap_rows
     k1 = json.loads((quick_run / "vanilla_measured" / "seed0_k1.json").read_text())
     assert k1["layers"] == [full["trials"][i][1][0] for i in range(1, 7) if full["trials"][i][2] == k1["validation"]][:1]
 
@@ -100,8 +105,13 @@ def test_rerun_resumes_and_a_changed_protocol_is_refused(quick_run: Path, capsys
     run_study(study, quick_run, log=print)
     assert "0 to run" in capsys.readouterr().out
     assert before == {p: p.stat().st_mtime_ns for p in quick_run.glob("*/seed*_k*.json")}
-    import dataclasses
 
+    # a new k reuses the cached shared fine-tune instead of training it again
+    assert (quick_run / "cache" / "vanilla-seed0.pt").is_file()
+    run_study(dataclasses.replace(study, arms=("vanilla_last_k",), ks=(3,)), quick_run, log=print)
+    out = capsys.readouterr().out
+    assert "loaded the vanilla fine-tune of seed 0" in out and "fine-tuned vanilla" not in out
+    assert json.loads((quick_run / "vanilla_last_k" / "seed0_k3.json").read_text())["layers"] == [2, 3, 4]
     with pytest.raises(StudyError, match="different configuration.*steps"):
         check_study(dataclasses.replace(study, steps=5), quick_run)
 
@@ -111,12 +121,16 @@ def test_rerun_resumes_and_a_changed_protocol_is_refused(quick_run: Path, capsys
     [({"arms": ("vanilla", "no_such_arm")}, "unknown arm"), ({"ks": (6,)}, "at least one layer"), ({"ks": (0,)}, "1 to 5")],
 )
 def test_bad_input_is_refused_before_training(tmp_path, changes, message):
-    import dataclasses
-
     study = dataclasses.replace(get_study("minilm", quick=True), **changes)
     with pytest.raises(StudyError, match=message):
         run_study(study, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_unknown_model_is_refused_before_training(tmp_path):
+    study = dataclasses.replace(get_study("minilm", quick=True), model="offline:no-such-model")
+    with pytest.raises(StudyError, match="cannot use the model 'offline:no-such-model'"):
+        run_study(study, tmp_path / "out")
 
 
 def test_unknown_study_is_a_clear_error(capsys):

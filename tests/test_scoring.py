@@ -412,6 +412,30 @@ def test_measured_strategy_beats_a_misleading_ranking(two_identity):
     assert one_candidate == ranked
 
 
+def test_measured_selection_keeps_every_trial_and_its_cost(two_identity):
+    model, _ = two_identity
+    misleading = LayerScores(method="msw", values=(0.0, 0.2, 0.1, 0.3))
+    metric = LogitGap(model)
+    measured = select_by_tolerance(model, misleading, metric, tolerance=1e-6, strategy="measured")
+    assert measured.evaluations == len(metric.calls) == 10 and measured.seconds > 0
+    assert [step for step, _, _ in measured.trials] == [0, 1, 1, 1, 1, 2, 2, 2, 3, 3]
+    assert measured.trials[0] == (0, (), 0.0)
+    # every trial's metric is what that bypass really gives
+    for _, layers, value in measured.trials:
+        assert value == pytest.approx(bypassed_metric(model, metric, layers))
+    costs = measured.removal_costs()
+    assert sorted(costs) == [0, 1, 2, 3]
+    assert costs[1] == costs[3] == 0.0 and costs[0] > 1e-3 and costs[2] > 1e-3
+    # a metric where lower is better: costs stay positive for harmful removals
+    as_loss = select_by_tolerance(
+        model, misleading, LogitGap(model, sign=1.0), tolerance=1e-6, strategy="measured", higher_is_better=False
+    )
+    assert as_loss.removal_costs() == pytest.approx(costs)
+    # rank first and measure only the best two: 1 + 2 + 2 + ... evaluations
+    few = select_by_tolerance(model, misleading, LogitGap(model), tolerance=math.inf, max_layers=2, strategy="measured", num_candidates=2)
+    assert few.evaluations == 1 + 2 + 2 and {l[0] for s, l, _ in few.trials if s == 1} == {0, 2}
+
+
 def test_selection_progress_counts_evaluations_against_the_most_possible(two_identity, capsys):
     model, _ = two_identity
     misleading = LayerScores(method="msw", values=(0.0, 0.2, 0.1, 0.3))

@@ -157,6 +157,13 @@ arm("penalty_measured", "uniform penalty, greedy measured bypass (every layer, a
     _measured("penalty", False)
 )
 arm("penalty_measured_cheap", "uniform penalty, cheap greedy bypass", family="ours")(_measured("penalty", True))
+arm(
+    "vanilla_measured_screened",
+    "vanilla fine-tune, cheap greedy bypass ranked by measured single-layer costs on a validation subset",
+)(_measured("vanilla", "screened"))
+arm("penalty_measured_screened", "uniform penalty, cheap greedy bypass ranked by measured single-layer costs", family="ours")(
+    _measured("penalty", "screened")
+)
 
 
 # ---------------------------------------------------------------------------------------------- strong baselines
@@ -183,7 +190,7 @@ def prune_then_heal(ctx: Context, seed: int, k: int) -> dict:
     key = f"partial/{seed}"
     candidates = [ctx.ranked(key, model, m, k) for m in ("block_influence", "angular", "msw")]
     candidates.append(Selection(list(range(ctx.num_layers - 1 - k, ctx.num_layers - 1)), "last k before the final layer"))
-    greedy = ctx.measured(key, model, k, cheap=ctx.num_layers > 12)
+    greedy = ctx.measured(key, model, k, cheap="screened" if ctx.num_layers > 12 else False)
     forward, seconds = greedy.forward_passes, greedy.seconds
     for candidate in candidates:  # the rankings' own validation metric; the greedy path measured its own
         start = time.perf_counter()

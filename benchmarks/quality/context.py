@@ -62,8 +62,10 @@ class _Snapshot(TrainerCallback):
 class Context:
     """Shared state of one study run. Built once; arms call its methods."""
 
-    def __init__(self, study: Study, log=print):
+    def __init__(self, study: Study, log=print, cache_dir: str | Path | None = None):
         self.study, self.log = study, log
+        # shared fine-tunes are kept here, so a resumed or extended study does not train them again
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tmp = Path(tempfile.mkdtemp(prefix="hf-collapse-quality-"))
         self.recipe = RecipeArguments(
@@ -199,12 +201,25 @@ class Context:
         key = f"{recipe}/{seed}"
         if key not in self._models:
             model = self.pretrained(seed)
-            snapshot = _Snapshot(self.study.steps - self.study.heal_steps)
-            seconds = self.fit(model, seed, self.study.steps, penalty=recipe == "penalty", callbacks=[snapshot])
-            self.log(f"  fine-tuned {recipe} seed {seed}: {self.study.steps} steps in {seconds:.0f} s")
+            cached = self.cache_dir / f"{recipe}-seed{seed}.pt" if self.cache_dir is not None else None
+            if cached is not None and cached.is_file():
+                saved = torch.load(cached, map_location="cpu", weights_only=True)
+                model.load_state_dict(saved["final"])
+                snapshot_state = saved["snapshot"]
+                self.log(f"  loaded the {recipe} fine-tune of seed {seed} from {cached}")
+            else:
+                snapshot = _Snapshot(self.study.steps - self.study.heal_steps)
+                seconds = self.fit(model, seed, self.study.steps, penalty=recipe == "penalty", callbacks=[snapshot])
+                self.log(f"  fine-tuned {recipe} seed {seed}: {self.study.steps} steps in {seconds:.0f} s")
+                snapshot_state = snapshot.state_dict
+                if cached is not None:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    final = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+                    torch.save({"final": final, "snapshot": snapshot_state}, cached.with_suffix(".tmp"))
+                    cached.with_suffix(".tmp").replace(cached)
             model.eval()
             self._models[key] = model
-            self._snapshots[key] = snapshot.state_dict
+            self._snapshots[key] = snapshot_state
         return self._models[key]
 
     def partial(self, seed: int) -> torch.nn.Module:
@@ -294,42 +309,70 @@ class Context:
         layers = hf_collapse.select_lowest(scores, k)
         return Selection(layers, f"{method} ranking", forward_passes=len(self.calibration), seconds=seconds)
 
-    def measured(self, key: str, model, k: int, *, cheap: bool = False) -> Selection:
+    def measured(self, key: str, model, k: int, *, cheap: bool | str = False) -> Selection:
         """Greedy bypass: each step removes the layer whose bypass hurts the validation metric least.
 
-        Full: every remaining layer tried on all validation rows. Cheap: only the `cheap_candidates`
-        lowest-Block-Influence layers tried, on `cheap_rows` validation rows. The greedy path for the
-        study's largest k is computed once; the choice for a smaller k is its prefix, and its cost counts
-        only the evaluations up to that step (wall time prorated by evaluations).
+        - `cheap=False`: every remaining layer tried on all validation rows.
+        - `cheap=True`: only the `cheap_candidates` lowest-Block-Influence layers tried, on `cheap_rows`
+          validation rows.
+        - `cheap="screened"`: every layer's single-layer bypass cost measured once on `cheap_rows` rows (a
+          measured ranking), then greedy over the `cheap_candidates` cheapest-to-remove layers on those rows.
+
+        The greedy path for the study's largest k is computed once; the choice for a smaller k is its prefix,
+        and its cost counts only the evaluations up to that step (wall time prorated by evaluations).
         """
-        cache_key = (key, "cheap" if cheap else "full")
-        rows = self.cheap_validation if cheap else self.validation
-        method = "block_influence" if cheap else "msw"  # full: the order only breaks ties
-        scores, score_seconds = self.scores(key, model, method)
+        mode = {False: "full", True: "cheap"}.get(cheap, cheap)
+        if mode not in ("full", "cheap", "screened"):
+            raise ValueError(f"unknown measured mode {cheap!r}")
+        cache_key = (key, mode)
+        rows = self.validation if mode == "full" else self.cheap_validation
+        evaluate = lambda m: self.metric(m, rows)  # noqa: E731
+        extra_passes, extra_evaluations, extra_seconds = 0, 0, 0.0
+        if mode == "screened":
+            msw, _ = self.scores(key, model, "msw")
+            screen_key = (key, "screen")
+            if screen_key not in self._greedy:
+                self._greedy[screen_key] = hf_collapse.select_by_tolerance(
+                    model, msw, evaluate, math.inf, max_layers=1, higher_is_better=self.higher_is_better,
+                    strategy="measured", progress=False,
+                )
+            screen = self._greedy[screen_key]
+            costs = screen.removal_costs()
+            scores = hf_collapse.LayerScores("bypass cost", [costs[i] for i in range(len(costs))], stack=msw.stack)
+            extra_evaluations, extra_seconds = screen.evaluations, screen.seconds
+            extra_passes = screen.evaluations * len(rows)
+            score_seconds = 0.0
+        else:
+            method = "block_influence" if mode == "cheap" else "msw"  # full: the order only breaks ties
+            scores, score_seconds = self.scores(key, model, method)
+            if mode == "cheap":
+                extra_passes, extra_seconds = len(self.calibration), score_seconds
         if cache_key not in self._greedy:
             self._greedy[cache_key] = hf_collapse.select_by_tolerance(
                 model,
                 scores,
-                lambda m: self.metric(m, rows),
+                evaluate,
                 math.inf,
                 max_layers=max(self.study.ks),
                 higher_is_better=self.higher_is_better,
                 strategy="measured",
-                num_candidates=self.study.cheap_candidates if cheap else None,
+                num_candidates=None if mode == "full" else self.study.cheap_candidates,
                 progress=False,
             )
         selection = self._greedy[cache_key]
         chosen, value = selection.curve[k]
         trials = [t for t in selection.trials if t[0] <= k]
-        passes = len(trials) * len(rows) + (len(self.calibration) if cheap else 0)
-        seconds = selection.seconds * len(trials) / max(1, selection.evaluations) + (score_seconds if cheap else 0.0)
-        name = (
-            f"greedy bypass, {self.study.cheap_candidates} lowest-BI candidates on {len(rows)} validation rows"
-            if cheap
-            else f"greedy bypass, every layer on {len(rows)} validation rows"
-        )
+        passes = len(trials) * len(rows) + extra_passes
+        seconds = selection.seconds * len(trials) / max(1, selection.evaluations) + extra_seconds
+        name = {
+            "full": f"greedy bypass, every layer on {len(rows)} validation rows",
+            "cheap": f"greedy bypass, {self.study.cheap_candidates} lowest-BI candidates on {len(rows)} validation rows",
+            "screened": f"single-layer bypass costs on {len(rows)} validation rows, then greedy over the "
+            f"{self.study.cheap_candidates} cheapest",
+        }[mode]
         return Selection(
-            sorted(chosen), name, passes, len(trials), seconds, value, [[s, list(l), m] for s, l, m in trials]
+            sorted(chosen), name, passes, len(trials) + extra_evaluations, seconds, value,
+            [[s, list(l), m] for s, l, m in trials],
         )
 
     def validation_metric(self, model, layers: list[int]) -> float:

@@ -78,6 +78,9 @@ def _cell(entry: dict | None, split: str) -> str:
     text = f"{_fmt(s['mean'], entry['metric'])} ± {_fmt(s['std'], entry['metric'])}"
     if "se" in s:
         text += f" (SE {s['se']:.3f})"
+    n = len(entry["seeds"])
+    if n < entry.get("study_seeds", n):  # fewer seeds than the study's: say so in the cell
+        text += f" [{n} seed{'s' if n > 1 else ''}]"
     return text
 
 
@@ -89,6 +92,9 @@ def _arm_order(names) -> list[str]:
 def _study_section(name: str, config: dict, results: list[dict], plot_dir: Path, link_prefix: str) -> str:
     study = config["study"]
     table = aggregate(results)
+    most = max(len(e["seeds"]) for e in table.values())
+    for e in table.values():
+        e["study_seeds"] = max(len(study["seeds"]), most)
     metric = results[0]["metric"]
     arms = _arm_order({a for a, _ in table})
     ks = sorted({k for _, k in table if k > 0})
@@ -97,7 +103,8 @@ def _study_section(name: str, config: dict, results: list[dict], plot_dir: Path,
     seeds = sorted({r["seed"] for r in results})
     lines.append(
         f"Schedule: {study['steps']} optimizer steps x batch {study['batch_size']}, lr {study['learning_rate']}, "
-        f"{study['warmup_steps']} warm-up steps, max length {study['max_length']}; seeds {seeds}; "
+        f"{study['warmup_steps']} warm-up steps, max length {study['max_length']}; seeds run: {seeds} (per arm: "
+        "see the seeds column); "
         f"penalty λ = {study['msw_weight']}; prune-then-heal heals the last {study['heal_steps']} steps. {study.get('notes', '')}"
     )
     first = results[0]
@@ -111,11 +118,12 @@ def _study_section(name: str, config: dict, results: list[dict], plot_dir: Path,
     lines.append("")
 
     references = [(a, table[(a, 0)]) for a in arms if (a, 0) in table]
-    lines += [f"### Test {metric}", "", "| arm | " + " | ".join(["full depth"] + [f"k = {k} removed" for k in ks]) + " |"]
-    lines.append("|---|" + "---:|" * (len(ks) + 1))
+    lines += [f"### Test {metric}", "", "| arm | seeds | " + " | ".join(["full depth"] + [f"k = {k} removed" for k in ks]) + " |"]
+    lines.append("|---|---|" + "---:|" * (len(ks) + 1))
     for a in arms:
         row = [_cell(table.get((a, 0)), "test")] + [_cell(table.get((a, k)), "test") for k in ks]
-        lines.append(f"| {a} | " + " | ".join(row) + " |")
+        seeds_of = sorted({s for k in [0, *ks] if (a, k) in table for s in table[(a, k)]["seeds"]})
+        lines.append(f"| {a} | {', '.join(map(str, seeds_of))} | " + " | ".join(row) + " |")
     lines += ["", f"### Out-of-domain {metric} ({study['ood']})", ""]
     lines.append("| arm | " + " | ".join(["full depth"] + [f"k = {k}" for k in ks]) + " |")
     lines.append("|---|" + "---:|" * (len(ks) + 1))
@@ -127,7 +135,7 @@ def _study_section(name: str, config: dict, results: list[dict], plot_dir: Path,
     full = table.get(("vanilla", 0))
     sign = 1 if metric == "accuracy" else -1
     lines += ["", "### Headline per k (test, mean over seeds)", ""]
-    lines.append("| k | vanilla full depth | best post-hoc peer | best of ours (penalty) | prune-then-fine-tune | prune-then-heal |")
+    lines.append("| k | vanilla full depth | best post-hoc peer | best training-time collapse (ours) | prune-then-fine-tune | prune-then-heal |")
     lines.append("|---:|---:|---:|---:|---:|---:|")
     for k in ks:
         def best(family):
@@ -208,7 +216,8 @@ def _study_section(name: str, config: dict, results: list[dict], plot_dir: Path,
 
     plots = _plots(name, table, arms, ks, metric, plot_dir)
     lines += ["", "### Plots", ""] + [f"![{p.stem}]({link_prefix}{p.name})" for p in plots]
-    lines += ["", "Arms:", ""] + [f"- `{a}`: {ARMS[a].description}" for a in arms if a in ARMS]
+    descriptions = {r["arm"]: r.get("description") or (ARMS[r["arm"]].description if r["arm"] in ARMS else "") for r in results}
+    lines += ["", "Arms:", ""] + [f"- `{a}` ({table[next(key for key in table if key[0] == a)]['family']}): {descriptions.get(a, '')}" for a in arms]
     return "\n".join(lines) + "\n"
 
 
@@ -221,13 +230,18 @@ def _plots(name: str, table: dict, arms: list[str], ks: list[int], metric: str, 
     plot_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for split, title in (("test", "test"), ("ood", "out-of-domain")):
-        figure, axes = plt.subplots(figsize=(8, 5))
-        for a in arms:
+        figure, axes = plt.subplots(figsize=(9, 6))
+        colours = plt.cm.tab20.colors
+        styles = {"post-hoc": ":", "ours": "-", "baseline": "--"}
+        markers = {"post-hoc": "o", "ours": "s", "baseline": "D"}
+        for index, a in enumerate(arms):
             points = [(k, table[(a, k)][split]) for k in ks if (a, k) in table]
             if points:
+                family = table[next(key for key in table if key[0] == a)]["family"]
                 axes.errorbar(
                     [p[0] for p in points], [p[1]["mean"] for p in points], yerr=[p[1]["std"] for p in points],
-                    marker="o", capsize=3, label=a,
+                    marker=markers.get(family, "^"), linestyle=styles.get(family, "-."), capsize=3,
+                    color=colours[index % len(colours)], label=f"{a} ({family})",
                 )
             elif (a, 0) in table:
                 s = table[(a, 0)][split]

@@ -44,7 +44,10 @@ def check_study(study: Study, out_dir: Path) -> int:
         raise StudyError("no k given: name at least one number of layers to remove")
     if not study.seeds:
         raise StudyError("no seed given")
-    num_layers = _num_layers(study)
+    try:
+        num_layers = _num_layers(study)
+    except (ValueError, OSError) as error:  # an unknown offline alias or an unreadable model folder
+        raise StudyError(f"cannot use the model {study.model!r}: {error}") from error
     bad = [k for k in study.ks if not isinstance(k, int) or k < 1 or k >= num_layers]
     if bad:
         raise StudyError(
@@ -94,7 +97,7 @@ def run_study(study: Study, out_dir: str | Path, log=print) -> list[Path]:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     started = time.perf_counter()
-    ctx = Context(study, log=log)
+    ctx = Context(study, log=log, cache_dir=out_dir / "cache")
     current_seed = None
     for seed, name, k in todo:
         if current_seed is not None and seed != current_seed:

@@ -74,6 +74,8 @@ MINILM_ARMS = (
     "penalty_msw",
     "penalty_measured",
     "penalty_measured_cheap",
+    "vanilla_measured_screened",
+    "penalty_measured_screened",
     "prune_then_finetune",
     "prune_then_heal",
     "target_fade",
