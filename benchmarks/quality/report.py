@@ -117,7 +117,6 @@ def _study_section(name: str, config: dict, results: list[dict], plot_dir: Path,
         lines.append("\n**Quick smoke run** (tiny schedule and splits): these numbers say nothing about quality.")
     lines.append("")
 
-    references = [(a, table[(a, 0)]) for a in arms if (a, 0) in table]
     lines += [f"### Test {metric}", "", "| arm | seeds | " + " | ".join(["full depth"] + [f"k = {k} removed" for k in ks]) + " |"]
     lines.append("|---|---|" + "---:|" * (len(ks) + 1))
     for a in arms:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = ["PROTOCOL_EXEMPT", "STUDIES", "Study", "get_study"]
 
