@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .msw import SEARCH_MODES
+from .scoring import SCORING_METHODS
 
 __all__ = ["CollapseConfig", "MSWArguments", "steps_of"]
 
@@ -80,6 +81,10 @@ class MSWArguments:
             bypass raises the task loss least on `target_choice_samples` evaluation rows), `"score"` (the lowest
             MSW distances on those rows) or `"post_hoc"` (no targeting: uniform penalty, layers chosen after
             training, as in the paper).
+        target_score (`str`, *optional*, defaults to `"msw"`):
+            The score that `target_choice="score"` ranks by: `"msw"`, `"block_influence"` (ShortGPT) or `"angular"`.
+            With `target_choice_steps=0` and `fade_steps=1` this is prune-then-fine-tune: the lowest-scoring layers
+            of the pretrained model are bypassed from the first step and removed at the end.
         target_choice_steps (`float`, *optional*, defaults to `0.3`):
             When targeting starts: an optimizer step (>= 1) or a fraction of the training steps (< 1). Before
             it the model is fine-tuned without the penalty (every layer's distance is still logged).
@@ -177,6 +182,10 @@ class MSWArguments:
             "choices": list(TARGET_CHOICES),
         },
     )
+    target_score: str = field(
+        default="msw",
+        metadata={"help": "The score of target_choice: score (msw, block_influence or angular).", "choices": list(SCORING_METHODS)},
+    )
     target_choice_steps: float = field(
         default=0.3, metadata={"help": "When targeting starts: a step (>= 1) or a fraction of training (< 1)."}
     )
@@ -241,6 +250,8 @@ class MSWArguments:
             raise ValueError(
                 f"msw_normalization must be one of {', '.join(NORMALIZATIONS)}; got {self.msw_normalization!r}"
             )
+        if self.target_score not in SCORING_METHODS:
+            raise ValueError(f"target_score must be one of {', '.join(SCORING_METHODS)}; got {self.target_score!r}")
         if self.target_choice not in TARGET_CHOICES:
             raise ValueError(f"target_choice must be one of {', '.join(TARGET_CHOICES)}; got {self.target_choice!r}")
         for name in ("msw_layers", "collapse_layers"):

@@ -438,7 +438,7 @@ class MSWPenaltyMixin:
 
     def _choose_by_score(self, model: torch.nn.Module) -> tuple[list[int], int]:
         batches = [{k: v for k, v in self._prepare_inputs(b).items() if k != "labels"} for b in self._choice_loader()]
-        scores = score_layers(unwrap_model(model), batches, method="msw", progress=False)
+        scores = score_layers(unwrap_model(model), batches, method=self.args.target_score, progress=False)
         if self.accelerator.num_processes > 1:  # every rank must remove the same layers
             from accelerate.utils import broadcast_object_list
 

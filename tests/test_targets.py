@@ -474,3 +474,35 @@ def test_healing_without_collapse_is_refused_by_the_recipe(tmp_path):
     path.write_text(f"model_name_or_path: m\ntask: causal-lm\ndataset_name: d\noutput_dir: {tmp_path}\ncollapse: false\nheal_steps: 5\n")
     with pytest.raises(RecipeError, match="heal_steps needs collapse: true"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("score", ["block_influence", "angular", "msw"])
+def test_prune_then_fine_tune_is_a_target_schedule(tmp_path, trained_state, score):
+    """target_choice=score at step 0 with a one-step fade: the lowest-scoring layer of the model as loaded is chosen
+    before any update, runs at full strength in the first step only, and is bypassed from then on. So it trains the
+    same weights as one full-depth step, then deleting that layer and fine-tuning the rest (SGD on the full batch)."""
+    from hf_collapse import score_layers, select_lowest
+
+    data = lm_dataset(16)
+    sgd = dict(learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+               per_device_train_batch_size=16)
+    model = identity_layers_llama(trained_state, [])
+    batches = [{k: torch.tensor(v) for k, v in data[:8].items() if k != "labels"}]
+    expected = select_lowest(score_layers(model, batches, method=score, progress=False), 1)
+    targeted = CollapseTrainer(
+        model=model, eval_dataset=data.select(range(8)), train_dataset=data,
+        args=config(tmp_path / "t", max_steps=3, collapse_num_layers=1, target_choice="score", target_score=score,
+                    target_choice_steps=0, fade_steps=1, msw_weight=0.0, msw_adaptive=False,
+                    target_choice_samples=8, per_device_eval_batch_size=8, **sgd),
+    )
+    targeted.train()
+    assert targeted.collapse_targets == expected and targeted.fade_alpha() == 0.0
+    assert targeted.msw_schedule[0]["step"] == 0 and targeted.msw_schedule[0]["choice"] == "score"
+    reference = identity_layers_llama(trained_state, [])
+    CollapseTrainer(model=reference, args=config(tmp_path / "a", max_steps=1, msw_weight=0.0, **sgd), train_dataset=data).train()
+    collapse_layers(reference, expected)
+    CollapseTrainer(model=reference, args=config(tmp_path / "b", max_steps=2, msw_weight=0.0, **sgd), train_dataset=data).train()
+    collapse_layers(model, targeted.collapse_targets)
+    trained = dict(model.named_parameters())
+    for name, weight in reference.named_parameters():
+        torch.testing.assert_close(trained[name], weight, rtol=1e-5, atol=1e-6)
