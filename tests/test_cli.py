@@ -162,6 +162,8 @@ def test_train_runs_a_short_quickstart_end_to_end(tmp_path):
         "2",
         "--target_choice",  # the paper's post-hoc choice (the target-depth path is tested in test_targets.py)
         "post_hoc",
+        "--fade_steps",
+        "0",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "removed layers" in result.stdout and "layers" in result.stdout
@@ -218,7 +220,7 @@ def test_recipe_runs_are_reproducible_for_a_seed(tmp_path):
             "--output_dir", str(tmp_path / name / "run"), "--export_dir", str(tmp_path / name / "out"),
             "--max_train_samples", "32", "--max_eval_samples", "32", "--calibration_samples", "16",
             "--latency_repeats", "0", "--collapse_num_layers", "1", "--collapse_strategy", "ranked",
-            "--target_choice", "post_hoc", "--seed", str(seed),
+            "--target_choice", "post_hoc", "--fade_steps", "0", "--seed", str(seed),
             # one real training step: an export never carries a head that was never trained (issue #12)
             "--max_steps", "1", "--warmup_steps", "0", "--per_device_train_batch_size", "4",
         ]

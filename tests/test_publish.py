@@ -90,6 +90,7 @@ def test_push_to_hub_in_a_recipe_uploads_the_collapsed_export_not_the_trainer_ou
         "--collapse_num_layers", "1", "--collapse_candidates", "1", "--save_strategy", "steps", "--save_steps", "1",
         "--push_to_hub", "true", "--hub_model_id", "someone/minilm-collapsed", "--hub_private_repo", "true",
         "--logging_steps", "1", "--warmup_steps", "0",  # with warmup, one step has learning rate 0: the head stays new
+        "--target_choice_steps", "0",  # one step: the target is chosen before it
     ])
     run_recipe(recipe, config, resolved, train=True, log=lambda _: None)
 
