@@ -79,6 +79,13 @@ def task_evaluator(task: str, dataset, collator, batch_size: int):
     )["accuracy"]
 
 
+def _target_clause(start: dict) -> str:
+    if start["choice"] == "given":
+        return f"named in the recipe, targeted from step {start['step']}"
+    how = "by measured bypass cost" if start["choice"] == "measured" else "by score"
+    return f"chosen {how} at step {start['step']}"
+
+
 def _training_fields(config: CollapseConfig, trainer: CollapseTrainer, heal_steps: int, lora: bool) -> dict:
     """What the card records of the training method: targets and their choice, λ as applied, fade, distillation, healing."""
     fields = {"training_steps": trainer.state.global_step}
@@ -330,7 +337,7 @@ def run_recipe(
         candidates=recipe.collapse_candidates, protect_first=config.collapse_protect_first,
         protect_last=config.collapse_protect_last, choose_on=choose_on, evaluate=evaluate, metric_name=metric_name,
         higher_is_better=higher_is_better, base_model=resolved.base_model,
-        selection=selection_sentence(targeted=trainer.msw_schedule[0]["choice"]) if targeted else None,
+        selection=selection_sentence(targeted=_target_clause(trainer.msw_schedule[0])) if targeted else None,
         log=lambda text: stage(text),
     )
     metric_before, metric_after = report.metric_before, report.metric_after

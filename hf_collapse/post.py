@@ -31,7 +31,7 @@ def selection_sentence(
 ) -> str:
     """How the layers were chosen, as a clause for the card."""
     if targeted is not None:
-        return f"training targeted these layers ({targeted}) and they were removed"
+        return f"training targeted the layers it removed ({targeted})"
     if layers is not None:
         return "the layers to remove were given"
     pool = f"among the {candidates} lowest-scoring ones" if candidates else "among all"
