@@ -92,10 +92,23 @@ def run_study(study: Study, out_dir: str | Path, log=print) -> list[Path]:
     if not todo:
         return [result_path(out_dir, a, s, k) for s, a, k in units]
 
-    from .context import Context
-
+    # quiet while the study runs; the caller's logging settings come back afterwards (tests share the process)
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    try:
+        _run_units(study, out_dir, todo, log)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    return [result_path(out_dir, a, s, k) for s, a, k in units]
+
+
+def _run_units(study: Study, out_dir: Path, todo: list[tuple[int, str, int]], log) -> None:
+    from .context import Context
+
     started = time.perf_counter()
     ctx = Context(study, log=log, cache_dir=out_dir / "cache")
     current_seed = None
@@ -130,4 +143,3 @@ def run_study(study: Study, out_dir: str | Path, log=print) -> list[Path]:
         metric = outcome["test"][ctx.metric_name]
         log(f"{name} seed {seed} k {k}: test {ctx.metric_name} {metric:.4f}, layers {outcome.get('layers')} ({outcome['seconds']:.0f} s)")
     log(f"{study.name}: ran {len(todo)} results in {time.perf_counter() - started:.0f} s")
-    return [result_path(out_dir, a, s, k) for s, a, k in units]
