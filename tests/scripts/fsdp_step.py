@@ -9,18 +9,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from test_trainer import FixedDirection, SequentialCollapseTrainer, config, lm_dataset, tiny_llama  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ddp_step import Recording  # noqa: E402  (the DDP step's trainer, which keeps each rank's own metric means)
+from test_trainer import FixedDirection, config, lm_dataset, tiny_llama  # noqa: E402
 
 import datasets  # noqa: E402
-
-
-class Recording(SequentialCollapseTrainer):
-    local_means: list = []
-
-    def _flush_metrics(self, mode):
-        metrics = self._msw_metrics[mode]
-        self.local_means.append({k: sum(v) / len(v) for k, v in metrics.items()})
-        return super()._flush_metrics(mode)
 
 
 def main(out_dir: str) -> None:
