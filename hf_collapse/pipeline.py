@@ -326,7 +326,6 @@ def run_recipe(
         faded = targeted and config.fade_steps
         heal_teacher = trainer.teacher_model if faded else copy.deepcopy(model)
     full = copy.deepcopy(model) if recipe.latency_repeats else None
-    perplexity_before = None
     stage(f"scoring, choosing ({'training targets' if targeted else recipe.collapse_strategy}) and collapsing")
     model, report = collapse_model(
         model,
@@ -350,8 +349,8 @@ def run_recipe(
         )
         metric_after = evaluate(model)
         stage(f"{metric_name} after healing: {metric_after:.4f}")
-    if recipe.task == "causal-lm":
-        perplexity_before = metric_before
+    # for a causal LM the task metric is the perplexity itself
+    perplexity_before, perplexity_after = (metric_before, metric_after) if recipe.task == "causal-lm" else (None, None)
 
     latency = {}
     if full is not None:
@@ -375,7 +374,7 @@ def run_recipe(
         report,
         metric_after=metric_after,
         perplexity_before=perplexity_before,
-        perplexity_after=metric_after if recipe.task == "causal-lm" else None,
+        perplexity_after=perplexity_after,
         datasets=list(data.dataset_ids),
         eval_dataset=recipe.dataset_name,
         eval_split=eval_split,
@@ -404,7 +403,7 @@ def run_recipe(
         layers_before=depth, layers_after=depth - len(report.removed_layers), removed=list(report.removed_layers),
         parameters_before=report.num_parameters_before, parameters_after=model.num_parameters(),
         metric_name=metric_name, metric_before=metric_before, metric_after=metric_after,
-        perplexity_before=perplexity_before, perplexity_after=metric_after if recipe.task == "causal-lm" else None,
+        perplexity_before=perplexity_before, perplexity_after=perplexity_after,
         speedup=speedup, export_dir=export_dir.resolve(), selection_curve=report.selection_curve or [],
         train_steps=trainer.state.global_step if train else 0, heal_steps=heal_steps_done,
         targets=list(trainer.collapse_targets or []) if targeted else None, msw_schedule=list(trainer.msw_schedule),
