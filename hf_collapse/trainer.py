@@ -361,11 +361,9 @@ class MSWPenaltyMixin:
         if args.msw_adaptive:
             self._reference_loss = self._bypass_loss(model, [])
             evaluations += 1
-        if args.distill_weight > 0 and self.teacher_model is None:
-            self.teacher_model = copy.deepcopy(unwrap_model(model))
+        if args.distill_weight > 0 and self.teacher_model is None:  # a given teacher was frozen at construction
+            self.teacher_model = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
             self._teacher_taken = True
-        if self.teacher_model is not None:
-            self.teacher_model.eval().requires_grad_(False)
         self.msw_schedule.append(
             {"step": step, "event": "targets", "targets": list(self.collapse_targets), "weight": self._target_weight,
              "choice": "given" if args.collapse_layers else args.target_choice, "evaluations": evaluations,
