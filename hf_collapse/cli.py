@@ -422,19 +422,30 @@ def _cmd_evaluate(args) -> int:
         if args.compare:
             line += f" vs {result.b.median_ms:.1f} ms (speed-up {result.speedup:.2f}x)"
         print(f"{line} — {latency_setup(result, batch, models[0])}")
-    if args.lm_eval_tasks:
-        _lm_eval(args, [resolve_model(n).path for n in names])
+    if args.lm_eval_tasks or recipe.lm_eval_tasks:
+        _lm_eval(args, recipe, [resolve_model(n).path for n in names])
     return 0
 
 
-def _lm_eval(args, paths: list[str]) -> None:
-    """lm-eval tasks on the model (and the --compare model); results into the --compare export's card."""
+def _lm_eval(args, recipe, paths: list[str]) -> None:
+    """lm-eval tasks on the model (and the --compare model); results into the --compare export's card. The
+    --lm-eval-* flags override the recipe's lm_eval_* fields."""
     from .export import REPORT_FILE, add_benchmarks
-    from .lmeval import LmEvalError, compare_lm_eval, run_lm_eval
+    from .lmeval import LmEvalError, compare_lm_eval, run_lm_eval, sample_limit
 
-    tasks = [t.strip() for t in args.lm_eval_tasks.split(",") if t.strip()]
-    limit = int(args.lm_eval_limit) if args.lm_eval_limit and args.lm_eval_limit >= 1 else args.lm_eval_limit
-    options = dict(include_path=args.lm_eval_include, num_fewshot=args.lm_eval_fewshot, limit=limit)
+    if args.lm_eval_tasks:
+        tasks = [t.strip() for t in args.lm_eval_tasks.split(",") if t.strip()]
+    else:
+        tasks = list(recipe.lm_eval_tasks)
+
+    def option(flag, field):
+        value = getattr(args, flag)
+        return value if value is not None else getattr(recipe, field)
+
+    options = dict(
+        include_path=option("lm_eval_include", "lm_eval_include"), num_fewshot=option("lm_eval_fewshot", "lm_eval_fewshot"),
+        limit=sample_limit(option("lm_eval_limit", "lm_eval_limit")), batch_size=recipe.lm_eval_batch_size,
+    )
     try:
         if len(paths) == 1:
             for task, metrics in run_lm_eval(paths[0], tasks, **options)["results"].items():

@@ -1,7 +1,9 @@
 """lm-evaluation-harness tasks on the model before and after collapse (the optional extra `hf-collapse[lm-eval]`).
 
 Both models are evaluated by EleutherAI's harness exactly as a user would (`--model hf`, the model folder as
-`pretrained`), so the figures in the card are the ones anyone can reproduce with `lm_eval`. The standard tasks
+`pretrained`), so the figures in the card are the ones anyone can reproduce with `lm_eval`. The recipe runner
+passes the models in memory (the harness's `HFLM` around the same `PreTrainedModel` and a copy of its tokenizer):
+the full-depth model is then measured without writing a second checkpoint. The standard tasks
 (`hellaswag`, `arc_easy`, `arc_challenge`, `mmlu`, ...) read their data from the Hub; offline, a local task file
 works (`include_path`: a folder of task YAML files whose `dataset_kwargs.data_files` point to local files).
 """
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from .card import BenchmarkResult
 
-__all__ = ["LmEvalError", "compare_lm_eval", "run_lm_eval"]
+__all__ = ["LmEvalError", "benchmark_results", "check_lm_eval_tasks", "compare_lm_eval", "run_lm_eval", "sample_limit"]
 
 
 class LmEvalError(RuntimeError):
@@ -39,6 +41,20 @@ def _check_tasks(manager, tasks: list[str]) -> None:
         )
 
 
+def sample_limit(value: float | None) -> int | float | None:
+    """The harness's `limit`: a whole number of at least 1 is a count of documents, below 1 a fraction."""
+    return int(value) if value is not None and value >= 1 else value
+
+
+def check_lm_eval_tasks(tasks: list[str], include_path: str | os.PathLike | None = None) -> None:
+    """Refuse, before any work, tasks the harness does not know (or a harness that is not installed).
+
+    Raises:
+        [`LmEvalError`]: one line naming the unknown tasks and where to find the known ones.
+    """
+    _check_tasks(_task_manager(include_path), list(tasks))
+
+
 def _metric_values(task_results: dict) -> dict[str, float]:
     """`{metric: value}` from the harness's `"metric,filter"` keys (standard errors and labels left out)."""
     values = {}
@@ -51,16 +67,22 @@ def _metric_values(task_results: dict) -> dict[str, float]:
 
 
 def run_lm_eval(
-    model: str | os.PathLike,
+    model,
     tasks: list[str],
     *,
+    tokenizer=None,
     include_path: str | os.PathLike | None = None,
     num_fewshot: int | None = None,
     limit: int | float | None = None,
     batch_size: int | str = 8,
     device: str | None = None,
 ) -> dict:
-    """Run lm-evaluation-harness tasks on one model folder (or Hub id) with its `hf` backend.
+    """Run lm-evaluation-harness tasks on one model with its `hf` backend.
+
+    Args:
+        model (`str`, `os.PathLike` or `PreTrainedModel`): a model folder or Hub id (loaded by the harness, as
+            `lm_eval --model hf --model_args pretrained=...` would), or a model in memory (then `tokenizer` is
+            required; the harness gets a copy of it, so the caller's tokenizer is never changed).
 
     Returns:
         `dict`: `{"results": {task: {metric: value}}, "splits": {task: split}, "datasets": {task: Hub id or None},
@@ -77,17 +99,28 @@ def run_lm_eval(
 
     if device is None:  # the harness itself defaults to "cuda", even on a machine without one
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(model, torch.nn.Module):
+        import copy
+
+        from lm_eval.models.huggingface import HFLM
+
+        if tokenizer is None:
+            raise ValueError("run_lm_eval on a model in memory needs its tokenizer: pass tokenizer=")
+        backend = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+        model_args, name = None, f"the {type(model).__name__} in memory"
+    else:
+        backend, model_args, name = "hf", {"pretrained": str(model)}, str(model)
 
     try:
         output = lm_eval.simple_evaluate(
-            model="hf", model_args={"pretrained": str(model)}, tasks=list(tasks), task_manager=manager,
+            model=backend, model_args=model_args, tasks=list(tasks), task_manager=manager,
             num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device, log_samples=False,
         )
     except (ConnectionError, OSError, ValueError, KeyError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (offline mode is on: standard tasks read their data from the Hub; use a local task file)" if offline else ""
-        raise LmEvalError(f"lm-eval could not run {', '.join(tasks)} on {model}: {first}{hint}") from error
+        raise LmEvalError(f"lm-eval could not run {', '.join(tasks)} on {name}: {first}{hint}") from error
     configs = output.get("configs", {})
     splits, datasets, dataset_configs = {}, {}, {}
     for task, config in configs.items():
@@ -105,16 +138,18 @@ def run_lm_eval(
     }
 
 
-def compare_lm_eval(
-    before: str | os.PathLike, after: str | os.PathLike, tasks: list[str], **kwargs
-) -> list[BenchmarkResult]:
+def compare_lm_eval(before, after, tasks: list[str], **kwargs) -> list[BenchmarkResult]:
     """Run the same lm-eval tasks on the base model (``before``) and the collapsed one (``after``).
 
-    Keyword arguments are those of [`run_lm_eval`]. Returns one [`BenchmarkResult`] per task and metric, ready
-    for `CollapseReport.benchmarks`; the dataset id is kept only where the task reads a Hub dataset.
+    Keyword arguments are those of [`run_lm_eval`]; the models are folders, Hub ids or models in memory. Returns
+    [`benchmark_results`] of the two runs.
     """
-    first = run_lm_eval(before, tasks, **kwargs)
-    second = run_lm_eval(after, tasks, **kwargs)
+    return benchmark_results(run_lm_eval(before, tasks, **kwargs), run_lm_eval(after, tasks, **kwargs))
+
+
+def benchmark_results(first: dict, second: dict) -> list[BenchmarkResult]:
+    """One [`BenchmarkResult`] per task and metric of two [`run_lm_eval`] outputs (before, after), ready for
+    `CollapseReport.benchmarks`; the dataset id is kept only where the task reads a Hub dataset."""
     try:
         harness = f"lm-evaluation-harness {importlib.metadata.version('lm_eval')}"
     except importlib.metadata.PackageNotFoundError:

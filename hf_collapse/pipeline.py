@@ -43,6 +43,7 @@ class RunSummary:
     heal_steps: int = 0
     targets: list[int] | None = None
     msw_schedule: list = field(default_factory=list)
+    benchmarks: list = field(default_factory=list)  # BenchmarkResult: lm-eval tasks before and after
 
     def table(self) -> str:
         rows = [
@@ -52,6 +53,9 @@ class RunSummary:
         ]
         if self.perplexity_before is not None and self.metric_name != "perplexity":
             rows.append(("perplexity", f"{self.perplexity_before:.2f}", f"{self.perplexity_after:.2f}"))
+        for bench in self.benchmarks:
+            before = "—" if bench.before is None else f"{bench.before:.4f}"
+            rows.append((f"lm-eval {bench.task} {bench.metric}", before, f"{bench.after:.4f}"))
         if self.speedup is not None:
             rows.append(("measured speed-up", "1.00x", f"{self.speedup:.2f}x"))
         width = max(len(r[0]) for r in rows)
@@ -181,6 +185,8 @@ def preflight(recipe: RecipeArguments, config: CollapseConfig, *, train: bool = 
                 f"export_dir {export_dir} already exists and is not empty: choose another folder, or set "
                 "overwrite_export: true to replace it once the new export is complete"
             )
+    if recipe.lm_eval_tasks:
+        _check_lm_eval(recipe)
     if train:
         try:
             resolve_resume(config.resume_from_checkpoint, config.output_dir)
@@ -209,6 +215,30 @@ def preflight(recipe: RecipeArguments, config: CollapseConfig, *, train: bool = 
             f"max_length {recipe.max_length} is above the model's position limit of {limit} tokens "
             f"(max_position_embeddings): lower max_length to {limit} or less"
         )
+
+
+def _check_lm_eval(recipe: RecipeArguments) -> None:
+    from .lmeval import LmEvalError, check_lm_eval_tasks
+
+    if not recipe.collapse:
+        raise RecipeError(
+            "lm_eval_tasks compare the full-depth and the collapsed model, but collapse is false: set collapse: true, "
+            "or run `hf-collapse evaluate --lm-eval-tasks` on the saved model"
+        )
+    try:
+        check_lm_eval_tasks(recipe.lm_eval_tasks, recipe.lm_eval_include)
+    except LmEvalError as error:
+        raise RecipeError(str(error)) from None
+
+
+def _lm_eval_run(recipe: RecipeArguments, model, processor) -> dict:
+    """The recipe's lm-eval tasks on a model in memory (see [`hf_collapse.lmeval.run_lm_eval`])."""
+    from .lmeval import run_lm_eval, sample_limit
+
+    return run_lm_eval(
+        model, recipe.lm_eval_tasks, tokenizer=processor, include_path=recipe.lm_eval_include,
+        num_fewshot=recipe.lm_eval_fewshot, limit=sample_limit(recipe.lm_eval_limit), batch_size=recipe.lm_eval_batch_size,
+    )
 
 
 def _check_budget(config: CollapseConfig, depth: int) -> None:
@@ -326,6 +356,10 @@ def run_recipe(
         faded = targeted and config.fade_steps
         heal_teacher = trainer.teacher_model if faded else copy.deepcopy(model)
     full = copy.deepcopy(model) if recipe.latency_repeats else None
+    lm_eval_before = None
+    if recipe.lm_eval_tasks:
+        stage(f"lm-eval on the full-depth model: {', '.join(recipe.lm_eval_tasks)}")
+        lm_eval_before = _lm_eval_run(recipe, model, processor)
     stage(f"scoring, choosing ({'training targets' if targeted else recipe.collapse_strategy}) and collapsing")
     model, report = collapse_model(
         model,
@@ -349,6 +383,12 @@ def run_recipe(
         )
         metric_after = evaluate(model)
         stage(f"{metric_name} after healing: {metric_after:.4f}")
+    benchmarks = []
+    if lm_eval_before is not None:
+        from .lmeval import benchmark_results
+
+        stage(f"lm-eval on the collapsed model: {', '.join(recipe.lm_eval_tasks)}")
+        benchmarks = benchmark_results(lm_eval_before, _lm_eval_run(recipe, model, processor))
     # for a causal LM the task metric is the perplexity itself
     perplexity_before, perplexity_after = (metric_before, metric_after) if recipe.task == "causal-lm" else (None, None)
 
@@ -384,6 +424,7 @@ def run_recipe(
         pipeline_tag=PIPELINE_TAGS[recipe.task],
         recipe=resolved_recipe if train else None,
         healed=heal_steps_done > 0,
+        benchmarks=list(report.benchmarks) + benchmarks,
         limitations=list(resolved.limitations),
         **latency,
     )
@@ -407,4 +448,5 @@ def run_recipe(
         speedup=speedup, export_dir=export_dir.resolve(), selection_curve=report.selection_curve or [],
         train_steps=trainer.state.global_step if train else 0, heal_steps=heal_steps_done,
         targets=list(trainer.collapse_targets or []) if targeted else None, msw_schedule=list(trainer.msw_schedule),
+        benchmarks=benchmarks,
     )

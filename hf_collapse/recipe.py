@@ -117,6 +117,19 @@ class RecipeArguments:
     latency_repeats: int = field(
         default=10, metadata={"help": "Interleaved timed forward passes per model for the latency figures; 0 skips."}
     )
+    lm_eval_tasks: list[str] | None = field(
+        default=None,
+        metadata={"help": "causal-lm: lm-evaluation-harness tasks run on the full-depth and the collapsed model; "
+                  "the figures go into the card (needs the lm-eval extra)."},
+    )
+    lm_eval_include: str | None = field(
+        default=None, metadata={"help": "Folder of extra lm-eval task YAML files (e.g. local data for offline runs)."}
+    )
+    lm_eval_limit: float | None = field(
+        default=None, metadata={"help": "Documents per lm-eval task: a count (>= 1) or a fraction (< 1); default all."}
+    )
+    lm_eval_fewshot: int | None = field(default=None, metadata={"help": "Few-shot examples per lm-eval task (default: the task's)."})
+    lm_eval_batch_size: int = field(default=8, metadata={"help": "Batch size of the lm-eval runs."})
     export_dir: str | None = field(
         default=None, metadata={"help": "Folder of the collapsed model (default: <output_dir>/collapsed)."}
     )
@@ -149,6 +162,18 @@ class RecipeArguments:
             raise RecipeError(f"calibration_samples must be at least 1, got {self.calibration_samples}")
         if self.collapse_tolerance is not None and not self.collapse_tolerance >= 0:
             raise RecipeError(f"collapse_tolerance must be 0 or more, got {self.collapse_tolerance}")
+        if self.lm_eval_tasks:
+            if self.task != "causal-lm":
+                raise RecipeError(
+                    f"lm_eval_tasks run language-model tasks, but the recipe's task is {self.task}: use them with "
+                    "task: causal-lm, or remove lm_eval_tasks"
+                )
+            if self.lm_eval_limit is not None and not self.lm_eval_limit > 0:
+                raise RecipeError(f"lm_eval_limit must be above 0 (a count, or a fraction below 1), got {self.lm_eval_limit}")
+            if self.lm_eval_fewshot is not None and self.lm_eval_fewshot < 0:
+                raise RecipeError(f"lm_eval_fewshot must be 0 or more, got {self.lm_eval_fewshot}")
+            if self.lm_eval_batch_size < 1:
+                raise RecipeError(f"lm_eval_batch_size must be at least 1, got {self.lm_eval_batch_size}")
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -135,3 +135,66 @@ def test_hub_backed_benchmarks_enter_model_index_with_this_models_value_only():
     assert "| hellaswag | acc_norm | validation | 0 | 0.43 | 0.39 | lm-evaluation-harness 0.4.13 |" in card.text
     assert "| local_ppl | word_perplexity | test | — | 30 | 35 |" in card.text
     assert "No evaluation was recorded" not in card.text
+
+
+def _train_recipe(setup, name: str, extra: str) -> "Path":
+    root = setup["root"]
+    recipe = root / f"{name}.yaml"
+    recipe.write_text(setup["recipe"].read_text().replace(f"output_dir: {root / 'run'}", f"output_dir: {root / name}")
+                      + "max_steps: 2\nper_device_train_batch_size: 2\n"
+                      + ("" if "collapse: false" in extra else "collapse_layers: [1]\nmsw_adaptive: false\n")
+                      + "save_strategy: 'no'\nreport_to: none\n" + extra)
+    return recipe
+
+
+@pytest.mark.slow
+def test_recipe_runner_puts_lm_eval_before_and_after_into_the_card(setup):
+    """`lm_eval_tasks` in a recipe: the harness measures the full-depth model and the collapsed one in memory; the
+    figures equal what `lm_eval --model hf` gets from the folders (lr 0 keeps the full-depth weights = the base)."""
+    from hf_collapse.lmeval import run_lm_eval
+
+    recipe = _train_recipe(setup, "run-lmeval", f"learning_rate: 0.0\nlm_eval_tasks: [heldout_ppl]\n"
+                                                 f"lm_eval_include: {setup['tasks']}\n")
+    result = _cli("train", recipe)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "lm-eval heldout_ppl word_perplexity" in result.stdout  # the closing table
+    out = setup["root"] / "run-lmeval" / "collapsed"
+    report = json.loads((out / "collapse_report.json").read_text())["report"]
+    assert report["removed_layers"] == [1]
+    figures = {b["metric"]: b for b in report["benchmarks"]}
+    assert set(figures) == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
+    from_folders = {
+        when: run_lm_eval(path, ["heldout_ppl"], include_path=setup["tasks"], device="cpu")["results"]["heldout_ppl"]
+        for when, path in (("before", setup["base"]), ("after", out))
+    }
+    for metric, bench in figures.items():
+        assert bench["split"] == "test" and bench["harness"].startswith("lm-evaluation-harness")
+        assert bench["before"] == pytest.approx(from_folders["before"][metric], rel=1e-4)
+        assert bench["after"] == pytest.approx(from_folders["after"][metric], rel=1e-4)
+        assert bench["before"] != bench["after"]  # two models measured (a random tiny model: close figures)
+    card = (out / "README.md").read_text()
+    assert f"| heldout_ppl | word_perplexity | test | 0 | {figures['word_perplexity']['before']:.4g} | " in card
+    # the tokenizer the harness used was a copy: the exported one is the source's
+    assert (out / "tokenizer.json").read_bytes() == (setup["base"] / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ("lm_eval_tasks: [no_such_task]\n", "lm-eval has no task 'no_such_task'"),
+    ("lm_eval_tasks: [heldout_ppl]\ncollapse: false\n", "lm_eval_tasks compare the full-depth and the collapsed model"),
+    ("lm_eval_tasks: [heldout_ppl]\nlm_eval_limit: 0\n", "lm_eval_limit must be above 0"),
+])
+def test_recipe_lm_eval_refusals_come_before_training(setup, extra, message):
+    name = f"refused-{abs(hash(extra)) % 10**6}"
+    recipe = _train_recipe(setup, name, extra + f"lm_eval_include: {setup['tasks']}\n")
+    result = _cli("train", recipe)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert not (setup["root"] / name).exists()  # nothing written: refused before training
+
+
+def test_lm_eval_tasks_need_a_causal_lm_recipe():
+    from hf_collapse.recipe import RecipeArguments, RecipeError
+
+    with pytest.raises(RecipeError, match="use them with task: causal-lm"):
+        RecipeArguments(model_name_or_path="offline:all-MiniLM-L6-v2", lm_eval_tasks=["hellaswag"])
