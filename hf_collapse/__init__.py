@@ -46,9 +46,22 @@ __all__ = [
     "select_by_tolerance",
     "select_lowest",
 ]
-# TRL is an optional extra: its trainers are offered when it is installed, and `import hf_collapse` never needs it.
+# TRL and sentence-transformers are optional extras: their trainers are offered when they are installed, and
+# `import hf_collapse` never needs them.
 if find_spec("trl") is not None:
     from .sft import CollapseSFTConfig, CollapseSFTTrainer
 
     __all__ += ["CollapseSFTConfig", "CollapseSFTTrainer"]
+_LAZY = {}  # sentence-transformers is slow to import: its trainer is imported at first use
+if find_spec("sentence_transformers") is not None:
+    _LAZY = dict.fromkeys(("CollapseSentenceTransformerConfig", "CollapseSentenceTransformerTrainer"), ".sentence_trainer")
+    __all__ += list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 __version__ = "0.1.0"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -86,14 +86,25 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """Return the transformers model inside DDP / FSDP / DeepSpeed / torch.compile / PEFT wrappers.
 
     Distributed containers and `torch.compile` are removed by `accelerate.utils.extract_model_from_parallel`
-    (which knows every wrapper accelerate can create); a PEFT model gives its base model.
+    (which knows every wrapper accelerate can create); a PEFT model gives its base model; a sentence-transformers
+    pipeline gives the transformers model of its first (Transformer) module.
     """
     while True:
         model = extract_model_from_parallel(model, keep_torch_compile=False)
+        model = _sentence_transformer_model(model) or model
         base = getattr(model, "get_base_model", None)
         if not callable(base) or base() is model:
             return model
         model = base()
+
+
+def _sentence_transformer_model(model: nn.Module) -> nn.Module | None:
+    """The transformers model of a sentence-transformers pipeline (an `nn.Sequential` whose first module holds it
+    as `auto_model`), or None for any other module. Duck-typed: sentence-transformers need not be installed."""
+    if not isinstance(model, nn.Sequential) or len(model) == 0:
+        return None
+    inner = getattr(model[0], "auto_model", None)
+    return inner if isinstance(inner, nn.Module) and getattr(inner, "config", None) is not None else None
 
 
 def _get_path(model: nn.Module, path: str) -> nn.Module | None:
@@ -246,13 +257,32 @@ class LayerCapture:
         self._masks = None
 
     @contextlib.contextmanager
-    def armed(self, inputs: dict | None = None) -> Iterator[None]:
-        """Let the hooks act during one forward pass of ``inputs`` (the model's keyword inputs)."""
-        inputs = inputs or {}
-        self._masks = {stack.name: _padding_mask(inputs.get(stack.mask_key)) for stack in self.stacks}
+    def armed(self, inputs: dict | None = None, *, masks_from: nn.Module | None = None) -> Iterator[None]:
+        """Let the hooks act during one forward pass of ``inputs`` (the model's keyword inputs).
+
+        With `masks_from`, a module that runs once per pass of the layers (e.g. a sentence-transformers Transformer
+        module, which a loss calls once per text column), the padding masks are read from each of its calls
+        instead: from its keyword arguments, or from the mapping it gets as first argument; ``inputs`` is ignored.
+        """
+        if masks_from is None:
+            inputs = inputs or {}
+            self._masks = {stack.name: _padding_mask(inputs.get(stack.mask_key)) for stack in self.stacks}
+            try:
+                yield
+            finally:
+                self._masks = None
+            return
+
+        def read_masks(module, args, kwargs):
+            given = kwargs if kwargs else (args[0] if args and isinstance(args[0], Mapping) else {})
+            self._masks = {stack.name: _padding_mask(given.get(stack.mask_key)) for stack in self.stacks}
+
+        self._masks = {stack.name: None for stack in self.stacks}
+        handle = masks_from.register_forward_pre_hook(read_masks, with_kwargs=True)
         try:
             yield
         finally:
+            handle.remove()
             self._masks = None
 
     def _make_hook(self, stack: LayerStack, index: int):

@@ -269,6 +269,11 @@ class MSWPenaltyMixin:
                 value = value / rms.clamp_min(torch.finfo(torch.float32).eps)
         self._step_values[key].append(value)
 
+    def _mask_module(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """A module whose every call carries the padding masks of one pass of the layers, for trainers whose
+        inputs are not the model's keyword arguments (see `LayerCapture.armed`); None: the trainer's inputs."""
+        return None
+
     def _capture_inputs(self, inputs: dict) -> dict:
         key = self.args.msw_mask_key
         if key is None:
@@ -464,7 +469,8 @@ class MSWPenaltyMixin:
         self._step_values = defaultdict(list)
         self._layers_seen = 0
         self._recording_training = model.training
-        with capture, capture.armed(self._capture_inputs(inputs)), self._fade():
+        armed = capture.armed(self._capture_inputs(inputs), masks_from=self._mask_module(model))
+        with capture, armed, self._fade():
             result = super().compute_loss(
                 model, inputs, return_outputs=return_outputs or distill, num_items_in_batch=num_items_in_batch
             )
