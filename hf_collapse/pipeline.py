@@ -187,6 +187,10 @@ def preflight(recipe: RecipeArguments, config: CollapseConfig, *, train: bool = 
             )
     if recipe.lm_eval_tasks:
         _check_lm_eval(recipe)
+    if recipe.task == "sentence-embedding":
+        from .sentence_recipe import check_sentence_recipe
+
+        check_sentence_recipe(recipe, config, source if local else None)
     if train:
         try:
             resolve_resume(config.resume_from_checkpoint, config.output_dir)
@@ -283,6 +287,10 @@ def run_recipe(
     resolved = resolve_model(recipe.model_name_or_path)
     # before anything random: a new classification head and LoRA's initial weights come from the global RNG
     set_seed(config.seed)
+    if recipe.task == "sentence-embedding":
+        from .sentence_recipe import run_sentence_recipe
+
+        return run_sentence_recipe(recipe, config, resolved_recipe, train=train, stage=stage)
     stage(f"loading {recipe.model_name_or_path} ({resolved.path})")
     processor = load_processor(recipe, resolved)
     data = load_task_data(recipe, processor)

@@ -117,6 +117,10 @@ class RecipeArguments:
     latency_repeats: int = field(
         default=10, metadata={"help": "Interleaved timed forward passes per model for the latency figures; 0 skips."}
     )
+    sentence_loss: str = field(
+        default="BatchAllTripletLoss",
+        metadata={"help": "sentence-embedding: the sentence-transformers loss class trained on (text, label) rows."},
+    )
     lm_eval_tasks: list[str] | None = field(
         default=None,
         metadata={"help": "causal-lm: lm-evaluation-harness tasks run on the full-depth and the collapsed model; "

@@ -191,3 +191,90 @@ def test_what_a_sentence_transformers_batch_cannot_feed_is_refused_at_constructi
             model=model, args=config(tmp_path, max_steps=4, **fields), train_dataset=pairs(), eval_dataset=pairs(),
             loss=losses.MultipleNegativesRankingLoss(model),
         )
+
+
+# ----------------------------------------------------------------------------------------------------
+# the recipe task `sentence-embedding`
+
+def _cli(*args):
+    import contextlib
+    import io
+    import types
+
+    from hf_collapse.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def _recipe(tmp_path, source, **fields):
+    values = dict(
+        model_name_or_path=str(source), task="sentence-embedding", dataset_name="offline:rotten_tomatoes",
+        max_length=24, max_train_samples=48, max_eval_samples=24, max_test_samples=40, output_dir=str(tmp_path / "run"),
+        export_dir=str(tmp_path / "model"), max_steps=6, per_device_train_batch_size=8, learning_rate=1e-3,
+        warmup_steps=0, save_strategy="no", report_to="none", use_cpu=True, msw_weight=0.3, msw_warmup_steps=0,
+        collapse_num_layers=1, target_choice="measured", target_choice_steps=2, fade_steps=2,
+        target_choice_samples=16, calibration_samples=32, latency_repeats=0,
+    )
+    values.update(fields)
+    path = tmp_path / "recipe.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_the_sentence_embedding_recipe_trains_collapses_and_exports_a_sentence_transformers_model(source, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from hf_collapse.data import load_task_data
+    from hf_collapse.recipe import load_recipe
+    from hf_collapse.sentence_recipe import centroid_accuracy
+
+    recipe_path = _recipe(tmp_path, source)
+    result = _cli("train", recipe_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "model"
+    import json
+
+    report = json.loads((out / "collapse_report.json").read_text())["report"]
+    (target,) = report["target_layers"]
+    assert report["removed_layers"] == [target] and report["training_steps"] == 6
+    assert report["task_metric"] == "nearest-centroid accuracy"
+    assert (report["selection_split"], report["eval_split"]) == ("validation", "test")
+    loaded = st.SentenceTransformer(str(out), device="cpu")
+    assert [type(m).__name__ for m in loaded] == ["Transformer", "Pooling", "Normalize"]
+    assert len(loaded[0].auto_model.encoder.layer) == 3 and loaded.max_seq_length == 32  # the source's, kept
+    # the published figure is the loaded export's, measured again here on the same rows (test split, training
+    # rows for the centroids); the recipe measured at its training length (max_length 24)
+    recipe, _, _ = load_recipe(recipe_path)
+    data = load_task_data(recipe, loaded.tokenizer)
+    loaded.max_seq_length = 24
+    calibration = data.train.select(range(32))
+    assert centroid_accuracy(loaded, calibration, data.test) == pytest.approx(report["metric_after"], abs=1e-9)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "sentence-transformers" and card.data.pipeline_tag == "sentence-similarity"
+    assert "nearest-centroid accuracy" in card.text
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    (dict(sentence_loss="NoSuchLoss"), "sentence_loss 'NoSuchLoss' is not a sentence-transformers loss"),
+    (dict(use_peft=True), "does not support use_peft"),
+    (dict(heal_steps=2), "does not support heal_steps"),
+    (dict(target_choice="score"), "set target_choice: measured"),
+])
+def test_sentence_embedding_refusals_come_before_anything_is_written(source, tmp_path, fields, message):
+    result = _cli("train", _recipe(tmp_path, source, **fields))
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "model").exists()
+
+
+def test_sentence_embedding_needs_a_sentence_transformers_checkpoint(source, tmp_path):
+    plain = source.parent / "bert"  # the tiny BERT folder, without modules.json
+    result = _cli("train", _recipe(tmp_path, plain))
+    assert result.returncode == 2
+    assert "needs a sentence-transformers checkpoint" in result.stderr and "text-classification" in result.stderr
