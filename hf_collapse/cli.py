@@ -22,8 +22,9 @@ from pathlib import Path
 
 __all__ = ["EXIT_FAILED", "EXIT_REFUSED", "main"]
 
-# Exit codes: 2 = the input was refused before anything was written; 1 = a failure after work began (files may
-# have been written: checkpoints to resume from, say); an unexpected exception keeps its traceback (exit 1 too).
+# Exit codes: 2 = the input was refused before anything was written (a push that sent nothing: no token, offline,
+# the Hub unreachable); 1 = a failure after work began (files may have been written: checkpoints to resume from, say;
+# or a push reached the Hub); an unexpected exception keeps its traceback (exit 1 too).
 EXIT_REFUSED = 2
 EXIT_FAILED = 1
 
@@ -532,17 +533,15 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [*getattr(args, "overrides", []), *extra]
     import pickle
 
-    from .export import PushError
+    from .export import PushError, PushNotStartedError
     from .recipe import RecipeError
 
     _Outputs.reset()
     try:
         return _COMMANDS[args.verb](args)
-    except PushError as error:
-        print(f"hf-collapse {args.verb}: error: {_one_line(error)}", file=sys.stderr)
-        return EXIT_FAILED
     except (
         CliError, RecipeError, OSError, ValueError, ModuleNotFoundError, FloatingPointError, pickle.UnpicklingError,
+        PushError,
     ) as error:
         written = _Outputs.written()
         message = _one_line(error)
@@ -553,7 +552,9 @@ def main(argv: list[str] | None = None) -> int:
             kept = [p for p in written if p not in removed]
             message += " [work had begun" + (f"; kept: {', '.join(map(str, kept))}" if kept else "; nothing was left") + "]"
         print(f"hf-collapse {args.verb}: error: {message}", file=sys.stderr)
-        return EXIT_FAILED if written else EXIT_REFUSED
+        # a push that got past its checks may have created the repo or branch on the Hub: work had begun there
+        began = written or (isinstance(error, PushError) and not isinstance(error, PushNotStartedError))
+        return EXIT_FAILED if began else EXIT_REFUSED
     except KeyboardInterrupt:
         print(f"hf-collapse {args.verb}: interrupted", file=sys.stderr)
         return 130

@@ -31,8 +31,8 @@ from .models import check_head_trained
 from .sbert import read_layout, write_layout
 
 __all__ = [
-    "HubPush", "PushError", "PushResult", "add_benchmarks", "clear_stale", "export_collapsed", "push_folder", "take_hub_push",
-    "upload_plan",
+    "HubPush", "PushError", "PushNotStartedError", "PushResult", "add_benchmarks", "check_hub_reachable", "clear_stale",
+    "export_collapsed", "push_folder", "take_hub_push", "upload_plan",
 ]
 
 logger = logging.getLogger(__name__)
@@ -347,6 +347,68 @@ class PushError(RuntimeError):
     """The upload to the Hub failed; the local folder is unchanged and the same call can be repeated."""
 
 
+class PushNotStartedError(PushError):
+    """The push stopped before anything was sent to the Hub: offline mode, no token, or the Hub cannot be reached."""
+
+
+# The reachability check before a push (see check_hub_reachable): how long one try waits to connect and for the first
+# answer, how many tries a failed connection gets, and the pause between them. huggingface_hub itself waits without a
+# limit for an answer and retries some calls five times with backoff (1+2+4+8+8 s): an unreachable Hub must not cost that.
+_PROBE_TIMEOUT_S = 5.0
+_PROBE_TRIES = 2
+_PROBE_PAUSE_S = 1.0
+# Answers that say the Hub is not there behind a proxy or load balancer: they count as a failed try.
+_GATEWAY_FAILURES = {502: "bad gateway", 503: "service unavailable", 504: "gateway timeout"}
+
+
+def check_hub_reachable(endpoint: str | None = None, *, timeout: float = _PROBE_TIMEOUT_S, tries: int = _PROBE_TRIES) -> str:
+    """Check that the Hub answers at all, in a few seconds, before a push sends anything.
+
+    One `HEAD` request to the endpoint's root, without a token, through `huggingface_hub`'s own HTTP client (so its
+    proxy and certificate settings apply). Any HTTP answer counts as reachable, except 502, 503 and 504 (a proxy or
+    gateway with no Hub behind it): the push's own calls then run with `huggingface_hub`'s usual retries. A failed
+    try (refused, unknown host, or one of those answers) is repeated after a pause, up to ``tries`` times in all; a
+    try that times out (no connection or no answer within ``timeout`` seconds) is not repeated, it has already waited.
+
+    Args:
+        endpoint (`str`, *optional*): the Hub URL; default the `huggingface_hub` setting (`HF_ENDPOINT`).
+        timeout (`float`, defaults to 5): seconds to wait for the connection, and then for the answer.
+        tries (`int`, defaults to 2): tries in all, for a failed connection or a gateway's 502/503/504.
+
+    Returns:
+        `str`: the endpoint that answered.
+
+    Raises:
+        [`PushNotStartedError`]: the endpoint did not answer; the message names it and says what to check.
+    """
+    import time
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+    reason = ""
+    for attempt in range(1, tries + 1):
+        timed_out = False
+        try:
+            status = get_session().head(endpoint + "/", timeout=timeout).status_code
+        except Exception as error:  # the client's own types differ between huggingface_hub versions (httpx, httpx2)
+            timed_out = "timeout" in type(error).__name__.lower()
+            reason = f"no answer within {timeout:g} s" if timed_out else " ".join(str(error).split()) or type(error).__name__
+        else:
+            if status not in _GATEWAY_FAILURES:
+                return endpoint
+            reason = f"it answered HTTP {status}, {_GATEWAY_FAILURES[status]}"
+        if timed_out or attempt == tries:
+            break
+        time.sleep(_PROBE_PAUSE_S)
+    tried = f"{attempt} tr{'y' if attempt == 1 else 'ies'}"
+    raise PushNotStartedError(
+        f"cannot reach the Hub at {endpoint} ({reason}; {tried}): check HF_ENDPOINT and your network connection, or "
+        "try again later"
+    )
+
+
 @dataclass(frozen=True)
 class PushResult:
     """What [`push_folder`] uploaded (or, for a dry run, would upload).
@@ -419,7 +481,9 @@ def push_folder(
         [`PushResult`]: the files, and the commit URL unless ``dry_run``.
 
     Raises:
-        `PushError`: no token, offline mode, or the Hub refused or failed a step (the message names it).
+        [`PushNotStartedError`]: offline mode, no token, or the Hub does not answer (see [`check_hub_reachable`]);
+            nothing was sent.
+        `PushError`: the Hub refused or failed a step (the message names it).
     """
     from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
     from huggingface_hub.utils import validate_repo_id
@@ -431,10 +495,20 @@ def push_folder(
     if dry_run:
         return PushResult(repo_id, branch, files)
 
+    options = (" --private" if private else "") + (f" --revision {revision}" if revision else "")
+    again = f"then run: hf-collapse push {folder} --repo-id {repo_id}{options}"
     if constants.is_offline_mode():
-        raise PushError("cannot push while HF_HUB_OFFLINE is set: unset it (and check network access to the Hub)")
+        raise PushNotStartedError(
+            f"cannot push while HF_HUB_OFFLINE is set: unset it (and check network access to the Hub); {again}"
+        )
     if token is None and get_token() is None:
-        raise PushError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN to a token with write access")
+        raise PushNotStartedError(
+            f"no Hugging Face token found: run `hf auth login` or set HF_TOKEN to a token with write access; {again}"
+        )
+    try:
+        endpoint = check_hub_reachable(endpoint)
+    except PushNotStartedError as error:
+        raise PushNotStartedError(f"{error}. Nothing was uploaded and {folder} is unchanged; {again}") from None
 
     api = HfApi(endpoint=endpoint, token=token)
     with _step("create the repo", repo_id):
