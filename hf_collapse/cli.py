@@ -127,6 +127,10 @@ def make_parser() -> argparse.ArgumentParser:
     collapse.add_argument("--task", help="Task, when no recipe gives it (text-classification, causal-lm, image-classification).")
     collapse.add_argument("--method", help="Layer score: msw, block_influence or angular.")
     collapse.add_argument("--overwrite", action="store_true", help="Replace a non-empty OUT.")
+    collapse.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="Load a SRC that needs its own Python code (auto_map), running that code; only for code you have read.",
+    )
 
     evaluate = verbs.add_parser("evaluate", help="Task metric, perplexity and latency of the recipe's model.")
     evaluate.add_argument("recipe", help="Recipe YAML file giving the model, task and evaluation data.")
@@ -282,6 +286,8 @@ def _cmd_collapse(args) -> int:
         overrides += ["--collapse_score_method", args.method]
     if args.overwrite:
         overrides += ["--overwrite_export", "true"]
+    if args.trust_remote_code:
+        overrides += ["--trust_remote_code", "true"]
     work = Path(args.out).absolute().with_name(Path(args.out).name + ".work")
     overrides += ["--output_dir", str(work)]
     recipe, config, resolved = _load(args.recipe, [*overrides, *args.overrides])
@@ -292,7 +298,7 @@ def _cmd_collapse(args) -> int:
     _clear_stale_work(work)
     source = resolve_model(recipe.model_name_or_path)
     try:
-        if task_head_is_new(source, recipe.task):  # e.g. a BertModel checkpoint and a classification task
+        if task_head_is_new(source, recipe.task, trust_remote_code=recipe.trust_remote_code):  # e.g. a BertModel checkpoint and a classification task
             return _collapse_as_saved(recipe, config, source)
         summary = run_recipe(recipe, config, resolved, train=False)
     finally:
@@ -332,9 +338,10 @@ def _collapse_without_data(args, layers: list[int]) -> int:
     if args.overrides or args.task or args.method:
         raise CliError("recipe fields, --task and --method need data: add --data or --recipe, or drop them")
     source = resolve_model(args.src)
-    model = load_as_saved(source).eval()
+    trust = args.trust_remote_code
+    model = load_as_saved(source, trust_remote_code=trust).eval()
     return _collapse_and_export(
-        model, source, load_saved_processor(source), args.out, overwrite=args.overwrite, layers=layers,
+        model, source, load_saved_processor(source, trust_remote_code=trust), args.out, overwrite=args.overwrite, layers=layers,
         note="nothing measured: no data",
     )
 
@@ -351,16 +358,17 @@ def _collapse_as_saved(recipe, config, source) -> int:
     from .data import load_task_data
     from .models import load_as_saved, load_processor, saved_architecture
 
+    trust = recipe.trust_remote_code
     if config.collapse_layers is None and (recipe.collapse_tolerance is not None or recipe.collapse_strategy != "ranked"):
         raise CliError(
-            f"{recipe.model_name_or_path} is saved as {saved_architecture(source)}, without a {recipe.task} head: a new "
+            f"{recipe.model_name_or_path} is saved as {saved_architecture(source, trust_remote_code=trust)}, without a {recipe.task} head: a new "
             "head would be untrained, so the validation metric that a measured or tolerance selection chooses by would "
             "measure random weights. Name the layers (--layers 1,4), choose by score (--num-layers K "
             "--collapse_strategy ranked), or train a head first (hf-collapse train)"
         )
     processor = load_processor(recipe, source)
     data = load_task_data(recipe, processor)
-    model = load_as_saved(source).eval()
+    model = load_as_saved(source, trust_remote_code=trust).eval()
     calibration = data.train.select(range(min(recipe.calibration_samples, len(data.train))))
     loader = DataLoader(calibration, batch_size=config.per_device_eval_batch_size, collate_fn=data.collator)
     return _collapse_and_export(

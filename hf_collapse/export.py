@@ -25,7 +25,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .card import CARD_FILE, CollapseReport, recipe_yaml, write_card
+from .card import _AUTO_CLASS_BY_PIPELINE_TAG, CARD_FILE, CollapseReport, recipe_yaml, write_card
 from .layers import find_layer_stacks, unwrap_model
 from .models import check_head_trained
 from .sbert import read_layout, write_layout
@@ -42,6 +42,8 @@ RECIPE_FILE = "recipe.yaml"
 _STAGING_MARKER = ".hf_collapse_staging.json"
 # The report the card was rendered from, so that later measurements (lm-eval) can be added and the card rendered again.
 REPORT_FILE = "collapse_report.json"
+# The pipeline tag of a model by the Auto class it loads with (the first tag of each class in the card's table).
+_PIPELINE_TAG_BY_AUTO_CLASS = {auto: tag for tag, auto in reversed(_AUTO_CLASS_BY_PIPELINE_TAG.items())}
 
 
 def export_collapsed(
@@ -64,6 +66,11 @@ def export_collapsed(
     sentence-transformers card (`library_name: sentence-transformers`, `pipeline_tag: sentence-similarity`).
     When the model carries a task head instead, the card says that the pipeline's other modules are not part
     of the export. A model whose newly initialised head was never trained is refused.
+
+    A model whose class is the checkpoint's own code (loaded with `trust_remote_code=True`) is saved with its code
+    files (`save_pretrained` copies them; any file its `auto_map` names that is still missing is copied from the
+    source folder), and the report's `trust_remote_code` and `remote_code_files` are set from them, so the card says
+    that loading the export runs that code.
 
     Args:
         model (`nn.Module`): the collapsed transformers model (wrappers such as `torch.compile` are looked
@@ -117,6 +124,7 @@ def export_collapsed(
         inner.save_pretrained(staging, safe_serialization=True)
         if processing_class is not None:
             processing_class.save_pretrained(staging)
+        report = _remote_code_report(inner, processing_class, report, staging, source)
         if layout is not None and report.sentence_transformers_modules is not None:
             write_layout(layout, staging)
         if report.recipe is not None:
@@ -157,7 +165,7 @@ def add_benchmarks(folder: str | os.PathLike, benchmarks: list) -> Path:
     if (folder / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        processing_class = AutoTokenizer.from_pretrained(folder)
+        processing_class = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # never run code implicitly
     card = write_card(report, folder, repo_id=stored.get("repo_id"), processing_class=processing_class)
     saved.write_text(json.dumps({"repo_id": stored.get("repo_id"), "report": report.to_dict()}, indent=1), encoding="utf-8")
     return card
@@ -182,6 +190,43 @@ def _sentence_transformers_report(model: nn.Module, report: CollapseReport, layo
         "modules (and their settings) are not part of it."
     )
     return replace(report, limitations=[*report.limitations, note])
+
+
+def _remote_code_report(model: nn.Module, processing_class, report: CollapseReport, staging: Path, source) -> CollapseReport:
+    """The report with `trust_remote_code` and `remote_code_files` as the saved folder needs them.
+
+    transformers' `save_pretrained` copies the code of a class loaded from a checkpoint's own code (one it registered
+    for an Auto class) and names it in `auto_map`; a module `auto_map` names that is still missing is copied from the
+    source folder. An export that would not load (a named module nowhere to be found) is refused.
+    """
+    shipped = [obj for obj in (model, getattr(model, "config", None), processing_class)
+               if getattr(obj, "_auto_class", None) is not None]
+    if not shipped:
+        return replace(report, trust_remote_code=False, remote_code_files=[])
+    modules = set()
+    for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json"):
+        path = staging / name
+        if not path.is_file():
+            continue
+        for target in (json.loads(path.read_text(encoding="utf-8")).get("auto_map") or {}).values():
+            for ref in target if isinstance(target, (list, tuple)) else [target]:
+                if isinstance(ref, str):  # "module.Class", or "namespace/repo--module.Class"
+                    modules.add(ref.split("--")[-1].rsplit(".", 1)[0])
+    source_dir = Path(source) if source and Path(str(source)).is_dir() else None
+    for module in sorted(modules):
+        file = f"{module.replace('.', '/')}.py"
+        if not (staging / file).is_file() and source_dir is not None and (source_dir / file).is_file():
+            (staging / file).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source_dir / file, staging / file)
+        if not (staging / file).is_file():
+            raise ValueError(
+                f"the export's auto_map names the code module {module!r} but {file} is neither saved with the model nor "
+                "in the source folder, so the export would not load: put the checkpoint's code files in its folder"
+            )
+    files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*.py"))
+    # the card's loading snippet must use an Auto class the code registers (AutoModel may not be one of them)
+    tag = report.pipeline_tag or _PIPELINE_TAG_BY_AUTO_CLASS.get(getattr(model, "_auto_class", None))
+    return replace(report, trust_remote_code=True, remote_code_files=files, pipeline_tag=tag)
 
 
 def _check_plain_model(model: nn.Module) -> None:

@@ -229,6 +229,7 @@ def test_remote_code_is_never_run_unless_asked(tmp_path, capsys):
     assert main(["train", str(path)]) == EXIT_REFUSED
     line = one_line(capsys)
     assert "needs its own Python code to load (trust_remote_code)" in line and "never runs code" in line
+    assert "set trust_remote_code: true" in line  # and says how to allow it
     assert not marker.exists() and not (tmp_path / "o").exists()
 
 
