@@ -196,8 +196,9 @@ def _remote_code_report(model: nn.Module, processing_class, report: CollapseRepo
     """The report with `trust_remote_code` and `remote_code_files` as the saved folder needs them.
 
     transformers' `save_pretrained` copies the code of a class loaded from a checkpoint's own code (one it registered
-    for an Auto class) and names it in `auto_map`; a module `auto_map` names that is still missing is copied from the
-    source folder. An export that would not load (a named module nowhere to be found) is refused.
+    for an Auto class) and names it in `auto_map`; a module of this folder that `auto_map` names and that is still
+    missing is copied from the source folder (an entry `namespace/repo--module.Class` loads from that repo). An export
+    that would not load (a named module nowhere to be found) is refused.
     """
     shipped = [obj for obj in (model, getattr(model, "config", None), processing_class)
                if getattr(obj, "_auto_class", None) is not None]
@@ -210,8 +211,8 @@ def _remote_code_report(model: nn.Module, processing_class, report: CollapseRepo
             continue
         for target in (json.loads(path.read_text(encoding="utf-8")).get("auto_map") or {}).values():
             for ref in target if isinstance(target, (list, tuple)) else [target]:
-                if isinstance(ref, str):  # "module.Class", or "namespace/repo--module.Class"
-                    modules.add(ref.split("--")[-1].rsplit(".", 1)[0])
+                if isinstance(ref, str) and "--" not in ref:  # "namespace/repo--module.Class" loads from that repo
+                    modules.add(ref.rsplit(".", 1)[0])
     source_dir = Path(source) if source and Path(str(source)).is_dir() else None
     for module in sorted(modules):
         file = f"{module.replace('.', '/')}.py"

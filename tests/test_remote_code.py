@@ -207,3 +207,21 @@ def test_nothing_in_the_package_sets_trust_remote_code_by_itself():
                         passed.append((path.name, ast.unparse(keyword.value)))
     assert passed and not [p for p in passed if p[1] in ("True", "None")], passed
     assert {name for name, _ in passed} >= {"models.py", "pipeline.py", "export.py"}
+
+
+def test_a_module_that_auto_map_names_but_save_pretrained_skips_is_copied_from_the_source(tmp_path, tokenizer, capsys):
+    src = make_checkpoint(tmp_path / "remote-extra", tokenizer, tmp_path / "code-ran.txt")
+    (src / "modeling_extra.py").write_text("from .modeling_tiny import TinyForCausalLM as TinyLMHeadModel\n")
+    config = json.loads((src / "config.json").read_text())
+    config["auto_map"]["AutoModelWithLMHead"] = "modeling_extra.TinyLMHeadModel"  # never loaded, so never saved
+    (src / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert main(["collapse", str(src), str(out), "--layers", "2", "--trust-remote-code"]) == 0, capsys.readouterr().err
+    assert (out / "modeling_extra.py").read_bytes() == (src / "modeling_extra.py").read_bytes()
+    stored = json.loads((out / "collapse_report.json").read_text())["report"]
+    assert stored["remote_code_files"] == ["configuration_tiny.py", "modeling_extra.py", "modeling_tiny.py"]
+
+    (src / "modeling_extra.py").unlink()  # named in auto_map, nowhere to be found: the export would not load
+    assert main(["collapse", str(src), str(tmp_path / "out2"), "--layers", "2", "--trust-remote-code"]) == EXIT_REFUSED
+    assert "names the code module 'modeling_extra'" in one_line(capsys)
+    assert not (tmp_path / "out2").exists() and not list(tmp_path.glob(".out2.*"))
