@@ -134,6 +134,12 @@ class CollapseReport:
             [`export_collapsed`] fills this (and `max_seq_length`) from the source checkpoint's files.
         max_seq_length (`int`, *optional*):
             The sentence-transformers token limit of the export.
+        trust_remote_code (`bool`, defaults to `False`):
+            Whether loading the model runs Python code that ships with it (its architecture is the checkpoint's own
+            code, loaded with `trust_remote_code=True`). [`export_collapsed`] sets it, and `remote_code_files`, from
+            the saved folder; the card then says so and its loading snippet passes the flag.
+        remote_code_files (`list[str]`):
+            The code files that ship with the model (paths in its folder); only with `trust_remote_code`.
 
         How the model was trained (all optional; the card's "How it was trained" section lists those that are set):
 
@@ -193,6 +199,8 @@ class CollapseReport:
     healing_steps: int | None = None
     healing_lora: bool | None = None
     training_steps: int | None = None
+    trust_remote_code: bool = False
+    remote_code_files: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self.stacks()  # validate the per-stack fields now, not when the card is rendered
@@ -202,6 +210,11 @@ class CollapseReport:
                 f"the after-removal figures were measured on the split {self.eval_split!r}, which is also the split the "
                 "layers were chosen on, so they are optimistic: measure them on a split the selection never saw (the "
                 "test split where the data has one) and set eval_split to it"
+            )
+        if self.remote_code_files and not self.trust_remote_code:
+            raise ValueError(
+                "remote_code_files is set but trust_remote_code is not: a model that ships code needs "
+                "trust_remote_code=True to load, set it so the card says so"
             )
         if self.healing_lora is not None and not self.healing_steps:
             raise ValueError("healing_lora is set but healing_steps is not: give the number of healing steps")
@@ -225,7 +238,7 @@ class CollapseReport:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> CollapseReport:
-        """A report from [`to_dict`]'s output."""
+        """A report from [`to_dict`]'s output; fields added since it was written keep their defaults."""
         values = dict(values)
         values["benchmarks"] = [BenchmarkResult(**b) for b in values.get("benchmarks", [])]
         return cls(**values)
@@ -645,6 +658,9 @@ def _context(
             else {"modules": list(report.sentence_transformers_modules), "max_seq_length": report.max_seq_length}
         ),
         "auto_class": _AUTO_CLASS_BY_PIPELINE_TAG.get(report.pipeline_tag or "", "AutoModel"),
+        "remote_code": (
+            {"files": list(report.remote_code_files)} if report.trust_remote_code else None
+        ),
         "preprocessor_class": _auto_preprocessor(processing_class),
         "recipe_yaml": recipe_yaml(report.recipe).rstrip() if report.recipe is not None else None,
         "healed": report.healed or bool(report.healing_steps),

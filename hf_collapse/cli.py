@@ -22,8 +22,9 @@ from pathlib import Path
 
 __all__ = ["EXIT_FAILED", "EXIT_REFUSED", "main"]
 
-# Exit codes: 2 = the input was refused before anything was written; 1 = a failure after work began (files may
-# have been written: checkpoints to resume from, say); an unexpected exception keeps its traceback (exit 1 too).
+# Exit codes: 2 = the input was refused before anything was written (a push that sent nothing: no token, offline,
+# the Hub unreachable); 1 = a failure after work began (files may have been written: checkpoints to resume from, say;
+# or a push reached the Hub); an unexpected exception keeps its traceback (exit 1 too).
 EXIT_REFUSED = 2
 EXIT_FAILED = 1
 
@@ -126,6 +127,10 @@ def make_parser() -> argparse.ArgumentParser:
     collapse.add_argument("--task", help="Task, when no recipe gives it (text-classification, causal-lm, image-classification).")
     collapse.add_argument("--method", help="Layer score: msw, block_influence or angular.")
     collapse.add_argument("--overwrite", action="store_true", help="Replace a non-empty OUT.")
+    collapse.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="Load a SRC that needs its own Python code (auto_map), running that code; only for code you have read.",
+    )
 
     evaluate = verbs.add_parser("evaluate", help="Task metric, perplexity and latency of the recipe's model.")
     evaluate.add_argument("recipe", help="Recipe YAML file giving the model, task and evaluation data.")
@@ -281,6 +286,8 @@ def _cmd_collapse(args) -> int:
         overrides += ["--collapse_score_method", args.method]
     if args.overwrite:
         overrides += ["--overwrite_export", "true"]
+    if args.trust_remote_code:
+        overrides += ["--trust_remote_code", "true"]
     work = Path(args.out).absolute().with_name(Path(args.out).name + ".work")
     overrides += ["--output_dir", str(work)]
     recipe, config, resolved = _load(args.recipe, [*overrides, *args.overrides])
@@ -291,7 +298,7 @@ def _cmd_collapse(args) -> int:
     _clear_stale_work(work)
     source = resolve_model(recipe.model_name_or_path)
     try:
-        if task_head_is_new(source, recipe.task):  # e.g. a BertModel checkpoint and a classification task
+        if task_head_is_new(source, recipe.task, trust_remote_code=recipe.trust_remote_code):  # e.g. a BertModel checkpoint and a classification task
             return _collapse_as_saved(recipe, config, source)
         summary = run_recipe(recipe, config, resolved, train=False)
     finally:
@@ -331,9 +338,10 @@ def _collapse_without_data(args, layers: list[int]) -> int:
     if args.overrides or args.task or args.method:
         raise CliError("recipe fields, --task and --method need data: add --data or --recipe, or drop them")
     source = resolve_model(args.src)
-    model = load_as_saved(source).eval()
+    trust = args.trust_remote_code
+    model = load_as_saved(source, trust_remote_code=trust).eval()
     return _collapse_and_export(
-        model, source, load_saved_processor(source), args.out, overwrite=args.overwrite, layers=layers,
+        model, source, load_saved_processor(source, trust_remote_code=trust), args.out, overwrite=args.overwrite, layers=layers,
         note="nothing measured: no data",
     )
 
@@ -350,16 +358,17 @@ def _collapse_as_saved(recipe, config, source) -> int:
     from .data import load_task_data
     from .models import load_as_saved, load_processor, saved_architecture
 
+    trust = recipe.trust_remote_code
     if config.collapse_layers is None and (recipe.collapse_tolerance is not None or recipe.collapse_strategy != "ranked"):
         raise CliError(
-            f"{recipe.model_name_or_path} is saved as {saved_architecture(source)}, without a {recipe.task} head: a new "
+            f"{recipe.model_name_or_path} is saved as {saved_architecture(source, trust_remote_code=trust)}, without a {recipe.task} head: a new "
             "head would be untrained, so the validation metric that a measured or tolerance selection chooses by would "
             "measure random weights. Name the layers (--layers 1,4), choose by score (--num-layers K "
             "--collapse_strategy ranked), or train a head first (hf-collapse train)"
         )
     processor = load_processor(recipe, source)
     data = load_task_data(recipe, processor)
-    model = load_as_saved(source).eval()
+    model = load_as_saved(source, trust_remote_code=trust).eval()
     calibration = data.train.select(range(min(recipe.calibration_samples, len(data.train))))
     loader = DataLoader(calibration, batch_size=config.per_device_eval_batch_size, collate_fn=data.collator)
     return _collapse_and_export(
@@ -543,17 +552,15 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [*getattr(args, "overrides", []), *extra]
     import pickle
 
-    from .export import PushError
+    from .export import PushError, PushNotStartedError
     from .recipe import RecipeError
 
     _Outputs.reset()
     try:
         return _COMMANDS[args.verb](args)
-    except PushError as error:
-        print(f"hf-collapse {args.verb}: error: {_one_line(error)}", file=sys.stderr)
-        return EXIT_FAILED
     except (
         CliError, RecipeError, OSError, ValueError, ModuleNotFoundError, FloatingPointError, pickle.UnpicklingError,
+        PushError,
     ) as error:
         written = _Outputs.written()
         message = _one_line(error)
@@ -564,7 +571,9 @@ def main(argv: list[str] | None = None) -> int:
             kept = [p for p in written if p not in removed]
             message += " [work had begun" + (f"; kept: {', '.join(map(str, kept))}" if kept else "; nothing was left") + "]"
         print(f"hf-collapse {args.verb}: error: {message}", file=sys.stderr)
-        return EXIT_FAILED if written else EXIT_REFUSED
+        # a push that got past its checks may have created the repo or branch on the Hub: work had begun there
+        began = written or (isinstance(error, PushError) and not isinstance(error, PushNotStartedError))
+        return EXIT_FAILED if began else EXIT_REFUSED
     except KeyboardInterrupt:
         print(f"hf-collapse {args.verb}: interrupted", file=sys.stderr)
         return 130

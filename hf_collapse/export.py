@@ -25,14 +25,14 @@ from pathlib import Path
 
 from torch import nn
 
-from .card import CARD_FILE, CollapseReport, recipe_yaml, write_card
+from .card import _AUTO_CLASS_BY_PIPELINE_TAG, CARD_FILE, CollapseReport, recipe_yaml, write_card
 from .layers import find_layer_stacks, unwrap_model
 from .models import check_head_trained
 from .sbert import read_layout, write_layout
 
 __all__ = [
-    "HubPush", "PushError", "PushResult", "add_benchmarks", "clear_stale", "export_collapsed", "push_folder", "take_hub_push",
-    "upload_plan",
+    "HubPush", "PushError", "PushNotStartedError", "PushResult", "add_benchmarks", "check_hub_reachable", "clear_stale",
+    "export_collapsed", "push_folder", "take_hub_push", "upload_plan",
 ]
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ RECIPE_FILE = "recipe.yaml"
 _STAGING_MARKER = ".hf_collapse_staging.json"
 # The report the card was rendered from, so that later measurements (lm-eval) can be added and the card rendered again.
 REPORT_FILE = "collapse_report.json"
+# The pipeline tag of a model by the Auto class it loads with (the first tag of each class in the card's table).
+_PIPELINE_TAG_BY_AUTO_CLASS = {auto: tag for tag, auto in reversed(_AUTO_CLASS_BY_PIPELINE_TAG.items())}
 
 
 def export_collapsed(
@@ -64,6 +66,11 @@ def export_collapsed(
     sentence-transformers card (`library_name: sentence-transformers`, `pipeline_tag: sentence-similarity`).
     When the model carries a task head instead, the card says that the pipeline's other modules are not part
     of the export. A model whose newly initialised head was never trained is refused.
+
+    A model whose class is the checkpoint's own code (loaded with `trust_remote_code=True`) is saved with its code
+    files (`save_pretrained` copies them; any file its `auto_map` names that is still missing is copied from the
+    source folder), and the report's `trust_remote_code` and `remote_code_files` are set from them, so the card says
+    that loading the export runs that code.
 
     Args:
         model (`nn.Module`): the collapsed transformers model (wrappers such as `torch.compile` are looked
@@ -117,6 +124,7 @@ def export_collapsed(
         inner.save_pretrained(staging, safe_serialization=True)
         if processing_class is not None:
             processing_class.save_pretrained(staging)
+        report = _remote_code_report(inner, processing_class, report, staging, source)
         if layout is not None and report.sentence_transformers_modules is not None:
             write_layout(layout, staging)
         if report.recipe is not None:
@@ -157,7 +165,7 @@ def add_benchmarks(folder: str | os.PathLike, benchmarks: list) -> Path:
     if (folder / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        processing_class = AutoTokenizer.from_pretrained(folder)
+        processing_class = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # never run code implicitly
     card = write_card(report, folder, repo_id=stored.get("repo_id"), processing_class=processing_class)
     saved.write_text(json.dumps({"repo_id": stored.get("repo_id"), "report": report.to_dict()}, indent=1), encoding="utf-8")
     return card
@@ -182,6 +190,44 @@ def _sentence_transformers_report(model: nn.Module, report: CollapseReport, layo
         "modules (and their settings) are not part of it."
     )
     return replace(report, limitations=[*report.limitations, note])
+
+
+def _remote_code_report(model: nn.Module, processing_class, report: CollapseReport, staging: Path, source) -> CollapseReport:
+    """The report with `trust_remote_code` and `remote_code_files` as the saved folder needs them.
+
+    transformers' `save_pretrained` copies the code of a class loaded from a checkpoint's own code (one it registered
+    for an Auto class) and names it in `auto_map`; a module of this folder that `auto_map` names and that is still
+    missing is copied from the source folder (an entry `namespace/repo--module.Class` loads from that repo). An export
+    that would not load (a named module nowhere to be found) is refused.
+    """
+    shipped = [obj for obj in (model, getattr(model, "config", None), processing_class)
+               if getattr(obj, "_auto_class", None) is not None]
+    if not shipped:
+        return replace(report, trust_remote_code=False, remote_code_files=[])
+    modules = set()
+    for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json"):
+        path = staging / name
+        if not path.is_file():
+            continue
+        for target in (json.loads(path.read_text(encoding="utf-8")).get("auto_map") or {}).values():
+            for ref in target if isinstance(target, (list, tuple)) else [target]:
+                if isinstance(ref, str) and "--" not in ref:  # "namespace/repo--module.Class" loads from that repo
+                    modules.add(ref.rsplit(".", 1)[0])
+    source_dir = Path(source) if source and Path(str(source)).is_dir() else None
+    for module in sorted(modules):
+        file = f"{module.replace('.', '/')}.py"
+        if not (staging / file).is_file() and source_dir is not None and (source_dir / file).is_file():
+            (staging / file).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source_dir / file, staging / file)
+        if not (staging / file).is_file():
+            raise ValueError(
+                f"the export's auto_map names the code module {module!r} but {file} is neither saved with the model nor "
+                "in the source folder, so the export would not load: put the checkpoint's code files in its folder"
+            )
+    files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*.py"))
+    # the card's loading snippet must use an Auto class the code registers (AutoModel may not be one of them)
+    tag = report.pipeline_tag or _PIPELINE_TAG_BY_AUTO_CLASS.get(getattr(model, "_auto_class", None))
+    return replace(report, trust_remote_code=True, remote_code_files=files, pipeline_tag=tag)
 
 
 def _check_plain_model(model: nn.Module) -> None:
@@ -347,6 +393,68 @@ class PushError(RuntimeError):
     """The upload to the Hub failed; the local folder is unchanged and the same call can be repeated."""
 
 
+class PushNotStartedError(PushError):
+    """The push stopped before anything was sent to the Hub: offline mode, no token, or the Hub cannot be reached."""
+
+
+# The reachability check before a push (see check_hub_reachable): how long one try waits to connect and for the first
+# answer, how many tries a failed connection gets, and the pause between them. huggingface_hub itself waits without a
+# limit for an answer and retries some calls five times with backoff (1+2+4+8+8 s): an unreachable Hub must not cost that.
+_PROBE_TIMEOUT_S = 5.0
+_PROBE_TRIES = 2
+_PROBE_PAUSE_S = 1.0
+# Answers that say the Hub is not there behind a proxy or load balancer: they count as a failed try.
+_GATEWAY_FAILURES = {502: "bad gateway", 503: "service unavailable", 504: "gateway timeout"}
+
+
+def check_hub_reachable(endpoint: str | None = None, *, timeout: float = _PROBE_TIMEOUT_S, tries: int = _PROBE_TRIES) -> str:
+    """Check that the Hub answers at all, in a few seconds, before a push sends anything.
+
+    One `HEAD` request to the endpoint's root, without a token, through `huggingface_hub`'s own HTTP client (so its
+    proxy and certificate settings apply). Any HTTP answer counts as reachable, except 502, 503 and 504 (a proxy or
+    gateway with no Hub behind it): the push's own calls then run with `huggingface_hub`'s usual retries. A failed
+    try (refused, unknown host, or one of those answers) is repeated after a pause, up to ``tries`` times in all; a
+    try that times out (no connection or no answer within ``timeout`` seconds) is not repeated, it has already waited.
+
+    Args:
+        endpoint (`str`, *optional*): the Hub URL; default the `huggingface_hub` setting (`HF_ENDPOINT`).
+        timeout (`float`, defaults to 5): seconds to wait for the connection, and then for the answer.
+        tries (`int`, defaults to 2): tries in all, for a failed connection or a gateway's 502/503/504.
+
+    Returns:
+        `str`: the endpoint that answered.
+
+    Raises:
+        [`PushNotStartedError`]: the endpoint did not answer; the message names it and says what to check.
+    """
+    import time
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+    reason = ""
+    for attempt in range(1, tries + 1):
+        timed_out = False
+        try:
+            status = get_session().head(endpoint + "/", timeout=timeout).status_code
+        except Exception as error:  # the client's own types differ between huggingface_hub versions (httpx, httpx2)
+            timed_out = "timeout" in type(error).__name__.lower()
+            reason = f"no answer within {timeout:g} s" if timed_out else " ".join(str(error).split()) or type(error).__name__
+        else:
+            if status not in _GATEWAY_FAILURES:
+                return endpoint
+            reason = f"it answered HTTP {status}, {_GATEWAY_FAILURES[status]}"
+        if timed_out or attempt == tries:
+            break
+        time.sleep(_PROBE_PAUSE_S)
+    tried = f"{attempt} tr{'y' if attempt == 1 else 'ies'}"
+    raise PushNotStartedError(
+        f"cannot reach the Hub at {endpoint} ({reason}; {tried}): check HF_ENDPOINT and your network connection, or "
+        "try again later"
+    )
+
+
 @dataclass(frozen=True)
 class PushResult:
     """What [`push_folder`] uploaded (or, for a dry run, would upload).
@@ -419,7 +527,9 @@ def push_folder(
         [`PushResult`]: the files, and the commit URL unless ``dry_run``.
 
     Raises:
-        `PushError`: no token, offline mode, or the Hub refused or failed a step (the message names it).
+        [`PushNotStartedError`]: offline mode, no token, or the Hub does not answer (see [`check_hub_reachable`]);
+            nothing was sent.
+        `PushError`: the Hub refused or failed a step (the message names it).
     """
     from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
     from huggingface_hub.utils import validate_repo_id
@@ -431,10 +541,20 @@ def push_folder(
     if dry_run:
         return PushResult(repo_id, branch, files)
 
+    options = (" --private" if private else "") + (f" --revision {revision}" if revision else "")
+    again = f"then run: hf-collapse push {folder} --repo-id {repo_id}{options}"
     if constants.is_offline_mode():
-        raise PushError("cannot push while HF_HUB_OFFLINE is set: unset it (and check network access to the Hub)")
+        raise PushNotStartedError(
+            f"cannot push while HF_HUB_OFFLINE is set: unset it (and check network access to the Hub); {again}"
+        )
     if token is None and get_token() is None:
-        raise PushError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN to a token with write access")
+        raise PushNotStartedError(
+            f"no Hugging Face token found: run `hf auth login` or set HF_TOKEN to a token with write access; {again}"
+        )
+    try:
+        endpoint = check_hub_reachable(endpoint)
+    except PushNotStartedError as error:
+        raise PushNotStartedError(f"{error}. Nothing was uploaded and {folder} is unchanged; {again}") from None
 
     api = HfApi(endpoint=endpoint, token=token)
     with _step("create the repo", repo_id):

@@ -33,6 +33,7 @@ __all__ = [
     "load_model",
     "load_saved_processor",
     "load_processor",
+    "remote_code_refused",
     "resolve_model",
     "saved_architecture",
     "task_head_is_new",
@@ -87,28 +88,45 @@ def resolve_model(name: str) -> ResolvedModel:
     return ResolvedModel(name, name)
 
 
+def remote_code_refused(name: str) -> RecipeError:
+    """The refusal of a checkpoint that needs its own Python code (an `auto_map` in its config) when
+    `trust_remote_code` was not set; it says how to allow it."""
+    return RecipeError(
+        f"{name} needs its own Python code to load (trust_remote_code); hf-collapse never runs code from a checkpoint "
+        "unless asked: only if you have read that code and trust it, set trust_remote_code: true in the recipe (or "
+        "--trust-remote-code on hf-collapse collapse)"
+    )
+
+
 def _load(what: str, name: str, loader: Callable[[], object]) -> object:
     try:
         return loader()
     except (OSError, ValueError) as error:
+        if "trust_remote_code" in str(error):  # only raised when it was not set: the code never ran
+            raise remote_code_refused(name) from None
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise RecipeError(f"cannot load the {what} of {name!r}: {first}") from error
 
 
 def load_processor(recipe: RecipeArguments, resolved: ResolvedModel):
-    """The tokenizer (text tasks; padding falls back to EOS) or image processor of the recipe's model."""
+    """The tokenizer (text tasks; padding falls back to EOS) or image processor of the recipe's model; code shipped
+    with the checkpoint runs only with `recipe.trust_remote_code`."""
     import transformers
 
+    trust = bool(recipe.trust_remote_code)  # always given: left unset, transformers may ask on the terminal instead
     if recipe.task == "image-classification":
-        return _load("image processor", resolved.path, lambda: transformers.AutoImageProcessor.from_pretrained(resolved.path))
-    tokenizer = _load("tokenizer", resolved.path, lambda: transformers.AutoTokenizer.from_pretrained(resolved.path))
+        return _load("image processor", resolved.path, lambda: transformers.AutoImageProcessor.from_pretrained(
+            resolved.path, trust_remote_code=trust))
+    tokenizer = _load("tokenizer", resolved.path, lambda: transformers.AutoTokenizer.from_pretrained(
+        resolved.path, trust_remote_code=trust))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def load_model(recipe: RecipeArguments, resolved: ResolvedModel, processor, label_names: list[str] | None = None):
-    """The recipe's model; classification gets a head sized to the labels (new when the sizes differ).
+    """The recipe's model; classification gets a head sized to the labels (new when the sizes differ). Code shipped
+    with the checkpoint (its `auto_map`) runs only with `recipe.trust_remote_code`.
 
     Parameters the checkpoint did not provide (a new head) are recorded with their initial values, so that
     [`untrained_parameters`] can tell later whether training ever changed them.
@@ -116,9 +134,9 @@ def load_model(recipe: RecipeArguments, resolved: ResolvedModel, processor, labe
     import transformers
 
     auto = getattr(transformers, AUTO_CLASSES[recipe.task])
-    kwargs = {}
+    kwargs = {"trust_remote_code": bool(recipe.trust_remote_code)}
     if label_names is not None:
-        kwargs = dict(
+        kwargs.update(
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={name: i for i, name in enumerate(label_names)},
@@ -174,41 +192,68 @@ def check_head_trained(model, purpose: str = "evaluate it") -> None:
         )
 
 
-def saved_architecture(resolved: ResolvedModel) -> str | None:
-    """The class the checkpoint was saved as (`config.architectures[0]`), or `None` when the config does not say."""
+def _saved_config(resolved: ResolvedModel, trust_remote_code: bool):
     import transformers
 
-    config = _load("config", resolved.path, lambda: transformers.AutoConfig.from_pretrained(resolved.path))
-    architectures = getattr(config, "architectures", None) or []
+    return _load("config", resolved.path, lambda: transformers.AutoConfig.from_pretrained(
+        resolved.path, trust_remote_code=bool(trust_remote_code)))
+
+
+def saved_architecture(resolved: ResolvedModel, *, trust_remote_code: bool = False) -> str | None:
+    """The class the checkpoint was saved as (`config.architectures[0]`), or `None` when the config does not say.
+    A config that needs its own code is refused unless ``trust_remote_code``."""
+    architectures = getattr(_saved_config(resolved, trust_remote_code), "architectures", None) or []
     return architectures[0] if architectures else None
 
 
-def task_head_is_new(resolved: ResolvedModel, task: str) -> bool:
+def task_head_is_new(resolved: ResolvedModel, task: str, *, trust_remote_code: bool = False) -> bool:
     """Whether loading the checkpoint for ``task`` would create the task's head from scratch: its saved class is
-    a known class without that head (e.g. `BertModel` for text classification). `False` when the config does not
-    name its class (then the loading itself records what was new)."""
+    a known class without that head (e.g. `BertModel` for text classification), or a class of its own code that its
+    `auto_map` does not offer for the task's Auto class. `False` when the config does not name its class (then the
+    loading itself records what was new)."""
+    import transformers
     from transformers.models.auto import modeling_auto
 
-    architecture = saved_architecture(resolved)
+    config = _saved_config(resolved, trust_remote_code)
+    architecture = (getattr(config, "architectures", None) or [None])[0]
     if architecture is None:
         return False
+    own_code = not hasattr(transformers, architecture) and _auto_class_of(config, architecture) is not None
+    if own_code:
+        return AUTO_CLASSES[task] not in (getattr(config, "auto_map", None) or {})
     with_head = set(getattr(modeling_auto, _TASK_MAPPINGS[task]).values())
     return architecture not in with_head
 
 
-def load_as_saved(resolved: ResolvedModel):
+def _auto_class_of(config, architecture: str) -> str | None:
+    """The Auto class whose `auto_map` entry is ``architecture`` (a class of the checkpoint's own code), if any."""
+    for auto_class, target in (getattr(config, "auto_map", None) or {}).items():
+        targets = target if isinstance(target, (list, tuple)) else [target]
+        if any(isinstance(t, str) and t.rsplit(".", 1)[-1] == architecture for t in targets):
+            return auto_class
+    return None
+
+
+def load_as_saved(resolved: ResolvedModel, *, trust_remote_code: bool = False):
     """The checkpoint loaded as the class it was saved as (its `config.architectures[0]`, else `AutoModel`), with
-    every weight from the checkpoint: nothing is newly initialised, so there is no head to train.
+    every weight from the checkpoint: nothing is newly initialised, so there is no head to train. A class of the
+    checkpoint's own code (named in its `auto_map`) is loaded, running that code, only with ``trust_remote_code``.
 
     Raises:
-        [`RecipeError`]: the checkpoint cannot be loaded, or parts of that class are missing from it.
+        [`RecipeError`]: the checkpoint cannot be loaded, needs its own code without ``trust_remote_code``, or parts of
+            that class are missing from it.
     """
     import transformers
 
-    architecture = saved_architecture(resolved)
+    config = _saved_config(resolved, trust_remote_code)
+    architecture = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, architecture, None) if architecture else None
+    if cls is None and architecture and trust_remote_code:
+        cls = getattr(transformers, _auto_class_of(config, architecture) or "", None)
     cls = cls or transformers.AutoModel
-    model, info = _load("model", resolved.path, lambda: cls.from_pretrained(resolved.path, output_loading_info=True))
+    # Auto classes always get the flag: left unset, transformers may ask on the terminal whether to run the code
+    kwargs = {"trust_remote_code": bool(trust_remote_code)} if cls.__name__.startswith("Auto") else {}
+    model, info = _load("model", resolved.path, lambda: cls.from_pretrained(resolved.path, output_loading_info=True, **kwargs))
     _record_new_parameters(model, info)
     if untrained_parameters(model):
         raise RecipeError(
@@ -218,13 +263,14 @@ def load_as_saved(resolved: ResolvedModel):
     return model
 
 
-def load_saved_processor(resolved: ResolvedModel):
-    """The tokenizer (or, for vision checkpoints, the image processor) saved with a checkpoint; `None` if neither."""
+def load_saved_processor(resolved: ResolvedModel, *, trust_remote_code: bool = False):
+    """The tokenizer (or, for vision checkpoints, the image processor) saved with a checkpoint; `None` if neither.
+    Code shipped with it runs only with ``trust_remote_code``."""
     import transformers
 
     for auto in (transformers.AutoTokenizer, transformers.AutoImageProcessor):
         try:
-            return auto.from_pretrained(resolved.path)
+            return auto.from_pretrained(resolved.path, trust_remote_code=bool(trust_remote_code))
         except (OSError, ValueError, KeyError):
             continue
     return None

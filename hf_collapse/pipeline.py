@@ -147,13 +147,15 @@ def preflight(recipe: RecipeArguments, config: CollapseConfig, *, train: bool = 
     Checks: the model path exists (a local path) and has a `config.json`; a layer budget or explicit layers fit the
     model's depth and protected layers; `max_length` is within the model's position limit; the export and output
     folders do not overlap the source checkpoint; a non-empty export folder needs `overwrite_export`; a checkpoint to
-    resume from exists and is complete; a Hub push names its repo.
+    resume from exists and is complete; a Hub push names its repo; a checkpoint that needs its own code has
+    `trust_remote_code` set.
 
     Raises:
         [`RecipeError`]: the first problem found, in one sentence that says what to change.
     """
     from transformers import AutoConfig
 
+    from .models import remote_code_refused
     from .trainer import resolve_resume
 
     name = recipe.model_name_or_path
@@ -198,14 +200,11 @@ def preflight(recipe: RecipeArguments, config: CollapseConfig, *, train: bool = 
             raise RecipeError(str(error)) from None
     if not local:
         return  # a Hub id: its config is read when the model loads
-    try:
-        model_config = AutoConfig.from_pretrained(str(source))
+    try:  # the flag is always given: left unset, transformers may ask on the terminal whether to run the code
+        model_config = AutoConfig.from_pretrained(str(source), trust_remote_code=bool(recipe.trust_remote_code))
     except Exception as error:  # transformers raises many types; the user needs one sentence
         if "trust_remote_code" in str(error):
-            raise RecipeError(
-                f"{name} needs its own Python code to load (trust_remote_code); hf-collapse never runs code from a "
-                "checkpoint: use a model whose architecture transformers implements"
-            ) from None
+            raise remote_code_refused(name) from None
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise RecipeError(f"cannot read the config of {name}: {first}") from None
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config

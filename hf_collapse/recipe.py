@@ -54,6 +54,9 @@ class RecipeArguments:
             layers in score order; `measured` tries the lowest-scoring candidates and removes the one whose
             removal hurts the validation metric least.
         export_dir (`str`, *optional*): where the collapsed model goes; defaults to `<output_dir>/collapsed`.
+        trust_remote_code (`bool`, defaults to `False`): load a checkpoint whose architecture is its own Python code
+            (an `auto_map` in its config), which runs that code. Without it such a checkpoint is refused before
+            anything is loaded. The export ships the code files and its card says that it needs `trust_remote_code`.
     """
 
     model_name_or_path: str = field(
@@ -141,6 +144,11 @@ class RecipeArguments:
         default=None, metadata={"help": "Hub repo the export is meant for (used in the card's loading snippet)."}
     )
     overwrite_export: bool = field(default=False, metadata={"help": "Replace a non-empty export_dir."})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Load a checkpoint that needs its own Python code (an auto_map in its config), running that "
+                  "code; only for code you have read. The export ships the code and its card says so."},
+    )
 
     def __post_init__(self):
         if not self.model_name_or_path:

@@ -229,6 +229,7 @@ def test_remote_code_is_never_run_unless_asked(tmp_path, capsys):
     assert main(["train", str(path)]) == EXIT_REFUSED
     line = one_line(capsys)
     assert "needs its own Python code to load (trust_remote_code)" in line and "never runs code" in line
+    assert "set trust_remote_code: true" in line  # and says how to allow it
     assert not marker.exists() and not (tmp_path / "o").exists()
 
 
@@ -346,6 +347,149 @@ def test_a_stale_work_folder_is_cleared_and_the_work_folder_never_stays(world, t
     assert code == 0, capsys.readouterr().err[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# an unreachable Hub: a few seconds and one line, nothing sent, nothing local changed
+
+
+def closed_port() -> int:
+    """A loopback port that refuses connections (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def silent_hub():
+    """A loopback server that accepts connections and never answers; counts the connections it got."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    state = {"connections": [], "url": f"http://127.0.0.1:{server.getsockname()[1]}"}
+
+    def accept():
+        while True:
+            try:
+                state["connections"].append(server.accept()[0])  # kept open, never read or written
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield state
+    server.close()
+    for connection in state["connections"]:
+        connection.close()
+
+
+@pytest.fixture
+def an_export(tmp_path):
+    model, report = collapse_model(tiny_llama(layers=3), layers=[1])
+    return export_collapsed(model, tmp_path / "export", report=report)
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """Hub requests allowed, with a fake token (only loopback endpoints are contacted)."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_fakeTokenForAnUnreachableHub0123")
+
+
+def test_a_push_to_a_refused_endpoint_fails_in_one_line_from_hf_endpoint(an_export):
+    import time
+
+    before = tree(an_export.parent)
+    url = f"http://127.0.0.1:{closed_port()}"
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT=url, HF_TOKEN="hf_fakeTokenForAnUnreachableHub0123", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_collapse.cli", "push", str(an_export), "--repo-id", "me/slim"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    elapsed = time.monotonic() - started
+    lines = [line for line in result.stderr.splitlines() if line.startswith("hf-collapse ")]
+    assert result.returncode == EXIT_REFUSED, result.stderr[-2000:]
+    assert len(lines) == 1 and "Traceback" not in result.stderr and "Retrying" not in result.stderr, result.stderr
+    (line,) = lines
+    assert f"cannot reach the Hub at {url} (" in line and "Connection refused" in line
+    assert "; 2 tries)" in line  # the bounded budget: two tries, not huggingface_hub's 1+5 with backoff
+    assert "check HF_ENDPOINT and your network connection, or try again later" in line
+    assert f"hf-collapse push {an_export} --repo-id me/slim" in line
+    assert tree(an_export.parent) == before
+    assert elapsed < 60  # interpreter start and imports included; the push itself takes about a second
+
+
+def test_a_push_to_an_endpoint_that_never_answers_gives_up_after_one_timeout(an_export, silent_hub, online, capsys,
+                                                                             monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", silent_hub["url"])  # what HF_ENDPOINT sets at import
+    before = tree(an_export.parent)
+    assert main(["push", str(an_export), "--repo-id", "me/slim", "--revision", "v2"]) == EXIT_REFUSED
+    line = one_line(capsys)
+    assert f"cannot reach the Hub at {silent_hub['url']} (no answer within 5 s; 1 try)" in line
+    assert "--repo-id me/slim --revision v2" in line
+    assert len(silent_hub["connections"]) == 1  # one connection, no retry once the timeout was spent
+    assert tree(an_export.parent) == before
+
+
+@pytest.mark.parametrize("status", [404, 503])
+def test_the_reachability_check_takes_any_answer_but_a_gateways_and_sends_no_token(online, status):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import threading
+
+    from hf_collapse.export import PushNotStartedError, check_hub_reachable
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            seen.append((self.command, self.path, self.headers.get("Authorization")))
+            self.send_response(status)  # 404: a mirror without a front page still answers; 503: a proxy with no Hub
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        if status == 404:
+            assert check_hub_reachable(url + "/") == url
+            assert seen == [("HEAD", "/", None)]
+        else:
+            with pytest.raises(PushNotStartedError, match=r"\(it answered HTTP 503, service unavailable; 2 tries\)"):
+                check_hub_reachable(url)
+            assert seen == [("HEAD", "/", None)] * 2
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_train_with_push_to_an_unreachable_hub_keeps_the_export_and_exits_one(world, tmp_path, capsys, monkeypatch, online):
+    import huggingface_hub
+
+    url = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", url)
+    out = tmp_path / "out"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text(world, out, push_to_hub=True, hub_model_id="me/slim"))
+    assert main(["train", str(recipe)]) == EXIT_FAILED
+    line = one_line(capsys)
+    assert f"cannot reach the Hub at {url} (" in line and "check HF_ENDPOINT" in line
+    assert f"hf-collapse push {out / 'export'} --repo-id me/slim" in line and "work had begun; kept:" in line
+    assert upload_plan(out / "export")  # the export is complete and ready to push later
+    assert json.loads((out / "export" / "config.json").read_text())["num_hidden_layers"] == 3
 
 
 # ----------------------------------------------------------------------------------------------------
