@@ -454,6 +454,7 @@ def _lm_eval(args, recipe, paths: list[str]) -> None:
     options = dict(
         include_path=option("lm_eval_include", "lm_eval_include"), num_fewshot=option("lm_eval_fewshot", "lm_eval_fewshot"),
         limit=sample_limit(option("lm_eval_limit", "lm_eval_limit")), batch_size=recipe.lm_eval_batch_size,
+        trust_remote_code=recipe.trust_remote_code,
     )
     try:
         if len(paths) == 1:

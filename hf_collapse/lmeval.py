@@ -76,6 +76,7 @@ def run_lm_eval(
     limit: int | float | None = None,
     batch_size: int | str = 8,
     device: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Run lm-evaluation-harness tasks on one model with its `hf` backend.
 
@@ -109,7 +110,8 @@ def run_lm_eval(
         backend = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
         model_args, name = None, f"the {type(model).__name__} in memory"
     else:
-        backend, model_args, name = "hf", {"pretrained": str(model)}, str(model)
+        backend, name = "hf", str(model)
+        model_args = {"pretrained": str(model), "trust_remote_code": bool(trust_remote_code)}
 
     try:
         output = lm_eval.simple_evaluate(

@@ -106,7 +106,7 @@ def run_sentence_recipe(recipe: RecipeArguments, config: CollapseConfig, resolve
     resolved = resolve_model(recipe.model_name_or_path)
     stage(f"loading {recipe.model_name_or_path} ({resolved.path}) as a sentence-transformers pipeline")
     device = "cpu" if config.use_cpu or not torch.cuda.is_available() else None
-    pipeline = st.SentenceTransformer(str(resolved.path), device=device)
+    pipeline = st.SentenceTransformer(str(resolved.path), device=device, trust_remote_code=recipe.trust_remote_code)
     saved_length = pipeline.max_seq_length
     pipeline.max_seq_length = min(recipe.max_length, saved_length or recipe.max_length)
     data = load_task_data(recipe, pipeline.tokenizer)
