@@ -624,13 +624,20 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 def _dequantized(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     weight = module.weight
-    if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+    state = getattr(weight, "quant_state", None)
+    if getattr(state, "packing_format_for_cpu", False):
         # bitsandbytes repacks 4-bit weights for its CPU kernel at the first inference forward (on CPUs with
-        # AVX512-BF16); dequantising needs the standard layout back, as its own state_dict() does before saving
+        # AVX512-BF16): the codes are reordered and the scales stored as bf16, transposed to (blocks per row, rows)
+        # and un-nested. Its inverse (used by its own state_dict()) restores the codes, but without double
+        # quantisation it leaves the scales transposed (0.50.2), so each block would get another block's scale;
+        # with it, it quantises the bf16 scales again. Here the codes come back through the inverse and the scales
+        # are the bf16 ones the repacked kernel computes with, in block order.
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
-        module.quant_state = weight.quant_state
+        scales = state.absmax.T.reshape(-1).float()
+        weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        state.absmax, state.nested, state.offset, state.state2 = scales, False, None, None
+        weight.quant_state = module.quant_state = state
     return dequantize_bnb_weight(weight, state=getattr(module, "state", None)).to(dtype)
 
 

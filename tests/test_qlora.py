@@ -71,8 +71,9 @@ def test_qlora_trains_with_the_penalty_then_collapses_on_the_dequantised_merge(t
     merged = merge_dequantized(model)
     assert not any(p.dtype in (torch.uint8, torch.int8) for p in merged.parameters())
     assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear and "quantization_config" not in merged.config
-    # 4-bit computes with the dequantised weights, so the merge is exact; LLM.int8 also rounds the activations
-    tolerance = 1e-4 if bits == "4bit" and not inference_first else 5e-2
+    # 4-bit computes with the dequantised weights, so the merge is exact; after a repack only the scales' bf16
+    # rounding stays (a block given another block's scale would be off by several %); LLM.int8 also rounds activations
+    tolerance = 5e-2 if bits == "8bit" else 1e-2 if inference_first else 1e-4
     torch.testing.assert_close(logits(merged, ids), trained, rtol=0, atol=tolerance * trained.abs().max().item())
 
     with bypass_layers(merged, [1]):
