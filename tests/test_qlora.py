@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import bitsandbytes  # noqa: F401 (in the dev extra: these tests run in CI, never skip)
 import peft
 import pytest
 import torch
@@ -14,8 +15,6 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, 
 from hf_collapse import CollapseTrainer, collapse_layers
 from hf_collapse.adapters import merge_dequantized
 from hf_collapse.layers import bypass_layers
-
-bnb = pytest.importorskip("bitsandbytes")
 
 QUANTISED = {
     # bitsandbytes' 4-bit blocks are 64 wide: layers narrower than that fail in its CPU forward
