@@ -284,3 +284,18 @@ def test_an_evaluation_leaves_the_4bit_layers_trainable(tmp_path, lm_source):
     if bitsandbytes.functional.has_avx512bf16():  # what it guards against: without it, no gradient reaches them
         base = AutoModelForCausalLM.from_pretrained(lm_source / "model", quantization_config=QUANTISED["4bit"], device_map="cpu")
         assert all(g is None for g in lora_gradients(base, True))
+
+
+def test_an_export_of_quantised_weights_is_refused(tmp_path, checkpoint):
+    from hf_collapse import CollapseReport, export_collapsed
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=QUANTISED["4bit"], device_map="cpu")
+    collapse_layers(model, [1])  # the surgery itself works on quantised layers
+    report = CollapseReport(base_model=str(checkpoint), removed_layers=[1], layers_before=4, num_parameters_before=10**6,
+                            num_parameters_after=model.num_parameters(), scores=None, score_method=None)
+    with pytest.raises(ValueError, match=r"bitsandbytes 4-/8-bit weights.*model.dequantize\(\)"):
+        export_collapsed(model, tmp_path / "out", report=report)
+    adapted = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"merge_dequantized\(peft_model\)"):
+        export_collapsed(adapted, tmp_path / "out", report=report)
+    assert not (tmp_path / "out").exists()
