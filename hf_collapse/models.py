@@ -130,12 +130,13 @@ def load_model(
             device = torch.device("cuda", torch.cuda.current_device())
         kwargs = dict(quantization_config=quantization_config(recipe, device), device_map={"": device})
     if label_names is not None:
-        kwargs = dict(
+        kwargs.update(
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={name: i for i, name in enumerate(label_names)},
             ignore_mismatched_sizes=True,
         )
+
     def load():
         try:
             return auto.from_pretrained(resolved.path, output_loading_info=True, **kwargs)
