@@ -41,7 +41,7 @@ from torch import nn
 
 from .layers import LayerStack, find_layer_stacks, unwrap_model
 
-__all__ = ["check_adapter_fits", "merge_dequantized", "remap_adapter"]
+__all__ = ["check_adapter_fits", "disable_cpu_repacking", "merge_dequantized", "remap_adapter"]
 
 _CONFIG = "adapter_config.json"
 _WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -624,14 +624,37 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 def _dequantized(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     weight = module.weight
-    if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+    state = getattr(weight, "quant_state", None)
+    if getattr(state, "packing_format_for_cpu", False):
         # bitsandbytes repacks 4-bit weights for its CPU kernel at the first inference forward (on CPUs with
-        # AVX512-BF16); dequantising needs the standard layout back, as its own state_dict() does before saving
+        # AVX512-BF16): the codes are reordered and the scales stored as bf16, transposed to (blocks per row, rows)
+        # and un-nested. Its inverse (used by its own state_dict()) restores the codes, but without double
+        # quantisation it leaves the scales transposed (0.50.2), so each block would get another block's scale;
+        # with it, it quantises the bf16 scales again. Here the codes come back through the inverse and the scales
+        # are the bf16 ones the repacked kernel computes with, in block order.
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
-        module.quant_state = weight.quant_state
+        scales = state.absmax.T.reshape(-1).float()
+        weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+        state.absmax, state.nested, state.offset, state.state2 = scales, False, None, None
+        weight.quant_state = module.quant_state = state
     return dequantize_bnb_weight(weight, state=getattr(module, "state", None)).to(dtype)
+
+
+def disable_cpu_repacking(model: nn.Module) -> int:
+    """Keep a model's bitsandbytes 4-bit layers in the layout they train in; returns how many layers it changed.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50.2) repacks a 4-bit layer's weights for a faster bf16 kernel at
+    the first forward pass in eval mode without gradients (an evaluation, a measured choice of layers), for good.
+    That kernel has no backward: training afterwards sends no gradient through the repacked layers, so the LoRA
+    adapters below them stop learning without an error, and the bf16 scales round the weights by about 0.3 %.
+    Here the repacking is switched off (the standard 4-bit kernels run instead, in training and evaluation alike).
+    Call it after loading and before any forward pass; on other devices it changes nothing that runs.
+    """
+    layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def merge_dequantized(model: PeftModel) -> nn.Module:

@@ -157,6 +157,11 @@ class CollapseReport:
             Fine-tuning steps after the layers were removed, and whether they trained LoRA adapters (merged since).
         training_steps (`int`, *optional*):
             Optimizer steps of the training before the removal.
+        quantized_training (`str`, *optional*), dequantized_dtype (`str`, *optional*):
+            QLoRA: how the base weights were quantised while LoRA adapters trained on them (e.g. `"4-bit nf4
+            weights (bitsandbytes, computing in float32)"`, see [`describe_quantization`]), and the dtype of the dequantised copy that the
+            adapters were merged into ([`merge_dequantized`]), which the collapse and the export are made of. Both
+            or neither.
     """
 
     base_model: str
@@ -201,6 +206,8 @@ class CollapseReport:
     training_steps: int | None = None
     trust_remote_code: bool = False
     remote_code_files: list[str] = field(default_factory=list)
+    quantized_training: str | None = None
+    dequantized_dtype: str | None = None
 
     def __post_init__(self):
         self.stacks()  # validate the per-stack fields now, not when the card is rendered
@@ -215,6 +222,11 @@ class CollapseReport:
             raise ValueError(
                 "remote_code_files is set but trust_remote_code is not: a model that ships code needs "
                 "trust_remote_code=True to load, set it so the card says so"
+            )
+        if (self.quantized_training is None) != (self.dequantized_dtype is None):
+            raise ValueError(
+                "quantized_training and dequantized_dtype go together: give both (how the weights were quantised "
+                "during training, and the dtype of the dequantised merge the collapse ran on) or neither"
             )
         if self.healing_lora is not None and not self.healing_steps:
             raise ValueError("healing_lora is set but healing_steps is not: give the number of healing steps")
@@ -664,6 +676,8 @@ def _context(
         "preprocessor_class": _auto_preprocessor(processing_class),
         "recipe_yaml": recipe_yaml(report.recipe).rstrip() if report.recipe is not None else None,
         "healed": report.healed or bool(report.healing_steps),
+        "quantized_training": report.quantized_training,
+        "dequantized_dtype": report.dequantized_dtype,
         "limitations": list(report.limitations),
         "earlier_removed": (
             None if report.earlier_removed is None else {k: sorted(v) for k, v in _per_stack(report.earlier_removed, "earlier_removed").items()}

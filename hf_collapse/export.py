@@ -232,11 +232,23 @@ def _remote_code_report(model: nn.Module, processing_class, report: CollapseRepo
 
 def _check_plain_model(model: nn.Module) -> None:
     from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.integrations import get_bnb_param_type
 
+    quantized = any(get_bnb_param_type(p) for p in model.parameters())
     if any(isinstance(module, BaseTunerLayer) for module in model.modules()):
+        merge = (
+            "`model = merge_dequantized(peft_model)` (on 4-/8-bit weights, merge_and_unload() would quantise the sum "
+            "again)" if quantized else "`model = model.merge_and_unload()`"
+        )
         raise ValueError(
             "the model still carries PEFT adapter layers, so save_pretrained would write adapter keys that plain "
-            "from_pretrained cannot load: merge them first with `model = model.merge_and_unload()`"
+            f"from_pretrained cannot load: merge them first with {merge}"
+        )
+    if quantized:
+        raise ValueError(
+            "the model's weights are bitsandbytes 4-/8-bit weights, and an export is a plain full-precision model "
+            "(its card says how to load it without bitsandbytes): dequantise it first (model.dequantize()), or after "
+            "QLoRA merge the adapters with merge_dequantized(peft_model)"
         )
     if not hasattr(model, "save_pretrained"):
         raise ValueError(f"{type(model).__name__} has no save_pretrained: export a transformers PreTrainedModel")

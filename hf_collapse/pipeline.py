@@ -14,7 +14,8 @@ from transformers import set_seed
 
 from .config import CollapseConfig, steps_of
 from .data import TaskData, load_task_data
-from .models import PIPELINE_TAGS, check_head_trained, load_model, load_processor, resolve_model
+from .adapters import merge_dequantized
+from .models import PIPELINE_TAGS, check_head_trained, describe_quantization, load_model, load_processor, resolve_model
 from .recipe import RecipeArguments, RecipeError
 from .post import collapse_model, heal, selection_sentence
 from .trainer import CollapseTrainer
@@ -293,7 +294,7 @@ def run_recipe(
     stage(f"loading {recipe.model_name_or_path} ({resolved.path})")
     processor = load_processor(recipe, resolved)
     data = load_task_data(recipe, processor)
-    model = load_model(recipe, resolved, processor, data.label_names)
+    model = load_model(recipe, resolved, processor, data.label_names, device=config.device if recipe.quantized else None)
     test = getattr(data, "test", None)
     stage(
         f"data: {len(data.train)} training rows, {len(data.eval)} validation rows"
@@ -332,7 +333,11 @@ def run_recipe(
         return None
     if not trainer.is_world_process_zero():
         return None
-    model = trainer.model.merge_and_unload() if recipe.use_peft else trainer.model
+    quantized_training = describe_quantization(trainer.model)  # QLoRA: read before the merge drops the config
+    if recipe.use_peft:  # merge_and_unload() would quantise the merged sum again
+        model = merge_dequantized(trainer.model) if quantized_training else trainer.model.merge_and_unload()
+    else:
+        model = trainer.model
     model.eval()
     check_head_trained(model, "measure it on the task or choose layers by its metric")
 
@@ -433,6 +438,8 @@ def run_recipe(
         healed=heal_steps_done > 0,
         benchmarks=list(report.benchmarks) + benchmarks,
         limitations=list(resolved.limitations),
+        quantized_training=quantized_training,
+        dequantized_dtype=str(model.dtype).removeprefix("torch.") if quantized_training else None,
         **latency,
     )
     export_dir = Path(recipe.export_dir or Path(config.output_dir) / "collapsed")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import importlib.util
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,6 +23,9 @@ from .data import OFFLINE_DATASETS, TASKS
 from .scoring import SCORING_METHODS, SELECTION_STRATEGIES
 
 __all__ = ["RecipeArguments", "RecipeError", "check_choice", "load_recipe", "make_parser", "resolved_recipe"]
+
+BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
+BNB_4BIT_COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class RecipeError(ValueError):
@@ -46,6 +50,14 @@ class RecipeArguments:
         max_length (`int`, defaults to 128): token limit (classification) or block size (causal LM).
         max_train_samples, max_eval_samples (`int`, *optional*): cap the splits (rows; blocks for a causal LM).
         use_peft (`bool`): train LoRA adapters (merged before the collapse) instead of all weights.
+        load_in_4bit, load_in_8bit (`bool`): QLoRA: load the linear layers in 4 bits (or 8, LLM.int8) with
+            bitsandbytes (`pip install 'hf-collapse[qlora]'`) and train LoRA adapters on them (needs `use_peft`,
+            task `causal-lm`). After training the adapters are merged into a dequantised copy of the weights
+            ([`merge_dequantized`]); the collapse, the export and the card are of that copy.
+        bnb_4bit_quant_type (`str`, defaults to `"nf4"`), bnb_4bit_compute_dtype (`str`, defaults to `"auto"`),
+            bnb_4bit_use_double_quant (`bool`): the 4-bit data type (`nf4`, `fp4`), the dtype the 4-bit layers compute
+            in (`auto`: float32 on CPU, bfloat16 on GPUs that support it, else float16) and whether the scales are
+            quantised too.
         collapse (`bool`, defaults to `True`): score, choose and remove layers after training, then export.
         collapse_tolerance (`float`, *optional*): remove layers while the validation metric drops by at most this
             much. With `collapse: true`, exactly one of it and the [`CollapseConfig`] fields `collapse_layers`
@@ -100,6 +112,26 @@ class RecipeArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: list[str] | None = field(
         default=None, metadata={"help": "Module names that get adapters (default: all linear layers)."}
+    )
+    # QLoRA: LoRA adapters trained on 4-/8-bit bitsandbytes weights; the collapse runs on the dequantised merge.
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "Load the linear layers in 4 bits (QLoRA; needs use_peft and bitsandbytes)."}
+    )
+    load_in_8bit: bool = field(
+        default=False, metadata={"help": "Load the linear layers in 8 bits (LLM.int8; needs use_peft and bitsandbytes)."}
+    )
+    bnb_4bit_quant_type: str = field(
+        default="nf4", metadata={"help": "4-bit data type.", "choices": list(BNB_4BIT_QUANT_TYPES)}
+    )
+    bnb_4bit_compute_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype the 4-bit layers compute in; auto: float32 on CPU, bfloat16 on GPUs that have it.",
+            "choices": list(BNB_4BIT_COMPUTE_DTYPES),
+        },
+    )
+    bnb_4bit_use_double_quant: bool = field(
+        default=False, metadata={"help": "Quantise the 4-bit layers' scales too (about 0.4 bit per weight less)."}
     )
     collapse: bool = field(default=True, metadata={"help": "Score, choose and remove layers after training, then export."})
     collapse_score_method: str = field(
@@ -186,6 +218,46 @@ class RecipeArguments:
                 raise RecipeError(f"lm_eval_fewshot must be 0 or more, got {self.lm_eval_fewshot}")
             if self.lm_eval_batch_size < 1:
                 raise RecipeError(f"lm_eval_batch_size must be at least 1, got {self.lm_eval_batch_size}")
+        self._check_quantization()
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the model is loaded in 4 or 8 bits (QLoRA)."""
+        return self.load_in_4bit or self.load_in_8bit
+
+    def _check_quantization(self) -> None:
+        four_bit_options = [
+            name for name, value, default in (
+                ("bnb_4bit_quant_type", self.bnb_4bit_quant_type, "nf4"),
+                ("bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype, "auto"),
+                ("bnb_4bit_use_double_quant", self.bnb_4bit_use_double_quant, False),
+            ) if value != default
+        ]
+        if four_bit_options and not self.load_in_4bit:
+            raise RecipeError(f"{', '.join(four_bit_options)} only apply with load_in_4bit: true; set it or drop them")
+        for name, value, choices in (
+            ("bnb_4bit_quant_type", self.bnb_4bit_quant_type, BNB_4BIT_QUANT_TYPES),
+            ("bnb_4bit_compute_dtype", self.bnb_4bit_compute_dtype, BNB_4BIT_COMPUTE_DTYPES),
+        ):
+            if value not in choices:
+                raise RecipeError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+        if not self.quantized:
+            return
+        if self.load_in_4bit and self.load_in_8bit:
+            raise RecipeError("load_in_4bit and load_in_8bit are both set: choose one")
+        bits = "load_in_4bit" if self.load_in_4bit else "load_in_8bit"
+        if not self.use_peft:
+            raise RecipeError(
+                f"{bits} needs use_peft: true: quantised weights cannot be fine-tuned themselves; LoRA adapters "
+                "train on top of them (QLoRA) and are merged into a dequantised copy before the collapse"
+            )
+        if self.task != "causal-lm":
+            raise RecipeError(
+                f"{bits} is supported for task causal-lm only (a new classification head would be quantised too); "
+                "use LoRA without quantisation for this task"
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise RecipeError(f"{bits} needs bitsandbytes, which is not installed: pip install 'hf-collapse[qlora]'")
 
 
 class _StrictLoader(yaml.SafeLoader):
