@@ -300,3 +300,15 @@ def test_an_export_of_quantised_weights_is_refused(tmp_path, checkpoint):
     with pytest.raises(ValueError, match=r"merge_dequantized\(peft_model\)"):
         export_collapsed(adapted, tmp_path / "out", report=report)
     assert not (tmp_path / "out").exists()
+
+
+def test_every_hf_collapse_trainer_switches_the_cpu_repacking_off(tmp_path, checkpoint):
+    """A 4-bit model loaded by hand (not through load_model) is protected by the trainer itself."""
+    from hf_collapse import CollapseConfig, CollapseTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=QUANTISED["4bit"], device_map="cpu")
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    flags = lambda: [m.support_avx512bf16_for_cpu for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]  # noqa: E731
+    assert flags() and all(flag == bitsandbytes.functional.has_avx512bf16() for flag in flags())
+    CollapseTrainer(model=model, args=CollapseConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1))
+    assert flags() and not any(flags())
