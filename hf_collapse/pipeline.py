@@ -84,6 +84,15 @@ def task_evaluator(task: str, dataset, collator, batch_size: int):
     )["accuracy"]
 
 
+def choice_and_report_rows(data: TaskData, recipe: RecipeArguments):
+    """(rows that choose the layers, rows the figures are reported on, and their split names): validation and test,
+    or, for data without a test split, the two halves of the validation rows."""
+    if data.test is not None:
+        return data.eval, data.test, recipe.eval_split, "test"
+    halves = data.eval.train_test_split(test_size=0.5, seed=recipe.split_seed)
+    return halves["train"], halves["test"], f"{recipe.eval_split} (half A)", f"{recipe.eval_split} (half B)"
+
+
 def _target_clause(start: dict) -> str:
     if start["choice"] == "given":
         return f"named in the recipe, targeted from step {start['step']}"
@@ -349,13 +358,7 @@ def run_recipe(
     batches = [{k: v.to(model.device) for k, v in b.items() if k != "labels"} for b in loader]
     # Layers are chosen on validation rows and the figures are reported on rows that chose nothing: the test split,
     # or, for data without one, the second half of the validation rows (the first half chooses).
-    if test is not None:
-        choice_rows, report_rows = data.eval, test
-        selection_split, eval_split = recipe.eval_split, "test"
-    else:
-        halves = data.eval.train_test_split(test_size=0.5, seed=recipe.split_seed)
-        choice_rows, report_rows = halves["train"], halves["test"]
-        selection_split, eval_split = f"{recipe.eval_split} (half A)", f"{recipe.eval_split} (half B)"
+    choice_rows, report_rows, selection_split, eval_split = choice_and_report_rows(data, recipe)
     metric_name, higher_is_better, choose_on = task_evaluator(recipe.task, choice_rows, data.collator, batch_size)
     _, _, evaluate = task_evaluator(recipe.task, report_rows, data.collator, batch_size)
 

@@ -99,7 +99,7 @@ def run_sentence_recipe(recipe: RecipeArguments, config: CollapseConfig, resolve
     from .data import load_task_data
     from .export import export_collapsed, take_hub_push
     from .models import resolve_model
-    from .pipeline import RunSummary, _target_clause, _training_fields, latency_setup
+    from .pipeline import RunSummary, _target_clause, _training_fields, choice_and_report_rows, latency_setup
     from .post import collapse_model, selection_sentence
     from .sentence_trainer import CollapseSentenceTransformerTrainer
 
@@ -128,13 +128,7 @@ def run_sentence_recipe(recipe: RecipeArguments, config: CollapseConfig, resolve
     inner = pipeline[0].auto_model
 
     calibration = data.train.select(range(min(recipe.calibration_samples, len(data.train))))
-    if test is not None:
-        choice_rows, report_rows = data.eval, test
-        selection_split, eval_split = recipe.eval_split, "test"
-    else:
-        halves = data.eval.train_test_split(test_size=0.5, seed=recipe.split_seed)
-        choice_rows, report_rows = halves["train"], halves["test"]
-        selection_split, eval_split = f"{recipe.eval_split} (half A)", f"{recipe.eval_split} (half B)"
+    choice_rows, report_rows, selection_split, eval_split = choice_and_report_rows(data, recipe)
     batch_size = config.per_device_eval_batch_size
 
     def metric_on(rows):
