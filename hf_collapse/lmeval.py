@@ -46,13 +46,27 @@ def sample_limit(value: float | None) -> int | float | None:
     return int(value) if value is not None and value >= 1 else value
 
 
-def check_lm_eval_tasks(tasks: list[str], include_path: str | os.PathLike | None = None) -> None:
-    """Refuse, before any work, tasks the harness does not know (or a harness that is not installed).
+def check_lm_eval_tasks(tasks: list[str], include_path: str | os.PathLike | None = None, *, load: bool = False) -> None:
+    """Refuse, before any work, tasks the harness does not know (or a harness that is not installed); with `load`,
+    also build the tasks, which reads their data (so data out of reach, e.g. a Hub dataset offline, fails here).
 
     Raises:
-        [`LmEvalError`]: one line naming the unknown tasks and where to find the known ones.
+        [`LmEvalError`]: one line naming the unknown tasks and where to find the known ones, or why the data failed.
     """
-    _check_tasks(_task_manager(include_path), list(tasks))
+    manager = _task_manager(include_path)
+    _check_tasks(manager, list(tasks))
+    if load:
+        try:
+            manager.load_task_or_group(list(tasks))
+        except (ConnectionError, OSError, ValueError, KeyError) as error:
+            raise LmEvalError(_failure(tasks, "their data", error)) from error
+
+
+def _failure(tasks: list[str], what: str, error: BaseException) -> str:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+    hint = " (offline mode is on: standard tasks read their data from the Hub; use a local task file)" if offline else ""
+    return f"lm-eval could not run {', '.join(tasks)} on {what}: {first}{hint}"
 
 
 def _metric_values(task_results: dict) -> dict[str, float]:
@@ -119,10 +133,7 @@ def run_lm_eval(
             num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device, log_samples=False,
         )
     except (ConnectionError, OSError, ValueError, KeyError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = " (offline mode is on: standard tasks read their data from the Hub; use a local task file)" if offline else ""
-        raise LmEvalError(f"lm-eval could not run {', '.join(tasks)} on {name}: {first}{hint}") from error
+        raise LmEvalError(_failure(tasks, name, error)) from error
     configs = output.get("configs", {})
     splits, datasets, dataset_configs = {}, {}, {}
     for task, config in configs.items():

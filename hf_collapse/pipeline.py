@@ -239,19 +239,23 @@ def _check_lm_eval(recipe: RecipeArguments) -> None:
             "or run `hf-collapse evaluate --lm-eval-tasks` on the saved model"
         )
     try:
-        check_lm_eval_tasks(recipe.lm_eval_tasks, recipe.lm_eval_include)
+        check_lm_eval_tasks(recipe.lm_eval_tasks, recipe.lm_eval_include, load=True)  # data out of reach: now
     except LmEvalError as error:
         raise RecipeError(str(error)) from None
 
 
 def _lm_eval_run(recipe: RecipeArguments, model, processor) -> dict:
     """The recipe's lm-eval tasks on a model in memory (see [`hf_collapse.lmeval.run_lm_eval`])."""
-    from .lmeval import run_lm_eval, sample_limit
+    from .lmeval import LmEvalError, run_lm_eval, sample_limit
 
-    return run_lm_eval(
-        model, recipe.lm_eval_tasks, tokenizer=processor, include_path=recipe.lm_eval_include,
-        num_fewshot=recipe.lm_eval_fewshot, limit=sample_limit(recipe.lm_eval_limit), batch_size=recipe.lm_eval_batch_size,
-    )
+    try:
+        return run_lm_eval(
+            model, recipe.lm_eval_tasks, tokenizer=processor, include_path=recipe.lm_eval_include,
+            num_fewshot=recipe.lm_eval_fewshot, limit=sample_limit(recipe.lm_eval_limit),
+            batch_size=recipe.lm_eval_batch_size,
+        )
+    except LmEvalError as error:  # one line (the CLI reports it as a failure after work began)
+        raise RecipeError(str(error)) from None
 
 
 def _check_budget(config: CollapseConfig, depth: int) -> None:

@@ -180,6 +180,7 @@ def test_recipe_runner_puts_lm_eval_before_and_after_into_the_card(setup):
 
 @pytest.mark.parametrize(("extra", "message"), [
     ("lm_eval_tasks: [no_such_task]\n", "lm-eval has no task 'no_such_task'"),
+    ("lm_eval_tasks: [hellaswag]\n", "offline mode is on"),  # its data is on the Hub: refused before training
     ("lm_eval_tasks: [heldout_ppl]\ncollapse: false\n", "lm_eval_tasks compare the full-depth and the collapsed model"),
     ("lm_eval_tasks: [heldout_ppl]\nlm_eval_limit: 0\n", "lm_eval_limit must be above 0"),
 ])
