@@ -264,25 +264,19 @@ class LayerCapture:
         module, which a loss calls once per text column), the padding masks are read from each of its calls
         instead: from its keyword arguments, or from the mapping it gets as first argument; ``inputs`` is ignored.
         """
-        if masks_from is None:
-            inputs = inputs or {}
-            self._masks = {stack.name: _padding_mask(inputs.get(stack.mask_key)) for stack in self.stacks}
-            try:
-                yield
-            finally:
-                self._masks = None
-            return
-
-        def read_masks(module, args, kwargs):
-            given = kwargs if kwargs else (args[0] if args and isinstance(args[0], Mapping) else {})
+        def read_masks(given) -> None:
             self._masks = {stack.name: _padding_mask(given.get(stack.mask_key)) for stack in self.stacks}
 
-        self._masks = {stack.name: None for stack in self.stacks}
-        handle = masks_from.register_forward_pre_hook(read_masks, with_kwargs=True)
+        def on_call(module, args, kwargs) -> None:
+            read_masks(kwargs if kwargs else (args[0] if args and isinstance(args[0], Mapping) else {}))
+
+        read_masks((inputs or {}) if masks_from is None else {})  # with masks_from: none until the module's first call
+        handle = None if masks_from is None else masks_from.register_forward_pre_hook(on_call, with_kwargs=True)
         try:
             yield
         finally:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
             self._masks = None
 
     def _make_hook(self, stack: LayerStack, index: int):

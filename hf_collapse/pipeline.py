@@ -141,6 +141,36 @@ def latency_setup(comparison, batch: dict, model: torch.nn.Module) -> str:
     )
 
 
+def timed_pair(full, model, batch: dict, repeats: int) -> tuple[dict, float]:
+    """The card's latency fields (before, after, how it was measured) and the speed-up of `model` over `full`."""
+    from .evaluation import compare_latency
+
+    comparison = compare_latency(full, model, batch, repeats=repeats)
+    fields = {
+        "latency_ms_before": comparison.a.median_ms,
+        "latency_ms_after": comparison.b.median_ms,
+        "latency_setup": latency_setup(comparison, batch, model),
+    }
+    return fields, comparison.speedup
+
+
+def export_and_push(model, report, processing_class, recipe: RecipeArguments, config: CollapseConfig, hub_push,
+                    stage, *, source=None) -> Path:
+    """Export the collapsed model to the recipe's export folder, then push it when the recipe asked; the folder."""
+    from .export import export_collapsed
+
+    export_dir = Path(recipe.export_dir or Path(config.output_dir) / "collapsed")
+    stage(f"exporting to {export_dir}")
+    export_collapsed(
+        model, export_dir, report=report, processing_class=processing_class, source=source,
+        repo_id=recipe.export_repo_id or (hub_push.repo_id if hub_push else None), overwrite=recipe.overwrite_export,
+    )
+    if hub_push is not None:
+        stage(f"pushing {export_dir} to {hub_push.repo_id} (one commit)")
+        stage(f"pushed: {hub_push.push(export_dir).commit_url}")
+    return export_dir
+
+
 def _overlaps(a: Path, b: Path) -> bool:
     a, b = a.resolve(), b.resolve()
     return a == b or a in b.parents or b in a.parents
@@ -411,22 +441,11 @@ def run_recipe(
     # for a causal LM the task metric is the perplexity itself
     perplexity_before, perplexity_after = (metric_before, metric_after) if recipe.task == "causal-lm" else (None, None)
 
-    latency = {}
+    latency, speedup = {}, None
     if full is not None:
-        from .evaluation import compare_latency
-
         stage(f"timing both models ({recipe.latency_repeats} interleaved forward passes each)")
-        batch = _first_batch(data, batch_size, model.device)
-        comparison = compare_latency(full, model, batch, repeats=recipe.latency_repeats)
-        latency = {
-            "latency_ms_before": comparison.a.median_ms,
-            "latency_ms_after": comparison.b.median_ms,
-            "latency_setup": latency_setup(comparison, batch, model),
-        }
-        speedup = comparison.speedup
+        latency, speedup = timed_pair(full, model, _first_batch(data, batch_size, model.device), recipe.latency_repeats)
         del full
-    else:
-        speedup = None
 
     measured_choice = targeted or layers is None
     report = dataclasses.replace(
@@ -449,17 +468,7 @@ def run_recipe(
         dequantized_dtype=str(model.dtype).removeprefix("torch.") if quantized_training else None,
         **latency,
     )
-    export_dir = Path(recipe.export_dir or Path(config.output_dir) / "collapsed")
-    from .export import export_collapsed
-
-    stage(f"exporting to {export_dir}")
-    export_collapsed(
-        model, export_dir, report=report, processing_class=processor,
-        repo_id=recipe.export_repo_id or (hub_push.repo_id if hub_push else None), overwrite=recipe.overwrite_export,
-    )
-    if hub_push is not None:
-        stage(f"pushing {export_dir} to {hub_push.repo_id} (one commit)")
-        stage(f"pushed: {hub_push.push(export_dir).commit_url}")
+    export_dir = export_and_push(model, report, processor, recipe, config, hub_push, stage)
     depth = report.layers_before
     return RunSummary(
         layers_before=depth, layers_after=depth - len(report.removed_layers), removed=list(report.removed_layers),

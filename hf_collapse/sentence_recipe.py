@@ -97,9 +97,11 @@ def run_sentence_recipe(recipe: RecipeArguments, config: CollapseConfig, resolve
     from sentence_transformers.sentence_transformer import losses
 
     from .data import load_task_data
-    from .export import export_collapsed, take_hub_push
+    from .export import take_hub_push
     from .models import resolve_model
-    from .pipeline import RunSummary, _target_clause, _training_fields, choice_and_report_rows, latency_setup
+    from .pipeline import (
+        RunSummary, _target_clause, _training_fields, choice_and_report_rows, export_and_push, timed_pair,
+    )
     from .post import collapse_model, selection_sentence
     from .sentence_trainer import CollapseSentenceTransformerTrainer
 
@@ -162,14 +164,9 @@ def run_sentence_recipe(recipe: RecipeArguments, config: CollapseConfig, resolve
     pipeline.max_seq_length = saved_length
     latency, speedup = {}, None
     if full is not None:
-        from .evaluation import compare_latency
-
         stage(f"timing both transformers ({recipe.latency_repeats} interleaved forward passes each)")
         batch = features(report_rows.select(range(min(batch_size, len(report_rows)))))
-        comparison = compare_latency(full, inner, batch, repeats=recipe.latency_repeats)
-        latency = {"latency_ms_before": comparison.a.median_ms, "latency_ms_after": comparison.b.median_ms,
-                   "latency_setup": latency_setup(comparison, batch, inner)}
-        speedup = comparison.speedup
+        latency, speedup = timed_pair(full, inner, batch, recipe.latency_repeats)
         del full
     report = dataclasses.replace(
         report, datasets=list(data.dataset_ids), eval_dataset=recipe.dataset_name, eval_split=eval_split,
@@ -177,15 +174,7 @@ def run_sentence_recipe(recipe: RecipeArguments, config: CollapseConfig, resolve
         **(_training_fields(config, trainer, 0, False) if train else {}),
         recipe=resolved_recipe if train else None, limitations=list(resolved.limitations), **latency,
     )
-    export_dir = Path(recipe.export_dir or Path(config.output_dir) / "collapsed")
-    stage(f"exporting to {export_dir}")
-    export_collapsed(
-        inner, export_dir, report=report, processing_class=pipeline.tokenizer, source=resolved.path,
-        repo_id=recipe.export_repo_id or (hub_push.repo_id if hub_push else None), overwrite=recipe.overwrite_export,
-    )
-    if hub_push is not None:
-        stage(f"pushing {export_dir} to {hub_push.repo_id} (one commit)")
-        stage(f"pushed: {hub_push.push(export_dir).commit_url}")
+    export_dir = export_and_push(inner, report, pipeline.tokenizer, recipe, config, hub_push, stage, source=resolved.path)
     depth = report.layers_before
     return RunSummary(
         layers_before=depth, layers_after=depth - len(report.removed_layers), removed=list(report.removed_layers),
