@@ -96,8 +96,17 @@ def choice_and_report_rows(data: TaskData, recipe: RecipeArguments):
 def _target_clause(start: dict) -> str:
     if start["choice"] == "given":
         return f"named in the recipe, targeted from step {start['step']}"
-    how = "by measured bypass cost" if start["choice"] == "measured" else "by score"
-    return f"chosen {how} at step {start['step']}"
+    return f"chosen {_choice_rule(start)}"
+
+
+def _choice_rule(start: dict) -> str:
+    """How and when the targets were chosen, from the first entry of the trainer's schedule."""
+    when = "at step 0, on the pretrained model" if start["step"] == 0 else f"at step {start['step']}"
+    if start["choice"] == "measured":
+        return f"by measured bypass cost {when}"
+    if start["choice"] == "score":
+        return f"as the lowest {start.get('score', 'msw')} scores {when}"
+    return f"as named in the recipe, targeted from step {start['step']}"
 
 
 def _training_fields(config: CollapseConfig, trainer: CollapseTrainer, heal_steps: int, lora: bool) -> dict:
@@ -110,7 +119,7 @@ def _training_fields(config: CollapseConfig, trainer: CollapseTrainer, heal_step
     start = trainer.msw_schedule[0]
     fields.update(
         target_layers=list(trainer.collapse_targets),
-        target_choice=f"{start['choice']} at step {start['step']}",
+        target_choice=_choice_rule(start),
         penalty_schedule=[(entry["step"], entry["weight"]) for entry in trainer.msw_schedule],
     )
     if config.fade_steps:

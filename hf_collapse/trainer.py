@@ -379,6 +379,8 @@ class MSWPenaltyMixin:
              "choice": "given" if args.collapse_layers else args.target_choice, "evaluations": evaluations,
              "seconds": round(seconds, 3)}
         )
+        if self.msw_schedule[-1]["choice"] == "score":
+            self.msw_schedule[-1]["score"] = args.target_score
         logger.info(f"step {step}: targeting layers {self.collapse_targets} ({self.msw_schedule[-1]['choice']})")
 
     def _adapt_weight(self, model: torch.nn.Module, step: int) -> None:

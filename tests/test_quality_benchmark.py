@@ -75,12 +75,21 @@ def test_prune_then_heal_spends_the_same_budget(quick_run: Path):
 
 def test_target_arms_remove_what_training_targeted(quick_run: Path):
     study = get_study("minilm", quick=True)
-    for name in ("target_fade", "target_fade_msw", "target_fade_distill", "target_msw_heal"):
+    for name in ("target_fade", "target_fade_msw", "target_fade_distill", "target_msw_heal", "score_fade", "target_fade_late"):
         r = json.loads((quick_run / name / "seed0_k1.json").read_text())
         start = r["schedule"][0]
         assert start["event"] == "targets" and start["targets"] == r["layers"] and len(r["layers"]) == 1
         assert r["train_steps"] == study.steps and r["num_layers"] == 5
         assert r["selection"]["evaluations"] == start["evaluations"] > 0
+    # the gradual prune-then-fine-tune: Block Influence of the pretrained model at step 0, one pass over the rows
+    score = json.loads((quick_run / "score_fade" / "seed0_k2.json").read_text())
+    assert score["schedule"][0]["step"] == 0 and score["schedule"][0]["choice"] == "score"
+    assert score["selection"]["forward_passes"] == study.validation_rows
+    assert score["selection"]["method"].startswith("block_influence ranking")
+    # the late choice: half-way, on every validation row
+    late = json.loads((quick_run / "target_fade_late" / "seed0_k2.json").read_text())
+    assert late["schedule"][0]["step"] == study.steps // 2
+    assert late["selection"]["forward_passes"] == late["selection"]["evaluations"] * study.validation_rows
     heal = json.loads((quick_run / "target_msw_heal" / "seed0_k1.json").read_text())
     assert heal["heal_steps"] == study.heal_steps
     distill = json.loads((quick_run / "target_fade_distill" / "seed0_k1.json").read_text())
@@ -136,3 +145,26 @@ def test_unknown_model_is_refused_before_training(tmp_path):
 def test_unknown_study_is_a_clear_error(capsys):
     assert main(["nonesuch", "--quick"]) == 2
     assert "unknown study" in capsys.readouterr().err
+
+
+def test_paired_differences_match_seed_by_seed_and_render():
+    """The paired table subtracts (accuracy) or divides (perplexity) within one seed and k, skips seeds the
+    reference lacks, and counts the seeds that favour the arm."""
+    from benchmarks.quality.report import _paired_section, paired_differences
+
+    def r(arm, seed, k, test, ood, metric="accuracy"):
+        return {"arm": arm, "seed": seed, "k": k, "metric": metric, "test": {metric: test}, "ood": {metric: ood}}
+
+    results = [
+        r("prune_then_finetune", 0, 2, 0.70, 0.60), r("prune_then_finetune", 1, 2, 0.80, 0.70),
+        r("score_fade", 0, 2, 0.72, 0.59), r("score_fade", 1, 2, 0.81, 0.72), r("score_fade", 2, 2, 0.99, 0.99),
+    ]
+    assert paired_differences(results, "score_fade", 2, "test") == pytest.approx([0.02, 0.01])
+    assert paired_differences(results, "score_fade", 2, "ood") == pytest.approx([-0.01, 0.02])
+    assert paired_differences(results, "score_fade", 1, "test") == []
+    row = next(line for line in _paired_section(results, ["prune_then_finetune", "score_fade"], [2], "accuracy") if line.startswith("| score_fade"))
+    assert row == "| score_fade | +1.5 ± 0.7 (2/2) / +0.5 ± 2.1 (1/2) |"
+    ppl = [r("prune_then_finetune", 0, 4, 50.0, 200.0, "perplexity"), r("score_fade", 0, 4, 45.0, 220.0, "perplexity")]
+    assert paired_differences(ppl, "score_fade", 4, "test") == pytest.approx([0.9])
+    row = next(line for line in _paired_section(ppl, ["score_fade"], [4], "perplexity") if line.startswith("| score_fade"))
+    assert row == "| score_fade | ×0.90 (1/1) / ×1.10 (0/1) |"

@@ -400,6 +400,7 @@ def test_run_recipe_budget_counts_training_and_healing_steps(tmp_path):
     assert exported["num_hidden_layers"] == 3 and exported["collapsed_layers"] == summary.removed
     card = (tmp_path / "out" / "README.md").read_text()
     assert "heal_steps: 3" in (tmp_path / "out" / "recipe.yaml").read_text() and "heal_steps: 3" in card
+    assert "| how the targets were chosen | by measured bypass cost at step 2 |" in card
     assert "6 training + 3 healing = 9" in summary.table()
 
 
@@ -498,6 +499,7 @@ def test_prune_then_fine_tune_is_a_target_schedule(tmp_path, trained_state, scor
     targeted.train()
     assert targeted.collapse_targets == expected and targeted.fade_alpha() == 0.0
     assert targeted.msw_schedule[0]["step"] == 0 and targeted.msw_schedule[0]["choice"] == "score"
+    assert targeted.msw_schedule[0]["score"] == score
     reference = identity_layers_llama(trained_state, [])
     CollapseTrainer(model=reference, args=config(tmp_path / "a", max_steps=1, msw_weight=0.0, **sgd), train_dataset=data).train()
     collapse_layers(reference, expected)

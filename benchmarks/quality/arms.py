@@ -245,6 +245,10 @@ def _targeted(name: str, fields: dict, *, heal: bool = False):
         out = result(ctx, f"{name}-{k}/{seed}", model, None, train_steps=study.steps)
         rows = min(fields.get("target_choice_samples", 128), len(ctx.validation))
         teacher_rows = (study.steps - heal_steps - choice["step"]) * study.batch_size if fields.get("distill_weight") else 0
+        if fields.get("target_choice") == "score":
+            rule = f"{fields.get('target_score', 'msw')} ranking during training (step {choice['step']}, {rows} validation rows)"
+        else:
+            rule = f"measured bypass during training (step {choice['step']}, {rows} validation rows)"
         out.update(
             layers=targets,
             num_layers=ctx.num_layers - k,
@@ -252,7 +256,7 @@ def _targeted(name: str, fields: dict, *, heal: bool = False):
             teacher_forward_rows=teacher_rows,
             schedule=trainer.msw_schedule,
             selection={
-                "method": f"measured bypass during training (step {choice['step']}, {rows} validation rows)",
+                "method": rule,
                 "forward_passes": choice["evaluations"] * rows,
                 "evaluations": choice["evaluations"],
                 "seconds": choice.get("seconds", 0.0),
@@ -276,3 +280,14 @@ arm("target_fade_distill", "as target_fade, plus logit distillation (T 2, weight
 arm("target_msw_heal", "adaptive MSW penalty on measured targets (no fade), removed at steps - heal_steps, then healed", family="ours")(
     _targeted("target_msw_heal", dict(_TARGET, msw_weight=0.3, msw_adaptive=True), heal=True)
 )
+arm(
+    "score_fade",
+    "targets = the k lowest Block Influence layers of the pretrained model (as prune-then-fine-tune chooses), faded to "
+    "zero over the first 30 % of training; no penalty (a gradual prune-then-fine-tune)",
+    family="ours",
+)(_targeted("score_fade", dict(target_choice="score", target_score="block_influence", target_choice_steps=0.0, fade_steps=0.3, msw_adaptive=False, msw_weight=0.0)))
+arm(
+    "target_fade_late",
+    "as target_fade, but chosen at 50 % of training on all validation rows and faded over the next 30 %",
+    family="ours",
+)(_targeted("target_fade_late", dict(_TARGET, target_choice_steps=0.5, target_choice_samples=100_000, fade_steps=0.3)))

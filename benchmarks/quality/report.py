@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .arms import ARMS
 
-__all__ = ["aggregate", "load_results", "write_report"]
+__all__ = ["aggregate", "load_results", "paired_differences", "write_report"]
 
 HEADER = """\
 # Quality benchmark results
@@ -89,6 +89,59 @@ def _arm_order(names) -> list[str]:
     return known + sorted(set(names) - set(known))
 
 
+PAIRED_REFERENCE = "prune_then_finetune"
+
+
+def paired_differences(results: list[dict], arm: str, k: int, split: str, reference: str = PAIRED_REFERENCE) -> list[float]:
+    """Per seed, `arm`'s accuracy minus `reference`'s (or, for perplexity, their ratio) on the same rows (same seed,
+    same k), for the seeds both ran.
+
+    Seed-to-seed variation (initial head, data order) moves both arms of one seed together, so the paired
+    difference is a sharper comparison than two means whose spreads overlap."""
+    by = {(r["arm"], r["k"], r["seed"]): r for r in results}
+    out = []
+    for (name, kk, seed), r in sorted(by.items(), key=lambda item: item[0][2]):
+        other = by.get((reference, k, seed))
+        if name == arm and kk == k and other is not None:
+            mine, theirs = r[split][r["metric"]], other[split][other["metric"]]
+            out.append(mine - theirs if r["metric"] == "accuracy" else mine / theirs)
+    return out
+
+
+def _paired_section(results: list[dict], arms: list[str], ks: list[int], metric: str) -> list[str]:
+    if not any(r["arm"] == PAIRED_REFERENCE for r in results):
+        return []
+    accuracy = metric == "accuracy"
+    what = "minus" if accuracy else "divided by"
+    lines = ["", f"### Paired against prune-then-fine-tune (same seed, same rows; {'higher' if accuracy else 'lower'} is better)", ""]
+    lines.append(
+        f"Each cell: the arm's test {metric} {what} prune-then-fine-tune's on the same seed and k"
+        f"{' (in accuracy points)' if accuracy else ''}, mean ± std over the seeds both ran, then how many of those "
+        "seeds favour the arm; out-of-domain after the slash."
+    )
+    lines += ["", "| arm | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
+    for a in arms:
+        if a == PAIRED_REFERENCE:
+            continue
+        cells, any_cell = [], False
+        for k in ks:
+            parts = []
+            for split in ("test", "ood"):
+                diffs = paired_differences(results, a, k, split)
+                if not diffs:
+                    break
+                mean, std = _stats([100 * d if accuracy else d for d in diffs])
+                wins = sum(1 for d in diffs if (d > 0 if accuracy else d < 1))
+                spread = f" ± {std:.1f}" if accuracy else f" ± {std:.2f}"
+                value = f"{mean:+.1f}" if accuracy else f"×{mean:.2f}"
+                parts.append(f"{value}{spread if len(diffs) > 1 else ''} ({wins}/{len(diffs)})")
+            any_cell |= bool(parts)
+            cells.append(" / ".join(parts) if parts else "—")
+        if any_cell:
+            lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _study_section(name: str, config: dict, results: list[dict], plot_dir: Path, link_prefix: str) -> str:
     study = config["study"]
     table = aggregate(results)
@@ -163,6 +216,8 @@ def _study_section(name: str, config: dict, results: list[dict], plot_dir: Path,
                 lines.append(f"| {a} | " + " | ".join(cells) + " |")
         if metric != "accuracy":
             lines.append("\n(for perplexity: full-depth perplexity / the arm's perplexity)")
+
+    lines += _paired_section(results, arms, ks, metric)
 
     lines += ["", "### Cost of choosing the layers (mean over seeds)", ""]
     lines.append("| arm | k | rule | forward passes | evaluations | seconds | layers removed (per seed) |")

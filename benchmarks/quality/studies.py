@@ -82,6 +82,8 @@ MINILM_ARMS = (
     "target_fade_msw",
     "target_fade_distill",
     "target_msw_heal",
+    "score_fade",
+    "target_fade_late",
 )
 
 STUDIES: dict[str, Study] = {
