@@ -558,7 +558,8 @@ def _card_data(report: CollapseReport, model_name: str) -> ModelCardData:
             )
         )
     sentence_transformers = report.sentence_transformers_modules is not None
-    tags = list(TAGS) + (["sentence-transformers", "feature-extraction"] if sentence_transformers else [])
+    tags = [t for t in TAGS if t != "lacoot" or msw_penalty_used(report)]
+    tags += ["sentence-transformers", "feature-extraction"] if sentence_transformers else []
     extra = {}
     relation = _base_model_relation(report)
     if relation is not None:
@@ -574,6 +575,17 @@ def _card_data(report: CollapseReport, model_name: str) -> ModelCardData:
         eval_results=eval_results or None,
         **extra,
     )
+
+
+def msw_penalty_used(report: CollapseReport) -> bool:
+    """Whether the model was trained with the MSW penalty (LaCoOT): a non-zero λ in the applied schedule, or, for the
+    uniform penalty (no schedule), a non-zero `msw_weight` in the recipe."""
+    schedule = report.penalty_schedule
+    if isinstance(schedule, str):
+        return True
+    if schedule is not None:
+        return any(float(w) > 0 for _, w in schedule)
+    return bool(report.recipe) and float(report.recipe.get("msw_weight") or 0) > 0
 
 
 def _training(report: CollapseReport) -> list[tuple[str, str]]:
@@ -648,6 +660,7 @@ def _context(
         "num_parameters_after": report.num_parameters_after,
         "parameter_reduction_pct": 100.0 * (1 - report.num_parameters_after / report.num_parameters_before),
         "score_method": report.score_method,
+        "msw_penalty": msw_penalty_used(report),
         "has_scores": report.scores is not None,
         "selection": report.selection,
         "task_metric": report.task_metric,

@@ -371,10 +371,17 @@ def test_training_rows_say_how_targets_were_chosen_and_what_lambda_was():
     assert f"| how the targets were chosen | {rule} |" in text
     assert "| penalty weight λ applied | none (λ = 0: the targets were not penalised) |" in text
     assert "| target layers faded out | over steps 0–60 |" in text
+    # no penalty: the card does not call it LaCoOT, in words or in tags
+    assert "no MSW penalty was applied" in text and "Max-Sliced Wasserstein" not in text
+    assert "lacoot" not in ModelCard(text).data.tags
     rule = _choice_rule({"step": 60, "choice": "measured"})
     assert rule == "by measured bypass cost at step 60"
     text = render_card(CollapseReport(**base, target_choice=rule, penalty_schedule=[(60, 0.3), (80, 0.15)]))
     assert "| penalty weight λ applied | 0.3 from step 60, 0.15 from step 80 |" in text
+    assert "fine-tuned with a Max-Sliced Wasserstein penalty" in text and "lacoot" in ModelCard(text).data.tags
+    # the uniform penalty has no schedule: the recipe's msw_weight says whether it was on
+    assert "no MSW penalty was applied" in render_card(CollapseReport(**base, recipe={"msw_weight": 0.0}))
+    assert "Max-Sliced Wasserstein penalty" in render_card(CollapseReport(**base, recipe={"msw_weight": 0.3}))
 
 
 def test_local_base_model_stays_out_of_metadata(tmp_path):
