@@ -168,3 +168,22 @@ def test_paired_differences_match_seed_by_seed_and_render():
     assert paired_differences(ppl, "score_fade", 4, "test") == pytest.approx([0.9])
     row = next(line for line in _paired_section(ppl, ["score_fade"], [4], "perplexity") if line.startswith("| score_fade"))
     assert row == "| score_fade | ×0.90 (1/1) / ×1.10 (0/1) |"
+
+
+def test_the_quickstart_is_the_arm_it_claims_to_be():
+    """recipes/quickstart.yaml says it is the benchmark's score_fade arm: its target fields are that arm's, and its
+    schedule is the MiniLM study's."""
+    from hf_collapse.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "recipes" / "quickstart.yaml").read_text()
+    assert "`score_fade` arm" in text
+    recipe, config, _ = load_recipe(root / "recipes" / "quickstart.yaml")
+    for name, value in ARMS["score_fade"].fn.fields.items():
+        assert getattr(config, name) == value, name
+    study = get_study("minilm")
+    assert (config.max_steps, config.per_device_train_batch_size, config.learning_rate, config.warmup_steps) == (
+        study.steps, study.batch_size, study.learning_rate, study.warmup_steps)
+    assert (recipe.max_length, recipe.max_train_samples, recipe.max_eval_samples) == (
+        study.max_length, study.train_rows, study.validation_rows)
+    assert config.target_choice_samples == 128 and config.collapse_num_layers == 2

@@ -264,6 +264,7 @@ def _targeted(name: str, fields: dict, *, heal: bool = False):
         )
         return out
 
+    run.fields = dict(fields)  # the CollapseConfig fields of the arm (a recipe that claims to be this arm is checked)
     return run
 
 
