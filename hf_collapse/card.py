@@ -661,6 +661,8 @@ def _context(
         "parameter_reduction_pct": 100.0 * (1 - report.num_parameters_after / report.num_parameters_before),
         "score_method": report.score_method,
         "msw_penalty": msw_penalty_used(report),
+        "target_choice": report.target_choice,
+        "faded": report.fade_window is not None,
         "has_scores": report.scores is not None,
         "selection": report.selection,
         "task_metric": report.task_metric,

@@ -371,6 +371,8 @@ def test_training_rows_say_how_targets_were_chosen_and_what_lambda_was():
     assert f"| how the targets were chosen | {rule} |" in text
     assert "| penalty weight λ applied | none (λ = 0: the targets were not penalised) |" in text
     assert "| target layers faded out | over steps 0–60 |" in text
+    # the per-layer scores come after training: the card says they did not choose the layers
+    assert f"the layers removed are the ones training targeted ({rule}), not necessarily the lowest-scoring here: once faded out" in text
     # no penalty: the card does not call it LaCoOT, in words or in tags
     assert "no MSW penalty was applied" in text and "Max-Sliced Wasserstein" not in text
     assert "lacoot" not in ModelCard(text).data.tags
