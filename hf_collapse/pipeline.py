@@ -375,7 +375,11 @@ def run_recipe(
     )
     if train:
         what = "targeting " + (str(config.collapse_layers) if config.collapse_layers else f"{config.collapse_num_layers} layers") if config.has_target else "uniform"
-        stage(f"fine-tuning with the MSW penalty (weight {config.msw_weight}, {what}, {config.msw_search} directions)")
+        if config.msw_weight > 0:
+            stage(f"fine-tuning with the MSW penalty (weight {config.msw_weight}, {what}, {config.msw_search} directions)")
+        else:
+            fade = f", faded out (fade_steps {config.fade_steps})" if config.has_target and config.fade_steps else ""
+            stage(f"fine-tuning without the MSW penalty ({what}{fade}; distances are still logged)")
         trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     if not recipe.collapse:
         # every rank: under FSDP or DeepSpeed the weights are gathered collectively
