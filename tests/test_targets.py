@@ -103,7 +103,7 @@ def test_automatic_choice_after_warm_up_finds_the_identity_layer(tmp_path, train
     (start,) = trainer.msw_schedule
     assert start.pop("seconds") > 0  # the wall time of the choice
     assert start == {"step": 1, "event": "targets", "targets": [2], "weight": 1.0, "choice": choice,
-                     "evaluations": 4 if choice == "measured" else 1}
+                     "evaluations": 4 if choice == "measured" else 1, **({"score": "msw"} if choice == "score" else {})}
 
 
 def test_measured_choice_counts_its_evaluations_and_respects_protection(tmp_path, trained_state):
