@@ -379,7 +379,8 @@ def run_recipe(
             stage(f"fine-tuning with the MSW penalty (weight {config.msw_weight}, {what}, {config.msw_search} directions)")
         else:
             fade = f", faded out (fade_steps {config.fade_steps})" if config.has_target and config.fade_steps else ""
-            stage(f"fine-tuning without the MSW penalty ({what}{fade}; distances are still logged)")
+            what = what + fade if config.has_target else "a plain fine-tune"
+            stage(f"fine-tuning without the MSW penalty ({what}; distances are still logged)")
         trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     if not recipe.collapse:
         # every rank: under FSDP or DeepSpeed the weights are gathered collectively

@@ -181,6 +181,8 @@ def test_train_runs_a_short_quickstart_end_to_end(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "removed layers" in result.stdout and "layers" in result.stdout
+    # the quickstart's λ is 0: the run does not claim a penalty it does not apply
+    assert "fine-tuning without the MSW penalty (a plain fine-tune" in result.stdout
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 5 and len(config["collapsed_layers"]) == 1
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
