@@ -602,10 +602,11 @@ def _training(report: CollapseReport) -> list[tuple[str, str]]:
         rows.append(("how the targets were chosen", report.target_choice))
     if report.penalty_schedule is not None:
         schedule = report.penalty_schedule
-        if not isinstance(schedule, str) and all(float(w) == 0 for _, w in schedule):
-            schedule = "none (λ = 0: the targets were not penalised)"
-        elif not isinstance(schedule, str):
-            schedule = ", ".join(f"{_format_number(float(w))} from step {int(step)}" for step, w in schedule)
+        if not isinstance(schedule, str):
+            schedule = (
+                ", ".join(f"{_format_number(float(w))} from step {int(step)}" for step, w in schedule)
+                if msw_penalty_used(report) else "none (λ = 0: the targets were not penalised)"
+            )
         rows.append(("penalty weight λ applied", schedule))
     if report.fade_window is not None:
         start, end = report.fade_window

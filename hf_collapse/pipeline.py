@@ -94,19 +94,18 @@ def choice_and_report_rows(data: TaskData, recipe: RecipeArguments):
 
 
 def _target_clause(start: dict) -> str:
-    if start["choice"] == "given":
-        return f"named in the recipe, targeted from step {start['step']}"
-    return f"chosen {_choice_rule(start)}"
+    rule = _choice_rule(start)
+    return rule if start["choice"] == "given" else f"chosen {rule}"
 
 
 def _choice_rule(start: dict) -> str:
     """How and when the targets were chosen, from the first entry of the trainer's schedule."""
+    if start["choice"] == "given":
+        return f"named in the recipe, targeted from step {start['step']}"
     when = "at step 0, on the pretrained model" if start["step"] == 0 else f"at step {start['step']}"
     if start["choice"] == "measured":
         return f"by measured bypass cost {when}"
-    if start["choice"] == "score":
-        return f"as the lowest {start.get('score', 'msw')} scores {when}"
-    return f"as named in the recipe, targeted from step {start['step']}"
+    return f"as the lowest {start['score']} scores {when}"
 
 
 def _training_fields(config: CollapseConfig, trainer: CollapseTrainer, heal_steps: int, lora: bool) -> dict:
@@ -374,13 +373,14 @@ def run_recipe(
         data_collator=data.collator, processing_class=processor,
     )
     if train:
-        what = "targeting " + (str(config.collapse_layers) if config.collapse_layers else f"{config.collapse_num_layers} layers") if config.has_target else "uniform"
+        target = None
+        if config.has_target:
+            target = "targeting " + (str(config.collapse_layers) if config.collapse_layers else f"{config.collapse_num_layers} layers")
         if config.msw_weight > 0:
-            stage(f"fine-tuning with the MSW penalty (weight {config.msw_weight}, {what}, {config.msw_search} directions)")
+            stage(f"fine-tuning with the MSW penalty (weight {config.msw_weight}, {target or 'uniform'}, {config.msw_search} directions)")
         else:
-            fade = f", faded out (fade_steps {config.fade_steps})" if config.has_target and config.fade_steps else ""
-            what = what + fade if config.has_target else "a plain fine-tune"
-            stage(f"fine-tuning without the MSW penalty ({what}; distances are still logged)")
+            fade = f", faded out (fade_steps {config.fade_steps})" if config.fade_steps else ""
+            stage(f"fine-tuning without the MSW penalty ({target + fade if target else 'a plain fine-tune'}; distances are still logged)")
         trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     if not recipe.collapse:
         # every rank: under FSDP or DeepSpeed the weights are gathered collectively

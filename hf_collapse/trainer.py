@@ -374,13 +374,12 @@ class MSWPenaltyMixin:
         if args.distill_weight > 0 and self.teacher_model is None:  # a given teacher was frozen at construction
             self.teacher_model = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
             self._teacher_taken = True
+        choice = "given" if args.collapse_layers else args.target_choice
         self.msw_schedule.append(
             {"step": step, "event": "targets", "targets": list(self.collapse_targets), "weight": self._target_weight,
-             "choice": "given" if args.collapse_layers else args.target_choice, "evaluations": evaluations,
-             "seconds": round(seconds, 3)}
+             "choice": choice, "evaluations": evaluations, "seconds": round(seconds, 3),
+             **({"score": args.target_score} if choice == "score" else {})}
         )
-        if self.msw_schedule[-1]["choice"] == "score":
-            self.msw_schedule[-1]["score"] = args.target_score
         logger.info(f"step {step}: targeting layers {self.collapse_targets} ({self.msw_schedule[-1]['choice']})")
 
     def _adapt_weight(self, model: torch.nn.Module, step: int) -> None:

@@ -245,10 +245,8 @@ def _targeted(name: str, fields: dict, *, heal: bool = False):
         out = result(ctx, f"{name}-{k}/{seed}", model, None, train_steps=study.steps)
         rows = min(fields.get("target_choice_samples", 128), len(ctx.validation))
         teacher_rows = (study.steps - heal_steps - choice["step"]) * study.batch_size if fields.get("distill_weight") else 0
-        if fields.get("target_choice") == "score":
-            rule = f"{fields.get('target_score', 'msw')} ranking during training (step {choice['step']}, {rows} validation rows)"
-        else:
-            rule = f"measured bypass during training (step {choice['step']}, {rows} validation rows)"
+        how = f"{choice['score']} ranking" if choice["choice"] == "score" else "measured bypass"
+        rule = f"{how} during training (step {choice['step']}, {rows} validation rows)"
         out.update(
             layers=targets,
             num_layers=ctx.num_layers - k,

@@ -98,13 +98,11 @@ def paired_differences(results: list[dict], arm: str, k: int, split: str, refere
 
     Seed-to-seed variation (initial head, data order) moves both arms of one seed together, so the paired
     difference is a sharper comparison than two means whose spreads overlap."""
-    by = {(r["arm"], r["k"], r["seed"]): r for r in results}
+    theirs = {r["seed"]: r for r in results if r["arm"] == reference and r["k"] == k}
     out = []
-    for (name, kk, seed), r in sorted(by.items(), key=lambda item: item[0][2]):
-        other = by.get((reference, k, seed))
-        if name == arm and kk == k and other is not None:
-            mine, theirs = r[split][r["metric"]], other[split][other["metric"]]
-            out.append(mine - theirs if r["metric"] == "accuracy" else mine / theirs)
+    for r in sorted((r for r in results if r["arm"] == arm and r["k"] == k and r["seed"] in theirs), key=lambda r: r["seed"]):
+        mine, other = r[split][r["metric"]], theirs[r["seed"]][split][r["metric"]]
+        out.append(mine - other if r["metric"] == "accuracy" else mine / other)
     return out
 
 
