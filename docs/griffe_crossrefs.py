@@ -1,10 +1,13 @@
 """Griffe extension of the docs build: the docstrings' transformers-style references, [`name`], become links.
 
-A name is looked up where the docstring is (the class, its module), then in `hf_collapse` and its modules. A name documented on
-the API page becomes a cross-reference to it; a name that exists but has no page of its own (a private helper, a
-class of another library: `[`~transformers.Trainer`]`) stays code. A name found nowhere is handed to autorefs as a
-cross-reference all the same, so that `mkdocs build --strict` fails on it: a reference to something that was
-renamed or removed.
+The types in those docstrings (`name (`int`, *optional*)`, `` [`ValueError`]: ``) lose their Markdown, which the
+API page would show literally in its type column.
+
+A name is looked up where the docstring is (the class, its module), then in `hf_collapse` and its modules. A
+name documented on the API page becomes a cross-reference to it; a name that exists but has no entry there (a
+private helper, a class of another library: `[`~transformers.Trainer`]`) stays code. A name found nowhere is
+handed to autorefs as a cross-reference all the same, so that `mkdocs build --strict` fails on it: a reference to
+something that was renamed or removed.
 """
 
 from __future__ import annotations
@@ -15,6 +18,11 @@ from pathlib import Path
 from griffe import AliasResolutionError, CyclicAliasError, Extension, Module, Object
 
 REFERENCE = re.compile(r"\[`(~?)([A-Za-z_][\w.]*)`\](?![\[(])")
+# An entry of an `Args:` section, `name (`type`, *optional*, defaults to `x`): ...`: the type column shows the part
+# in brackets as code, so its Markdown (backticks, emphasis, reference brackets) is dropped there.
+ARGUMENT = re.compile(r"^(\s+[\w*][\w*, .]*?) \((.+)\):", re.MULTILINE)
+# An entry of a `Returns:` or `Raises:` section, `` `ValueError`: ... ``, the same.
+RESULT = re.compile(r"^(\s+)\[?`~?([\w.\[\], ]+)`\]?:", re.MULTILINE)
 API_PAGE = Path(__file__).with_name("api.md")
 
 
@@ -32,6 +40,11 @@ def _lookup(scope: Object, dotted: str) -> Object | None:
     return obj
 
 
+def _plain_type(match: re.Match) -> str:
+    kind = re.sub(r"\[`~?(?:[\w]+\.)*([\w]+)`\]", r"\1", match[2])
+    return f"{match[1]} ({kind.replace('`', '').replace('*', '')}):"
+
+
 def _modules(module: Module):
     """The package first, then every module and subpackage in it."""
     yield module
@@ -46,7 +59,8 @@ class DocstringCrossRefs(Extension):
         documented = self._documented(pkg)
         for obj in self._objects(pkg):
             if obj.docstring is not None:
-                obj.docstring.value = REFERENCE.sub(lambda m: self._link(m, obj, pkg, documented), obj.docstring.value)
+                value = RESULT.sub(r"\1\2:", ARGUMENT.sub(_plain_type, obj.docstring.value))
+                obj.docstring.value = REFERENCE.sub(lambda m: self._link(m, obj, pkg, documented), value)
 
     @staticmethod
     def _objects(obj: Object):
@@ -80,8 +94,8 @@ class DocstringCrossRefs(Extension):
         # Where the docstring is, then the package; a bare name may also be a function of another module.
         scopes = [s for s in (obj, obj.parent, obj.module, *_modules(pkg)) if s is not None]
         target = next((t for s in scopes if (t := _lookup(s, name.removeprefix("hf_collapse."))) is not None), None)
-        if target is None:
-            found_outside = any(s.members.get(name.split(".")[0]) is not None for s in scopes)
-            return f"`{text}`" if found_outside else f"[`{text}`][{name}]"
+        if target is None:  # not found, or imported from another library (an alias griffe cannot follow)
+            imported = any(s.members.get(name.split(".")[0]) is not None for s in scopes)
+            return f"`{text}`" if imported else f"[`{text}`][{name}]"
         identifier = documented.get(target.canonical_path)
         return f"[`{text}`][{identifier}]" if identifier else f"`{text}`"
