@@ -217,20 +217,19 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_score(args) -> int:
-    from torch.utils.data import DataLoader
-
     from .data import load_task_data
     from .models import load_model, load_processor, resolve_model
     from .scoring import score_layers
+    from .tasks import label_free_batches
 
     recipe, config, _ = _load(args.recipe, args.overrides)
     resolved = resolve_model(recipe.model_name_or_path)
     processor = load_processor(recipe, resolved)
     data = load_task_data(recipe, processor)
     model = load_model(recipe, resolved, processor, data.label_names)
-    calibration = data.train.select(range(min(recipe.calibration_samples, len(data.train))))
-    loader = DataLoader(calibration, batch_size=config.per_device_eval_batch_size, collate_fn=data.collator)
-    batches = [{k: v for k, v in b.items() if k != "labels"} for b in loader]
+    batches = label_free_batches(
+        data.train, data.collator, config.per_device_eval_batch_size, limit=recipe.calibration_samples
+    )
     scores = score_layers(model, batches, method=recipe.collapse_score_method)
     print(f"layer  {scores.method}")
     for index in range(len(scores)):
@@ -353,10 +352,9 @@ def _collapse_as_saved(recipe, config, source) -> int:
     users a silently wrong classifier. The layers are scored on the data's text, chosen by name or by score, and the
     export is the checkpoint's own class (with a sentence-transformers pipeline when the source has one).
     """
-    from torch.utils.data import DataLoader
-
     from .data import load_task_data
     from .models import load_as_saved, load_processor, saved_architecture
+    from .tasks import label_free_batches
 
     trust = recipe.trust_remote_code
     if config.collapse_layers is None and (recipe.collapse_tolerance is not None or recipe.collapse_strategy != "ranked"):
@@ -369,13 +367,14 @@ def _collapse_as_saved(recipe, config, source) -> int:
     processor = load_processor(recipe, source)
     data = load_task_data(recipe, processor)
     model = load_as_saved(source, trust_remote_code=trust).eval()
-    calibration = data.train.select(range(min(recipe.calibration_samples, len(data.train))))
-    loader = DataLoader(calibration, batch_size=config.per_device_eval_batch_size, collate_fn=data.collator)
+    calibration = label_free_batches(
+        data.train, data.collator, config.per_device_eval_batch_size, limit=recipe.calibration_samples
+    )
     return _collapse_and_export(
         model, source, processor, recipe.export_dir, overwrite=recipe.overwrite_export, repo_id=recipe.export_repo_id,
         layers=config.collapse_layers, num_layers=None if config.collapse_layers else config.collapse_num_layers,
         strategy="ranked", score_method=recipe.collapse_score_method,
-        calibration=[{k: v for k, v in b.items() if k != "labels"} for b in loader],
+        calibration=calibration,
         protect_first=config.collapse_protect_first, protect_last=config.collapse_protect_last,
         report_fields=dict(
             datasets=list(data.dataset_ids), pipeline_tag="feature-extraction",
@@ -411,7 +410,8 @@ def _cmd_evaluate(args) -> int:
     from .data import load_task_data
     from .evaluation import compare_latency
     from .models import check_head_trained, load_model, load_processor, resolve_model
-    from .pipeline import _first_batch, latency_setup, task_evaluator
+    from .pipeline import latency_setup
+    from .tasks import first_batch, task_evaluator
 
     recipe, config, _ = _load(args.recipe, ["--collapse", "false", *args.overrides])
     resolved = resolve_model(recipe.model_name_or_path)
@@ -425,7 +425,7 @@ def _cmd_evaluate(args) -> int:
     for name, model in zip(names, models):
         print(f"{name}: {metric_name} = {evaluate(model):.4f}")
     if recipe.latency_repeats:
-        batch = _first_batch(data, config.per_device_eval_batch_size, models[0].device)
+        batch = first_batch(data, config.per_device_eval_batch_size, models[0].device)
         result = compare_latency(models[0], models[-1], batch, repeats=recipe.latency_repeats)
         line = f"latency: {result.a.median_ms:.1f} ms"
         if args.compare:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .choice import LayerChoice, check_layer_list, check_num_layers, check_protect
 from .msw import SEARCH_MODES
 from .scoring import SCORING_METHODS
 
@@ -240,7 +241,7 @@ class MSWArguments:
             raise ValueError(
                 f"msw_search_tokens must be at least 2 (or 0 to search on all tokens), got {self.msw_search_tokens}"
             )
-        for name in ("msw_refine_steps", "msw_warmup_steps", "heal_steps", "collapse_protect_first", "collapse_protect_last"):
+        for name in ("msw_refine_steps", "msw_warmup_steps", "heal_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
         for name in ("msw_adapt_steps", "target_choice_samples", "target_choice_candidates"):
@@ -255,9 +256,9 @@ class MSWArguments:
         if self.target_choice not in TARGET_CHOICES:
             raise ValueError(f"target_choice must be one of {', '.join(TARGET_CHOICES)}; got {self.target_choice!r}")
         for name in ("msw_layers", "collapse_layers"):
-            _check_indices(name, getattr(self, name))
-        if self.collapse_num_layers is not None and self.collapse_num_layers < 1:
-            raise ValueError(f"collapse_num_layers must be at least 1 (or left unset), got {self.collapse_num_layers}")
+            check_layer_list(name, getattr(self, name))
+        check_num_layers(self.collapse_num_layers)
+        check_protect(self.collapse_protect_first, self.collapse_protect_last)
         if self.collapse_layers is not None and self.collapse_num_layers is not None:
             if len(self.collapse_layers) != self.collapse_num_layers:
                 raise ValueError(
@@ -280,6 +281,15 @@ class MSWArguments:
         if self.has_target and getattr(self, "max_steps", 0) > 0:
             self.check_schedule(self.max_steps)
 
+    def target_choice_of(self) -> LayerChoice:
+        """The [`LayerChoice`] of the target depth: the given `collapse_layers`, or `collapse_num_layers` chosen by
+        measurement among `target_choice_candidates` per round, with the protected layers."""
+        return LayerChoice(
+            layers=self.collapse_layers, num_layers=None if self.collapse_layers else self.collapse_num_layers,
+            protect_first=self.collapse_protect_first, protect_last=self.collapse_protect_last,
+            candidates=self.target_choice_candidates,
+        )
+
     def check_schedule(self, total_steps: int) -> None:
         """Refuse a target schedule that does not fit in `total_steps` optimizer steps."""
         start = steps_of(self.target_choice_steps, total_steps)
@@ -294,17 +304,6 @@ class MSWArguments:
                 f"the fade would end at step {end}, after the last of {total_steps} training steps: lower fade_steps "
                 "or target_choice_steps"
             )
-
-
-def _check_indices(name: str, value: list[int] | None) -> None:
-    if value is None:
-        return
-    if len(value) == 0:
-        raise ValueError(f"{name} is empty: leave it unset, or name at least one layer")
-    if any(i < 0 for i in value):
-        raise ValueError(f"{name} are 0-based layer indices and cannot be negative: {value}")
-    if len(set(value)) != len(value):
-        raise ValueError(f"{name} names a layer twice: {value}")
 
 
 @dataclass

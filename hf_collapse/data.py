@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import DataCollatorWithPadding, default_data_collator
 
 __all__ = ["SHAKESPEARE_SPLITS", "TASKS", "TaskData", "load_task_data", "shakespeare_split"]
 
@@ -236,90 +237,100 @@ def load_task_data(recipe, processing_class) -> TaskData:
     Raises:
         `ValueError` / `FileNotFoundError`: unknown dataset, split or column, with a sentence naming it.
     """
-    from transformers import DataCollatorWithPadding, default_data_collator
-
+    build = _BUILDERS.get(recipe.task)
+    if build is None:
+        raise ValueError(f"unknown task {recipe.task!r}: choose one of {', '.join(TASKS)}")
     train, evaluation, test = _raw_splits(recipe)
-    if recipe.task != "causal-lm":  # rows are the samples; a causal LM caps its blocks after grouping, below
+    if recipe.task != "causal-lm":  # rows are the samples; a causal LM caps its blocks after grouping
         train, evaluation, test = _capped(train, evaluation, recipe, test)
         _require_rows(train, evaluation, recipe)
     dataset_ids = [recipe.dataset_name] if recipe.dataset_name else [str(f) for f in recipe.dataset_files]
+    return build(recipe, processing_class, (train, evaluation, test), dataset_ids)
 
-    if recipe.task == "text-classification":
-        _require_columns(train, [recipe.text_column, recipe.label_column], ["text_column", "label_column"])
-        names = _label_names(train, recipe.label_column)
 
-        def encode(batch):
-            encoded = processing_class(batch[recipe.text_column], truncation=True, max_length=recipe.max_length)
-            encoded["labels"] = batch[recipe.label_column]
-            return encoded
+def _classification_data(recipe, tokenizer, splits, dataset_ids) -> TaskData:
+    train = splits[0]
+    _require_columns(train, [recipe.text_column, recipe.label_column], ["text_column", "label_column"])
+    names = _label_names(train, recipe.label_column)
 
-        splits = []
-        for split in (train, evaluation, test):
-            if split is None:
-                splits.append(None)
-                continue
-            split = _encode_labels(split, recipe.label_column, names)
-            splits.append(split.map(encode, batched=True, remove_columns=split.column_names))
-        return TaskData(splits[0], splits[1], DataCollatorWithPadding(processing_class), names, dataset_ids, splits[2])
+    def encode(batch):
+        encoded = tokenizer(batch[recipe.text_column], truncation=True, max_length=recipe.max_length)
+        encoded["labels"] = batch[recipe.label_column]
+        return encoded
 
-    if recipe.task == "sentence-embedding":
-        _require_columns(train, [recipe.text_column, recipe.label_column], ["text_column", "label_column"])
-        names = _label_names(train, recipe.label_column)
-        splits = []
-        for split in (train, evaluation, test):
-            if split is not None:
-                split = _encode_labels(split, recipe.label_column, names)
-                split = split.select_columns([recipe.text_column, recipe.label_column])
-                names_to = {recipe.text_column: "sentence", recipe.label_column: "label"}
-                split = split.rename_columns({a: b for a, b in names_to.items() if a != b})
-            splits.append(split)
-        return TaskData(splits[0], splits[1], None, names, dataset_ids, splits[2])
+    def prepare(split):
+        split = _encode_labels(split, recipe.label_column, names)
+        return split.map(encode, batched=True, remove_columns=split.column_names)
 
-    if recipe.task == "causal-lm":
-        _require_columns(train, [recipe.text_column], ["text_column"])
-        block = recipe.max_length
-        eos = [processing_class.eos_token_id] if processing_class.eos_token_id is not None else []
+    done = [None if split is None else prepare(split) for split in splits]
+    return TaskData(done[0], done[1], DataCollatorWithPadding(tokenizer), names, dataset_ids, done[2])
 
-        def group(batch):
-            ids = []
-            for text in batch[recipe.text_column]:
-                ids.extend(processing_class(text, verbose=False)["input_ids"] + eos)
-            blocks = [ids[i : i + block] for i in range(0, len(ids) - block + 1, block)]
-            return {"input_ids": blocks, "attention_mask": [[1] * block for _ in blocks], "labels": [list(b) for b in blocks]}
 
-        splits = [
-            None if split is None else split.map(group, batched=True, remove_columns=split.column_names)
-            for split in (train, evaluation, test)
-        ]
-        if len(splits[0]) == 0:
-            raise ValueError(f"the training text is shorter than one block of max_length={block} tokens")
-        if splits[1] is not None and len(splits[1]) == 0:
-            raise ValueError(
-                f"the evaluation text is shorter than one block of max_length={block} tokens: give the evaluation split "
-                "more text or lower max_length"
-            )
-        train_blocks, eval_blocks, test_blocks = _capped(splits[0], splits[1], recipe, splits[2])
-        return TaskData(train_blocks, eval_blocks, default_data_collator, None, dataset_ids, test_blocks)
+def _sentence_data(recipe, tokenizer, splits, dataset_ids) -> TaskData:
+    train = splits[0]
+    _require_columns(train, [recipe.text_column, recipe.label_column], ["text_column", "label_column"])
+    names = _label_names(train, recipe.label_column)
 
-    if recipe.task == "image-classification":
-        _require_columns(train, [recipe.image_column, recipe.label_column], ["image_column", "label_column"])
-        names = _label_names(train, recipe.label_column)
+    def prepare(split):
+        split = _encode_labels(split, recipe.label_column, names)
+        split = split.select_columns([recipe.text_column, recipe.label_column])
+        names_to = {recipe.text_column: "sentence", recipe.label_column: "label"}
+        return split.rename_columns({a: b for a, b in names_to.items() if a != b})
 
-        def transform(batch):
-            images = [image.convert("RGB") for image in batch[recipe.image_column]]
-            out = processing_class(images, return_tensors="pt")
-            out["labels"] = torch.tensor(batch[recipe.label_column])
-            return out
+    done = [None if split is None else prepare(split) for split in splits]
+    return TaskData(done[0], done[1], None, names, dataset_ids, done[2])
 
-        splits = []
-        for split in (train, evaluation, test):
-            if split is not None:
-                split = _encode_labels(split, recipe.label_column, names)
-                split.set_transform(transform)
-            splits.append(split)
-        return TaskData(splits[0], splits[1], _stack_rows, names, dataset_ids, splits[2])
 
-    raise ValueError(f"unknown task {recipe.task!r}: choose one of {', '.join(TASKS)}")
+def _causal_lm_data(recipe, tokenizer, splits, dataset_ids) -> TaskData:
+    _require_columns(splits[0], [recipe.text_column], ["text_column"])
+    block = recipe.max_length
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def group(batch):
+        ids = []
+        for text in batch[recipe.text_column]:
+            ids.extend(tokenizer(text, verbose=False)["input_ids"] + eos)
+        blocks = [ids[i : i + block] for i in range(0, len(ids) - block + 1, block)]
+        return {"input_ids": blocks, "attention_mask": [[1] * block for _ in blocks], "labels": [list(b) for b in blocks]}
+
+    grouped = [None if split is None else split.map(group, batched=True, remove_columns=split.column_names) for split in splits]
+    if len(grouped[0]) == 0:
+        raise ValueError(f"the training text is shorter than one block of max_length={block} tokens")
+    if grouped[1] is not None and len(grouped[1]) == 0:
+        raise ValueError(
+            f"the evaluation text is shorter than one block of max_length={block} tokens: give the evaluation split "
+            "more text or lower max_length"
+        )
+    train_blocks, eval_blocks, test_blocks = _capped(grouped[0], grouped[1], recipe, grouped[2])
+    return TaskData(train_blocks, eval_blocks, default_data_collator, None, dataset_ids, test_blocks)
+
+
+def _image_data(recipe, image_processor, splits, dataset_ids) -> TaskData:
+    train = splits[0]
+    _require_columns(train, [recipe.image_column, recipe.label_column], ["image_column", "label_column"])
+    names = _label_names(train, recipe.label_column)
+
+    def transform(batch):
+        images = [image.convert("RGB") for image in batch[recipe.image_column]]
+        out = image_processor(images, return_tensors="pt")
+        out["labels"] = torch.tensor(batch[recipe.label_column])
+        return out
+
+    def prepare(split):
+        split = _encode_labels(split, recipe.label_column, names)
+        split.set_transform(transform)
+        return split
+
+    done = [None if split is None else prepare(split) for split in splits]
+    return TaskData(done[0], done[1], _stack_rows, names, dataset_ids, done[2])
+
+
+_BUILDERS = {
+    "text-classification": _classification_data,
+    "sentence-embedding": _sentence_data,
+    "causal-lm": _causal_lm_data,
+    "image-classification": _image_data,
+}
 
 
 def right_pad(rows: list, *, pad_token_id: int = 0, lm_labels: bool = False) -> dict[str, torch.Tensor]:

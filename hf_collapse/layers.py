@@ -13,13 +13,14 @@ recomputation during backward is never counted twice whatever the checkpointing 
 from __future__ import annotations
 
 import contextlib
-import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
+
+from .choice import layer_index
 
 __all__ = [
     "LayerStack",
@@ -354,7 +355,7 @@ def check_layer_indices(indices: Sequence[int], count: int, where: str = "the mo
     Raises:
         `ValueError`: an index that is not an integer, out of range (negative included) or named twice.
     """
-    indices = [_layer_index(i) for i in indices]
+    indices = [layer_index(i) for i in indices]
     for index in indices:
         if not 0 <= index < count:
             raise ValueError(f"layer {index} does not exist: {where} has {count} layers, numbered 0-{count - 1}")
@@ -362,15 +363,6 @@ def check_layer_indices(indices: Sequence[int], count: int, where: str = "the mo
         raise ValueError(f"duplicate layer indices in {sorted(indices)}: name each layer once")
     return sorted(indices)
 
-
-def _layer_index(value: object) -> int:
-    # operator.index accepts ints (numpy and 0-d integer tensors too) but not 1.5 or "3", which int() would coerce.
-    if isinstance(value, bool):
-        raise ValueError(f"layer index {value!r} is a bool: give 0-based integer layer indices")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise ValueError(f"layer index {value!r} is not an integer: give 0-based integer layer indices") from None
 
 
 @contextlib.contextmanager

@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
-from transformers import set_seed
+from transformers import AutoConfig, set_seed
 
 from .config import CollapseConfig, steps_of
-from .data import TaskData, load_task_data
-from .adapters import merge_dequantized
-from .models import PIPELINE_TAGS, check_head_trained, describe_quantization, load_model, load_processor, resolve_model
-from .recipe import RecipeArguments, RecipeError
+from .evaluation import compare_latency
+from .export import export_collapsed, take_hub_push
+from .lmeval import LmEvalError, benchmark_results, check_lm_eval_tasks, run_lm_eval, sample_limit
+from .models import remote_code_refused, resolve_model
 from .post import collapse_model, heal, selection_sentence
-from .trainer import CollapseTrainer
+from .recipe import RecipeArguments, RecipeError, layer_choice
+from .sentence_recipe import SentenceEmbeddingTask, check_sentence_recipe
+from .tasks import TaskStrategy, TransformersTask, choice_and_report_rows
+from .trainer import CollapseTrainer, resolve_resume
 
-__all__ = ["RunSummary", "preflight", "run_recipe", "task_evaluator"]
+__all__ = ["RecipeRun", "RunSummary", "latency_setup", "preflight", "run_recipe", "timed_pair"]
 
 
 @dataclass
@@ -73,26 +74,6 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def task_evaluator(task: str, dataset, collator, batch_size: int):
-    """(metric name, higher is better, model -> metric) on one split of a recipe's data."""
-    from .evaluation import evaluate_classification, perplexity
-
-    if task == "causal-lm":
-        return "perplexity", False, lambda model: perplexity(model, dataset, batch_size=batch_size, progress=False)
-    return "accuracy", True, lambda model: evaluate_classification(
-        model, dataset, batch_size=batch_size, collator=collator, progress=False
-    )["accuracy"]
-
-
-def choice_and_report_rows(data: TaskData, recipe: RecipeArguments):
-    """(rows that choose the layers, rows the figures are reported on, and their split names): validation and test,
-    or, for data without a test split, the two halves of the validation rows."""
-    if data.test is not None:
-        return data.eval, data.test, recipe.eval_split, "test"
-    halves = data.eval.train_test_split(test_size=0.5, seed=recipe.split_seed)
-    return halves["train"], halves["test"], f"{recipe.eval_split} (half A)", f"{recipe.eval_split} (half B)"
-
-
 def _target_clause(start: dict) -> str:
     rule = _choice_rule(start)
     return rule if start["choice"] == "given" else f"chosen {rule}"
@@ -128,12 +109,6 @@ def _training_fields(config: CollapseConfig, trainer: CollapseTrainer, heal_step
     return fields
 
 
-def _first_batch(data: TaskData, batch_size: int, device) -> dict:
-    rows = [data.eval[i] for i in range(min(batch_size, len(data.eval)))]
-    batch = data.collator(rows)
-    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
-
-
 def latency_setup(comparison, batch: dict, model: torch.nn.Module) -> str:
     """How a latency comparison was measured, in one sentence for the card."""
     first = next(iter(batch.values()))
@@ -151,8 +126,6 @@ def latency_setup(comparison, batch: dict, model: torch.nn.Module) -> str:
 
 def timed_pair(full, model, batch: dict, repeats: int) -> tuple[dict, float]:
     """The card's latency fields (before, after, how it was measured) and the speed-up of `model` over `full`."""
-    from .evaluation import compare_latency
-
     comparison = compare_latency(full, model, batch, repeats=repeats)
     fields = {
         "latency_ms_before": comparison.a.median_ms,
@@ -162,11 +135,9 @@ def timed_pair(full, model, batch: dict, repeats: int) -> tuple[dict, float]:
     return fields, comparison.speedup
 
 
-def export_and_push(model, report, processing_class, recipe: RecipeArguments, config: CollapseConfig, hub_push,
-                    stage, *, source=None) -> Path:
+def export_and_push(model, report, recipe: RecipeArguments, config: CollapseConfig, hub_push, stage, *,
+                    processing_class, source=None) -> Path:
     """Export the collapsed model to the recipe's export folder, then push it when the recipe asked; the folder."""
-    from .export import export_collapsed
-
     export_dir = Path(recipe.export_dir or Path(config.output_dir) / "collapsed")
     stage(f"exporting to {export_dir}")
     export_collapsed(
@@ -201,11 +172,6 @@ def preflight(recipe: RecipeArguments, config: CollapseConfig, *, train: bool = 
     Raises:
         [`RecipeError`]: the first problem found, in one sentence that says what to change.
     """
-    from transformers import AutoConfig
-
-    from .models import remote_code_refused
-    from .trainer import resolve_resume
-
     name = recipe.model_name_or_path
     resolved = resolve_model(name)
     source = Path(resolved.path).expanduser()
@@ -238,8 +204,6 @@ def preflight(recipe: RecipeArguments, config: CollapseConfig, *, train: bool = 
     if recipe.lm_eval_tasks:
         _check_lm_eval(recipe)
     if recipe.task == "sentence-embedding":
-        from .sentence_recipe import check_sentence_recipe
-
         check_sentence_recipe(recipe, config, source if local else None)
     if train:
         try:
@@ -259,7 +223,10 @@ def preflight(recipe: RecipeArguments, config: CollapseConfig, *, train: bool = 
     if not getattr(model_config, "is_encoder_decoder", False):
         depth = getattr(text, "num_hidden_layers", None)
         if isinstance(depth, int) and recipe.collapse:
-            _check_budget(config, depth)
+            try:
+                layer_choice(recipe, config).check_depth(depth)
+            except ValueError as error:
+                raise RecipeError(str(error)) from None
     limit = getattr(text, "max_position_embeddings", None)
     if recipe.task != "image-classification" and isinstance(limit, int) and 0 < limit < recipe.max_length:
         raise RecipeError(
@@ -269,8 +236,6 @@ def preflight(recipe: RecipeArguments, config: CollapseConfig, *, train: bool = 
 
 
 def _check_lm_eval(recipe: RecipeArguments) -> None:
-    from .lmeval import LmEvalError, check_lm_eval_tasks
-
     if not recipe.collapse:
         raise RecipeError(
             "lm_eval_tasks compare the full-depth and the collapsed model, but collapse is false: set collapse: true, "
@@ -284,8 +249,6 @@ def _check_lm_eval(recipe: RecipeArguments) -> None:
 
 def _lm_eval_run(recipe: RecipeArguments, model, processor) -> dict:
     """The recipe's lm-eval tasks on a model in memory (see [`hf_collapse.lmeval.run_lm_eval`])."""
-    from .lmeval import LmEvalError, run_lm_eval, sample_limit
-
     try:
         return run_lm_eval(
             model, recipe.lm_eval_tasks, tokenizer=processor, include_path=recipe.lm_eval_include,
@@ -296,201 +259,170 @@ def _lm_eval_run(recipe: RecipeArguments, model, processor) -> dict:
         raise RecipeError(str(error)) from None
 
 
-def _check_budget(config: CollapseConfig, depth: int) -> None:
-    protected = set(range(config.collapse_protect_first)) | set(range(depth - config.collapse_protect_last, depth))
-    removable = depth - len(protected & set(range(depth)))
-    if config.collapse_layers is not None:
-        bad = [i for i in config.collapse_layers if i >= depth]
-        if bad:
-            raise RecipeError(
-                f"collapse_layers {bad} do not exist: the model has {depth} layers, numbered 0-{depth - 1}"
-            )
-        if len(config.collapse_layers) >= depth:
-            raise RecipeError(f"removing all {depth} layers would leave none: name at most {depth - 1}")
-        hit = sorted(set(config.collapse_layers) & protected)
-        if hit:
-            raise RecipeError(f"collapse_layers {hit} are protected (collapse_protect_first/last): choose other layers")
-    wanted = config.collapse_num_layers
-    if wanted is not None:
-        if wanted >= depth:
-            raise RecipeError(
-                f"collapse_num_layers {wanted} would remove all of the model's {depth} layers or more: ask for at most "
-                f"{depth - 1}"
-            )
-        if wanted > removable:
-            raise RecipeError(
-                f"collapse_num_layers {wanted}, but only {removable} of the model's {depth} layers are not protected "
-                f"(collapse_protect_first={config.collapse_protect_first}, collapse_protect_last={config.collapse_protect_last})"
-            )
+class RecipeRun:
+    """A recipe run end to end, one step a method, its state on `self`:
+
+    [`setup`] (checks, seed, the task's model and data, the trainer) → [`train`] → [`collapse`] (score, choose and
+    remove layers, measured before and after) → [`heal`] → [`measure`] (lm-eval, latency) → [`export`] (the folder
+    and its card, pushed when asked). [`run`] calls them in order. What depends on the task comes from its
+    [`TaskStrategy`].
+    """
+
+    def __init__(self, recipe: RecipeArguments, config: CollapseConfig, resolved_recipe: dict, *, train: bool = True,
+                 log=print):
+        self.recipe, self.config, self.resolved_recipe, self.training, self.log = recipe, config, resolved_recipe, train, log
+        self.started = time.perf_counter()
+        self.model = self.processor = self.data = self.trainer = self.hub_push = self.report = None
+        self.heal_steps = 0
+        self.teacher = self.full = None
+        self.lm_eval_before, self.benchmarks, self.latency, self.speedup = None, [], {}, None
+
+    def stage(self, text: str) -> None:
+        self.log(f"[{time.perf_counter() - self.started:6.0f}s] {text}")
+
+    def run(self) -> RunSummary | None:
+        """All the steps; `None` when nothing is exported (collapse: false, or a process other than the main one)."""
+        self.setup()
+        if self.training:
+            self.train()
+        if not self.recipe.collapse:
+            return self.save_trained()
+        if self.trainer is not None and not self.trainer.is_world_process_zero():
+            return None
+        self.collapse()
+        if self.config.heal_steps:
+            self.heal()
+        self.measure()
+        return self.export()
+
+    def setup(self) -> None:
+        """Checks, the seed, the task's model and data, the Hub push taken over, the trainer."""
+        preflight(self.recipe, self.config, train=self.training)
+        self.resolved = resolve_model(self.recipe.model_name_or_path)
+        # before anything random: a new classification head and LoRA's initial weights come from the global RNG
+        set_seed(self.config.seed)
+        self.task = strategy_for(self.recipe)
+        self.task.load(self)
+        sentence = self.recipe.task == "sentence-embedding"
+        # push the collapsed export, not the full model
+        self.hub_push = take_hub_push(self.config) if self.recipe.collapse or sentence else None
+        if self.training or not self.recipe.collapse:  # collapsing a checkpoint as it is needs no trainer
+            self.trainer = self.task.make_trainer(self)
+
+    def train(self) -> None:
+        self.stage(self.task.training_line(self))
+        self.trainer.train(resume_from_checkpoint=self.config.resume_from_checkpoint)
+
+    def save_trained(self) -> None:
+        """`collapse: false`: save the fine-tuned model (every rank: FSDP and DeepSpeed gather collectively)."""
+        self.trainer.save_model(self.config.output_dir)
+        if self.trainer.is_world_process_zero():
+            self.stage(f"saved the fine-tuned model to {self.config.output_dir} (collapse: false)")
+        return None
+
+    @property
+    def targeted(self) -> bool:
+        return self.training and self.config.has_target
+
+    def calibration_rows(self):
+        rows = self.data.train.select(range(min(self.recipe.calibration_samples, len(self.data.train))))
+        if len(rows) == 0:
+            raise RecipeError("the training split is empty: there is no calibration data to score the layers")
+        return rows
+
+    def collapse(self) -> None:
+        """Score, choose and remove layers of the trained model, measured on rows that chose nothing."""
+        recipe, config, task = self.recipe, self.config, self.task
+        self.model = task.collapsible(self)
+        batches = task.batches(self, self.calibration_rows())
+        # Layers are chosen on validation rows and the figures are reported on rows that chose nothing: the test
+        # split, or, for data without one, the second half of the validation rows (the first half chooses).
+        choice_rows, self.report_rows, self.selection_split, self.eval_split = choice_and_report_rows(self.data, recipe)
+        self.evaluate = task.evaluator(self, self.report_rows)
+        if config.heal_steps and config.distill_weight > 0:
+            # the full-depth model before surgery; a faded model already equals the collapsed one, so its teacher
+            # is the copy taken when targeting started
+            self.teacher = self.trainer.teacher_model if self.targeted and config.fade_steps else task.full_copy(self)
+        self.full = task.full_copy(self) if recipe.latency_repeats else None
+        if recipe.lm_eval_tasks:
+            self.stage(f"lm-eval on the full-depth model: {', '.join(recipe.lm_eval_tasks)}")
+            self.lm_eval_before = _lm_eval_run(recipe, self.model, self.processor)
+        targets = self.trainer.collapse_targets if self.targeted else None
+        self.stage(f"scoring, choosing ({'training targets' if self.targeted else recipe.collapse_strategy}) and collapsing")
+        self.model, self.report = collapse_model(
+            self.model, layer_choice(recipe, config, layers=targets), calibration=batches,
+            score_method=recipe.collapse_score_method, choose_on=task.evaluator(self, choice_rows),
+            evaluate=self.evaluate, metric_name=task.metric_name, higher_is_better=task.higher_is_better,
+            base_model=self.resolved.base_model,
+            selection=selection_sentence(targeted=_target_clause(self.trainer.msw_schedule[0])) if self.targeted else None,
+            log=self.stage,
+        )
+        self.metric_after = self.report.metric_after
+        task.after_collapse(self)
+
+    def heal(self) -> None:
+        """Fine-tune the collapsed model for `heal_steps` (distilling from the full-depth model when asked)."""
+        config = self.config
+        self.stage(f"healing: {config.heal_steps} fine-tuning steps of the collapsed model" + (" with distillation" if self.teacher else ""))
+        self.model, self.heal_steps = heal(
+            self.model, config, self.data.train, data_collator=self.data.collator, processing_class=self.processor,
+            teacher=self.teacher, peft_config=getattr(self.task, "lora", None),
+        )
+        self.metric_after = self.evaluate(self.model)
+        self.stage(f"{self.task.metric_name} after healing: {self.metric_after:.4f}")
+
+    def measure(self) -> None:
+        """lm-eval on the collapsed model and the latency of both models, interleaved."""
+        recipe = self.recipe
+        if self.lm_eval_before is not None:
+            self.stage(f"lm-eval on the collapsed model: {', '.join(recipe.lm_eval_tasks)}")
+            self.benchmarks = benchmark_results(self.lm_eval_before, _lm_eval_run(recipe, self.model, self.processor))
+        if self.full is not None:
+            self.stage(f"timing both {self.task.timed} ({recipe.latency_repeats} interleaved forward passes each)")
+            self.latency, self.speedup = timed_pair(self.full, self.model, self.task.latency_batch(self), recipe.latency_repeats)
+            self.full = None
+
+    def export(self) -> RunSummary:
+        """The report completed, the export folder written (and pushed when asked); the closing summary."""
+        recipe, report = self.recipe, self.report
+        # for a causal LM the task metric is the perplexity itself
+        perplexity = (report.metric_before, self.metric_after) if recipe.task == "causal-lm" else (None, None)
+        lora = getattr(self.task, "lora", None) is not None
+        self.report = report = dataclasses.replace(
+            report, metric_after=self.metric_after, perplexity_before=perplexity[0], perplexity_after=perplexity[1],
+            datasets=list(self.data.dataset_ids), eval_dataset=recipe.dataset_name, eval_split=self.eval_split,
+            selection_split=self.selection_split if (self.targeted or self.config.collapse_layers is None) else None,
+            license=self.resolved.license,
+            **(_training_fields(self.config, self.trainer, self.heal_steps, lora) if self.training else {}),
+            recipe=self.resolved_recipe if self.training else None, healed=self.heal_steps > 0,
+            benchmarks=list(report.benchmarks) + self.benchmarks, limitations=list(self.resolved.limitations),
+            **self.task.report_fields(self), **self.latency,
+        )
+        export_dir = export_and_push(self.model, report, recipe, self.config, self.hub_push, self.stage, **self.task.export_args(self))
+        depth = report.layers_before
+        return RunSummary(
+            layers_before=depth, layers_after=depth - len(report.removed_layers), removed=list(report.removed_layers),
+            parameters_before=report.num_parameters_before, parameters_after=self.model.num_parameters(),
+            metric_name=self.task.metric_name, metric_before=report.metric_before, metric_after=self.metric_after,
+            perplexity_before=perplexity[0], perplexity_after=perplexity[1], speedup=self.speedup,
+            export_dir=export_dir.resolve(), selection_curve=report.selection_curve or [],
+            train_steps=self.trainer.state.global_step if self.training else 0, heal_steps=self.heal_steps,
+            targets=list(self.trainer.collapse_targets or []) if self.targeted else None,
+            msw_schedule=list(self.trainer.msw_schedule) if self.trainer else [], benchmarks=self.benchmarks,
+        )
+
+
+def strategy_for(recipe: RecipeArguments) -> TaskStrategy:
+    """The [`TaskStrategy`] of the recipe's task."""
+    if recipe.task == "sentence-embedding":
+        return SentenceEmbeddingTask(recipe)
+    return TransformersTask(recipe)
 
 
 def run_recipe(
     recipe: RecipeArguments, config: CollapseConfig, resolved_recipe: dict, *, train: bool = True, log=print
 ) -> RunSummary | None:
-    """Run a recipe end to end: train (with the penalty and any target), then [`collapse_model`], [`heal`],
-    latency and export. Returns `None` on non-main processes (they only take part in training)."""
-    started = time.perf_counter()
-
-    def stage(text: str) -> None:
-        log(f"[{time.perf_counter() - started:6.0f}s] {text}")
-
-    preflight(recipe, config, train=train)
-    resolved = resolve_model(recipe.model_name_or_path)
-    # before anything random: a new classification head and LoRA's initial weights come from the global RNG
-    set_seed(config.seed)
-    if recipe.task == "sentence-embedding":
-        from .sentence_recipe import run_sentence_recipe
-
-        return run_sentence_recipe(recipe, config, resolved_recipe, train=train, stage=stage)
-    stage(f"loading {recipe.model_name_or_path} ({resolved.path})")
-    processor = load_processor(recipe, resolved)
-    data = load_task_data(recipe, processor)
-    model = load_model(recipe, resolved, processor, data.label_names, device=config.device if recipe.quantized else None)
-    test = getattr(data, "test", None)
-    stage(
-        f"data: {len(data.train)} training rows, {len(data.eval)} validation rows"
-        + (f", {len(test)} test rows" if test is not None else "") + f" ({', '.join(data.dataset_ids)})"
-    )
-    if recipe.task == "image-classification":
-        config.remove_unused_columns = False  # the image transform needs the raw image column
-
-    lora = None
-    if recipe.use_peft:
-        import peft
-
-        task_type = {"causal-lm": "CAUSAL_LM", "text-classification": "SEQ_CLS"}.get(recipe.task)
-        lora = peft.LoraConfig(
-            r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-            target_modules=recipe.lora_target_modules or "all-linear", task_type=task_type,
-        )
-        model = peft.get_peft_model(model, lora)
-
-    from .export import take_hub_push
-
-    hub_push = take_hub_push(config) if recipe.collapse else None  # push the collapsed export, not the full model
-    trainer = CollapseTrainer(
-        model=model, args=config, train_dataset=data.train, eval_dataset=data.eval,
-        data_collator=data.collator, processing_class=processor,
-    )
-    if train:
-        target = None
-        if config.has_target:
-            target = "targeting " + (str(config.collapse_layers) if config.collapse_layers else f"{config.collapse_num_layers} layers")
-        if config.msw_weight > 0:
-            stage(f"fine-tuning with the MSW penalty (weight {config.msw_weight}, {target or 'uniform'}, {config.msw_search} directions)")
-        else:
-            fade = f", faded out (fade_steps {config.fade_steps})" if config.fade_steps else ""
-            stage(f"fine-tuning without the MSW penalty ({target + fade if target else 'a plain fine-tune'}; distances are still logged)")
-        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    if not recipe.collapse:
-        # every rank: under FSDP or DeepSpeed the weights are gathered collectively
-        trainer.save_model(config.output_dir)
-        if trainer.is_world_process_zero():
-            stage(f"saved the fine-tuned model to {config.output_dir} (collapse: false)")
-        return None
-    if not trainer.is_world_process_zero():
-        return None
-    quantized_training = describe_quantization(trainer.model)  # QLoRA: read before the merge drops the config
-    if recipe.use_peft:  # merge_and_unload() would quantise the merged sum again
-        model = merge_dequantized(trainer.model) if quantized_training else trainer.model.merge_and_unload()
-    else:
-        model = trainer.model
-    model.eval()
-    check_head_trained(model, "measure it on the task or choose layers by its metric")
-
-    batch_size = config.per_device_eval_batch_size
-    calibration = data.train.select(range(min(recipe.calibration_samples, len(data.train))))
-    if len(calibration) == 0:
-        raise RecipeError("the training split is empty: there is no calibration data to score the layers")
-    loader = DataLoader(calibration, batch_size=batch_size, collate_fn=data.collator)
-    batches = [{k: v.to(model.device) for k, v in b.items() if k != "labels"} for b in loader]
-    # Layers are chosen on validation rows and the figures are reported on rows that chose nothing: the test split,
-    # or, for data without one, the second half of the validation rows (the first half chooses).
-    choice_rows, report_rows, selection_split, eval_split = choice_and_report_rows(data, recipe)
-    metric_name, higher_is_better, choose_on = task_evaluator(recipe.task, choice_rows, data.collator, batch_size)
-    _, _, evaluate = task_evaluator(recipe.task, report_rows, data.collator, batch_size)
-
-    targeted = train and config.has_target
-    layers = trainer.collapse_targets if targeted else config.collapse_layers
-    heal_teacher = None
-    if config.heal_steps and config.distill_weight > 0:
-        # the full-depth model before surgery; a faded model already equals the collapsed one, so its teacher is
-        # the copy taken when targeting started
-        faded = targeted and config.fade_steps
-        heal_teacher = trainer.teacher_model if faded else copy.deepcopy(model)
-    full = copy.deepcopy(model) if recipe.latency_repeats else None
-    lm_eval_before = None
-    if recipe.lm_eval_tasks:
-        stage(f"lm-eval on the full-depth model: {', '.join(recipe.lm_eval_tasks)}")
-        lm_eval_before = _lm_eval_run(recipe, model, processor)
-    stage(f"scoring, choosing ({'training targets' if targeted else recipe.collapse_strategy}) and collapsing")
-    model, report = collapse_model(
-        model,
-        layers=layers,
-        num_layers=None if layers is not None else config.collapse_num_layers,
-        tolerance=None if layers is not None or config.collapse_num_layers is not None else recipe.collapse_tolerance,
-        calibration=batches, score_method=recipe.collapse_score_method, strategy=recipe.collapse_strategy,
-        candidates=recipe.collapse_candidates, protect_first=config.collapse_protect_first,
-        protect_last=config.collapse_protect_last, choose_on=choose_on, evaluate=evaluate, metric_name=metric_name,
-        higher_is_better=higher_is_better, base_model=resolved.base_model,
-        selection=selection_sentence(targeted=_target_clause(trainer.msw_schedule[0])) if targeted else None,
-        log=lambda text: stage(text),
-    )
-    metric_before, metric_after = report.metric_before, report.metric_after
-    heal_steps_done = 0
-    if config.heal_steps:
-        stage(f"healing: {config.heal_steps} fine-tuning steps of the collapsed model" + (" with distillation" if heal_teacher else ""))
-        model, heal_steps_done = heal(
-            model, config, data.train, data_collator=data.collator, processing_class=processor,
-            teacher=heal_teacher, peft_config=lora,
-        )
-        metric_after = evaluate(model)
-        stage(f"{metric_name} after healing: {metric_after:.4f}")
-    benchmarks = []
-    if lm_eval_before is not None:
-        from .lmeval import benchmark_results
-
-        stage(f"lm-eval on the collapsed model: {', '.join(recipe.lm_eval_tasks)}")
-        benchmarks = benchmark_results(lm_eval_before, _lm_eval_run(recipe, model, processor))
-    # for a causal LM the task metric is the perplexity itself
-    perplexity_before, perplexity_after = (metric_before, metric_after) if recipe.task == "causal-lm" else (None, None)
-
-    latency, speedup = {}, None
-    if full is not None:
-        stage(f"timing both models ({recipe.latency_repeats} interleaved forward passes each)")
-        latency, speedup = timed_pair(full, model, _first_batch(data, batch_size, model.device), recipe.latency_repeats)
-        del full
-
-    measured_choice = targeted or layers is None
-    report = dataclasses.replace(
-        report,
-        metric_after=metric_after,
-        perplexity_before=perplexity_before,
-        perplexity_after=perplexity_after,
-        datasets=list(data.dataset_ids),
-        eval_dataset=recipe.dataset_name,
-        eval_split=eval_split,
-        selection_split=selection_split if measured_choice else None,
-        license=resolved.license,
-        **(_training_fields(config, trainer, heal_steps_done, lora is not None) if train else {}),
-        pipeline_tag=PIPELINE_TAGS[recipe.task],
-        recipe=resolved_recipe if train else None,
-        healed=heal_steps_done > 0,
-        benchmarks=list(report.benchmarks) + benchmarks,
-        limitations=list(resolved.limitations),
-        quantized_training=quantized_training,
-        dequantized_dtype=str(model.dtype).removeprefix("torch.") if quantized_training else None,
-        **latency,
-    )
-    export_dir = export_and_push(model, report, processor, recipe, config, hub_push, stage)
-    depth = report.layers_before
-    return RunSummary(
-        layers_before=depth, layers_after=depth - len(report.removed_layers), removed=list(report.removed_layers),
-        parameters_before=report.num_parameters_before, parameters_after=model.num_parameters(),
-        metric_name=metric_name, metric_before=metric_before, metric_after=metric_after,
-        perplexity_before=perplexity_before, perplexity_after=perplexity_after,
-        speedup=speedup, export_dir=export_dir.resolve(), selection_curve=report.selection_curve or [],
-        train_steps=trainer.state.global_step if train else 0, heal_steps=heal_steps_done,
-        targets=list(trainer.collapse_targets or []) if targeted else None, msw_schedule=list(trainer.msw_schedule),
-        benchmarks=benchmarks,
-    )
+    """Run a recipe end to end (see [`RecipeRun`]): train (with the penalty and any target), then
+    [`collapse_model`], [`heal`], latency and export. Returns `None` on non-main processes (they only take part in
+    training) and with `collapse: false`."""
+    return RecipeRun(recipe, config, resolved_recipe, train=train, log=log).run()

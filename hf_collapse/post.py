@@ -8,7 +8,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ from torch import nn
 
 from .card import CollapseReport
 from .config import MSWArguments
-from .layers import find_layer_stacks, unwrap_model
-from .scoring import LayerScores, score_layers, select_by_tolerance, select_explicit, select_lowest
+from .choice import LayerChoice, greedy_bypass
+from .layers import eval_mode, find_layer_stacks, unwrap_model
+from .scoring import LayerScores, bypassed_metric, score_layers
 from .surgery import collapse_layers
 
 __all__ = ["collapse_model", "heal", "selection_sentence"]
@@ -25,39 +27,30 @@ __all__ = ["collapse_model", "heal", "selection_sentence"]
 Evaluate = Callable[[nn.Module], float]
 
 
-def selection_sentence(
-    *, layers=None, num_layers=None, tolerance=None, strategy="measured", candidates=None, metric_name="metric",
-    targeted: str | None = None,
-) -> str:
+def selection_sentence(choice: LayerChoice | None = None, *, metric_name: str = "metric", targeted: str | None = None) -> str:
     """How the layers were chosen, as a clause for the card."""
     if targeted is not None:
         return f"training targeted the layers it removed ({targeted})"
-    if layers is not None:
+    if choice.given:
         return "the layers to remove were given"
-    pool = f"among the {candidates} lowest-scoring ones" if candidates else "among all"
+    pool = f"among the {choice.candidates} lowest-scoring ones" if choice.candidates else "among all"
     measured = f"each time the remaining layer ({pool}) whose bypass hurt validation {metric_name} least"
-    if num_layers is not None:
-        if strategy == "ranked":
-            return f"the {num_layers} lowest-scoring layers were chosen"
-        return f"{num_layers} layers were chosen one at a time, {measured}"
-    within = f"while validation {metric_name} stayed within {tolerance} of the full model"
-    if strategy == "ranked":
+    if choice.num_layers is not None:
+        if choice.strategy == "ranked":
+            return f"the {choice.num_layers} lowest-scoring layers were chosen"
+        return f"{choice.num_layers} layers were chosen one at a time, {measured}"
+    within = f"while validation {metric_name} stayed within {choice.tolerance} of the full model"
+    if choice.strategy == "ranked":
         return f"layers were chosen in score order {within}"
     return f"layers were chosen one at a time, {measured}, {within}"
 
 
 def collapse_model(
     model: nn.Module,
+    choice: LayerChoice | None = None,
     *,
-    layers: Iterable[int] | None = None,
-    num_layers: int | None = None,
-    tolerance: float | None = None,
     calibration: Any = None,
     score_method: str = "msw",
-    strategy: str = "measured",
-    candidates: int | None = None,
-    protect_first: int = 0,
-    protect_last: int = 0,
     choose_on: Evaluate | None = None,
     evaluate: Evaluate | None = None,
     metric_name: str | None = None,
@@ -66,23 +59,24 @@ def collapse_model(
     selection: str | None = None,
     report_fields: Mapping[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
+    **choice_fields: Any,
 ) -> tuple[nn.Module, CollapseReport]:
     """Score, choose and remove layers of a trained model, measuring it before and after; the library's
     post-training step.
 
-    Exactly one of `layers`, `num_layers` and `tolerance` says what to remove. The model is modified in place
-    (see [`collapse_layers`]) and returned with the [`CollapseReport`] that [`export_collapsed`] writes.
+    What goes is a [`LayerChoice`] (exactly one of explicit `layers`, a `num_layers` budget and a `tolerance`),
+    given as `choice` or as its fields (`layers=`, `num_layers=`, `tolerance=`, `strategy=`, `candidates=`,
+    `protect_first=`, `protect_last=`). The model is modified in place (see [`collapse_layers`]) and returned with
+    the [`CollapseReport`] that [`export_collapsed`] writes.
 
     Args:
         model (`nn.Module`): a plain transformers model (merge PEFT adapters first).
-        layers (`Iterable[int]`, *optional*): remove exactly these 0-based layers; no data is needed.
-        num_layers (`int`, *optional*): remove this many: the lowest-scoring ones (`strategy="ranked"`) or one
-            at a time the one whose bypass hurts `choose_on` least (`"measured"`).
-        tolerance (`float`, *optional*): remove layers while `choose_on` stays within this of the full model.
+        choice ([`LayerChoice`], *optional*): which layers go; or give its fields as keywords. With `num_layers`, the
+            lowest-scoring layers go (`strategy="ranked"`) or, one at a time, the one whose bypass hurts `choose_on`
+            least (`"measured"`); with `tolerance`, layers go while `choose_on` stays within it of the full model.
         calibration (*optional*): data for [`score_layers`] (batches, rows or texts). Needed to choose by score;
             with given `layers` it only fills the card's per-layer scores.
-        score_method, strategy, candidates, protect_first, protect_last: as in [`score_layers`] and
-            [`select_by_tolerance`].
+        score_method (`str`, defaults to `"msw"`): the score of [`score_layers`].
         choose_on (`Callable[[model], float]`, *optional*): the metric that measured selection evaluates
             (validation rows). Needed by `"measured"` and by `tolerance`.
         evaluate (`Callable[[model], float]`, *optional*): the metric reported before and after, on rows that
@@ -95,78 +89,83 @@ def collapse_model(
         log (*optional*): called with progress lines.
 
     Raises:
-        `ValueError`: not exactly one way to choose, a choice that needs data or a metric it was not given,
-            or what [`collapse_layers`] refuses (the model is then unchanged).
+        `ValueError`: an invalid choice (see [`LayerChoice`]), a choice that needs data or a metric it was not
+            given, or what [`collapse_layers`] refuses (the model is then unchanged).
     """
-    chosen_ways = [name for name, value in (("layers", layers), ("num_layers", num_layers), ("tolerance", tolerance)) if value is not None]
-    if len(chosen_ways) != 1:
-        raise ValueError(f"give exactly one of layers, num_layers and tolerance (got {', '.join(chosen_ways) or 'none'})")
-    if layers is None and calibration is None and strategy == "ranked":
+    choice = _the_choice(choice, choice_fields)
+    if not choice.given and calibration is None and choice.strategy == "ranked":
         raise ValueError("choosing layers by score needs calibration data: pass calibration=, or give layers=")
-    if layers is None and strategy == "measured" or tolerance is not None:
-        if choose_on is None:
-            raise ValueError(
-                "measured selection and a tolerance evaluate the model with layers bypassed: pass choose_on "
-                "(a function model -> metric on validation rows), or use strategy='ranked' / layers="
-            )
+    if choice.needs_metric and choose_on is None:
+        raise ValueError(
+            "measured selection and a tolerance evaluate the model with layers bypassed: pass choose_on "
+            "(a function model -> metric on validation rows), or use strategy='ranked' / layers="
+        )
     log = log or (lambda text: None)
     (stack, *rest) = find_layer_stacks(model)
     if rest:
         raise ValueError("collapse_model handles one-stack models; for encoder-decoder models call collapse_layers per stack")
     depth = len(stack)
-    scores: LayerScores | None = None
-    if calibration is not None:
-        scores = score_layers(model, calibration, method=score_method, progress=False)
+    removable = choice.check_depth(depth)
+    scores = score_layers(model, calibration, method=score_method, progress=False) if calibration is not None else None
+    if scores is not None:
         log("scores: " + ", ".join(f"{i}: {v:.4g}" for i, v in enumerate(scores.values)))
     metric_before = evaluate(model) if evaluate is not None else None
     if metric_before is not None:
         log(f"{metric_name} of the full model: {metric_before:.4f}")
-
-    protect = dict(protect_first=protect_first, protect_last=protect_last)
-    curve: list = []
-    if layers is not None:
-        removed = select_explicit(list(layers), depth, **protect)
-    elif num_layers is not None and strategy == "ranked":
-        removed = select_lowest(scores, num_layers, **protect)
-    else:
-        if scores is None:  # measured without calibration: every layer is a candidate, in index order
-            scores = LayerScores(method="none", values=(0.0,) * depth)
-        result = select_by_tolerance(
-            model, scores, choose_on, tolerance if tolerance is not None else math.inf, max_layers=num_layers,
-            higher_is_better=higher_is_better, strategy=strategy, num_candidates=candidates, progress=False, **protect,
-        )
-        removed = list(result.layers)
-        curve = [[list(bypassed), value] for bypassed, value in result.curve]
-        for bypassed, value in curve:
-            log(f"    bypassed {bypassed or 'none'}: {value:.4f}")
-
+    removed, curve = _choose(model, stack, choice, removable, scores, choose_on, higher_is_better, log)
     earlier_removed = copy.deepcopy(getattr(model.config, "collapsed_layers", None))
     record = collapse_layers(model, removed)
     log(f"removed layers {removed}: {depth} -> {depth - len(removed)} layers")
-    metric_after = evaluate(model) if evaluate is not None else None
-    if selection is None:
-        selection = selection_sentence(
-            layers=layers, num_layers=num_layers, tolerance=tolerance, strategy=strategy, candidates=candidates,
-            metric_name=metric_name or "metric",
-        )
-    has_scores = scores is not None and scores.method != "none"
     report = CollapseReport(
         base_model=base_model or getattr(model.config, "name_or_path", "") or type(model).__name__,
         removed_layers=removed,
         layers_before=depth,
         num_parameters_before=record.parameters_before,
         num_parameters_after=record.parameters_after,
-        scores=list(scores.values) if has_scores else None,
-        score_method=scores.method if has_scores else None,
+        scores=list(scores.values) if scores is not None else None,
+        score_method=scores.method if scores is not None else None,
         task_metric=metric_name if evaluate is not None else None,
         metric_before=metric_before,
-        metric_after=metric_after,
+        metric_after=evaluate(model) if evaluate is not None else None,
         earlier_removed=earlier_removed,
-        selection=selection,
+        selection=selection or selection_sentence(choice, metric_name=metric_name or "metric"),
         selection_curve=curve or None,
         **dict(report_fields or {}),
     )
     return model, report
+
+
+def _the_choice(choice: LayerChoice | None, fields: Mapping[str, Any]) -> LayerChoice:
+    if choice is not None and fields:
+        raise ValueError(f"give the choice as choice= or as its fields, not both (got {', '.join(fields)} too)")
+    if choice is not None:
+        return choice
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(LayerChoice)})
+    if unknown:
+        raise TypeError(f"collapse_model() got unexpected keyword arguments {unknown}")
+    return LayerChoice(**fields)
+
+
+def _choose(model, stack, choice: LayerChoice, removable: list[int], scores: LayerScores | None, choose_on,
+            higher_is_better: bool, log) -> tuple[list[int], list]:
+    """The layers `choice` removes (sorted) and the measured curve ([] when nothing was measured)."""
+    if choice.given:
+        return sorted(choice.layers), []
+    ranking = scores.ranking() if scores is not None else list(range(len(stack)))  # no data: index order
+    order = [i for i in ranking if i in removable]
+    if choice.strategy == "ranked" and choice.tolerance is None:
+        return sorted(order[: choice.num_layers]), []
+
+    with eval_mode(model):
+        result = greedy_bypass(
+            partial(bypassed_metric, model, choose_on, stack.name), order, choice.num_layers or len(stack) - 1,
+            pool=1 if choice.strategy == "ranked" else choice.candidates, higher_is_better=higher_is_better,
+            tolerance=choice.tolerance if choice.tolerance is not None else math.inf,
+        )
+    curve = [[list(bypassed), value] for bypassed, value in result.curve]
+    for bypassed, value in curve:
+        log(f"    bypassed {bypassed or 'none'}: {value:.4f}")
+    return sorted(result.layers), curve
 
 
 def heal(

@@ -20,9 +20,12 @@ from transformers import HfArgumentParser
 
 from .config import CollapseConfig
 from .data import OFFLINE_DATASETS, TASKS
-from .scoring import SCORING_METHODS, SELECTION_STRATEGIES
+from .choice import SELECTION_STRATEGIES, LayerChoice, check_candidates, check_tolerance
+from .scoring import SCORING_METHODS
 
-__all__ = ["RecipeArguments", "RecipeError", "check_choice", "load_recipe", "make_parser", "resolved_recipe"]
+__all__ = [
+    "RecipeArguments", "RecipeError", "check_choice", "layer_choice", "load_recipe", "make_parser", "resolved_recipe",
+]
 
 BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
 BNB_4BIT_COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -195,7 +198,7 @@ class RecipeArguments:
             raise RecipeError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
         if self.max_length < 2:
             raise RecipeError(f"max_length must be at least 2 tokens, got {self.max_length}")
-        for name in ("max_train_samples", "max_eval_samples", "max_test_samples", "collapse_candidates"):
+        for name in ("max_train_samples", "max_eval_samples", "max_test_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise RecipeError(f"{name} must be at least 1 (or left unset), got {value}")
@@ -204,8 +207,11 @@ class RecipeArguments:
                 raise RecipeError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.calibration_samples < 1:
             raise RecipeError(f"calibration_samples must be at least 1, got {self.calibration_samples}")
-        if self.collapse_tolerance is not None and not self.collapse_tolerance >= 0:
-            raise RecipeError(f"collapse_tolerance must be 0 or more, got {self.collapse_tolerance}")
+        try:
+            check_candidates(self.collapse_candidates)
+            check_tolerance(self.collapse_tolerance)
+        except ValueError as error:
+            raise RecipeError(str(error)) from None
         if self.lm_eval_tasks:
             if self.task != "causal-lm":
                 raise RecipeError(
@@ -393,24 +399,35 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def check_choice(recipe: RecipeArguments, config: CollapseConfig) -> None:
-    """With `collapse: true`, exactly one way to choose the layers; healing needs a collapse."""
+    """With `collapse: true`, a valid [`LayerChoice`] (see [`layer_choice`]); healing and targets need a collapse."""
     if not recipe.collapse:
         if config.heal_steps or config.has_target:
             what = "heal_steps" if config.heal_steps else "a target depth (collapse_layers / collapse_num_layers)"
             raise RecipeError(f"{what} needs collapse: true (the layers are removed after training)")
         return
-    chosen = [
-        name for name, value in (
-            ("collapse_layers", config.collapse_layers),
-            ("collapse_num_layers", config.collapse_num_layers),
-            ("collapse_tolerance", recipe.collapse_tolerance),
-        ) if value is not None
-    ]
-    if len(chosen) != 1:
-        raise RecipeError(
-            "with collapse: true, set exactly one of collapse_layers, collapse_num_layers, collapse_tolerance "
-            f"(got {', '.join(chosen) if chosen else 'none'}); or set collapse: false to only train"
+    layer_choice(recipe, config)
+
+
+def layer_choice(recipe: RecipeArguments, config: CollapseConfig, *, layers=None) -> LayerChoice:
+    """The recipe's [`LayerChoice`]: its `collapse_*` fields (`collapse_layers`, `collapse_num_layers` and
+    `collapse_protect_*` live on [`CollapseConfig`]), or the given `layers` (the targets training removed) with the
+    recipe's protection.
+
+    Raises:
+        [`RecipeError`]: what [`LayerChoice`] refuses, in its words.
+    """
+    try:
+        if layers is not None:
+            return LayerChoice(
+                layers=layers, protect_first=config.collapse_protect_first, protect_last=config.collapse_protect_last
+            )
+        return LayerChoice(
+            layers=config.collapse_layers, num_layers=config.collapse_num_layers, tolerance=recipe.collapse_tolerance,
+            protect_first=config.collapse_protect_first, protect_last=config.collapse_protect_last,
+            candidates=recipe.collapse_candidates, strategy=recipe.collapse_strategy,
         )
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
 
 
 def _plain(value: Any) -> Any:

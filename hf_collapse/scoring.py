@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers.utils.logging import tqdm
 
+from .choice import SELECTION_STRATEGIES, greedy_bypass, removable_layers
 from .data import right_pad
 from .layers import (
     LayerCapture,
@@ -44,6 +45,7 @@ __all__ = [
     "SELECTION_STRATEGIES",
     "LayerScores",
     "ToleranceSelection",
+    "bypassed_metric",
     "score_layers",
     "select_by_tolerance",
     "select_explicit",
@@ -51,7 +53,6 @@ __all__ = [
 ]
 
 SCORING_METHODS = ("msw", "block_influence", "angular")
-SELECTION_STRATEGIES = ("ranked", "measured")
 # Token-level columns a padding collator knows how to pad; other columns (text, labels) are dropped.
 _TOKEN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
 # A dict whose main input has this many dimensions is a batch, not a row (token ids, images).
@@ -325,19 +326,6 @@ def score_layers(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _removable(num_layers: int, protect_first: int, protect_last: int) -> list[int]:
-    for name, value in (("protect_first", protect_first), ("protect_last", protect_last)):
-        if value < 0:
-            raise ValueError(f"{name} must be 0 or more, got {value}")
-    removable = list(range(protect_first, num_layers - protect_last))
-    if not removable:
-        raise ValueError(
-            f"protect_first={protect_first} and protect_last={protect_last} protect all {num_layers} layers: "
-            "nothing is left to remove"
-        )
-    return removable
-
-
 def select_explicit(
     layers: Sequence[int], num_layers: int, *, protect_first: int = 0, protect_last: int = 0
 ) -> list[int]:
@@ -355,7 +343,7 @@ def select_explicit(
     Raises:
         `ValueError`: an index out of range, duplicated or protected, an empty choice, or every layer.
     """
-    removable = _removable(num_layers, protect_first, protect_last)
+    removable = removable_layers(num_layers, protect_first, protect_last)
     chosen = check_layer_indices(layers, num_layers)
     if not chosen:
         raise ValueError("no layer was chosen: name at least one layer to remove")
@@ -382,7 +370,7 @@ def select_lowest(scores: LayerScores, k: int, *, protect_first: int = 0, protec
     Returns:
         `list[int]`: the chosen 0-based layers, sorted.
     """
-    removable = set(_removable(len(scores), protect_first, protect_last))
+    removable = set(removable_layers(len(scores), protect_first, protect_last))
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     if k >= len(scores):
@@ -395,7 +383,8 @@ def select_lowest(scores: LayerScores, k: int, *, protect_first: int = 0, protec
     return sorted([i for i in scores.ranking() if i in removable][:k])
 
 
-def _evaluate(model: nn.Module, evaluate_fn: Callable[[nn.Module], float], stack: str, layers: Sequence[int]) -> float:
+def bypassed_metric(model: nn.Module, evaluate_fn: Callable[[nn.Module], float], stack: str, layers: Sequence[int]) -> float:
+    """`evaluate_fn(model)` with `layers` of the named stack bypassed; refuses a non-finite value."""
     with bypass_layers(model, {stack: list(layers)}):
         value = float(evaluate_fn(model))
     if not math.isfinite(value):
@@ -459,7 +448,7 @@ def select_by_tolerance(
             f"the scores cover {len(scores)} layers but the {stack.name or 'model'} stack has {len(stack)}: "
             "score this model before selecting on it"
         )
-    removable = set(_removable(len(scores), protect_first, protect_last))
+    removable = set(removable_layers(len(scores), protect_first, protect_last))
     if not tolerance >= 0:  # also catches nan
         raise ValueError(f"tolerance must be a number >= 0 (in the metric's units), got {tolerance}")
     if max_layers is None:
@@ -481,39 +470,26 @@ def select_by_tolerance(
     pool_size = 1 if strategy == "ranked" else num_candidates
 
     order = [i for i in scores.ranking() if i in removable]
-    sign = 1.0 if higher_is_better else -1.0
-    removed: list[int] = []
-    trials: list[tuple[int, tuple[int, ...], float]] = []
-    start = time.perf_counter()
     steps = min(max_layers, len(order))
     most = 1 + sum(min(pool_size or len(order), len(order) - step) for step in range(steps))
     bar = tqdm(total=most, desc=f"choosing layers ({strategy})", unit="eval", disable=not progress)
 
-    def run(layers: list[int]) -> float:
-        value = _evaluate(model, evaluate_fn, stack.name, layers)
-        trials.append((len(layers), tuple(layers), value))
+    def measure(layers: list[int]) -> float:
+        value = bypassed_metric(model, evaluate_fn, stack.name, layers)
         bar.update(1)
+        bar.set_postfix_str(f"without {sorted(layers)}: {value:.4g}" if layers else f"full model {value:.4g}")
         return value
 
+    start = time.perf_counter()
     with eval_mode(model), bar:
-        baseline = run([])
-        curve = [((), baseline)]
-        bar.set_postfix_str(f"full model {baseline:.4g}")
-        while len(removed) < steps:
-            remaining = [i for i in order if i not in removed]
-            step_trials = [(run([*removed, i]), i) for i in remaining[:pool_size]]
-            # max() keeps the first of equal metrics, i.e. the lower score.
-            metric, layer = max(step_trials, key=lambda trial: sign * trial[0])
-            curve.append(((*removed, layer), metric))
-            bar.set_postfix_str(f"without {sorted([*removed, layer])}: {metric:.4g}")
-            if sign * (baseline - metric) > tolerance:
-                break
-            removed.append(layer)
+        result = greedy_bypass(
+            measure, order, steps, pool=pool_size, higher_is_better=higher_is_better, tolerance=tolerance
+        )
     return ToleranceSelection(
-        layers=tuple(sorted(removed)),
-        curve=tuple(curve),
+        layers=tuple(sorted(result.layers)),
+        curve=result.curve,
         stack=stack.name,
-        trials=tuple(trials),
+        trials=result.trials,
         seconds=time.perf_counter() - start,
         higher_is_better=higher_is_better,
     )

@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 
 from .config import CollapseConfig
+from .data import load_task_data
 from .recipe import RecipeArguments, RecipeError
+from .tasks import TaskStrategy, data_line
 
-__all__ = ["SENTENCE_METRIC", "centroid_accuracy", "run_sentence_recipe"]
+__all__ = ["SENTENCE_METRIC", "SentenceEmbeddingTask", "centroid_accuracy", "check_sentence_recipe"]
 
 SENTENCE_METRIC = "nearest-centroid accuracy"
 
@@ -91,96 +93,76 @@ def _st_config(config: CollapseConfig):
     return CollapseSentenceTransformerConfig(**values)
 
 
-def run_sentence_recipe(recipe: RecipeArguments, config: CollapseConfig, resolved_recipe: dict, *, train: bool, stage):
-    """[`run_recipe`] for `task: sentence-embedding` (called from it after the preflight checks)."""
-    st = _sentence_transformers()
-    from sentence_transformers.sentence_transformer import losses
+class SentenceEmbeddingTask(TaskStrategy):
+    """The task strategy of `sentence-embedding`: the pipeline trains with its own loss, the layers of its
+    transformer are removed, and the whole pipeline is exported."""
 
-    from .data import load_task_data
-    from .export import take_hub_push
-    from .models import resolve_model
-    from .pipeline import (
-        RunSummary, _target_clause, _training_fields, choice_and_report_rows, export_and_push, timed_pair,
-    )
-    from .post import collapse_model, selection_sentence
-    from .sentence_trainer import CollapseSentenceTransformerTrainer
+    metric_name = SENTENCE_METRIC
+    higher_is_better = True
+    timed = "transformers"
 
-    resolved = resolve_model(recipe.model_name_or_path)
-    stage(f"loading {recipe.model_name_or_path} ({resolved.path}) as a sentence-transformers pipeline")
-    device = "cpu" if config.use_cpu or not torch.cuda.is_available() else None
-    pipeline = st.SentenceTransformer(str(resolved.path), device=device, trust_remote_code=recipe.trust_remote_code)
-    saved_length = pipeline.max_seq_length
-    pipeline.max_seq_length = min(recipe.max_length, saved_length or recipe.max_length)
-    data = load_task_data(recipe, pipeline.tokenizer)
-    test = data.test
-    stage(f"data: {len(data.train)} training rows, {len(data.eval)} validation rows"
-          + (f", {len(test)} test rows" if test is not None else "") + f" ({', '.join(data.dataset_ids)})")
-    hub_push = take_hub_push(config)
-    args = _st_config(config)
-    trainer = CollapseSentenceTransformerTrainer(
-        model=pipeline, args=args, train_dataset=data.train, eval_dataset=data.eval,
-        loss=getattr(losses, recipe.sentence_loss)(pipeline),
-    )
-    if train:
-        stage(f"fine-tuning with {recipe.sentence_loss} and the MSW penalty (weight {config.msw_weight})")
-        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    if not trainer.is_world_process_zero():
-        return None
-    pipeline.eval()
-    inner = pipeline[0].auto_model
+    def __init__(self, recipe: RecipeArguments):
+        self.pipeline = None
+        self.saved_length = None
+        self.calibration = None
 
-    calibration = data.train.select(range(min(recipe.calibration_samples, len(data.train))))
-    choice_rows, report_rows, selection_split, eval_split = choice_and_report_rows(data, recipe)
-    batch_size = config.per_device_eval_batch_size
+    def load(self, run) -> None:
+        st = _sentence_transformers()
+        recipe, config = run.recipe, run.config
+        run.stage(f"loading {recipe.model_name_or_path} ({run.resolved.path}) as a sentence-transformers pipeline")
+        device = "cpu" if config.use_cpu or not torch.cuda.is_available() else None
+        self.pipeline = st.SentenceTransformer(str(run.resolved.path), device=device, trust_remote_code=recipe.trust_remote_code)
+        self.saved_length = self.pipeline.max_seq_length
+        self.pipeline.max_seq_length = min(recipe.max_length, self.saved_length or recipe.max_length)
+        run.processor = self.pipeline.tokenizer
+        run.data = load_task_data(recipe, self.pipeline.tokenizer)
+        run.model = self.pipeline
+        run.stage(data_line(run.data))
 
-    def metric_on(rows):
+    def make_trainer(self, run):
+        from sentence_transformers.sentence_transformer import losses
+
+        from .sentence_trainer import CollapseSentenceTransformerTrainer
+
+        return CollapseSentenceTransformerTrainer(
+            model=self.pipeline, args=_st_config(run.config), train_dataset=run.data.train, eval_dataset=run.data.eval,
+            loss=getattr(losses, run.recipe.sentence_loss)(self.pipeline),
+        )
+
+    def training_line(self, run) -> str:
+        return f"fine-tuning with {run.recipe.sentence_loss} and the MSW penalty (weight {run.config.msw_weight})"
+
+    def collapsible(self, run) -> torch.nn.Module:
+        self.pipeline.eval()
+        self.calibration = run.calibration_rows()
+        return self.pipeline[0].auto_model
+
+    def batches(self, run, rows) -> list[dict]:
+        size = run.config.per_device_eval_batch_size
+        return [self._features(run, rows.select(range(i, min(i + size, len(rows))))) for i in range(0, len(rows), size)]
+
+    def _features(self, run, rows) -> dict:
+        texts = list(rows["sentence"])
+        pipeline = self.pipeline
+        batch = pipeline.preprocess(texts) if hasattr(pipeline, "preprocess") else pipeline.tokenize(texts)
+        return {k: v.to(run.model.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    def evaluator(self, run, rows):
+        inner, size = run.model, run.config.per_device_eval_batch_size
+
         def measure(model) -> float:
             if model is not inner:
                 raise ValueError("the sentence-embedding metric measures the pipeline's own transformer")
-            return centroid_accuracy(pipeline, calibration, rows, batch_size=batch_size)
+            return centroid_accuracy(self.pipeline, self.calibration, rows, batch_size=size)
+
         return measure
 
-    def features(rows):
-        texts = list(rows["sentence"])
-        batch = pipeline.preprocess(texts) if hasattr(pipeline, "preprocess") else pipeline.tokenize(texts)
-        return {k: v.to(inner.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    def latency_batch(self, run) -> dict:
+        rows = run.report_rows
+        return self._features(run, rows.select(range(min(run.config.per_device_eval_batch_size, len(rows)))))
 
-    batches = [features(calibration.select(range(i, min(i + batch_size, len(calibration)))))
-               for i in range(0, len(calibration), batch_size)]
-    targeted = train and config.has_target
-    layers = trainer.collapse_targets if targeted else config.collapse_layers
-    full = copy.deepcopy(inner) if recipe.latency_repeats else None
-    stage(f"scoring, choosing ({'training targets' if targeted else recipe.collapse_strategy}) and collapsing")
-    _, report = collapse_model(
-        inner, layers=layers, num_layers=None if layers is not None else config.collapse_num_layers,
-        tolerance=None if layers is not None or config.collapse_num_layers is not None else recipe.collapse_tolerance,
-        calibration=batches, score_method=recipe.collapse_score_method, strategy=recipe.collapse_strategy,
-        candidates=recipe.collapse_candidates, protect_first=config.collapse_protect_first,
-        protect_last=config.collapse_protect_last, choose_on=metric_on(choice_rows), evaluate=metric_on(report_rows),
-        metric_name=SENTENCE_METRIC, higher_is_better=True, base_model=resolved.base_model,
-        selection=selection_sentence(targeted=_target_clause(trainer.msw_schedule[0])) if targeted else None,
-        log=stage,
-    )
-    pipeline.max_seq_length = saved_length
-    latency, speedup = {}, None
-    if full is not None:
-        stage(f"timing both transformers ({recipe.latency_repeats} interleaved forward passes each)")
-        batch = features(report_rows.select(range(min(batch_size, len(report_rows)))))
-        latency, speedup = timed_pair(full, inner, batch, recipe.latency_repeats)
-        del full
-    report = dataclasses.replace(
-        report, datasets=list(data.dataset_ids), eval_dataset=recipe.dataset_name, eval_split=eval_split,
-        selection_split=selection_split if (targeted or layers is None) else None, license=resolved.license,
-        **(_training_fields(config, trainer, 0, False) if train else {}),
-        recipe=resolved_recipe if train else None, limitations=list(resolved.limitations), **latency,
-    )
-    export_dir = export_and_push(inner, report, pipeline.tokenizer, recipe, config, hub_push, stage, source=resolved.path)
-    depth = report.layers_before
-    return RunSummary(
-        layers_before=depth, layers_after=depth - len(report.removed_layers), removed=list(report.removed_layers),
-        parameters_before=report.num_parameters_before, parameters_after=inner.num_parameters(),
-        metric_name=SENTENCE_METRIC, metric_before=report.metric_before, metric_after=report.metric_after,
-        perplexity_before=None, perplexity_after=None, speedup=speedup, export_dir=export_dir.resolve(),
-        selection_curve=report.selection_curve or [], train_steps=trainer.state.global_step if train else 0,
-        targets=list(trainer.collapse_targets or []) if targeted else None, msw_schedule=list(trainer.msw_schedule),
-    )
+    def after_collapse(self, run) -> None:
+        self.pipeline.max_seq_length = self.saved_length
+
+    def export_args(self, run) -> dict:
+        return {"processing_class": self.pipeline.tokenizer, "source": run.resolved.path}

@@ -628,7 +628,7 @@ def test_collapse_model_measured_chooses_on_the_metric_and_reports_on_another():
         (dict(num_layers=1, strategy="ranked"), "needs calibration data"),
         (dict(layers=[1], num_layers=1), "give exactly one of layers, num_layers and tolerance"),
         (dict(), "give exactly one of"),
-        (dict(layers=[4]), "layer 4 does not exist"),
+        (dict(layers=[4]), r"collapse_layers \[4\] do not exist: the model has 4 layers"),
         (dict(layers=[0], protect_first=1), "protected"),
     ],
 )
