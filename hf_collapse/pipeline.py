@@ -14,8 +14,8 @@ from transformers import set_seed
 
 from .config import CollapseConfig, steps_of
 from .data import TaskData, load_task_data
-from .adapters import merge_dequantized
-from .models import PIPELINE_TAGS, check_head_trained, describe_quantization, load_model, load_processor, resolve_model
+from .models import PIPELINE_TAGS, check_head_trained, load_model, load_processor, resolve_model
+from .quantization import describe_quantization, merge_dequantized
 from .recipe import RecipeArguments, RecipeError
 from .post import collapse_model, heal, selection_sentence
 from .trainer import CollapseTrainer
@@ -365,7 +365,7 @@ def run_recipe(
         )
         model = peft.get_peft_model(model, lora)
 
-    from .export import take_hub_push
+    from .hub import take_hub_push
 
     hub_push = take_hub_push(config) if recipe.collapse else None  # push the collapsed export, not the full model
     trainer = CollapseTrainer(

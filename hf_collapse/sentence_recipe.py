@@ -97,7 +97,7 @@ def run_sentence_recipe(recipe: RecipeArguments, config: CollapseConfig, resolve
     from sentence_transformers.sentence_transformer import losses
 
     from .data import load_task_data
-    from .export import take_hub_push
+    from .hub import take_hub_push
     from .models import resolve_model
     from .pipeline import (
         RunSummary, _target_clause, _training_fields, choice_and_report_rows, export_and_push, timed_pair,
