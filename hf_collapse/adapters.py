@@ -528,12 +528,7 @@ def check_adapter_fits(model: nn.Module, adapter_dir: str | Path) -> None:
     remap_hint = f"write a copy for this model with hf_collapse.remap_adapter({str(adapter_dir)!r}, model, out_dir)"
 
     if config.get("peft_type") in {PeftType.PREFIX_TUNING.value, PeftType.P_TUNING.value}:
-        layers = config.get("num_layers")
-        if isinstance(layers, int) and len(stacks) == 1 and layers != len(stacks[0]):
-            raise ValueError(
-                f"the {config['peft_type']} adapter in {adapter_dir} was made for {layers} layers, but the model has "
-                f"{len(stacks[0])}: train it again on this model"
-            )
+        _check_prompt_depth(config, stacks, adapter_dir)
         return
 
     keys, metadata = _read_keys(_weights_path(adapter_dir))
@@ -547,21 +542,7 @@ def check_adapter_fits(model: nn.Module, adapter_dir: str | Path) -> None:
             )
         return
 
-    named = _layer_indices(keys, stacks)
-    layers = config.get("layers_to_transform")
-    if layers is not None:
-        for name in named:
-            named[name] |= {layers} if isinstance(layers, int) else set(layers)
-    for stack in stacks:
-        beyond = sorted(i for i in named[stack.name] if i >= len(stack))
-        if beyond:
-            raise ValueError(
-                f"the adapter in {adapter_dir} changes layer(s) {beyond} of "
-                f"{'the ' + stack.name + ' stack' if stack.name else 'the model'}, which has {len(stack)} layers "
-                f"(numbered 0-{len(stack) - 1}): it was saved for a deeper model"
-                + (f"; {remap_hint}" if _is_collapsed(numbering) else "")
-            )
-
+    _check_layers_exist(config, keys, stacks, adapter_dir, f"; {remap_hint}" if _is_collapsed(numbering) else "")
     base = _base_config(config)
     base_depths = None if base is None else _config_depths(base, stacks)
     if base_depths is not None:
@@ -591,6 +572,33 @@ def check_adapter_fits(model: nn.Module, adapter_dir: str | Path) -> None:
             f"{remap_hint}; if it was trained on this collapsed model, set base_model_name_or_path in its "
             f"{_CONFIG} to this model's folder"
         )
+
+
+def _check_prompt_depth(config: dict, stacks: list[LayerStack], adapter_dir: Path) -> None:
+    """Prefix and prompt tuning are sized by the layer count: refuse one made for another depth."""
+    layers = config.get("num_layers")
+    if isinstance(layers, int) and len(stacks) == 1 and layers != len(stacks[0]):
+        raise ValueError(
+            f"the {config['peft_type']} adapter in {adapter_dir} was made for {layers} layers, but the model has "
+            f"{len(stacks[0])}: train it again on this model"
+        )
+
+
+def _check_layers_exist(config: dict, keys: list[str], stacks: list[LayerStack], adapter_dir: Path, hint: str) -> None:
+    """Refuse an adapter whose weights or `layers_to_transform` name a layer the model does not have."""
+    named = _layer_indices(keys, stacks)
+    layers = config.get("layers_to_transform")
+    if layers is not None:
+        for name in named:
+            named[name] |= {layers} if isinstance(layers, int) else set(layers)
+    for stack in stacks:
+        beyond = sorted(i for i in named[stack.name] if i >= len(stack))
+        if beyond:
+            raise ValueError(
+                f"the adapter in {adapter_dir} changes layer(s) {beyond} of "
+                f"{'the ' + stack.name + ' stack' if stack.name else 'the model'}, which has {len(stack)} layers "
+                f"(numbered 0-{len(stack) - 1}): it was saved for a deeper model{hint}"
+            )
 
 
 def _config_depths(config: dict, stacks: list[LayerStack]) -> dict[str, int] | None:

@@ -109,6 +109,18 @@ def export_collapsed(
             f"{out} already exists and is not empty: choose another folder or pass overwrite=True to replace it"
         )
 
+    staging = _staging_folder(out)
+    try:
+        _write_folder(staging, out, inner, report, processing_class, layout, repo_id, source)
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _staging_folder(out: Path) -> Path:
+    """A new hidden folder next to ``out`` to write the export in."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -116,27 +128,29 @@ def export_collapsed(
         raise PermissionError(
             f"cannot write the export next to {out}: {error.strerror or error}; choose a folder you can write to"
         ) from error
-    try:
-        (staging / _STAGING_MARKER).write_text(json.dumps({"pid": os.getpid(), "out": str(out)}), encoding="utf-8")
-        inner.save_pretrained(staging, safe_serialization=True)
-        if processing_class is not None:
-            processing_class.save_pretrained(staging)
-        report = _remote_code_report(inner, processing_class, report, staging, source)
-        if layout is not None and report.sentence_transformers_modules is not None:
-            write_layout(layout, staging)
-        if report.recipe is not None:
-            (staging / RECIPE_FILE).write_text(recipe_yaml(report.recipe), encoding="utf-8")
-        write_card(report, staging, repo_id=repo_id, processing_class=processing_class)
-        (staging / REPORT_FILE).write_text(
-            json.dumps({"repo_id": repo_id, "report": report.to_dict()}, indent=1), encoding="utf-8"
-        )
-        _check_safetensors_only(staging)
-        (staging / _STAGING_MARKER).unlink()
-        _move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+    return staging
+
+
+def _write_folder(
+    staging: Path, out: Path, model: nn.Module, report: CollapseReport, processing_class, layout, repo_id, source
+) -> None:
+    """Write every file of the export to ``out`` into ``staging`` and check them, inside a marker that says which
+    process writes it, for which export (see [`clear_stale`])."""
+    (staging / _STAGING_MARKER).write_text(json.dumps({"pid": os.getpid(), "out": str(out)}), encoding="utf-8")
+    model.save_pretrained(staging, safe_serialization=True)
+    if processing_class is not None:
+        processing_class.save_pretrained(staging)
+    report = _remote_code_report(model, processing_class, report, staging, source)
+    if layout is not None and report.sentence_transformers_modules is not None:
+        write_layout(layout, staging)
+    if report.recipe is not None:
+        (staging / RECIPE_FILE).write_text(recipe_yaml(report.recipe), encoding="utf-8")
+    write_card(report, staging, repo_id=repo_id, processing_class=processing_class)
+    (staging / REPORT_FILE).write_text(
+        json.dumps({"repo_id": repo_id, "report": report.to_dict()}, indent=1), encoding="utf-8"
+    )
+    _check_safetensors_only(staging)
+    (staging / _STAGING_MARKER).unlink()
 
 
 def add_benchmarks(folder: str | os.PathLike, benchmarks: list) -> Path:

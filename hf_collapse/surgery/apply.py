@@ -445,11 +445,10 @@ def collapse_layers(
         [`CollapseRecord`]: what was removed (original numbering), layer and parameter counts before and after.
 
     Raises:
-        `ValueError`: the request cannot be done exactly; the model is left untouched. That is: an index out of
-            range, negative, not an integer or given twice; every layer of a stack; PEFT adapters still attached;
-            no recognisable layer stack; a per-layer config field or architecture quirk with no exact update
-            (for instance layer 0 of ModernBERT); a failed verification (the message names the tensors, modules
-            or outputs that differ, and the config fields that may be the cause).
+        `ValueError`: the request cannot be done exactly; the model is left untouched: an index out of range, negative,
+            not an integer or given twice; every layer of a stack; PEFT adapters still attached; no recognisable layer
+            stack; a per-layer config field or architecture quirk with no exact update (layer 0 of ModernBERT, say); a
+            failed verification (the message names what differs and the config fields that may be the cause).
     """
     _refuse_adapters(model)
     inner = unwrap_model(model)

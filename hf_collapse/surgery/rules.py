@@ -23,6 +23,7 @@ RECORD_FIELDS = ("collapsed_layers", "original_num_hidden_layers")
 # Int attributes of a stack's parent module that cache the layer count (DistilBERT's Transformer.n_layers).
 PARENT_COUNT_ATTRS = ("num_hidden_layers", "num_layers", "n_layers", "n_layer")
 
+
 @dataclass(frozen=True)
 class Removal:
     """What happens to one stack: the 0-based layers removed and kept, in the current numbering."""
@@ -234,7 +235,7 @@ def _remap_stages(removal: Removal, config, name: str, value) -> Edit:
 def _keep_pattern(removal: Removal, config, name: str, value) -> Edit:
     # The layer kinds are given by integers (start / interval / end, or period / offset) that stay as they are:
     # the removal is exact only if the pattern, counted afresh over the kept layers, gives each its own kind.
-    # `_check_layer_kinds` compares the kinds; nothing to update here beyond the count.
+    # The planning compares the kinds (see `LAYER_KINDS`); nothing to update here beyond the count.
     return Edit()
 
 
@@ -268,7 +269,7 @@ RULES: tuple[Rule, ...] = (
     Rule("full_attn_idxs", _remap_indices),  # LFM2: indices of the attention layers (others are convolutions)
     Rule("hybrid_layer_ids", _remap_indices),  # Zamba2: indices of the layers with the shared attention block
     Rule("stage_names", _remap_stages, owns=("_out_indices", "_out_features")),  # backbones
-    # Patterns given by integers; the kinds they give are compared in _check_layer_kinds (see LAYER_KINDS).
+    # Patterns given by integers; the kinds they give are compared when the removal is planned (see LAYER_KINDS).
     Rule("attn_layer_period", _keep_pattern, owns=("attn_layer_offset",)),  # Jamba
     Rule("expert_layer_period", _keep_pattern, owns=("expert_layer_offset",)),  # Jamba
     Rule("moe_layer_interval", _keep_pattern, owns=("moe_layer_start_index", "moe_layer_end_index")),  # ERNIE-4.5

@@ -21,8 +21,6 @@ from ..layers import LayerStack, bypass_layers, eval_mode
 from . import rules
 from .rules import DELETE
 
-
-
 # Module attributes that say how a module is being run, not what it is: a fresh model may differ in them.
 _RUNTIME_ATTRS = frozenset({"training", "gradient_checkpointing"})
 _SCALARS = (bool, int, float, str, type(None))
