@@ -27,17 +27,17 @@ from unittest import mock
 import torch
 import transformers
 
-from hf_collapse import assets, surgery
-from hf_collapse.surgery import collapse_layers
+from hf_collapse import assets
+from hf_collapse.surgery import apply, collapse_layers
 
 
 @contextlib.contextmanager
 def verification_off():
     """`collapse_layers` without its checks: no probe input (so no reference pass), no rebuilt models."""
     with (
-        mock.patch.object(surgery, "_probe_inputs", lambda model: None),
-        mock.patch.object(surgery, "_structure", lambda model, config: {}),
-        mock.patch.object(surgery, "_verify", lambda *args: None),
+        mock.patch.object(apply, "build_probe", lambda model: None),
+        mock.patch.object(apply, "structure_differences", lambda model, config: {}),
+        mock.patch.object(apply, "verify_collapse", lambda *args: None),
     ):
         yield
 

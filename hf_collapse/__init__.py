@@ -7,15 +7,17 @@ score the layers (`score_layers`), choose them (`select_by_tolerance`), delete t
 
 from importlib.util import find_spec
 
-from .adapters import check_adapter_fits, merge_dequantized, remap_adapter
+from .adapters import check_adapter_fits, remap_adapter
 from .card import CollapseReport
 from .config import CollapseConfig, MSWArguments
-from .export import export_collapsed, push_folder
+from .export import export_collapsed
+from .hub import push_folder
 from .layers import bypass_layers, find_layer_stacks
 from .models import load_model, load_processor, resolve_model
 from .msw import DirectionSearch, max_sliced_wasserstein
 from .scoring import LayerScores, score_layers, select_by_tolerance, select_lowest
 from .post import collapse_model, heal
+from .quantization import merge_dequantized
 from .surgery import CollapseRecord, collapse_layers
 from .trainer import CollapseTrainer, MSWPenaltyMixin
 

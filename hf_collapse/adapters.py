@@ -12,9 +12,6 @@ layers are not this model's.
 
 The copy records which collapse it was written for in its safetensors metadata (`_MARK_*`), so that
 [`check_adapter_fits`] can tell it from a full-depth adapter.
-
-A model trained with LoRA on 4-/8-bit (bitsandbytes) weights (QLoRA) is collapsed as a plain model:
-[`merge_dequantized`] merges the adapters into a full-precision copy of the dequantised weights.
 """
 
 from __future__ import annotations
@@ -32,16 +29,14 @@ import torch
 from accelerate import init_empty_weights
 from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
-from peft import PeftConfig, PeftModel, PeftType
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
+from peft import PeftConfig, PeftType
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from .layers import LayerStack, find_layer_stacks, unwrap_model
 
-__all__ = ["check_adapter_fits", "disable_cpu_repacking", "merge_dequantized", "remap_adapter"]
+__all__ = ["check_adapter_fits", "remap_adapter"]
 
 _CONFIG = "adapter_config.json"
 _WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -533,12 +528,7 @@ def check_adapter_fits(model: nn.Module, adapter_dir: str | Path) -> None:
     remap_hint = f"write a copy for this model with hf_collapse.remap_adapter({str(adapter_dir)!r}, model, out_dir)"
 
     if config.get("peft_type") in {PeftType.PREFIX_TUNING.value, PeftType.P_TUNING.value}:
-        layers = config.get("num_layers")
-        if isinstance(layers, int) and len(stacks) == 1 and layers != len(stacks[0]):
-            raise ValueError(
-                f"the {config['peft_type']} adapter in {adapter_dir} was made for {layers} layers, but the model has "
-                f"{len(stacks[0])}: train it again on this model"
-            )
+        _check_prompt_depth(config, stacks, adapter_dir)
         return
 
     keys, metadata = _read_keys(_weights_path(adapter_dir))
@@ -552,21 +542,7 @@ def check_adapter_fits(model: nn.Module, adapter_dir: str | Path) -> None:
             )
         return
 
-    named = _layer_indices(keys, stacks)
-    layers = config.get("layers_to_transform")
-    if layers is not None:
-        for name in named:
-            named[name] |= {layers} if isinstance(layers, int) else set(layers)
-    for stack in stacks:
-        beyond = sorted(i for i in named[stack.name] if i >= len(stack))
-        if beyond:
-            raise ValueError(
-                f"the adapter in {adapter_dir} changes layer(s) {beyond} of "
-                f"{'the ' + stack.name + ' stack' if stack.name else 'the model'}, which has {len(stack)} layers "
-                f"(numbered 0-{len(stack) - 1}): it was saved for a deeper model"
-                + (f"; {remap_hint}" if _is_collapsed(numbering) else "")
-            )
-
+    _check_layers_exist(config, keys, stacks, adapter_dir, f"; {remap_hint}" if _is_collapsed(numbering) else "")
     base = _base_config(config)
     base_depths = None if base is None else _config_depths(base, stacks)
     if base_depths is not None:
@@ -598,6 +574,33 @@ def check_adapter_fits(model: nn.Module, adapter_dir: str | Path) -> None:
         )
 
 
+def _check_prompt_depth(config: dict, stacks: list[LayerStack], adapter_dir: Path) -> None:
+    """Prefix and prompt tuning are sized by the layer count: refuse one made for another depth."""
+    layers = config.get("num_layers")
+    if isinstance(layers, int) and len(stacks) == 1 and layers != len(stacks[0]):
+        raise ValueError(
+            f"the {config['peft_type']} adapter in {adapter_dir} was made for {layers} layers, but the model has "
+            f"{len(stacks[0])}: train it again on this model"
+        )
+
+
+def _check_layers_exist(config: dict, keys: list[str], stacks: list[LayerStack], adapter_dir: Path, hint: str) -> None:
+    """Refuse an adapter whose weights or `layers_to_transform` name a layer the model does not have."""
+    named = _layer_indices(keys, stacks)
+    layers = config.get("layers_to_transform")
+    if layers is not None:
+        for name in named:
+            named[name] |= {layers} if isinstance(layers, int) else set(layers)
+    for stack in stacks:
+        beyond = sorted(i for i in named[stack.name] if i >= len(stack))
+        if beyond:
+            raise ValueError(
+                f"the adapter in {adapter_dir} changes layer(s) {beyond} of "
+                f"{'the ' + stack.name + ' stack' if stack.name else 'the model'}, which has {len(stack)} layers "
+                f"(numbered 0-{len(stack) - 1}): it was saved for a deeper model{hint}"
+            )
+
+
 def _config_depths(config: dict, stacks: list[LayerStack]) -> dict[str, int] | None:
     """Each stack's layer count according to a config.json dict, or None when it does not say."""
     depths = {}
@@ -608,103 +611,3 @@ def _config_depths(config: dict, stacks: list[LayerStack]) -> dict[str, int] | N
             return None
         depths[stack.name] = value
     return depths
-
-
-# ---- QLoRA: merging into the dequantised weights -----------------------------------------------------------------
-
-
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias.to(weight.dtype))
-    return linear
-
-
-def _dequantized(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    weight = module.weight
-    state = getattr(weight, "quant_state", None)
-    if getattr(state, "packing_format_for_cpu", False):
-        # bitsandbytes repacks 4-bit weights for its CPU kernel at the first inference forward (on CPUs with
-        # AVX512-BF16): the codes are reordered and the scales stored as bf16, transposed to (blocks per row, rows)
-        # and un-nested. Its inverse (used by its own state_dict()) restores the codes, but without double
-        # quantisation it leaves the scales transposed (0.50.2), so each block would get another block's scale;
-        # with it, it quantises the bf16 scales again. Here the codes come back through the inverse and the scales
-        # are the bf16 ones the repacked kernel computes with, in block order.
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        scales = state.absmax.T.reshape(-1).float()
-        weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-        state.absmax, state.nested, state.offset, state.state2 = scales, False, None, None
-        weight.quant_state = module.quant_state = state
-    return dequantize_bnb_weight(weight, state=getattr(module, "state", None)).to(dtype)
-
-
-def disable_cpu_repacking(model: nn.Module) -> int:
-    """Keep a model's bitsandbytes 4-bit layers in the layout they train in; returns how many layers it changed.
-
-    On CPUs with AVX512-BF16, bitsandbytes (0.50.2) repacks a 4-bit layer's weights for a faster bf16 kernel at
-    the first forward pass in eval mode without gradients (an evaluation, a measured choice of layers), for good.
-    That kernel has no backward: training afterwards sends no gradient through the repacked layers, so the LoRA
-    adapters below them stop learning without an error, and the bf16 scales round the weights by about 0.3 %.
-    Here the repacking is switched off (the standard 4-bit kernels run instead, in training and evaluation alike).
-    Call it after loading and before any forward pass; on other devices it changes nothing that runs.
-    """
-    layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
-    for layer in layers:
-        layer.support_avx512bf16_for_cpu = False
-    return len(layers)
-
-
-def merge_dequantized(model: PeftModel) -> nn.Module:
-    """Merge the adapters of a PEFT model on 4-/8-bit bitsandbytes weights (QLoRA) into full-precision weights.
-
-    `merge_and_unload()` on such a model merges each adapter into the quantised weight and quantises the sum again,
-    which changes the model. Here each quantised linear layer is dequantised to the dtype of the model's
-    embeddings, the adapter's update is added in that dtype, and the layer becomes a plain `nn.Linear`; quantised
-    layers without an adapter are dequantised the same way, the quantisation config is removed, and adapters on
-    modules that were never quantised are merged as usual. The result is a plain transformers model that
-    [`collapse_layers`] and `save_pretrained` take like any other; its weights are the dequantised ones the adapter
-    was trained against, not the original full-precision weights.
-
-    Args:
-        model (`PeftModel`): the trained model; it is changed in place and must not be used afterwards.
-
-    Returns:
-        `nn.Module`: the plain (unwrapped) transformers model.
-
-    Raises:
-        `ValueError`: the model is not a PEFT model, or its base model is not quantised with bitsandbytes.
-    """
-    if not isinstance(model, PeftModel):
-        raise ValueError(f"merge_dequantized takes a PeftModel, not a {type(model).__name__}: plain models need no merge")
-    inner = model.get_base_model()
-    if not any(get_bnb_param_type(p) for p in inner.parameters()):
-        raise ValueError("the base model has no bitsandbytes 4-/8-bit weights: call model.merge_and_unload() instead")
-    dtype = inner.get_input_embeddings().weight.dtype
-    replacements: dict[str, nn.Module] = {}
-    for name, module in inner.named_modules():
-        if any(name.startswith(f"{done}.") for done in replacements):
-            continue
-        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-        if not get_bnb_param_type(getattr(base, "weight", None)):
-            continue
-        weight = _dequantized(base, dtype)
-        if base is not module:
-            if not hasattr(module, "lora_A") or any(module.use_dora.get(a) for a in module.active_adapters):
-                raise ValueError(
-                    f"{name} carries a {type(module).__name__} adapter: merge_dequantized merges plain LoRA into "
-                    "quantised layers (not DoRA or other methods)"
-                )
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    weight = weight + module.get_delta_weight(adapter).to(dtype)
-        replacements[name] = _linear(weight, base.bias)
-    for name, linear in replacements.items():
-        parent, _, child = name.rpartition(".")
-        setattr(inner.get_submodule(parent) if parent else inner, child, linear)
-    quantizer = getattr(inner, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(inner)
-    return model.merge_and_unload()

@@ -473,7 +473,7 @@ def _lm_eval(args, recipe, paths: list[str]) -> None:
 
 
 def _cmd_push(args) -> int:
-    from .export import push_folder
+    from .hub import push_folder
 
     result = push_folder(args.out, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run)
     if args.dry_run:
@@ -553,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [*getattr(args, "overrides", []), *extra]
     import pickle
 
-    from .export import PushError, PushNotStartedError
+    from .hub import PushError, PushNotStartedError
     from .recipe import RecipeError
 
     _Outputs.reset()

@@ -108,7 +108,7 @@ def _sentence_transformer_model(model: nn.Module) -> nn.Module | None:
     return inner if isinstance(inner, nn.Module) and getattr(inner, "config", None) is not None else None
 
 
-def _get_path(model: nn.Module, path: str) -> nn.Module | None:
+def get_path(model: nn.Module, path: str) -> nn.Module | None:
     module = model
     for part in path.split("."):
         module = getattr(module, part, None)
@@ -125,7 +125,7 @@ def _is_homogeneous(modules: nn.Module | None) -> bool:
     )
 
 
-def _real_attr(config: object, name: str) -> str:
+def real_attr(config: object, name: str) -> str:
     return getattr(config, "attribute_map", {}).get(name, name)
 
 
@@ -134,9 +134,9 @@ def _text_config(config: object) -> object:
     return getter(decoder=True) if callable(getter) else config
 
 
-def _layer_count(config: object) -> tuple[str, int] | None:
+def layer_count(config: object) -> tuple[str, int] | None:
     for name in ("num_hidden_layers", "num_layers", "n_layer", "n_layers"):
-        attr = _real_attr(config, name)
+        attr = real_attr(config, name)
         value = getattr(config, attr, None)
         if isinstance(value, int):
             return attr, value
@@ -167,7 +167,7 @@ def find_layer_stacks(model: nn.Module) -> list[LayerStack]:
 
     if getattr(config, "is_encoder_decoder", False):
         for enc_path, dec_path, enc_attr, dec_attr in _ENCODER_DECODER_STACKS:
-            enc, dec = _get_path(inner, enc_path), _get_path(inner, dec_path)
+            enc, dec = get_path(inner, enc_path), get_path(inner, dec_path)
             if _is_homogeneous(enc) and _is_homogeneous(dec) and hasattr(config, enc_attr):
                 # T5 keeps num_decoder_layers; an unset one means "same as the encoder".
                 dec_attr = dec_attr if getattr(config, dec_attr, None) is not None else enc_attr
@@ -178,13 +178,13 @@ def find_layer_stacks(model: nn.Module) -> list[LayerStack]:
         raise _unsupported(inner, "it is an encoder-decoder model of an unknown layout")
 
     text_config = _text_config(config)
-    counted = _layer_count(text_config)
+    counted = layer_count(text_config)
     if counted is None:
         raise _unsupported(inner, "its config has no layer count (num_hidden_layers)")
     count_attr, count = counted
 
     for path in _KNOWN_STACK_PATHS:
-        modules = _get_path(inner, path)
+        modules = get_path(inner, path)
         # at a known path, blocks of several kinds are one stack too (hybrid attention / state-space models)
         if isinstance(modules, nn.ModuleList) and len(modules) == count > 0:
             return [LayerStack("", path, modules, text_config, count_attr, "attention_mask")]

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import assets
+from .quantization import prepare_quantized, quantized_loading
 from .recipe import RecipeArguments, RecipeError
 
 # Parameters that from_pretrained had to create (absent from the checkpoint, or of another shape), with their
@@ -29,13 +30,11 @@ __all__ = [
     "ResolvedModel",
     "UntrainedHeadError",
     "check_head_trained",
-    "describe_quantization",
     "load_as_saved",
     "load_model",
     "load_saved_processor",
     "load_processor",
     "remote_code_refused",
-    "quantization_config",
     "resolve_model",
     "saved_architecture",
     "task_head_is_new",
@@ -136,19 +135,14 @@ def load_model(
     [`untrained_parameters`] can tell later whether training ever changed them. With `load_in_4bit` or
     `load_in_8bit` the linear layers are quantised by bitsandbytes on ``device`` (the training device: a quantised
     model is not moved afterwards; default: the current CUDA device, else the CPU) and the model is prepared for
-    LoRA on them, see [`quantization_config`].
+    LoRA on them, see [`~quantization.quantized_loading`] and [`~quantization.prepare_quantized`].
     """
     import transformers
 
     auto = getattr(transformers, AUTO_CLASSES[recipe.task])
     kwargs = {"trust_remote_code": bool(recipe.trust_remote_code)}
     if recipe.quantized:
-        import torch
-
-        device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        kwargs.update(quantization_config=quantization_config(recipe, device), device_map={"": device})
+        kwargs.update(quantized_loading(recipe, device))
     if label_names is not None:
         kwargs.update(
             num_labels=len(label_names),
@@ -170,57 +164,8 @@ def load_model(
     if recipe.task != "image-classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = processor.pad_token_id
     if recipe.quantized:
-        import peft
-
-        from .adapters import disable_cpu_repacking
-
-        # For its cast of the parameters left unquantised (norms, embeddings, head) from half precision to float32,
-        # as QLoRA trains, and its freezing; not for its activation checkpointing, which it turns on by default:
-        # that stays the recipe's choice (activation_checkpointing), as without quantisation.
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        disable_cpu_repacking(model)  # else the first evaluation on some CPUs would stop the gradients
+        model = prepare_quantized(model)
     return model
-
-
-def quantization_config(recipe: RecipeArguments, device):
-    """The `BitsAndBytesConfig` of a recipe with `load_in_4bit` or `load_in_8bit` (else `None`) for ``device``:
-    `bnb_4bit_compute_dtype: auto` computes in float32 on the CPU (exactly the dequantised weights, which the merge
-    after training reproduces) and in bfloat16 on GPUs that have it (else float16)."""
-    import torch
-    import transformers
-
-    if recipe.load_in_8bit:
-        return transformers.BitsAndBytesConfig(load_in_8bit=True)
-    if not recipe.load_in_4bit:
-        return None
-    dtype = recipe.bnb_4bit_compute_dtype
-    if dtype == "auto":
-        dtype = "float32" if torch.device(device).type == "cpu" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return transformers.BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=recipe.bnb_4bit_quant_type,
-        bnb_4bit_compute_dtype=getattr(torch, dtype),
-        bnb_4bit_use_double_quant=recipe.bnb_4bit_use_double_quant,
-    )
-
-
-def describe_quantization(model) -> str | None:
-    """What bitsandbytes quantised a model's weights to, in words for its card (e.g. `"4-bit nf4 weights
-    (bitsandbytes, computing in float32)"`, `"8-bit LLM.int8() weights (bitsandbytes)"`); `None` for a model that
-    is not quantised. Read it before [`merge_dequantized`], which removes the quantisation config."""
-    from .layers import unwrap_model
-
-    inner = unwrap_model(model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    config = getattr(inner.config, "quantization_config", None)
-    method = getattr(config, "quant_method", None)
-    if getattr(method, "value", method) != "bitsandbytes":
-        return None
-    if config.load_in_8bit:
-        return "8-bit LLM.int8() weights (bitsandbytes)"
-    how = ["bitsandbytes"] + (["double quantisation"] if config.bnb_4bit_use_double_quant else [])
-    how.append(f"computing in {str(config.bnb_4bit_compute_dtype).removeprefix('torch.')}")
-    return f"4-bit {config.bnb_4bit_quant_type} weights ({', '.join(how)})"
 
 
 def _record_new_parameters(model, info: dict) -> None:

@@ -12,7 +12,8 @@ from transformers import AutoConfig, set_seed
 
 from .config import CollapseConfig, steps_of
 from .evaluation import compare_latency
-from .export import export_collapsed, take_hub_push
+from .export import export_collapsed
+from .hub import take_hub_push
 from .lmeval import LmEvalError, benchmark_results, check_lm_eval_tasks, run_lm_eval, sample_limit
 from .models import remote_code_refused, resolve_model
 from .post import collapse_model, heal, selection_sentence

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader
 
-from .adapters import merge_dequantized
 from .data import TaskData, load_task_data
 from .evaluation import evaluate_classification, perplexity
-from .models import PIPELINE_TAGS, check_head_trained, describe_quantization, load_model, load_processor
+from .models import PIPELINE_TAGS, check_head_trained, load_model, load_processor
+from .quantization import describe_quantization, merge_dequantized
 from .recipe import RecipeArguments
 from .trainer import CollapseTrainer
 

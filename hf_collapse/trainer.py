@@ -157,7 +157,7 @@ class MSWPenaltyMixin:
                 f"{type(self).__name__} does not support torch.nn.DataParallel (several GPUs in one process): "
                 "launch one process per GPU with `accelerate launch` or `torchrun` instead"
             )
-        from .adapters import disable_cpu_repacking
+        from .quantization import disable_cpu_repacking
 
         # a 4-bit model on CPU must keep its trainable layout through evaluations and measured choices (see there)
         if disable_cpu_repacking(self.model):

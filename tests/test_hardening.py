@@ -17,7 +17,8 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 
 from hf_collapse import CollapseTrainer, collapse_model, max_sliced_wasserstein
 from hf_collapse.cli import EXIT_FAILED, EXIT_REFUSED, main
-from hf_collapse.export import clear_stale, export_collapsed, upload_plan
+from hf_collapse.export import clear_stale, export_collapsed
+from hf_collapse.hub import upload_plan
 from hf_collapse.models import resolve_model
 from hf_collapse.recipe import RecipeError, load_recipe
 
@@ -446,7 +447,7 @@ def test_the_reachability_check_takes_any_answer_but_a_gateways_and_sends_no_tok
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     import threading
 
-    from hf_collapse.export import PushNotStartedError, check_hub_reachable
+    from hf_collapse.hub import PushNotStartedError, check_hub_reachable
 
     seen = []
 

@@ -64,8 +64,8 @@ def test_recipes_verb_refuses_unknown_names_and_existing_files(tmp_path, capsys)
 def test_push_to_hub_in_a_recipe_uploads_the_collapsed_export_not_the_trainer_output(tmp_path, monkeypatch):
     import transformers
 
-    from hf_collapse import export as export_module
-    from hf_collapse.export import upload_plan
+    from hf_collapse import hub as hub_module
+    from hf_collapse.hub import upload_plan
     from hf_collapse.pipeline import run_recipe
 
     trainer_pushes = []
@@ -80,9 +80,9 @@ def test_push_to_hub_in_a_recipe_uploads_the_collapsed_export_not_the_trainer_ou
             "repo_id": repo_id, "kwargs": kwargs, "plan": upload_plan(folder),
             "config": yaml.safe_load((folder / "config.json").read_text()), "card": (folder / "README.md").read_text(),
         })
-        return export_module.PushResult(repo_id, kwargs.get("revision") or "main", upload_plan(folder), "https://hub/c/1")
+        return hub_module.PushResult(repo_id, kwargs.get("revision") or "main", upload_plan(folder), "https://hub/c/1")
 
-    monkeypatch.setattr(export_module, "push_folder", fake_push_folder)
+    monkeypatch.setattr(hub_module, "push_folder", fake_push_folder)
     out = tmp_path / "model"
     recipe, config, resolved = load_recipe(ROOT / "recipes" / "quickstart.yaml", [
         "--output_dir", str(tmp_path / "run"), "--export_dir", str(out), "--max_steps", "1",
@@ -107,7 +107,7 @@ def test_push_to_hub_in_a_recipe_uploads_the_collapsed_export_not_the_trainer_ou
 
 
 def test_push_to_hub_needs_a_repo_id():
-    from hf_collapse.export import take_hub_push
+    from hf_collapse.hub import take_hub_push
 
     class Args:
         push_to_hub, hub_model_id, hub_private_repo, hub_revision, hub_token = True, None, None, None, None

@@ -14,7 +14,7 @@ from test_trainer import config, lm_dataset
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 from hf_collapse import CollapseTrainer, collapse_layers
-from hf_collapse.adapters import merge_dequantized
+from hf_collapse.quantization import merge_dequantized
 from hf_collapse.layers import bypass_layers
 
 QUANTISED = {
@@ -148,7 +148,7 @@ def test_a_qlora_recipe_exports_the_collapsed_dequantised_merge(tmp_path, lm_sou
     from transformers import AutoTokenizer
 
     from hf_collapse.card import CollapseReport, render_card
-    from hf_collapse.models import quantization_config
+    from hf_collapse.quantization import quantization_config
     from hf_collapse.pipeline import run_recipe
 
     recipe, config_, resolved = qlora_recipe(tmp_path, lm_source, **fields)
@@ -241,7 +241,7 @@ def test_quantised_loading_without_bitsandbytes_says_what_to_install(tmp_path, l
 
 
 def test_the_compute_dtype_follows_the_device(tmp_path, lm_source):
-    from hf_collapse.models import quantization_config
+    from hf_collapse.quantization import quantization_config
 
     recipe, _, _ = qlora_recipe(tmp_path, lm_source, load_in_4bit=True)
     assert quantization_config(recipe, "cpu").bnb_4bit_compute_dtype == torch.float32
@@ -258,7 +258,7 @@ def test_an_evaluation_leaves_the_4bit_layers_trainable(tmp_path, lm_source):
     no backward; load_model switches that off, so the LoRA gradients after an evaluation are those before it."""
     from transformers import AutoTokenizer
 
-    from hf_collapse.adapters import disable_cpu_repacking
+    from hf_collapse.quantization import disable_cpu_repacking
     from hf_collapse.models import load_model, resolve_model
 
     recipe, _, _ = qlora_recipe(tmp_path, lm_source, load_in_4bit=True)

@@ -1,7 +1,7 @@
 """collapse_layers verifies every collapse by construction, and reports what it removed.
 
 A rule that is missing or wrong must turn into a refusal that leaves the model exactly as it was, never into a
-checkpoint that reloads as a different model. The tests break one rule at a time (through `_RULES`) on a family
+checkpoint that reloads as a different model. The tests break one rule at a time (through `RULES`) on a family
 where that rule matters and check which of the two checks catches it: the structure of a model rebuilt from the
 new config, or the output on the probe input.
 """
@@ -15,15 +15,15 @@ from test_surgery import assert_same, logits, snapshot
 from tiny_models import TINY_MODELS
 
 from hf_collapse import CollapseRecord
-from hf_collapse import surgery
 from hf_collapse.layers import bypass_layers
-from hf_collapse.surgery import _Edit, _Rule, collapse_layers
+from hf_collapse.surgery import collapse_layers, rules, verify
+from hf_collapse.surgery.rules import Edit, Rule
 
 
-def without_rule(monkeypatch, field: str, replacement: _Rule | None = None) -> None:
-    rules = tuple(r for r in surgery._RULES if r.field != field)
-    assert len(rules) == len(surgery._RULES) - 1, f"no rule for {field}"
-    monkeypatch.setattr(surgery, "_RULES", rules + ((replacement,) if replacement else ()))
+def without_rule(monkeypatch, field: str, replacement: Rule | None = None) -> None:
+    others = tuple(r for r in rules.RULES if r.field != field)
+    assert len(others) == len(rules.RULES) - 1, f"no rule for {field}"
+    monkeypatch.setattr(rules, "RULES", others + ((replacement,) if replacement else ()))
 
 
 def layer_ids(model) -> list[int]:
@@ -53,7 +53,7 @@ def test_missing_first_k_rule_is_caught_by_the_rebuilt_structure(monkeypatch):
 def test_naive_slicing_of_layer_types_is_caught_by_module_settings(monkeypatch):
     # Gemma2 alternates sliding/full; keeping the first n entries instead of the kept layers' entries gives the
     # same tensors but the wrong attention kind for every layer.
-    naive = _Rule("layer_types", lambda removal, config, name, value: _Edit(config={name: value[: len(removal.kept)]}))
+    naive = Rule("layer_types", lambda removal, config, name, value: Edit(config={name: value[: len(removal.kept)]}))
     without_rule(monkeypatch, "layer_types", naive)
     message = refuse_and_restore("gemma2", [0], r"would not be this model")
     assert "model.layers.0.self_attn.sliding_window is None but would be rebuilt as 4" in message
@@ -72,7 +72,7 @@ def test_probe_catches_what_the_structure_cannot(monkeypatch):
     # Same settings as a fresh build (the scaling check is satisfied by hand), but the queries are not rescaled:
     # only the output on the probe can tell.
     def settle_scaling(removal, config, name, value):
-        edit = _Edit()
+        edit = Edit()
         for new, old in enumerate(removal.kept):
             attention = removal.stack.layers[old].attn
 
@@ -88,7 +88,7 @@ def test_probe_catches_what_the_structure_cannot(monkeypatch):
             edit.modules.append(apply)
         return edit
 
-    without_rule(monkeypatch, "scale_attn_by_inverse_layer_idx", _Rule("scale_attn_by_inverse_layer_idx", settle_scaling))
+    without_rule(monkeypatch, "scale_attn_by_inverse_layer_idx", Rule("scale_attn_by_inverse_layer_idx", settle_scaling))
     message = refuse_and_restore("gpt2-inverse-scaling", [1], r"its output differs from the original's")
     assert "output 'logits' differs by up to" in message
 
@@ -138,12 +138,12 @@ def test_given_probe_inputs_are_used():
 
 def test_probe_tokens_avoid_special_ids():
     model = TINY_MODELS["gemma3-multimodal"].build()
-    probe = surgery._probe_inputs(model)
+    probe = verify.build_probe(model)
     special = {model.config.image_token_id, model.config.boi_token_id, model.config.eoi_token_id, 0, 1, 2}
     assert set(probe["input_ids"].flatten().tolist()).isdisjoint(special)
     assert probe["input_ids"].shape == (1, 8)
     vit = TINY_MODELS["vit"].build()
-    assert surgery._probe_inputs(vit)["pixel_values"].shape == (1, 3, 16, 16)
+    assert verify.build_probe(vit)["pixel_values"].shape == (1, 3, 16, 16)
 
 
 def test_verification_runs_in_eval_mode_and_restores_training_mode():
