@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from .card import CollapseReport
+from .report import CollapseReport
 from .config import MSWArguments
 from .layers import find_layer_stacks, unwrap_model
 from .scoring import LayerScores, score_layers, select_by_tolerance, select_explicit, select_lowest
