@@ -207,27 +207,7 @@ def evaluate_classification(
     columns = _column_names(dataset)
     label_column = _label_column(columns, label_column)
     accepted = _forward_arguments(model) - {"labels"}
-    if text_column is not None:
-        if tokenizer is None:
-            raise ValueError(f"text_column={text_column!r} needs the model's tokenizer: pass tokenizer=...")
-        if text_column not in columns:
-            raise ValueError(f"text_column={text_column!r} is not a dataset column; the columns are {columns}")
-
-        def to_inputs(rows: list[dict]) -> Mapping[str, Any]:
-            texts = [row[text_column] for row in rows]
-            return tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-
-    else:
-        inputs = [column for column in columns if column in accepted]
-        if not inputs:
-            raise ValueError(
-                f"the dataset has no column the model takes as input (columns: {columns}): tokenize it first, "
-                "or pass text_column=... and tokenizer=..."
-            )
-        base = collator or (DataCollatorWithPadding(tokenizer) if tokenizer is not None else default_data_collator)
-
-        def to_inputs(rows: list[dict]) -> Mapping[str, Any]:
-            return base([{key: row[key] for key in inputs} for row in rows])
+    to_inputs = _input_builder(columns, accepted, text_column, tokenizer, collator)
 
     def collate(rows: list[dict]) -> tuple[dict[str, Any], torch.Tensor]:
         batch = {key: value for key, value in to_inputs(rows).items() if key in accepted}
@@ -254,6 +234,42 @@ def evaluate_classification(
             unsorted_references[index] = references[position]
         predictions, references = unsorted_predictions, unsorted_references
 
+    return _compute_metrics(metrics, metric_kwargs, predictions, references)
+
+
+def _input_builder(
+    columns: list[str], accepted: set[str], text_column: str | None, tokenizer, collator
+) -> Callable[[list[dict]], Mapping[str, Any]]:
+    """How a list of rows becomes model inputs: raw text tokenized batch by batch, or the input columns collated."""
+    if text_column is not None:
+        if tokenizer is None:
+            raise ValueError(f"text_column={text_column!r} needs the model's tokenizer: pass tokenizer=...")
+        if text_column not in columns:
+            raise ValueError(f"text_column={text_column!r} is not a dataset column; the columns are {columns}")
+
+        def to_inputs(rows: list[dict]) -> Mapping[str, Any]:
+            texts = [row[text_column] for row in rows]
+            return tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+
+        return to_inputs
+
+    inputs = [column for column in columns if column in accepted]
+    if not inputs:
+        raise ValueError(
+            f"the dataset has no column the model takes as input (columns: {columns}): tokenize it first, "
+            "or pass text_column=... and tokenizer=..."
+        )
+    base = collator or (DataCollatorWithPadding(tokenizer) if tokenizer is not None else default_data_collator)
+
+    def collate_inputs(rows: list[dict]) -> Mapping[str, Any]:
+        return base([{key: row[key] for key in inputs} for row in rows])
+
+    return collate_inputs
+
+
+def _compute_metrics(metrics: list, metric_kwargs: Mapping[str, Mapping[str, Any]], predictions: list[int],
+                     references: list[int]) -> dict[str, float]:
+    """Every metric's results, merged into one dict; two metrics returning the same key are refused."""
     results: dict[str, float] = {}
     for module in metrics:
         scores = module.compute(predictions=predictions, references=references, **metric_kwargs.get(module.name, {}))

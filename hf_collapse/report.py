@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .layers import check_layer_indices
@@ -349,10 +349,12 @@ class CollapseReport:
     report = report.updated(metric_before=0.81)  # a new report, checked again
     ```
 
-    Each keyword is a field of one section, documented there: [`Removal`] (`removed_layers`, `layers_before`,
+    Each flat keyword is a field of one section, documented there: [`Removal`] (`removed_layers`, `layers_before`,
     `num_parameters_before`, `num_parameters_after`, `scores` and `score_method` are required), [`Training`],
-    [`Measurements`] and [`Provenance`] (`base_model` is required). A flat field name also reads as an attribute of
-    the report. Reports are frozen: change one with [`updated`].
+    [`Measurements`] and [`Provenance`] (`base_model` is required). A section may also be given whole (`removal=`,
+    `training=`, `measurements=`, `provenance=`); flat keywords then replace single fields of it. A flat field name
+    also reads as an attribute of the report. Reports are frozen: change one with [`updated`] (or
+    `dataclasses.replace`, which takes the same flat keywords).
 
     Raises:
         `TypeError`: a keyword that is no field of any section, or a required field missing.
@@ -364,12 +366,21 @@ class CollapseReport:
     provenance: Provenance
     training: Training
 
-    def __init__(self, **values: Any):
+    def __init__(
+        self,
+        *,
+        removal: Removal | None = None,
+        measurements: Measurements | None = None,
+        provenance: Provenance | None = None,
+        training: Training | None = None,
+        **values: Any,
+    ):
         unknown = sorted(set(values) - _SECTION_OF.keys())
         if unknown:
             raise TypeError(f"CollapseReport has no field {', '.join(map(repr, unknown))}: see the fields of "
                             f"{', '.join(section.__name__ for section in _SECTIONS.values())}")
-        grouped: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+        given = {"removal": removal, "measurements": measurements, "provenance": provenance, "training": training}
+        grouped = {name: {} if part is None else _section_values(part) for name, part in given.items()}
         for key, value in values.items():
             grouped[_SECTION_OF[key]][key] = value
         for name, section in _SECTIONS.items():
@@ -388,7 +399,7 @@ class CollapseReport:
 
     def updated(self, **changes: Any) -> CollapseReport:
         """A copy with the given flat fields replaced, checked again like a new report."""
-        return CollapseReport(**{**self.flat_fields(), **changes})
+        return replace(self, **changes)
 
     def stacks(self) -> list[StackSummary]:
         """The per-stack view of the removal: one entry for a one-stack model, encoder and decoder otherwise."""
@@ -408,6 +419,10 @@ class CollapseReport:
         values = dict(values)
         values["benchmarks"] = [BenchmarkResult(**b) for b in values.get("benchmarks", [])]
         return cls(**values)
+
+
+def _section_values(section: Removal | Measurements | Provenance | Training) -> dict[str, Any]:
+    return {f.name: getattr(section, f.name) for f in fields(section)}
 
 
 def per_stack(value: Any, what: str) -> dict[str, Any]:

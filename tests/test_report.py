@@ -3,6 +3,7 @@ the report had sections (tests/fixtures/, written by hf-collapse at commit 68d38
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -67,3 +68,14 @@ def test_updated_returns_a_checked_copy_and_reports_are_frozen():
         report.updated(metric=0.5)
     with pytest.raises(AttributeError):
         report.no_such_field
+
+
+def test_a_report_from_whole_sections_and_dataclasses_replace_with_flat_names():
+    removal = Removal(removed_layers=[1], layers_before=4, num_parameters_before=100, num_parameters_after=75,
+                      scores=None, score_method=None)
+    report = CollapseReport(removal=removal, provenance=Provenance(base_model="m"), layers_before=5)
+    assert report.removal.layers_before == 5 and report.removal.removed_layers == [1]  # flat keywords win
+    assert report.training == Training() and report.measurements == Measurements()
+    assert dataclasses.replace(report, license="mit") == report.updated(license="mit")
+    with pytest.raises(ValueError, match="removed_layers"):
+        report.updated(removed_layers=[7])
