@@ -10,13 +10,13 @@ Records, into a JSON file and a section of benchmarks/RESULTS.md labelled with t
 - prefill and per-token decode speed-up of the collapsed model over the full one
   (`hf_collapse.evaluation.compare_latency`, interleaved);
 - inference energy of full and collapsed model over the same generation workload, from the NVML counter
-  (`hf_collapse.energy`, J per 1,000 generated tokens).
+  (`benchmarks/energy.py`, J per 1,000 generated tokens).
 
 The RESULTS.md section sits between `SECTION_BEGIN` / `SECTION_END` markers; only that part of the file is
 replaced, so the rest (the quality studies' tables) stays as it is. Without a CUDA GPU the script refuses.
 
-    python benchmarks/gpu_recipe.py                       # about 5 minutes on an H200, most of it the recipe run
-    python benchmarks/gpu_recipe.py --report-only outputs/gpu_recipe/result.json   # rewrite the section only
+    python -m benchmarks.gpu_recipe                       # about 5 minutes on an H200, most of it the recipe run
+    python -m benchmarks.gpu_recipe --report-only outputs/gpu_recipe/result.json   # rewrite the section only
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def _speed_and_energy(full_path: Path, slim_path: Path, repeats: int, energy_sec
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_collapse import assets
-    from hf_collapse.energy import NvmlCounter, measure_energy
+    from benchmarks.energy import NvmlCounter, measure_energy
     from hf_collapse.evaluation import compare_latency
 
     tokenizer = AutoTokenizer.from_pretrained(full_path)
@@ -249,7 +249,7 @@ def results_section(result: dict) -> str:
         f"## GPU run: SmolLM2 recipe on {result['gpu']}",
         "",
         f"{result['model']}, {result['dtype']}, torch {result['torch']} (CUDA {result['cuda']}); "
-        f"`python benchmarks/gpu_recipe.py`, {result['seconds'] / 60:.1f} min in all. Generated from its JSON.",
+        f"`python -m benchmarks.gpu_recipe`, {result['seconds'] / 60:.1f} min in all. Generated from its JSON.",
         "",
         "| figure | plain Trainer / full model | CollapseTrainer / collapsed model | ratio |",
         "|---|---|---|---|",

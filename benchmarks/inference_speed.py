@@ -30,12 +30,67 @@ from pathlib import Path
 
 import torch
 import transformers
+from torch import nn
 
 from hf_collapse import assets
-from hf_collapse.evaluation import compare_latency, flops_per_token
+from hf_collapse.evaluation import compare_latency
+from hf_collapse.layers import find_layer_stacks, unwrap_model
 from hf_collapse.surgery import collapse_layers
 
 TARGET = 0.95  # measured speed-up / FLOPs ratio the requirement asks for
+
+
+def flops_per_token(model: nn.Module, *, context_length: float = 0.0, output_head: bool = True) -> float:
+    """Analytic forward FLOPs for one token, for comparing a model with its collapsed version.
+
+    `FLOPs = 2 * (W_layers + W_head) + 4 * L * context_length * A`, where `W_layers` counts every weight of the
+    transformer blocks (a token meets each once, as one multiply-add), `W_head` the output projection to the
+    vocabulary (counted even when tied to the input embeddings, since the token is multiplied by it), `L` the
+    number of blocks and `A` the attention width (heads * head dim): the second term is the query-key scores and
+    the weighted sum of values over `context_length` positions. Left out: embedding look-ups, norms and
+    activations (no matrix product), heads applied once per sequence (pooler, classifier), sliding windows.
+    For an encoder-decoder model the blocks of both stacks are counted (one encoder and one decoder token).
+
+    For a causal prefill of `n` tokens the mean context is `(n + 1) / 2`; for decoding at position `p` it is
+    `p + 1`; for a bidirectional encoder over `n` tokens it is `n`. A generation prefill computes the output
+    head for the last position only: count it as `n * flops_per_token(model, context_length=(n + 1) / 2,
+    output_head=False)` plus the head once.
+
+    Args:
+        model (`nn.Module`): a transformers model (wrappers are looked through).
+        context_length (`float`, defaults to 0): the number of positions each token attends to; 0 leaves the
+            attention term out.
+        output_head (`bool`, defaults to `True`): count the output projection (`get_output_embeddings()`).
+
+    Returns:
+        `float`: FLOPs per token.
+
+    Raises:
+        `ValueError`: a mixture-of-experts model (a token meets only some experts' weights), or a negative
+            `context_length`.
+    """
+    if context_length < 0:
+        raise ValueError(f"context_length must be 0 or more, got {context_length}")
+    inner = unwrap_model(model)
+    stacks = find_layer_stacks(inner)
+    for stack in stacks:
+        experts = getattr(stack.config, "num_experts_per_tok", None)
+        if experts:
+            raise ValueError(
+                f"{type(inner).__name__} is a mixture-of-experts model (num_experts_per_tok={experts}): a token "
+                "meets only some experts' weights, which flops_per_token does not model"
+            )
+    weights = sum(p.numel() for stack in stacks for p in stack.layers.parameters())
+    head = inner.get_output_embeddings() if output_head else None
+    if head is not None:
+        weights += head.weight.numel()
+    attention = sum(4 * len(stack) * context_length * _attention_width(stack.config) for stack in stacks)
+    return 2.0 * weights + attention
+
+
+def _attention_width(config) -> int:
+    heads = config.num_attention_heads
+    return heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -8,18 +8,19 @@ score the layers (`score_layers`), choose them (`select_by_tolerance`), delete t
 from importlib.util import find_spec
 
 from .adapters import check_adapter_fits, remap_adapter
-from .card import CollapseReport
 from .config import CollapseConfig, MSWArguments
 from .export import export_collapsed
 from .hub import push_folder
 from .layers import bypass_layers, find_layer_stacks
 from .models import load_model, load_processor, resolve_model
 from .msw import DirectionSearch, max_sliced_wasserstein
-from .scoring import LayerScores, score_layers, select_by_tolerance, select_lowest
 from .post import collapse_model, heal
 from .quantization import merge_dequantized
+from .report import CollapseReport
+from .scoring import LayerScores, score_layers, select_by_tolerance, select_lowest
 from .surgery import CollapseRecord, collapse_layers
 from .trainer import CollapseTrainer, MSWPenaltyMixin
+from .version import __version__
 
 __all__ = [
     "CollapseConfig",
@@ -66,4 +67,3 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-__version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Before/after numbers for a collapsed model: task metric, perplexity, latency and analytic FLOPs.
+"""Before/after numbers for a collapsed model: task metric, perplexity and latency.
 
 * [`load_metric`] loads the `evaluate` metric modules shipped in `hf_collapse/metrics/` (accuracy, F1), which
   work offline: `evaluate.load("accuracy")` would fetch its script from the Hugging Face Hub.
@@ -7,7 +7,6 @@
 * [`perplexity`] is exp of the token-weighted mean negative log-likelihood of a causal LM, computed directly.
 * [`measure_latency`] / [`compare_latency`] time a forward pass, a generation prefill or greedy decoding; the
   comparison interleaves the two models so that a noisy machine slows both alike.
-* [`flops_per_token`] is the analytic cost of one token, whose before/after ratio is the ideal speed-up.
 
 Every function puts the model in eval mode for the run and gives each module its previous mode back after.
 """
@@ -37,14 +36,13 @@ from transformers.utils.logging import (
 )
 
 from .data import right_pad
-from .layers import eval_mode, find_layer_stacks, unwrap_model
+from .layers import eval_mode, unwrap_model
 
 __all__ = [
     "Latency",
     "LatencyComparison",
     "compare_latency",
     "evaluate_classification",
-    "flops_per_token",
     "load_metric",
     "measure_latency",
     "metric_names",
@@ -207,27 +205,7 @@ def evaluate_classification(
     columns = _column_names(dataset)
     label_column = _label_column(columns, label_column)
     accepted = _forward_arguments(model) - {"labels"}
-    if text_column is not None:
-        if tokenizer is None:
-            raise ValueError(f"text_column={text_column!r} needs the model's tokenizer: pass tokenizer=...")
-        if text_column not in columns:
-            raise ValueError(f"text_column={text_column!r} is not a dataset column; the columns are {columns}")
-
-        def to_inputs(rows: list[dict]) -> Mapping[str, Any]:
-            texts = [row[text_column] for row in rows]
-            return tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-
-    else:
-        inputs = [column for column in columns if column in accepted]
-        if not inputs:
-            raise ValueError(
-                f"the dataset has no column the model takes as input (columns: {columns}): tokenize it first, "
-                "or pass text_column=... and tokenizer=..."
-            )
-        base = collator or (DataCollatorWithPadding(tokenizer) if tokenizer is not None else default_data_collator)
-
-        def to_inputs(rows: list[dict]) -> Mapping[str, Any]:
-            return base([{key: row[key] for key in inputs} for row in rows])
+    to_inputs = _input_builder(columns, accepted, text_column, tokenizer, collator)
 
     def collate(rows: list[dict]) -> tuple[dict[str, Any], torch.Tensor]:
         batch = {key: value for key, value in to_inputs(rows).items() if key in accepted}
@@ -254,6 +232,42 @@ def evaluate_classification(
             unsorted_references[index] = references[position]
         predictions, references = unsorted_predictions, unsorted_references
 
+    return _compute_metrics(metrics, metric_kwargs, predictions, references)
+
+
+def _input_builder(
+    columns: list[str], accepted: set[str], text_column: str | None, tokenizer, collator
+) -> Callable[[list[dict]], Mapping[str, Any]]:
+    """How a list of rows becomes model inputs: raw text tokenized batch by batch, or the input columns collated."""
+    if text_column is not None:
+        if tokenizer is None:
+            raise ValueError(f"text_column={text_column!r} needs the model's tokenizer: pass tokenizer=...")
+        if text_column not in columns:
+            raise ValueError(f"text_column={text_column!r} is not a dataset column; the columns are {columns}")
+
+        def to_inputs(rows: list[dict]) -> Mapping[str, Any]:
+            texts = [row[text_column] for row in rows]
+            return tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+
+        return to_inputs
+
+    inputs = [column for column in columns if column in accepted]
+    if not inputs:
+        raise ValueError(
+            f"the dataset has no column the model takes as input (columns: {columns}): tokenize it first, "
+            "or pass text_column=... and tokenizer=..."
+        )
+    base = collator or (DataCollatorWithPadding(tokenizer) if tokenizer is not None else default_data_collator)
+
+    def collate_inputs(rows: list[dict]) -> Mapping[str, Any]:
+        return base([{key: row[key] for key in inputs} for row in rows])
+
+    return collate_inputs
+
+
+def _compute_metrics(metrics: list, metric_kwargs: Mapping[str, Mapping[str, Any]], predictions: list[int],
+                     references: list[int]) -> dict[str, float]:
+    """Every metric's results, merged into one dict; two metrics returning the same key are refused."""
     results: dict[str, float] = {}
     for module in metrics:
         scores = module.compute(predictions=predictions, references=references, **metric_kwargs.get(module.name, {}))
@@ -517,56 +531,3 @@ def compare_latency(
     return LatencyComparison(
         Latency(mode, tuple(times[0]), threads, tokens), Latency(mode, tuple(times[1]), threads, tokens)
     )
-
-
-def flops_per_token(model: nn.Module, *, context_length: float = 0.0, output_head: bool = True) -> float:
-    """Analytic forward FLOPs for one token, for comparing a model with its collapsed version.
-
-    `FLOPs = 2 * (W_layers + W_head) + 4 * L * context_length * A`, where `W_layers` counts every weight of the
-    transformer blocks (a token meets each once, as one multiply-add), `W_head` the output projection to the
-    vocabulary (counted even when tied to the input embeddings, since the token is multiplied by it), `L` the
-    number of blocks and `A` the attention width (heads * head dim): the second term is the query-key scores and
-    the weighted sum of values over `context_length` positions. Left out: embedding look-ups, norms and
-    activations (no matrix product), heads applied once per sequence (pooler, classifier), sliding windows.
-    For an encoder-decoder model the blocks of both stacks are counted (one encoder and one decoder token).
-
-    For a causal prefill of `n` tokens the mean context is `(n + 1) / 2`; for decoding at position `p` it is
-    `p + 1`; for a bidirectional encoder over `n` tokens it is `n`. A generation prefill computes the output
-    head for the last position only: count it as `n * flops_per_token(model, context_length=(n + 1) / 2,
-    output_head=False)` plus the head once.
-
-    Args:
-        model (`nn.Module`): a transformers model (wrappers are looked through).
-        context_length (`float`, defaults to 0): the number of positions each token attends to; 0 leaves the
-            attention term out.
-        output_head (`bool`, defaults to `True`): count the output projection (`get_output_embeddings()`).
-
-    Returns:
-        `float`: FLOPs per token.
-
-    Raises:
-        `ValueError`: a mixture-of-experts model (a token meets only some experts' weights), or a negative
-            `context_length`.
-    """
-    if context_length < 0:
-        raise ValueError(f"context_length must be 0 or more, got {context_length}")
-    inner = unwrap_model(model)
-    stacks = find_layer_stacks(inner)
-    for stack in stacks:
-        experts = getattr(stack.config, "num_experts_per_tok", None)
-        if experts:
-            raise ValueError(
-                f"{type(inner).__name__} is a mixture-of-experts model (num_experts_per_tok={experts}): a token "
-                "meets only some experts' weights, which flops_per_token does not model"
-            )
-    weights = sum(p.numel() for stack in stacks for p in stack.layers.parameters())
-    head = inner.get_output_embeddings() if output_head else None
-    if head is not None:
-        weights += head.weight.numel()
-    attention = sum(4 * len(stack) * context_length * _attention_width(stack.config) for stack in stacks)
-    return 2.0 * weights + attention
-
-
-def _attention_width(config) -> int:
-    heads = config.num_attention_heads
-    return heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)

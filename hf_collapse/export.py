@@ -18,16 +18,16 @@ import re
 import shutil
 import tempfile
 import uuid
-from dataclasses import replace
 from pathlib import Path
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .card import _AUTO_CLASS_BY_PIPELINE_TAG, CollapseReport, recipe_yaml, write_card
+from .card import recipe_yaml, write_card
 from .layers import find_layer_stacks, unwrap_model
 from .models import check_head_trained
 from .quantization import is_quantized, refuse_quantized_export
+from .report import AUTO_CLASS_BY_PIPELINE_TAG, CollapseReport
 from .sbert import read_layout, write_layout
 
 __all__ = ["add_benchmarks", "clear_stale", "export_collapsed"]
@@ -40,7 +40,7 @@ _STAGING_MARKER = ".hf_collapse_staging.json"
 # The report the card was rendered from, so that later measurements (lm-eval) can be added and the card rendered again.
 REPORT_FILE = "collapse_report.json"
 # The pipeline tag of a model by the Auto class it loads with (the first tag of each class in the card's table).
-_PIPELINE_TAG_BY_AUTO_CLASS = {auto: tag for tag, auto in reversed(_AUTO_CLASS_BY_PIPELINE_TAG.items())}
+_PIPELINE_TAG_BY_AUTO_CLASS = {auto: tag for tag, auto in reversed(AUTO_CLASS_BY_PIPELINE_TAG.items())}
 
 
 def export_collapsed(
@@ -159,8 +159,6 @@ def add_benchmarks(folder: str | os.PathLike, benchmarks: list) -> Path:
     Results for a task and metric already in the report replace the old ones. The card (`README.md`), its plot and
     `collapse_report.json` are rewritten; the weights are not touched. Returns the card's path.
     """
-    from .card import write_card
-
     folder = Path(folder)
     saved = folder / REPORT_FILE
     if not saved.is_file():
@@ -171,7 +169,7 @@ def add_benchmarks(folder: str | os.PathLike, benchmarks: list) -> Path:
     stored = json.loads(saved.read_text(encoding="utf-8"))
     report = CollapseReport.from_dict(stored["report"])
     new = {(b.task, b.metric) for b in benchmarks}
-    report = replace(report, benchmarks=[b for b in report.benchmarks if (b.task, b.metric) not in new] + list(benchmarks))
+    report = report.updated(benchmarks=[b for b in report.benchmarks if (b.task, b.metric) not in new] + list(benchmarks))
     processing_class = None
     if (folder / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
@@ -191,8 +189,8 @@ def _sentence_transformers_report(model: nn.Module, report: CollapseReport, layo
                 f"the report's pipeline_tag is {report.pipeline_tag!r} but the model is a bare {type(model).__name__} "
                 "exported with its sentence-transformers pipeline: use 'sentence-similarity' (or leave it unset)"
             )
-        return replace(
-            report, pipeline_tag="sentence-similarity", sentence_transformers_modules=layout.module_names,
+        return report.updated(
+            pipeline_tag="sentence-similarity", sentence_transformers_modules=layout.module_names,
             max_seq_length=layout.max_seq_length,
         )
     note = (
@@ -200,7 +198,7 @@ def _sentence_transformers_report(model: nn.Module, report: CollapseReport, layo
         f"{type(model).__name__} with a trained task head, loaded with transformers. Its sentence-transformers "
         "modules (and their settings) are not part of it."
     )
-    return replace(report, limitations=[*report.limitations, note])
+    return report.updated(limitations=[*report.limitations, note])
 
 
 def _remote_code_report(model: nn.Module, processing_class, report: CollapseReport, staging: Path, source) -> CollapseReport:
@@ -214,7 +212,7 @@ def _remote_code_report(model: nn.Module, processing_class, report: CollapseRepo
     shipped = [obj for obj in (model, getattr(model, "config", None), processing_class)
                if getattr(obj, "_auto_class", None) is not None]
     if not shipped:
-        return replace(report, trust_remote_code=False, remote_code_files=[])
+        return report.updated(trust_remote_code=False, remote_code_files=[])
     modules = set()
     for name in ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json"):
         path = staging / name
@@ -238,7 +236,7 @@ def _remote_code_report(model: nn.Module, processing_class, report: CollapseRepo
     files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*.py"))
     # the card's loading snippet must use an Auto class the code registers (AutoModel may not be one of them)
     tag = report.pipeline_tag or _PIPELINE_TAG_BY_AUTO_CLASS.get(getattr(model, "_auto_class", None))
-    return replace(report, trust_remote_code=True, remote_code_files=files, pipeline_tag=tag)
+    return report.updated(trust_remote_code=True, remote_code_files=files, pipeline_tag=tag)
 
 
 def _check_plain_model(model: nn.Module) -> None:

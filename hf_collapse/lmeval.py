@@ -14,7 +14,7 @@ import importlib.metadata
 import os
 from pathlib import Path
 
-from .card import BenchmarkResult
+from .report import BenchmarkResult
 
 __all__ = ["LmEvalError", "benchmark_results", "check_lm_eval_tasks", "compare_lm_eval", "run_lm_eval", "sample_limit"]
 

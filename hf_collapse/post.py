@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from .card import CollapseReport
+from .report import CollapseReport
 from .config import MSWArguments
 from .choice import LayerChoice, greedy_bypass
 from .layers import eval_mode, find_layer_stacks, unwrap_model

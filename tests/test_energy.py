@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_collapse.energy import EnergyReading, NvmlCounter, RaplCounter, find_counter, measure_energy
+from benchmarks.energy import EnergyReading, NvmlCounter, RaplCounter, find_counter, measure_energy
 
 
 def make_zone(root: Path, name: str, energy_uj: int, max_range: int = 1_000_000) -> Path:
@@ -102,7 +102,7 @@ def test_nvml_without_an_energy_counter_is_not_measured():
 
 
 def test_measure_energy_without_a_counter_returns_the_result_and_no_number(monkeypatch, tmp_path):
-    import hf_collapse.energy as energy
+    import benchmarks.energy as energy
 
     monkeypatch.setattr(energy, "POWERCAP_ROOT", tmp_path)  # a machine without RAPL, like this CPU
     value, reading = measure_energy(lambda: 42, samples=10, device="cpu")

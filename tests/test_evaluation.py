@@ -29,13 +29,14 @@ from hf_collapse.evaluation import (
     METRICS_DIR,
     compare_latency,
     evaluate_classification,
-    flops_per_token,
     load_metric,
     measure_latency,
     metric_names,
     perplexity,
 )
 from hf_collapse.surgery import collapse_layers
+
+from benchmarks.inference_speed import flops_per_token
 
 NUM_LABELS = 3
 WORDS = [f"w{i}" for i in range(40)]

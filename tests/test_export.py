@@ -30,7 +30,8 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaCo
 
 import hf_collapse
 from hf_collapse import export as export_module
-from hf_collapse.card import CollapseReport, render_card, template_path
+from hf_collapse.card import render_card, template_path
+from hf_collapse.report import CollapseReport
 from hf_collapse.export import export_collapsed
 from hf_collapse.hub import PushError, push_folder, upload_plan
 from hf_collapse.layers import bypass_layers

@@ -10,7 +10,8 @@ from huggingface_hub import ModelCard
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from hf_collapse.assets import shakespeare_works, smollm2_path
-from hf_collapse.card import BenchmarkResult, CollapseReport, render_card
+from hf_collapse.card import render_card
+from hf_collapse.report import BenchmarkResult, CollapseReport
 from hf_collapse.cli import main
 
 TASK_YAML = """\

@@ -147,7 +147,8 @@ def qlora_recipe(tmp_path, source, **fields):
 def test_a_qlora_recipe_exports_the_collapsed_dequantised_merge(tmp_path, lm_source, bits, fields, described):
     from transformers import AutoTokenizer
 
-    from hf_collapse.card import CollapseReport, render_card
+    from hf_collapse.card import render_card
+    from hf_collapse.report import CollapseReport
     from hf_collapse.quantization import quantization_config
     from hf_collapse.pipeline import run_recipe
 
@@ -195,7 +196,8 @@ def test_a_qlora_recipe_exports_the_collapsed_dequantised_merge(tmp_path, lm_sou
 
 
 def test_a_report_without_the_qlora_fields_still_loads_and_they_go_together():
-    from hf_collapse.card import CollapseReport, render_card
+    from hf_collapse.card import render_card
+    from hf_collapse.report import CollapseReport
 
     values = dict(base_model="m", removed_layers=[1], layers_before=4, num_parameters_before=10, num_parameters_after=8,
                   scores=None, score_method=None)

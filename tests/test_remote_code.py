@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from hf_collapse.card import CollapseReport
+from hf_collapse.report import CollapseReport
 from hf_collapse.cli import EXIT_REFUSED, main
 from hf_collapse.layers import bypass_layers
 
@@ -162,7 +162,7 @@ def test_the_card_and_the_report_say_the_model_needs_its_code(collapsed):
 
 
 def test_lm_eval_results_are_added_to_a_remote_code_export_without_running_code_implicitly(collapsed):
-    from hf_collapse.card import BenchmarkResult
+    from hf_collapse.report import BenchmarkResult
     from hf_collapse.export import add_benchmarks
 
     card = add_benchmarks(collapsed["out"], [BenchmarkResult("hellaswag", "acc_norm", 0.3, 0.29)])

@@ -16,7 +16,7 @@ from sentence_transformers import SentenceTransformer
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
 
 from hf_collapse.assets import minilm_path
-from hf_collapse.card import CollapseReport
+from hf_collapse.report import CollapseReport
 from hf_collapse.cli import main
 from hf_collapse.export import export_collapsed
 from hf_collapse.layers import bypass_layers

@@ -18,10 +18,10 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 import hf_collapse
 from hf_collapse import assets
 from hf_collapse.data import load_task_data
-from hf_collapse.energy import measure_energy
 from hf_collapse.evaluation import evaluate_classification, perplexity
 from hf_collapse.recipe import RecipeArguments
 
+from benchmarks.energy import measure_energy
 from .studies import Study
 
 __all__ = ["Context", "Selection"]

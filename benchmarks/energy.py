@@ -1,4 +1,4 @@
-"""Inference energy read from a hardware counter, or "not measured" — never an estimate.
+"""Inference energy read from a hardware counter, or "not measured" — never an estimate (for the benchmarks).
 
 Two counters are read, both cumulative energy totals kept by the hardware:
 
