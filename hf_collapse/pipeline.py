@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -389,8 +388,8 @@ class RecipeRun:
         # for a causal LM the task metric is the perplexity itself
         perplexity = (report.metric_before, self.metric_after) if recipe.task == "causal-lm" else (None, None)
         lora = getattr(self.task, "lora", None) is not None
-        self.report = report = dataclasses.replace(
-            report, metric_after=self.metric_after, perplexity_before=perplexity[0], perplexity_after=perplexity[1],
+        self.report = report = report.updated(
+            metric_after=self.metric_after, perplexity_before=perplexity[0], perplexity_after=perplexity[1],
             datasets=list(self.data.dataset_ids), eval_dataset=recipe.dataset_name, eval_split=self.eval_split,
             selection_split=self.selection_split if (self.targeted or self.config.collapse_layers is None) else None,
             license=self.resolved.license,
