@@ -12,12 +12,13 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import set_seed
 
-from .config import CollapseConfig, steps_of
+from .config import CollapseConfig
 from .data import TaskData, load_task_data
 from .adapters import merge_dequantized
 from .models import PIPELINE_TAGS, check_head_trained, describe_quantization, load_model, load_processor, resolve_model
 from .recipe import RecipeArguments, RecipeError
 from .post import collapse_model, heal, selection_sentence
+from .schedule import TargetChoice
 from .trainer import CollapseTrainer
 
 __all__ = ["RunSummary", "preflight", "run_recipe", "task_evaluator"]
@@ -93,39 +94,14 @@ def choice_and_report_rows(data: TaskData, recipe: RecipeArguments):
     return halves["train"], halves["test"], f"{recipe.eval_split} (half A)", f"{recipe.eval_split} (half B)"
 
 
-def _target_clause(start: dict) -> str:
-    rule = _choice_rule(start)
-    return rule if start["choice"] == "given" else f"chosen {rule}"
-
-
-def _choice_rule(start: dict) -> str:
-    """How and when the targets were chosen, from the first entry of the trainer's schedule."""
-    if start["choice"] == "given":
-        return f"named in the recipe, targeted from step {start['step']}"
-    when = "at step 0, on the pretrained model" if start["step"] == 0 else f"at step {start['step']}"
-    if start["choice"] == "measured":
-        return f"by measured bypass cost {when}"
-    return f"as the lowest {start['score']} scores {when}"
+def _target_clause(start: TargetChoice) -> str:
+    return start.clause()
 
 
 def _training_fields(config: CollapseConfig, trainer: CollapseTrainer, heal_steps: int, lora: bool) -> dict:
     """What the card records of the training method: targets and their choice, λ as applied, fade, distillation, healing."""
-    fields = {"training_steps": trainer.state.global_step}
-    if heal_steps:
-        fields.update(healing_steps=heal_steps, healing_lora=lora)
-    if not config.has_target or not trainer.msw_schedule:
-        return fields
-    start = trainer.msw_schedule[0]
-    fields.update(
-        target_layers=list(trainer.collapse_targets),
-        target_choice=_choice_rule(start),
-        penalty_schedule=[(entry["step"], entry["weight"]) for entry in trainer.msw_schedule],
-    )
-    if config.fade_steps:
-        fields["fade_window"] = (start["step"], start["step"] + steps_of(config.fade_steps, trainer.state.max_steps))
-    if config.distill_weight:
-        fields.update(distillation_weight=config.distill_weight, distillation_temperature=config.distill_temperature)
-    return fields
+    record = dataclasses.replace(trainer.training_record(), healing_steps=heal_steps, healing_lora=lora)
+    return record.to_report_fields()
 
 
 def _first_batch(data: TaskData, batch_size: int, device) -> dict:
@@ -204,7 +180,7 @@ def preflight(recipe: RecipeArguments, config: CollapseConfig, *, train: bool = 
     from transformers import AutoConfig
 
     from .models import remote_code_refused
-    from .trainer import resolve_resume
+    from .checkpoints import resolve_resume
 
     name = recipe.model_name_or_path
     resolved = resolve_model(name)
