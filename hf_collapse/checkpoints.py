@@ -20,7 +20,10 @@ from transformers.utils import logging
 
 from .config import MSWArguments
 
-__all__ = ["PenaltyState", "latest_checkpoint", "load_penalty_state", "load_teacher", "resolve_resume", "save_penalty_state"]
+__all__ = [
+    "PenaltyState", "latest_checkpoint", "load_penalty_state", "load_teacher", "penalty_settings", "resolve_resume",
+    "save_penalty_state",
+]
 
 logger = logging.get_logger(__name__)
 
@@ -31,7 +34,7 @@ TRAINER_STATE_FILE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def checkpoint_problem(folder: Path) -> str | None:
+def _checkpoint_problem(folder: Path) -> str | None:
     """Why ``folder`` cannot be resumed from (None when it can)."""
     if not folder.is_dir():
         return "it is not a folder"
@@ -57,7 +60,7 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path:
     )
     skipped = []
     for _, path in reversed(found):
-        problem = checkpoint_problem(path)
+        problem = _checkpoint_problem(path)
         if problem is None:
             if skipped:
                 logger.warning(f"resuming from {path.name}; skipped incomplete {', '.join(skipped)}")
@@ -81,7 +84,7 @@ def resolve_resume(value: str | bool | None, output_dir: str | os.PathLike) -> P
     if value is True or (isinstance(value, str) and value.strip().lower() in ("true", "yes", "latest")):
         return latest_checkpoint(output_dir)
     path = Path(value)
-    problem = checkpoint_problem(path)
+    problem = _checkpoint_problem(path)
     if problem is not None:
         raise FileNotFoundError(
             f"cannot resume from {path}: {problem}. Name a checkpoint-N folder written by hf-collapse, or "

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from .config import MSWArguments, steps_of
 
-__all__ = ["Adaptation", "ScheduleEntry", "TargetChoice", "TargetSchedule", "TrainingRecord"]
+__all__ = ["Adaptation", "ScheduleEntry", "TargetChoice", "TargetSchedule", "TrainingRecord", "entry_from_dict"]
 
 # bypass_loss(layers, fade): the task loss on evaluation rows with `layers` bypassed (and the current fade, if asked)
 BypassLoss = Callable[[list[int], bool], float]
