@@ -29,6 +29,7 @@ __all__ = [
     "eval_mode",
     "find_layer_stacks",
     "resolve_layer_selection",
+    "scale_residual_updates",
     "unwrap_model",
 ]
 
@@ -374,18 +375,30 @@ def bypass_layers(model: nn.Module, layers: Sequence[int] | dict[str, Sequence[i
     """
     stacks = find_layer_stacks(model)
     selection = resolve_layer_selection(stacks, layers)
+    modules = [stack.layers[index] for stack in stacks for index in selection.get(stack.name, [])]
+    with scale_residual_updates(modules, 0.0):
+        yield
+
+
+@contextlib.contextmanager
+def scale_residual_updates(layers: Sequence[nn.Module], alpha: float) -> Iterator[None]:
+    """Inside the block, each of ``layers`` returns `input + alpha · (output − input)`: it keeps the fraction
+    ``alpha`` of its residual update.
+
+    At `alpha == 0` a layer returns its input itself (exactly the model without it, see [`bypass_layers`]); a
+    layer that returns a tuple keeps its other outputs.
+    """
 
     def hook(module, args, kwargs, output):
         hidden_in = args[0] if args else kwargs["hidden_states"]
-        if isinstance(output, torch.Tensor):
-            return hidden_in
-        return (hidden_in, *output[1:])
+        if alpha == 0.0:
+            scaled = hidden_in
+        else:
+            hidden_out = output if isinstance(output, torch.Tensor) else output[0]
+            scaled = hidden_in + alpha * (hidden_out - hidden_in)
+        return scaled if isinstance(output, torch.Tensor) else (scaled, *output[1:])
 
-    handles = [
-        stack.layers[index].register_forward_hook(hook, with_kwargs=True)
-        for stack in stacks
-        for index in selection.get(stack.name, [])
-    ]
+    handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in layers]
     try:
         yield
     finally:

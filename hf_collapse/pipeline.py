@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, set_seed
 
-from .config import CollapseConfig, steps_of
+from .checkpoints import resolve_resume
+from .config import CollapseConfig
 from .evaluation import compare_latency
 from .export import export_collapsed
 from .hub import take_hub_push
@@ -19,7 +21,6 @@ from .post import collapse_model, heal, selection_sentence
 from .recipe import RecipeArguments, RecipeError, layer_choice
 from .sentence_recipe import SentenceEmbeddingTask, check_sentence_recipe
 from .tasks import TaskStrategy, TransformersTask, choice_and_report_rows
-from .trainer import CollapseTrainer, resolve_resume
 
 __all__ = ["RecipeRun", "RunSummary", "latency_setup", "preflight", "run_recipe", "timed_pair"]
 
@@ -72,41 +73,6 @@ class RunSummary:
         if self.export_dir is not None:
             lines.append(f"output: {self.export_dir}")
         return "\n".join(lines)
-
-
-def _target_clause(start: dict) -> str:
-    rule = _choice_rule(start)
-    return rule if start["choice"] == "given" else f"chosen {rule}"
-
-
-def _choice_rule(start: dict) -> str:
-    """How and when the targets were chosen, from the first entry of the trainer's schedule."""
-    if start["choice"] == "given":
-        return f"named in the recipe, targeted from step {start['step']}"
-    when = "at step 0, on the pretrained model" if start["step"] == 0 else f"at step {start['step']}"
-    if start["choice"] == "measured":
-        return f"by measured bypass cost {when}"
-    return f"as the lowest {start['score']} scores {when}"
-
-
-def _training_fields(config: CollapseConfig, trainer: CollapseTrainer, heal_steps: int, lora: bool) -> dict:
-    """What the card records of the training method: targets and their choice, λ as applied, fade, distillation, healing."""
-    fields = {"training_steps": trainer.state.global_step}
-    if heal_steps:
-        fields.update(healing_steps=heal_steps, healing_lora=lora)
-    if not config.has_target or not trainer.msw_schedule:
-        return fields
-    start = trainer.msw_schedule[0]
-    fields.update(
-        target_layers=list(trainer.collapse_targets),
-        target_choice=_choice_rule(start),
-        penalty_schedule=[(entry["step"], entry["weight"]) for entry in trainer.msw_schedule],
-    )
-    if config.fade_steps:
-        fields["fade_window"] = (start["step"], start["step"] + steps_of(config.fade_steps, trainer.state.max_steps))
-    if config.distill_weight:
-        fields.update(distillation_weight=config.distill_weight, distillation_temperature=config.distill_temperature)
-    return fields
 
 
 def latency_setup(comparison, batch: dict, model: torch.nn.Module) -> str:
@@ -354,7 +320,7 @@ class RecipeRun:
             score_method=recipe.collapse_score_method, choose_on=task.evaluator(self, choice_rows),
             evaluate=self.evaluate, metric_name=task.metric_name, higher_is_better=task.higher_is_better,
             base_model=self.resolved.base_model,
-            selection=selection_sentence(targeted=_target_clause(self.trainer.msw_schedule[0])) if self.targeted else None,
+            selection=selection_sentence(targeted=self.trainer.msw_schedule[0].clause()) if self.targeted else None,
             log=self.stage,
         )
         self.metric_after = self.report.metric_after
@@ -382,6 +348,11 @@ class RecipeRun:
             self.latency, self.speedup = timed_pair(self.full, self.model, self.task.latency_batch(self), recipe.latency_repeats)
             self.full = None
 
+    def training_fields(self, lora: bool) -> dict:
+        """What the card records of the training method: the trainer's own record, with the healing after it."""
+        record = self.trainer.training_record()
+        return dataclasses.replace(record, healing_steps=self.heal_steps, healing_lora=lora).to_report_fields()
+
     def export(self) -> RunSummary:
         """The report completed, the export folder written (and pushed when asked); the closing summary."""
         recipe, report = self.recipe, self.report
@@ -393,7 +364,7 @@ class RecipeRun:
             datasets=list(self.data.dataset_ids), eval_dataset=recipe.dataset_name, eval_split=self.eval_split,
             selection_split=self.selection_split if (self.targeted or self.config.collapse_layers is None) else None,
             license=self.resolved.license,
-            **(_training_fields(self.config, self.trainer, self.heal_steps, lora) if self.training else {}),
+            **(self.training_fields(lora) if self.training else {}),
             recipe=self.resolved_recipe if self.training else None, healed=self.heal_steps > 0,
             benchmarks=list(report.benchmarks) + self.benchmarks, limitations=list(self.resolved.limitations),
             **self.task.report_fields(self), **self.latency,

@@ -3,105 +3,44 @@
 The mixin adds, to whatever loss the trainer computes:
 
 - the per-layer Max-Sliced Wasserstein penalty, read from forward hooks on the layer modules;
-- with a target depth, the targeting schedule: choose the layers to remove (measured bypass cost or score),
-  penalise only them with an adaptive λ, fade their residual update to zero, distil from a frozen teacher.
+- with a target depth, the targeting schedule ([`TargetSchedule`]): choose the layers to remove (measured bypass
+  cost or score), penalise only them with an adaptive λ, fade their residual update to zero, distil from a frozen
+  teacher. The schedule decides; the mixin measures (bypass losses on evaluation rows) and applies its answers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
-import json
 import math
 import os
-import re
-import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from accelerate.utils import broadcast_object_list
+from huggingface_hub import ModelCard
 from torch.utils.data import Subset
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .config import CollapseConfig, MSWArguments, steps_of
-from .layers import LayerCapture, LayerStack, bypass_layers, eval_mode, find_layer_stacks, resolve_layer_selection, unwrap_model
+from .quantization import disable_cpu_repacking
+from .checkpoints import PenaltyState, load_penalty_state, load_teacher, penalty_settings, resolve_resume, save_penalty_state
+from .config import CollapseConfig, MSWArguments
+from .distillation import check_teacher, distillation_loss
+from .layers import (
+    LayerCapture, LayerStack, bypass_layers, eval_mode, find_layer_stacks, resolve_layer_selection, scale_residual_updates,
+    unwrap_model,
+)
 from .msw import DirectionSearch, max_sliced_wasserstein
+from .schedule import ScheduleEntry, TargetSchedule, TrainingRecord
 from .scoring import score_layers, select_lowest
 
-__all__ = ["CollapseTrainer", "MSWPenaltyMixin", "latest_checkpoint"]
+__all__ = ["CollapseTrainer", "MSWPenaltyMixin"]
 
 logger = logging.get_logger(__name__)
-
-# Written into every checkpoint folder next to the Trainer's own files, before them: a checkpoint whose
-# trainer_state.json exists therefore also has the penalty state (see `latest_checkpoint`).
-PENALTY_STATE_FILE = "hf_collapse_state.json"
-PENALTY_TENSORS_FILE = "hf_collapse_state.safetensors"
-TEACHER_FILE = "hf_collapse_teacher.safetensors"
-_TRAINER_STATE_FILE = "trainer_state.json"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def _checkpoint_problem(folder: Path) -> str | None:
-    """Why ``folder`` cannot be resumed from (None when it can)."""
-    if not folder.is_dir():
-        return "it is not a folder"
-    missing = [name for name in (_TRAINER_STATE_FILE, PENALTY_STATE_FILE) if not (folder / name).is_file()]
-    if missing:
-        return f"it has no {' and no '.join(missing)} (a checkpoint interrupted while being written, or not written by an hf-collapse trainer)"
-    return None
-
-
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path:
-    """The highest-numbered *complete* `checkpoint-N` folder in ``output_dir``.
-
-    A checkpoint that a killed run left half-written (no `trainer_state.json` or no penalty state) is skipped
-    with a warning, where `transformers.trainer_utils.get_last_checkpoint` would pick it and fail.
-
-    Raises:
-        `FileNotFoundError`: no complete checkpoint in ``output_dir`` (the message lists the incomplete ones).
-    """
-    folder = Path(output_dir)
-    found = sorted(
-        (int(m.group(1)), path) for path in (folder.iterdir() if folder.is_dir() else [])
-        if (m := _CHECKPOINT.match(path.name)) and path.is_dir()
-    )
-    skipped = []
-    for _, path in reversed(found):
-        problem = _checkpoint_problem(path)
-        if problem is None:
-            if skipped:
-                logger.warning(f"resuming from {path.name}; skipped incomplete {', '.join(skipped)}")
-            return path
-        skipped.append(path.name)
-    detail = f" (incomplete: {', '.join(skipped)})" if skipped else ""
-    raise FileNotFoundError(
-        f"resume_from_checkpoint: true, but {folder} has no complete checkpoint-N folder{detail}: train without "
-        "resume_from_checkpoint, or name a checkpoint folder"
-    )
-
-
-def resolve_resume(value: str | bool | None, output_dir: str | os.PathLike) -> Path | None:
-    """`resume_from_checkpoint` as given (`True`/"true"/"latest", a folder, or nothing) -> the checkpoint folder.
-
-    Raises:
-        `FileNotFoundError`: no complete checkpoint where it says.
-    """
-    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in ("", "false", "no")):
-        return None
-    if value is True or (isinstance(value, str) and value.strip().lower() in ("true", "yes", "latest")):
-        return latest_checkpoint(output_dir)
-    path = Path(value)
-    problem = _checkpoint_problem(path)
-    if problem is not None:
-        raise FileNotFoundError(
-            f"cannot resume from {path}: {problem}. Name a checkpoint-N folder written by hf-collapse, or "
-            "resume_from_checkpoint: true for the latest complete one in output_dir"
-        )
-    return path
 
 
 class MSWPenaltyMixin:
@@ -128,7 +67,8 @@ class MSWPenaltyMixin:
     penalised before), λ adapts to
     their measured bypass cost (`msw_adaptive`), their residual update fades to zero (`fade_steps`), and a
     frozen teacher (the model at that step, or `teacher_model`) is distilled into the student
-    (`distill_weight`). `collapse_targets` and `msw_schedule` record what was applied.
+    (`distill_weight`). `collapse_targets` and `msw_schedule` record what was applied, `target_schedule` holds the
+    schedule's state and [`training_record`] sums it up.
 
     Logged through the trainer's normal logging, averaged over the logging window and across processes:
     `msw/layer_<i>` (every layer), `msw/mean`, `msw/weight` (λ), `msw/penalty` (λ · mean, added to the loss),
@@ -144,24 +84,26 @@ class MSWPenaltyMixin:
     _msw_tag_names = ("hf-collapse", "lacoot")
 
     def __init__(self, *args, teacher_model: torch.nn.Module | None = None, **kwargs):
-        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if not isinstance(training_args, MSWArguments):
-            got = "no args" if training_args is None else type(training_args).__name__
-            raise TypeError(
-                f"{type(self).__name__} needs training arguments with the msw_* fields (a subclass of "
-                f"hf_collapse.MSWArguments and TrainingArguments, such as CollapseConfig), got {got}"
-            )
+        _check_training_arguments(type(self).__name__, kwargs.get("args", args[1] if len(args) > 1 else None))
         super().__init__(*args, **kwargs)
         if self.args.n_gpu > 1:
             raise ValueError(
                 f"{type(self).__name__} does not support torch.nn.DataParallel (several GPUs in one process): "
                 "launch one process per GPU with `accelerate launch` or `torchrun` instead"
             )
-        from .quantization import disable_cpu_repacking
-
         # a 4-bit model on CPU must keep its trainable layout through evaluations and measured choices (see there)
         if disable_cpu_repacking(self.model):
             logger.info("bitsandbytes' CPU repacking of 4-bit layers is off: gradients keep flowing after evaluations")
+        self._init_penalty_state()
+        self.target_schedule = TargetSchedule.from_arguments(self.args)
+        self.teacher_model = teacher_model
+        stacks = self._layer_capture().stacks  # fail early on a model without a recognisable stack or bad layers
+        if self.args.has_target:
+            self._check_target_request(stacks)
+            self._check_choice_rows()
+        self._init_teacher(teacher_model)
+
+    def _init_penalty_state(self) -> None:
         args = self.args
         self._search = DirectionSearch(
             num_projections=args.msw_num_projections,
@@ -179,30 +121,24 @@ class MSWPenaltyMixin:
         self._layers_seen = 0  # layer passes of the current compute_loss, with or without real tokens
         self._recording_training = False
         self._teacher_taken = False  # the teacher is a copy taken at the target choice (saved in checkpoints)
-        # target-depth state; collapse_targets is given or chosen when targeting starts
-        self.collapse_targets: list[int] | None = list(args.collapse_layers) if args.collapse_layers else None
-        self.msw_schedule: list[dict] = []
-        self._target_weight = args.msw_weight
-        self._target_start: int | None = None
-        self._reference_loss: float | None = None
-        self._prepared_step = -1
-        self.teacher_model = teacher_model
-        stacks = self._layer_capture().stacks  # fail early on a model without a recognisable stack or bad layers
-        if args.has_target:
-            self._check_target_request(stacks)
-            # choosing the targets (by cost or by score) and adapting λ both read evaluation rows
-            if (self.collapse_targets is None or args.msw_adaptive) and self.eval_dataset is None:
-                what = "msw_adaptive=True" if self.collapse_targets else f"choosing targets (target_choice={args.target_choice!r})"
-                raise ValueError(
-                    f"{what} measures the model on evaluation rows: pass eval_dataset (validation data) to the trainer, "
-                    "or give collapse_layers with msw_adaptive: false"
-                )
+
+    def _check_choice_rows(self) -> None:
+        args = self.args
+        # choosing the targets (by cost or by score) and adapting λ both read evaluation rows
+        if (self.collapse_targets is None or args.msw_adaptive) and self.eval_dataset is None:
+            what = "msw_adaptive=True" if self.collapse_targets else f"choosing targets (target_choice={args.target_choice!r})"
+            raise ValueError(
+                f"{what} measures the model on evaluation rows: pass eval_dataset (validation data) to the trainer, "
+                "or give collapse_layers with msw_adaptive: false"
+            )
+
+    def _init_teacher(self, teacher_model: torch.nn.Module | None) -> None:
         if teacher_model is not None:
-            _check_teacher(unwrap_model(self.model), unwrap_model(teacher_model))
+            check_teacher(unwrap_model(self.model), unwrap_model(teacher_model))
             teacher_model.eval().requires_grad_(False)
             if getattr(teacher_model, "hf_device_map", None) is None:  # Trainer moves the student, not the teacher
                 teacher_model.to(self.args.device)
-        elif args.distill_weight > 0 and not args.has_target:
+        elif self.args.distill_weight > 0 and not self.args.has_target:
             raise ValueError(
                 "distill_weight > 0 without a target depth distils from a given teacher: pass teacher_model= (for "
                 "example the full-depth model), or set collapse_num_layers to distil from the model at the target choice"
@@ -287,38 +223,41 @@ class MSWPenaltyMixin:
         return {stack.mask_key: inputs.get(key)}
 
     # ----------------------------------------------------------------------------------------------
-    # schedule: λ, targets, fade
+    # schedule: the mixin measures, `target_schedule` decides (λ, targets, fade)
+
+    @property
+    def collapse_targets(self) -> list[int] | None:
+        """The 0-based layers targeted (given, or chosen when targeting starts; None before a choice)."""
+        return self.target_schedule.targets
+
+    @collapse_targets.setter
+    def collapse_targets(self, targets: list[int] | None) -> None:
+        self.target_schedule.targets = targets
+
+    @property
+    def msw_schedule(self) -> list[ScheduleEntry]:
+        """What the schedule applied: the target choice, then each adaptation of λ."""
+        return self.target_schedule.entries
 
     @property
     def targeting(self) -> bool:
         """Whether the target phase has begun (targets known and penalised)."""
-        return self._target_start is not None
+        return self.target_schedule.targeting
 
     def _penalised_keys(self) -> set[str]:
         if not self.args.has_target:
             return self._regularised
-        if not self.targeting or self.fade_alpha() == 0.0:
-            return set()  # nothing targeted yet, or the targets are faded out (they no longer act)
         (stack,) = self._capture.stacks
-        return {stack.key(i) for i in self.collapse_targets}
+        # nothing targeted yet, or the targets are faded out (they no longer act)
+        return {stack.key(i) for i in self.target_schedule.acting_targets(self.state.global_step, self.state.max_steps)}
 
     def current_msw_weight(self) -> float:
         """λ at the current optimizer step (warm-up ramp included; 0 before targeting starts)."""
-        warmup, step = self.args.msw_warmup_steps, self.state.global_step
-        if self.args.has_target:
-            if not self.targeting:
-                return 0.0
-            weight, step = self._target_weight, step - self._target_start
-        else:
-            weight = self.args.msw_weight
-        return weight if warmup == 0 else weight * min(1.0, step / warmup)
+        return self.target_schedule.current_weight(self.state.global_step)
 
     def fade_alpha(self) -> float:
         """How much of the targets' residual update is kept now: 1 before the fade, 0 once it is over."""
-        if not (self.targeting and self.args.fade_steps):
-            return 1.0
-        length = steps_of(self.args.fade_steps, self.state.max_steps)
-        return max(0.0, 1.0 - (self.state.global_step - self._target_start) / length)
+        return self.target_schedule.fade_alpha(self.state.global_step, self.state.max_steps)
 
     @contextlib.contextmanager
     def _fade(self) -> Iterator[None]:
@@ -327,24 +266,12 @@ class MSWPenaltyMixin:
             yield
             return
         (stack,) = self._capture.stacks
-
-        def hook(module, args, kwargs, output):
-            hidden_in = args[0] if args else kwargs["hidden_states"]
-            hidden_out = output if isinstance(output, torch.Tensor) else output[0]
-            # alpha 0 returns the input itself: the faded model is then exactly the one without the layer
-            faded = hidden_in if alpha == 0.0 else hidden_in + alpha * (hidden_out - hidden_in)
-            return faded if isinstance(output, torch.Tensor) else (faded, *output[1:])
-
-        handles = [stack.layers[i].register_forward_hook(hook, with_kwargs=True) for i in self.collapse_targets]
-        try:
+        # alpha 0 returns the input itself: the faded model is then exactly the one without the layers
+        with scale_residual_updates([stack.layers[i] for i in self.collapse_targets], alpha):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def training_step(self, *args, **kwargs):
-        if self.args.has_target and self.state.global_step != self._prepared_step:
-            self._prepared_step = self.state.global_step  # once per optimizer step, not per micro-batch
+        if self.args.has_target and self.target_schedule.prepare(self.state.global_step):
             self._advance_schedule(args[0] if args else kwargs["model"])
         return super().training_step(*args, **kwargs)
 
@@ -352,52 +279,38 @@ class MSWPenaltyMixin:
         step, total = self.state.global_step, self.state.max_steps
         if not self.targeting:
             self.args.check_schedule(total)
-            if step >= steps_of(self.args.target_choice_steps, total):
+            if self.target_schedule.choice_due(step, total):
                 self._start_targeting(model, step)
-            return
-        since = step - self._target_start
-        if self.args.msw_adaptive and self._target_weight > 0 and since > 0 and since % self.args.msw_adapt_steps == 0:
-            if self.fade_alpha() > 0:  # once faded out, the targets no longer act and λ has nothing to adapt to
-                self._adapt_weight(model, step)
+        elif self.target_schedule.adaptation_due(step, total):
+            self._adapt_weight(model, step)
 
     def _start_targeting(self, model: torch.nn.Module, step: int) -> None:
-        args = self.args
-        evaluations, started = 0, time.perf_counter()
-        if self.collapse_targets is None:
-            chooser = self._choose_measured if args.target_choice == "measured" else self._choose_by_score
-            self.collapse_targets, evaluations = chooser(model)
-        seconds = time.perf_counter() - started
-        self._target_start = step
-        if args.msw_adaptive:
-            self._reference_loss = self._bypass_loss(model, [])
-            evaluations += 1
-        if args.distill_weight > 0 and self.teacher_model is None:  # a given teacher was frozen at construction
+        chooser = self._choose_measured if self.args.target_choice == "measured" else self._choose_by_score
+        entry = self.target_schedule.begin(
+            step, choose=lambda: chooser(model), bypass_loss=lambda layers, fade: self._bypass_loss(model, layers, fade)
+        )
+        if self.args.distill_weight > 0 and self.teacher_model is None:  # a given teacher was frozen at construction
             self.teacher_model = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
             self._teacher_taken = True
-        choice = "given" if args.collapse_layers else args.target_choice
-        self.msw_schedule.append(
-            {"step": step, "event": "targets", "targets": list(self.collapse_targets), "weight": self._target_weight,
-             "choice": choice, "evaluations": evaluations, "seconds": round(seconds, 3),
-             **({"score": args.target_score} if choice == "score" else {})}
-        )
-        logger.info(f"step {step}: targeting layers {self.collapse_targets} ({self.msw_schedule[-1]['choice']})")
+        logger.info(f"step {step}: targeting layers {entry.targets} ({entry.choice})")
 
     def _adapt_weight(self, model: torch.nn.Module, step: int) -> None:
-        tolerance = self.args.msw_adapt_tolerance
-        full = self._bypass_loss(model, [], fade=True)
-        bypassed = self._bypass_loss(model, self.collapse_targets)
-        cost = (bypassed - full) / max(abs(full), 1e-12)
-        drift = (full - self._reference_loss) / max(abs(self._reference_loss), 1e-12)
-        event = "kept"
-        if drift > tolerance:
-            self._target_weight /= 2
-            event = "halved: the task loss rose"
-        elif cost > tolerance:
-            self._target_weight *= 2
-            event = "doubled: bypassing the targets still costs too much"
-        self.msw_schedule.append(
-            {"step": step, "event": event, "weight": self._target_weight, "bypass_cost": cost, "loss_drift": drift}
-        )
+        self.target_schedule.adapt(step, bypass_loss=lambda layers, fade: self._bypass_loss(model, layers, fade))
+
+    def training_record(self) -> TrainingRecord:
+        """What this run applied: its steps and, with a target phase, the targets, their choice, λ over the
+        steps, the fade window and the distillation term (healing is filled in by whoever heals)."""
+        schedule, args = self.target_schedule, self.args
+        record = TrainingRecord(steps=self.state.global_step)
+        if not args.has_target or not schedule.entries:
+            return record
+        record.targets = list(schedule.targets)
+        record.choice = schedule.entries[0]
+        record.penalty_schedule = [(entry.step, entry.weight) for entry in schedule.entries]
+        record.fade_window = schedule.fade_window(self.state.max_steps)
+        if args.distill_weight:
+            record.distillation_weight, record.distillation_temperature = args.distill_weight, args.distill_temperature
+        return record
 
     # ----------------------------------------------------------------------------------------------
     # measuring bypass costs on evaluation rows
@@ -449,9 +362,7 @@ class MSWPenaltyMixin:
         batches = [{k: v for k, v in self._prepare_inputs(b).items() if k != "labels"} for b in self._choice_loader()]
         scores = score_layers(unwrap_model(model), batches, method=self.args.target_score, progress=False)
         if self.accelerator.num_processes > 1:  # every rank must remove the same layers
-            from accelerate.utils import broadcast_object_list
-
-            scores = broadcast_object_list([scores])[0]
+                scores = broadcast_object_list([scores])[0]
         args = self.args
         chosen = select_lowest(
             scores, args.collapse_num_layers, protect_first=args.collapse_protect_first, protect_last=args.collapse_protect_last
@@ -554,87 +465,36 @@ class MSWPenaltyMixin:
     # ----------------------------------------------------------------------------------------------
     # checkpoints: the penalty state is saved with every checkpoint and restored on resume
 
-    def _state_names(self) -> tuple[str, str]:
-        if self.args.world_size > 1:  # each process keeps its own directions and generator
-            rank = self.args.process_index
-            return f"hf_collapse_state_{rank}.json", f"hf_collapse_state_{rank}.safetensors"
-        return PENALTY_STATE_FILE, PENALTY_TENSORS_FILE
-
-    def _settings(self) -> dict:
-        # what shapes the training run; heal_steps only acts after it
-        return {
-            f.name: _jsonable(getattr(self.args, f.name)) for f in dataclasses.fields(MSWArguments) if f.name != "heal_steps"
-        }
+    def _process(self) -> int | None:
+        return self.args.process_index if self.args.world_size > 1 else None
 
     def _save_penalty_state(self, folder: str | os.PathLike) -> None:
-        """Write what the penalty needs to continue exactly: kept directions and generators, λ, targets, schedule,
-        reference loss, the logging window's unflushed values, and a teacher copied at the target choice."""
-        from safetensors.torch import save_file, save_model
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        json_name, tensors_name = self._state_names()
-        if self._teacher_taken and self.args.should_save:
-            save_model(self.teacher_model, str(folder / TEACHER_FILE))
-        save_file(self._search.state_dict(), str(folder / tensors_name))
-        state = {
-            "global_step": self.state.global_step,
-            "settings": self._settings(),
-            "collapse_targets": self.collapse_targets,
-            "target_start": self._target_start,
-            "target_weight": self._target_weight,
-            "reference_loss": self._reference_loss,
-            "msw_schedule": self.msw_schedule,
-            "prepared_step": self._prepared_step,
-            "teacher": "taken" if self._teacher_taken else ("given" if self.teacher_model is not None else None),
-            "pending_metrics": {k: list(v) for k, v in self._msw_metrics["train"].items()},
-        }
-        (folder / json_name).write_text(json.dumps(state, indent=1), encoding="utf-8")
+        """Write what the penalty needs to continue exactly: kept directions and generators, the schedule (λ,
+        targets, reference loss), the logging window's unflushed values, and a teacher copied at the target choice."""
+        state = PenaltyState(
+            global_step=self.state.global_step,
+            settings=penalty_settings(self.args),
+            schedule=self.target_schedule.state_dict(),
+            teacher="taken" if self._teacher_taken else ("given" if self.teacher_model is not None else None),
+            pending_metrics={k: list(v) for k, v in self._msw_metrics["train"].items()},
+            directions=self._search.state_dict(),
+        )
+        teacher = self.teacher_model if self._teacher_taken and self.args.should_save else None
+        save_penalty_state(folder, state, process=self._process(), teacher=teacher)
 
     def _load_penalty_state(self, folder: str | os.PathLike) -> None:
         """Restore what [`_save_penalty_state`] wrote; refuses a checkpoint written with other penalty settings."""
-        from safetensors.torch import load_file, load_model
-
-        folder = Path(folder)
-        json_name, tensors_name = self._state_names()
-        if not (folder / json_name).is_file():
-            raise FileNotFoundError(
-                f"cannot resume from {folder}: it has no {json_name} (not written by an hf-collapse trainer, or by a "
-                "run with another number of processes); resume from a checkpoint of the same run"
-            )
-        state = json.loads((folder / json_name).read_text(encoding="utf-8"))
-        now = self._settings()
-        changed = sorted(k for k, v in state["settings"].items() if k in now and now[k] != v)
-        if changed:
-            detail = ", ".join(f"{k}: {state['settings'][k]!r} -> {now[k]!r}" for k in changed)
-            raise ValueError(
-                f"cannot resume from {folder}: the penalty settings differ from the checkpoint's ({detail}); resume "
-                "with the settings of the interrupted run, or start a new run without resume_from_checkpoint"
-            )
-        if state["teacher"] == "given" and self.teacher_model is None:
-            raise ValueError(
-                f"cannot resume from {folder}: the run distilled from a given teacher_model, which checkpoints do not "
-                "hold; pass the same teacher_model= to the trainer again"
-            )
-        self._search.load_state_dict(load_file(str(folder / tensors_name)))
-        self.collapse_targets = state["collapse_targets"]
-        self._target_start = state["target_start"]
-        self._target_weight = state["target_weight"]
-        self._reference_loss = state["reference_loss"]
-        self.msw_schedule = state["msw_schedule"]
-        self._prepared_step = state["prepared_step"]
-        self._msw_metrics["train"] = defaultdict(list, state["pending_metrics"])
-        if state["teacher"] == "taken":
-            if not (folder / TEACHER_FILE).is_file():
-                raise FileNotFoundError(f"cannot resume from {folder}: its distillation teacher {TEACHER_FILE} is missing")
-            teacher = copy.deepcopy(unwrap_model(self.model))
-            load_model(teacher, str(folder / TEACHER_FILE), device=str(self.args.device))
-            self.teacher_model = teacher.to(self.args.device).eval().requires_grad_(False)
+        state = load_penalty_state(
+            folder, penalty_settings(self.args), process=self._process(), teacher_given=self.teacher_model is not None
+        )
+        self._search.load_state_dict(state.directions)
+        self.target_schedule.load_state_dict(state.schedule)
+        self._msw_metrics["train"] = defaultdict(list, state.pending_metrics)
+        if state.teacher == "taken":
+            self.teacher_model = load_teacher(folder, unwrap_model(self.model), self.args.device)
             self._teacher_taken = True
 
     def _save_checkpoint(self, model, trial) -> None:
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
         folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         self._save_penalty_state(folder)  # first: trainer_state.json, written last, then marks a complete checkpoint
         with self._token_off_disk():
@@ -683,8 +543,6 @@ class MSWPenaltyMixin:
         `push_to_hub` and checkpoint pushes call this before uploading `output_dir`; a collapse card written
         by [`export_collapsed`] (which says what was removed and what it cost) is never replaced.
         """
-        from huggingface_hub import ModelCard
-
         readme = Path(self.args.output_dir) / "README.md"
         if readme.is_file() and "hf-collapse" in (ModelCard.load(readme).data.tags or []):
             return
@@ -720,45 +578,13 @@ class MSWPenaltyMixin:
         return output
 
 
-def _jsonable(value):
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
-def distillation_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """`T² · KL(softmax(teacher / T) ‖ softmax(student / T))`, averaged over rows (and unmasked positions).
-
-    Zero when the two logits are equal; the gradient reaches only the student (the teacher is detached).
-    """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"the teacher's logits have shape {tuple(teacher_logits.shape)} but the student's {tuple(student_logits.shape)}: "
-            "distillation needs a teacher with the same vocabulary / labels"
+def _check_training_arguments(trainer: str, training_args) -> None:
+    if not isinstance(training_args, MSWArguments):
+        got = "no args" if training_args is None else type(training_args).__name__
+        raise TypeError(
+            f"{trainer} needs training arguments with the msw_* fields (a subclass of "
+            f"hf_collapse.MSWArguments and TrainingArguments, such as CollapseConfig), got {got}"
         )
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    per_row = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
-    if mask is not None:
-        weights = mask.to(per_row.dtype)
-        return temperature**2 * (per_row * weights).sum() / weights.sum().clamp_min(1)
-    return temperature**2 * per_row.mean()
-
-
-def _check_teacher(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
-    s, t = getattr(student, "config", None), getattr(teacher, "config", None)
-    if s is None or t is None:
-        raise ValueError("teacher_model must be a transformers model with a config, like the student")
-    if s.model_type != t.model_type:
-        raise ValueError(f"the teacher is a {t.model_type} model but the student a {s.model_type}: use the same architecture")
-    for name in ("vocab_size", "num_labels"):
-        a, b = getattr(s.get_text_config(), name, None), getattr(t.get_text_config(), name, None)
-        if a != b:
-            raise ValueError(f"the teacher's {name} is {b} but the student's is {a}: distillation needs the same outputs")
 
 
 class CollapseTrainer(MSWPenaltyMixin, Trainer):

@@ -362,12 +362,12 @@ def test_undefined_template_variable_is_an_error(tmp_path):
 def test_training_rows_say_how_targets_were_chosen_and_what_lambda_was():
     """The "How it was trained" rows: a score choice on the pretrained model, a fade and no penalty say so in words
     (a zero λ is not a schedule), and a measured choice with an adapted λ lists the weights as applied."""
-    from hf_collapse.pipeline import _choice_rule
+    from hf_collapse.schedule import TargetChoice
 
     base = dict(base_model="hf-collapse-tests/tiny-llama", removed_layers=[1, 2], layers_before=4,
                 num_parameters_before=100, num_parameters_after=60, scores=[0.4, 0.1, 0.2, 0.3],
                 score_method="block_influence", training_steps=200, target_layers=[1, 2])
-    rule = _choice_rule({"step": 0, "choice": "score", "score": "block_influence"})
+    rule = TargetChoice(step=0, targets=[1, 2], weight=0.0, choice="score", evaluations=1, seconds=0.0, score="block_influence").rule()
     assert rule == "as the lowest block_influence scores at step 0, on the pretrained model"
     text = render_card(CollapseReport(**base, target_choice=rule, penalty_schedule=[(0, 0.0)], fade_window=(0, 60)))
     assert f"| how the targets were chosen | {rule} |" in text
@@ -378,7 +378,7 @@ def test_training_rows_say_how_targets_were_chosen_and_what_lambda_was():
     # no penalty: the card does not call it LaCoOT, in words or in tags
     assert "no MSW penalty was applied" in text and "Max-Sliced Wasserstein" not in text
     assert "lacoot" not in ModelCard(text).data.tags
-    rule = _choice_rule({"step": 60, "choice": "measured"})
+    rule = TargetChoice(step=60, targets=[1, 2], weight=0.3, choice="measured", evaluations=3, seconds=0.0).rule()
     assert rule == "by measured bypass cost at step 60"
     text = render_card(CollapseReport(**base, target_choice=rule, penalty_schedule=[(60, 0.3), (80, 0.15)]))
     assert "| penalty weight λ applied | 0.3 from step 60, 0.15 from step 80 |" in text

@@ -194,10 +194,10 @@ def test_sft_chooses_targets_on_its_evaluation_rows(tmp_path, tokenizer, choice)
     trainer = CollapseSFTTrainer(model=model, args=args, train_dataset=data, eval_dataset=data, processing_class=tokenizer)
     trainer.train()
     event, *adaptations = trainer.msw_schedule
-    assert event["targets"] == trainer.collapse_targets
+    assert event.targets == trainer.collapse_targets
     # one scoring pass or 3 single-layer bypasses, plus the reference loss of the adaptation
-    assert event["evaluations"] == (1 if choice == "score" else 3) + 1
-    assert [a["step"] for a in adaptations] == [2]
+    assert event.evaluations == (1 if choice == "score" else 3) + 1
+    assert [a.step for a in adaptations] == [2]
     if choice == "score":
         assert trainer.collapse_targets == [1]
 

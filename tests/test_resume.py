@@ -13,7 +13,7 @@ import pytest
 from test_trainer import config, lm_dataset, tiny_llama
 
 from hf_collapse import CollapseTrainer
-from hf_collapse.trainer import PENALTY_STATE_FILE, TEACHER_FILE, latest_checkpoint, resolve_resume
+from hf_collapse.checkpoints import PENALTY_STATE_FILE, TEACHER_FILE, latest_checkpoint, resolve_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ SCRIPT = textwrap.dedent(
         callbacks=[Record()],
     )
     trainer.train(resume_from_checkpoint=True if resume else None)
-    print(json.dumps({{"targets": trainer.collapse_targets, "schedule": trainer.msw_schedule}}))
+    print(json.dumps({{"targets": trainer.collapse_targets, "schedule": [e.to_dict() for e in trainer.msw_schedule]}}))
     """
 )
 

@@ -163,7 +163,7 @@ def test_a_measured_target_is_chosen_by_the_trainers_own_loss_and_exports_as_sen
     )
     trainer.train()
     (target,) = trainer.collapse_targets
-    assert trainer.msw_schedule[0]["choice"] == "measured" and trainer.msw_schedule[0]["evaluations"] == 4
+    assert trainer.msw_schedule[0].choice == "measured" and trainer.msw_schedule[0].evaluations == 4
     texts = ANCHORS + POSITIVES
     model.eval()
     with torch.no_grad(), bypass_layers(model, [target]):

@@ -10,7 +10,7 @@ from test_trainer import VOCAB, LogRecorder, config, lm_dataset, tiny_bert, tiny
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_collapse import CollapseTrainer, collapse_layers, collapse_model, heal
-from hf_collapse.trainer import distillation_loss
+from hf_collapse.distillation import distillation_loss
 
 SGD = dict(optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0)
 
@@ -100,7 +100,7 @@ def test_targeted_layers_distances_fall_faster_than_the_others(tmp_path):
         assert {k for k in log if k.startswith("msw/target/")} == {"msw/target/layer_1", "msw/target/layer_2"}
         assert log["msw/penalty"] == pytest.approx(20.0 * (log["msw/layer_1"] + log["msw/layer_2"]) / 2, rel=1e-5)
     assert trainer.collapse_targets == [1, 2]
-    (start,) = trainer.msw_schedule
+    (start,) = (entry.to_dict() for entry in trainer.msw_schedule)
     assert start.pop("seconds") >= 0  # the wall time of the choice (nothing measured here)
     assert start == {"step": 0, "event": "targets", "targets": [1, 2], "weight": 20.0, "choice": "given", "evaluations": 0}
 
@@ -112,7 +112,7 @@ def test_before_the_target_choice_nothing_is_penalised(tmp_path):
     trainer.train()
     assert [log["msw/weight"] for log in train_logs(recorder)] == [0.0, 0.0, 3.0, 3.0]
     assert [log["msw/penalty"] > 0 for log in train_logs(recorder)] == [False, False, True, True]
-    assert trainer.msw_schedule[0]["step"] == 2
+    assert trainer.msw_schedule[0].step == 2
 
 
 @pytest.mark.parametrize("choice", ["measured", "score"])
@@ -126,7 +126,7 @@ def test_automatic_choice_after_warm_up_finds_the_identity_layer(tmp_path, train
     trainer.train()
     assert trainer.collapse_targets == [2]
     # measured: one bypass evaluation per layer; score: one scoring pass
-    (start,) = trainer.msw_schedule
+    (start,) = (entry.to_dict() for entry in trainer.msw_schedule)
     assert start.pop("seconds") > 0  # the wall time of the choice
     assert start == {"step": 1, "event": "targets", "targets": [2], "weight": 1.0, "choice": choice,
                      "evaluations": 4 if choice == "measured" else 1, **({"score": "msw"} if choice == "score" else {})}
@@ -145,7 +145,7 @@ def test_measured_choice_counts_its_evaluations_and_respects_protection(tmp_path
     (event,) = trainer.msw_schedule
     assert 2 in trainer.collapse_targets and 0 not in trainer.collapse_targets and len(trainer.collapse_targets) == 2
     # 3 single-layer costs (layers 1-3), 2 candidates in the second round, 1 reference loss for the adaptation
-    assert event["evaluations"] == 3 + 2 + 1
+    assert event.evaluations == 3 + 2 + 1
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ def adaptive_trainer(tmp_path, **kwargs):
 )
 def test_adapt_weight_moves_lambda_the_right_way(tmp_path, monkeypatch, full, bypassed, weight, event):
     trainer = adaptive_trainer(tmp_path)
-    trainer._target_weight, trainer._reference_loss, trainer._target_start = 2.0, 1.0, 1
+    trainer.target_schedule.weight, trainer.target_schedule.reference_loss, trainer.target_schedule.start = 2.0, 1.0, 1
     trainer.collapse_targets = [1]
     calls = []
 
@@ -180,11 +180,11 @@ def test_adapt_weight_moves_lambda_the_right_way(tmp_path, monkeypatch, full, by
     monkeypatch.setattr(trainer, "_bypass_loss", fake)
     trainer._adapt_weight(trainer.model, step=5)
     assert sorted(calls) == [([], True), ([1], False)]  # the full (faded) model and the targets bypassed
-    assert trainer._target_weight == weight
+    assert trainer.target_schedule.weight == weight
     (record,) = trainer.msw_schedule
-    assert record["event"].startswith(event) and record["step"] == 5 and record["weight"] == weight
-    assert record["bypass_cost"] == pytest.approx((bypassed - full) / full)
-    assert record["loss_drift"] == pytest.approx(full - 1.0)
+    assert record.event.startswith(event) and record.step == 5 and record.weight == weight
+    assert record.bypass_cost == pytest.approx((bypassed - full) / full)
+    assert record.loss_drift == pytest.approx(full - 1.0)
 
 
 def test_adaptation_end_to_end_doubles_while_the_bypass_costs_and_logs_the_weight(tmp_path):
@@ -193,11 +193,11 @@ def test_adaptation_end_to_end_doubles_while_the_bypass_costs_and_logs_the_weigh
     trainer.add_callback(recorder)
     trainer.train()
     # SGD at lr 1e-5: the loss barely moves (no drift) and bypassing a random layer costs far more than 0.01 %
-    assert [(r["step"], r["event"].split(":")[0]) for r in trainer.msw_schedule] == [
+    assert [(r.step, r.event.split(":")[0]) for r in trainer.msw_schedule] == [
         (1, "targets"), (3, "doubled"), (5, "doubled")
     ]
-    assert all(r["bypass_cost"] > 1e-4 and abs(r["loss_drift"]) < 1e-4 for r in trainer.msw_schedule[1:])
-    assert trainer.msw_schedule[0]["evaluations"] == 1  # the reference loss (targets were given)
+    assert all(r.bypass_cost > 1e-4 and abs(r.loss_drift) < 1e-4 for r in trainer.msw_schedule[1:])
+    assert trainer.msw_schedule[0].evaluations == 1  # the reference loss (targets were given)
     assert [log["msw/weight"] for log in train_logs(recorder)] == [0.0, 2.0, 2.0, 4.0, 4.0, 8.0, 8.0]
 
 
@@ -234,7 +234,7 @@ def test_fading_reaches_exactly_zero_and_the_faded_model_is_the_collapsed_one(tm
 def test_a_half_faded_layer_keeps_half_its_residual_update(tmp_path):
     args = config(tmp_path, max_steps=4, collapse_layers=[1], target_choice_steps=1, fade_steps=2, msw_adaptive=False)
     trainer = CollapseTrainer(model=tiny_llama(), args=args, train_dataset=lm_dataset())
-    trainer._target_start, trainer.state.global_step, trainer.state.max_steps = 1, 2, 4
+    trainer.target_schedule.start, trainer.state.global_step, trainer.state.max_steps = 1, 2, 4
     assert trainer.fade_alpha() == 0.5
     layers = trainer.model.model.layers
     seen = {}
@@ -421,7 +421,7 @@ def test_run_recipe_budget_counts_training_and_healing_steps(tmp_path):
     assert summary.train_steps + summary.heal_steps == config_.max_steps + config_.heal_steps
     # what training targeted is what was removed
     assert summary.targets == summary.removed and len(summary.removed) == 1
-    assert summary.msw_schedule[0]["event"] == "targets" and summary.msw_schedule[0]["choice"] == "measured"
+    assert summary.msw_schedule[0].event == "targets" and summary.msw_schedule[0].choice == "measured"
     exported = json.loads((tmp_path / "out" / "config.json").read_text())
     assert exported["num_hidden_layers"] == 3 and exported["collapsed_layers"] == summary.removed
     card = (tmp_path / "out" / "README.md").read_text()
@@ -524,8 +524,8 @@ def test_prune_then_fine_tune_is_a_target_schedule(tmp_path, trained_state, scor
     )
     targeted.train()
     assert targeted.collapse_targets == expected and targeted.fade_alpha() == 0.0
-    assert targeted.msw_schedule[0]["step"] == 0 and targeted.msw_schedule[0]["choice"] == "score"
-    assert targeted.msw_schedule[0]["score"] == score
+    assert targeted.msw_schedule[0].step == 0 and targeted.msw_schedule[0].choice == "score"
+    assert targeted.msw_schedule[0].score == score
     reference = identity_layers_llama(trained_state, [])
     CollapseTrainer(model=reference, args=config(tmp_path / "a", max_steps=1, msw_weight=0.0, **sgd), train_dataset=data).train()
     collapse_layers(reference, expected)

@@ -241,23 +241,23 @@ def _targeted(name: str, fields: dict, *, heal: bool = False):
             model, done = hf_collapse.heal(model, trainer.args, ctx.train, data_collator=ctx.data.collator)
             assert done == heal_steps, (done, heal_steps)
         model.eval()
-        ctx.log(f"  {name} k={k} seed {seed}: targeted {targets} at step {choice['step']}, trained in {seconds:.0f} s")
+        ctx.log(f"  {name} k={k} seed {seed}: targeted {targets} at step {choice.step}, trained in {seconds:.0f} s")
         out = result(ctx, f"{name}-{k}/{seed}", model, None, train_steps=study.steps)
         rows = min(fields.get("target_choice_samples", 128), len(ctx.validation))
-        teacher_rows = (study.steps - heal_steps - choice["step"]) * study.batch_size if fields.get("distill_weight") else 0
-        how = f"{choice['score']} ranking" if choice["choice"] == "score" else "measured bypass"
-        rule = f"{how} during training (step {choice['step']}, {rows} validation rows)"
+        teacher_rows = (study.steps - heal_steps - choice.step) * study.batch_size if fields.get("distill_weight") else 0
+        how = f"{choice.score} ranking" if choice.choice == "score" else "measured bypass"
+        rule = f"{how} during training (step {choice.step}, {rows} validation rows)"
         out.update(
             layers=targets,
             num_layers=ctx.num_layers - k,
             heal_steps=heal_steps,
             teacher_forward_rows=teacher_rows,
-            schedule=trainer.msw_schedule,
+            schedule=[entry.to_dict() for entry in trainer.msw_schedule],
             selection={
                 "method": rule,
-                "forward_passes": choice["evaluations"] * rows,
-                "evaluations": choice["evaluations"],
-                "seconds": choice.get("seconds", 0.0),
+                "forward_passes": choice.evaluations * rows,
+                "evaluations": choice.evaluations,
+                "seconds": choice.seconds,
             },
         )
         return out
