@@ -28,6 +28,7 @@ from transformers.utils import logging
 
 from .quantization import disable_cpu_repacking
 from .checkpoints import PenaltyState, load_penalty_state, load_teacher, penalty_settings, resolve_resume, save_penalty_state
+from .choice import greedy_bypass
 from .config import CollapseConfig, MSWArguments
 from .distillation import check_teacher, distillation_loss
 from .layers import (
@@ -36,7 +37,7 @@ from .layers import (
 )
 from .msw import DirectionSearch, max_sliced_wasserstein
 from .schedule import ScheduleEntry, TargetSchedule, TrainingRecord
-from .scoring import score_layers, select_lowest
+from .scoring import score_layers
 
 __all__ = ["CollapseTrainer", "MSWPenaltyMixin"]
 
@@ -171,30 +172,12 @@ class MSWPenaltyMixin:
         return {stack.key(i) for i in resolve_layer_selection(stacks, wanted)[stack.name]}
 
     def _check_target_request(self, stacks: list[LayerStack]) -> None:
-        args = self.args
         if len(stacks) != 1:
             raise ValueError(
                 "a target depth needs a model with one layer stack; for encoder-decoder models use target_choice: "
                 "post_hoc and choose the layers after training"
             )
-        depth = len(stacks[0])
-        protected = set(range(args.collapse_protect_first)) | set(range(depth - args.collapse_protect_last, depth))
-        removable = depth - len(protected)
-        wanted = len(self.collapse_targets) if self.collapse_targets else args.collapse_num_layers
-        if wanted >= depth:
-            raise ValueError(
-                f"removing {wanted} of the model's {depth} layers would leave none: ask for at most {depth - 1}"
-            )
-        if wanted > removable:
-            raise ValueError(
-                f"{wanted} layers to remove, but only {removable} of {depth} are not protected "
-                f"(collapse_protect_first={args.collapse_protect_first}, collapse_protect_last={args.collapse_protect_last})"
-            )
-        if self.collapse_targets:
-            resolve_layer_selection(stacks, self.collapse_targets)
-            bad = sorted(set(self.collapse_targets) & protected)
-            if bad:
-                raise ValueError(f"collapse_layers {bad} are protected (collapse_protect_first/last): choose other layers")
+        self.args.target_choice_of().check_depth(len(stacks[0]))
 
     def _on_layer(self, stack: LayerStack, index: int, tokens_in: torch.Tensor, tokens_out: torch.Tensor) -> None:
         if self._recording_training and not torch.is_grad_enabled():
@@ -341,33 +324,25 @@ class MSWPenaltyMixin:
             total = self.accelerator.reduce(total, reduction="sum")
         return (total[0] / total[1]).item()
 
-    def _allowed_targets(self) -> list[int]:
-        (stack,) = self._capture.stacks
-        depth, args = len(stack), self.args
-        return list(range(args.collapse_protect_first, depth - args.collapse_protect_last))
-
     def _choose_measured(self, model: torch.nn.Module) -> tuple[list[int], int]:
-        allowed = self._allowed_targets()
-        costs = {layer: self._bypass_loss(model, [layer]) for layer in allowed}
-        evaluations = len(costs)
-        chosen = [min(allowed, key=lambda layer: (costs[layer], layer))]
-        while len(chosen) < self.args.collapse_num_layers:
-            remaining = sorted((layer for layer in allowed if layer not in chosen), key=lambda layer: (costs[layer], layer))
-            trial = {layer: self._bypass_loss(model, [*chosen, layer]) for layer in remaining[: self.args.target_choice_candidates]}
-            evaluations += len(trial)
-            chosen.append(min(trial, key=lambda layer: (trial[layer], layer)))
-        return sorted(chosen), evaluations
+        """Greedy by measured bypass cost: every allowed layer alone, then per round the `target_choice_candidates`
+        cheapest of those on top of the layers chosen so far (see [`greedy_bypass`])."""
+        (stack,) = self._capture.stacks
+        choice = self.args.target_choice_of()
+        result = greedy_bypass(
+            lambda layers: self._bypass_loss(model, layers), choice.removable(len(stack)), choice.num_layers,
+            pool=choice.candidates, rerank=True, higher_is_better=False, baseline=False,
+        )
+        return sorted(result.layers), result.evaluations
 
     def _choose_by_score(self, model: torch.nn.Module) -> tuple[list[int], int]:
         batches = [{k: v for k, v in self._prepare_inputs(b).items() if k != "labels"} for b in self._choice_loader()]
         scores = score_layers(unwrap_model(model), batches, method=self.args.target_score, progress=False)
         if self.accelerator.num_processes > 1:  # every rank must remove the same layers
-                scores = broadcast_object_list([scores])[0]
-        args = self.args
-        chosen = select_lowest(
-            scores, args.collapse_num_layers, protect_first=args.collapse_protect_first, protect_last=args.collapse_protect_last
-        )
-        return sorted(chosen), 1
+            scores = broadcast_object_list([scores])[0]
+        choice = self.args.target_choice_of()
+        removable = choice.removable(len(scores))
+        return sorted([i for i in scores.ranking() if i in removable][: choice.num_layers]), 1
 
     # ----------------------------------------------------------------------------------------------
     # loss

@@ -439,10 +439,10 @@ def test_run_recipe_budget_counts_training_and_healing_steps(tmp_path):
     [
         (dict(collapse_num_layers=3), "would leave none"),
         (dict(collapse_layers=[0, 1, 2]), "would leave none"),
-        (dict(collapse_layers=[5]), "layer 5 does not exist"),
+        (dict(collapse_layers=[5]), r"collapse_layers \[5\] do not exist: the model has 3 layers"),
         (dict(collapse_layers=[0], collapse_protect_first=1), r"collapse_layers \[0\] are protected"),
         (dict(collapse_layers=[2], collapse_protect_last=1), r"collapse_layers \[2\] are protected"),
-        (dict(collapse_num_layers=2, collapse_protect_first=1, collapse_protect_last=1), "only 1 of 3 are not protected"),
+        (dict(collapse_num_layers=2, collapse_protect_first=1, collapse_protect_last=1), "only 1 of the model's 3 layers are not protected"),
     ],
 )
 def test_targets_the_model_cannot_take_are_refused_at_construction(tmp_path, kwargs, message):
