@@ -93,6 +93,11 @@ def collapse_model(
             given, or what [`collapse_layers`] refuses (the model is then unchanged).
     """
     choice = _the_choice(choice, choice_fields)
+    (stack, *rest) = find_layer_stacks(model)
+    if rest:
+        raise ValueError("collapse_model handles one-stack models; for encoder-decoder models call collapse_layers per stack")
+    depth = len(stack)
+    removable = choice.check_depth(depth)
     if not choice.given and calibration is None and choice.strategy == "ranked":
         raise ValueError("choosing layers by score needs calibration data: pass calibration=, or give layers=")
     if choice.needs_metric and choose_on is None:
@@ -101,11 +106,6 @@ def collapse_model(
             "(a function model -> metric on validation rows), or use strategy='ranked' / layers="
         )
     log = log or (lambda text: None)
-    (stack, *rest) = find_layer_stacks(model)
-    if rest:
-        raise ValueError("collapse_model handles one-stack models; for encoder-decoder models call collapse_layers per stack")
-    depth = len(stack)
-    removable = choice.check_depth(depth)
     scores = score_layers(model, calibration, method=score_method, progress=False) if calibration is not None else None
     if scores is not None:
         log("scores: " + ", ".join(f"{i}: {v:.4g}" for i, v in enumerate(scores.values)))

@@ -6,11 +6,11 @@ import math
 import pytest
 import yaml
 
-from hf_collapse import CollapseConfig, CollapseTrainer, collapse_model
+from hf_collapse import CollapseTrainer, collapse_model
 from hf_collapse.choice import LayerChoice, greedy_bypass, removable_layers
 from hf_collapse.cli import EXIT_REFUSED, main
 from hf_collapse.recipe import RecipeError, load_recipe
-from tiny_models import tiny_llama
+from test_trainer import config, lm_dataset, tiny_llama
 
 DEPTH = 4
 
@@ -83,10 +83,10 @@ def test_a_bad_choice_is_refused_with_one_message_everywhere(tmp_path, source, c
 
 @pytest.mark.parametrize("keywords,fields,message", [c for c in BAD_CHOICES if "layers" in c[0] or "num_layers" in c[0]])
 def test_the_trainer_refuses_a_bad_target_with_the_same_message(tmp_path, keywords, fields, message):
-    args = CollapseConfig(output_dir=str(tmp_path), max_steps=4, target_choice_steps=1, msw_adaptive=False,
-                          report_to=[], use_cpu=True, **fields)
+    args = config(tmp_path, max_steps=4, target_choice_steps=1, msw_adaptive=False, **fields)
+    data = lm_dataset(8)
     with pytest.raises(ValueError, match=message):
-        CollapseTrainer(model=tiny_llama(layers=DEPTH), args=args, train_dataset=[], eval_dataset=[{}])
+        CollapseTrainer(model=tiny_llama(layers=DEPTH), args=args, train_dataset=data, eval_dataset=data)
 
 
 @pytest.mark.parametrize(
