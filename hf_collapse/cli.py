@@ -147,6 +147,8 @@ def make_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="Create the repo as private.")
     push.add_argument("--revision", help="Branch to commit to (created if needed).")
     push.add_argument("--dry-run", action="store_true", help="List what would be uploaded; contact nothing.")
+    push.add_argument("--exclude-unknown", action="store_true",
+                      help="Leave out files the export did not write (otherwise such a file stops the push).")
 
     recipes = verbs.add_parser(
         "recipes", help="List the recipes shipped with hf-collapse (one name a line), or copy one to edit.",
@@ -475,7 +477,11 @@ def _lm_eval(args, recipe, paths: list[str]) -> None:
 def _cmd_push(args) -> int:
     from .hub import push_folder
 
-    result = push_folder(args.out, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run)
+    result = push_folder(args.out, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run,
+                         exclude_unknown=args.exclude_unknown)
+    if result.excluded:
+        print(f"left out {len(result.excluded)} files the export did not write (--exclude-unknown): "
+              + ", ".join(result.excluded))
     if args.dry_run:
         print(f"dry run: would upload {len(result.files)} files to {args.repo_id}" + (f"@{args.revision}" if args.revision else ""))
         for name, size in result.files:

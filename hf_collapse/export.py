@@ -23,8 +23,9 @@ from pathlib import Path
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .card import recipe_yaml, write_card
+from .card import CARD_FILE, PLOT_FILE, recipe_yaml, write_card
 from .layers import find_layer_stacks, unwrap_model
+from .manifest import refresh_manifest, write_manifest
 from .models import check_head_trained
 from .quantization import is_quantized, refuse_quantized_export
 from .report import AUTO_CLASS_BY_PIPELINE_TAG, CollapseReport
@@ -151,6 +152,7 @@ def _write_folder(
     )
     _check_safetensors_only(staging)
     (staging / _STAGING_MARKER).unlink()
+    write_manifest(staging)  # last: what a push may send (see hub.upload_plan)
 
 
 def add_benchmarks(folder: str | os.PathLike, benchmarks: list) -> Path:
@@ -177,6 +179,7 @@ def add_benchmarks(folder: str | os.PathLike, benchmarks: list) -> Path:
         processing_class = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # never run code implicitly
     card = write_card(report, folder, repo_id=stored.get("repo_id"), processing_class=processing_class)
     saved.write_text(json.dumps({"repo_id": stored.get("repo_id"), "report": report.to_dict()}, indent=1), encoding="utf-8")
+    refresh_manifest(folder, [CARD_FILE, PLOT_FILE, REPORT_FILE])
     return card
 
 
