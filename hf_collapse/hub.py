@@ -195,7 +195,8 @@ def _walk(folder: Path) -> dict[str, int]:
             "uploaded (they often hold secrets): move them out of the folder"
         )
     if special:
-        raise ValueError(f"{folder} holds {_names(special)}, which are not regular files: remove them")
+        raise ValueError(f"{folder} holds something that is neither a regular file nor a folder ({_names(special)}): "
+                         "remove it")
     return files
 
 
@@ -240,7 +241,7 @@ def _check_manifest(folder: Path, files: dict[str, int], exclude_unknown: bool) 
         ) from None
     absent = sorted(set(listed) - set(files))
     if absent:
-        raise ValueError(f"{folder}: {_names(absent)} listed in {MANIFEST_FILE} are missing: {again}")
+        raise ValueError(f"{folder} lacks files its {MANIFEST_FILE} lists ({_names(absent)}): {again}")
     unknown = sorted(set(files) - set(listed) - {MANIFEST_FILE})
     if unknown and not exclude_unknown:
         raise ValueError(
@@ -251,8 +252,8 @@ def _check_manifest(folder: Path, files: dict[str, int], exclude_unknown: bool) 
     changed = changed or [name for name in sorted(listed) if file_sha256(folder / name) != listed[name].sha256]
     if changed:
         raise ValueError(
-            f"{folder}: {_names(changed)} changed after the export (size or SHA-256 differs from {MANIFEST_FILE}): "
-            f"restore them, or {again}"
+            f"{folder} holds files changed after the export ({_names(changed)}: size or SHA-256 differs from "
+            f"{MANIFEST_FILE}): restore them, or {again}"
         )
     return sorted((name, files[name]) for name in [*listed, MANIFEST_FILE]), unknown
 

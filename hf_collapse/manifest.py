@@ -3,7 +3,8 @@
 It is written last into the export (`hf_collapse_manifest.json`) and read by [`push_folder`], which uploads exactly
 the files it lists, and only while they still match it: a file added to the folder later (a `.env`, a stray
 checkpoint) is not part of the export, and a file changed after the export is not what the card describes.
-Hashing costs one more read of the weights (about 1 s per GB on one CPU core), small next to writing them.
+Hashing costs one more read of the weights, 1 to 3 s per GB on one CPU core (writing them takes longer; a push
+hashes every file again anyway, for the upload): sizes alone would let a same-size change through.
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, ManifestEntry]:
         raise FileNotFoundError(f"{folder} has no {MANIFEST_FILE}")
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(payload, dict) or not isinstance(payload.get("files"), dict):
+            raise ValueError("not a JSON object with a 'files' object")
         if payload.get("format") != _FORMAT:
             raise ValueError(f"format {payload.get('format')!r}, expected {_FORMAT}")
         entries = {}
@@ -106,7 +109,7 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, ManifestEntry]:
             if not isinstance(size, int) or not isinstance(sha256, str) or len(sha256) != 64:
                 raise ValueError(f"the entry for {name!r} is not a size and a SHA-256")
             entries[name] = ManifestEntry(size, sha256)
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
+    except (ValueError, KeyError, TypeError) as error:
         raise ValueError(
             f"{path} is not a manifest written by export_collapsed ({error}): export the model again"
         ) from None
