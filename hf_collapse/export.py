@@ -2,8 +2,9 @@
 
 The output folder holds the safetensors weights, `config.json`, `generation_config.json` (generative
 models), the tokenizer / processor, the resolved training recipe (`recipe.yaml`), the model card
-(`README.md`) and its plot (`layer_scores.png`). A model collapsed from a sentence-transformers checkpoint
-also gets that checkpoint's `modules.json`, settings and module folders (see `sbert.py`), so
+(`README.md`) and its plot (`layer_scores.png`), and last the list of those files with their hashes
+(`hf_collapse_manifest.json`, see `manifest.py`: a push sends exactly them). A model collapsed from a
+sentence-transformers checkpoint also gets that checkpoint's `modules.json`, settings and module folders (see `sbert.py`), so
 `SentenceTransformer(out)` loads the same pipeline around the shallower transformer. It is built in a hidden sibling folder and renamed
 into place, so a failure never leaves a half-written export behind, and an existing export is only
 replaced once the new one is complete.

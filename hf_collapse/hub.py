@@ -23,8 +23,8 @@ from .card import CARD_FILE
 from .manifest import MANIFEST_FILE, file_sha256, read_manifest
 
 __all__ = [
-    "PICKLE_SUFFIXES", "HubPush", "PushError", "PushNotStartedError", "PushResult", "check_hub_reachable", "push_folder",
-    "take_hub_push", "upload_plan",
+    "PICKLE_SUFFIXES", "HubPush", "PushError", "PushNotStartedError", "PushResult", "check_hub_reachable",
+    "push_folder", "take_hub_push", "upload_plan",
 ]
 
 

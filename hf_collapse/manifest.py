@@ -54,7 +54,8 @@ def _regular_files(folder: Path) -> list[str]:
 
 def _write(folder: Path, entries: dict[str, ManifestEntry]) -> Path:
     path = folder / MANIFEST_FILE
-    payload = {"format": _FORMAT, "files": {name: {"size": e.size, "sha256": e.sha256} for name, e in sorted(entries.items())}}
+    files = {name: {"size": entry.size, "sha256": entry.sha256} for name, entry in sorted(entries.items())}
+    payload = {"format": _FORMAT, "files": files}
     path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
     return path
 
