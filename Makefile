@@ -31,8 +31,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps $(ASSET_PACKAGES)
 	touch $(STAMP)
 
+# The tests run on every core (pytest-xdist; each worker single-threaded), TEST_WORKERS=0 runs them in this process.
+# --durations lists the slowest tests, so a CI run shows where its time goes.
+TEST_WORKERS ?= auto
 test: install docs
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --durations=30
 
 # The site from docs/ and the docstrings (mkdocstrings reads the source, it imports nothing). --strict turns every
 # warning into a failure: a missing page, a broken link or anchor, an API name that no longer exists.

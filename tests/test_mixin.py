@@ -679,7 +679,7 @@ def test_cli_collapse_without_data_refuses_fields_that_need_data(tmp_path, token
     assert main(["collapse", str(source), str(tmp_path / "out"), "--layers", "1", "--method", "angular"]) == 2
     assert "need data" in capsys.readouterr().err
     assert main(["collapse", str(source), str(tmp_path / "out"), "--layers", "9"]) == 2
-    assert "layer 9 does not exist" in capsys.readouterr().err
+    assert "collapse_layers [9] do not exist: the model has 4 layers" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
