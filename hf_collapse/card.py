@@ -22,6 +22,8 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from .report import AUTO_CLASS_BY_PIPELINE_TAG, CollapseReport, Measurements, Training, per_stack, redact_tokens
 from .version import __version__
@@ -52,9 +54,6 @@ def plot_layer_scores(report: CollapseReport, path: str | os.PathLike) -> Path:
     """Save a bar chart of the per-layer scores, removed layers highlighted, as a PNG at ``path``."""
     # The object-oriented API draws with Agg without selecting a pyplot backend: no display needed and
     # no global matplotlib state changed.
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
     stacks = report.stacks()
     widest = max(s.layers_before for s in stacks)
     figure = Figure(figsize=(max(6.0, 0.3 * widest + 2.0), 2.8 * len(stacks)), layout="constrained")

@@ -21,8 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from transformers import DataCollatorWithPadding, default_data_collator
+
+from . import assets
 
 __all__ = ["SHAKESPEARE_SPLITS", "TASKS", "TaskData", "load_task_data", "shakespeare_split"]
 
@@ -74,12 +77,8 @@ def shakespeare_split(index: int) -> str:
 
 def _raw_splits(recipe) -> tuple[Any, Any, Any]:
     """The raw train/eval/test splits named by the recipe (before tokenization); test may be `None`."""
-    import datasets
-
     name = recipe.dataset_name
     if name is not None and name.startswith("offline:"):
-        from . import assets
-
         if name == "offline:rotten_tomatoes":
             splits = assets.rotten_tomatoes(seed=recipe.split_seed)
         elif name == "offline:shakespeare":

@@ -10,9 +10,12 @@ works (`include_path`: a folder of task YAML files whose `dataset_kwargs.data_fi
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import os
 from pathlib import Path
+
+import torch
 
 from .report import BenchmarkResult
 
@@ -109,14 +112,11 @@ def run_lm_eval(
     """
     manager = _task_manager(include_path)
     _check_tasks(manager, list(tasks))
-    import lm_eval
-    import torch
+    import lm_eval  # an optional extra, installed when the tasks above were found
 
     if device is None:  # the harness itself defaults to "cuda", even on a machine without one
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if isinstance(model, torch.nn.Module):
-        import copy
-
         from lm_eval.models.huggingface import HFLM
 
         if tokenizer is None:

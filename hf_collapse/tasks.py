@@ -13,6 +13,7 @@ import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import peft
 import torch
 from torch.utils.data import DataLoader
 
@@ -136,8 +137,6 @@ class TransformersTask(TaskStrategy):
             self._wrap_lora(run)
 
     def _wrap_lora(self, run: RecipeRun) -> None:
-        import peft
-
         recipe = run.recipe
         task_type = {"causal-lm": "CAUSAL_LM", "text-classification": "SEQ_CLS"}.get(recipe.task)
         self.lora = peft.LoraConfig(
