@@ -5,6 +5,7 @@ score the layers (`score_layers`), choose them (`select_by_tolerance`), delete t
 (`collapse_layers`) and publish the slimmer model with its card (`export_collapsed`, `push_folder`).
 """
 
+import importlib
 from importlib.util import find_spec
 
 from .adapters import check_adapter_fits, remap_adapter
@@ -63,7 +64,5 @@ if find_spec("sentence_transformers") is not None:
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,7 +12,6 @@ sentence-transformers card.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from pathlib import Path
 
@@ -84,12 +83,10 @@ def centroid_accuracy(model, reference, rows, *, batch_size: int = 64) -> float:
 
 
 def _st_config(config: CollapseConfig):
-    from dataclasses import fields
-
     from .sentence_trainer import CollapseSentenceTransformerConfig
 
-    wanted = {f.name for f in fields(CollapseSentenceTransformerConfig) if f.init}
-    values = {f.name: getattr(config, f.name) for f in fields(CollapseConfig) if f.init and f.name in wanted}
+    wanted = {f.name for f in dataclasses.fields(CollapseSentenceTransformerConfig) if f.init}
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(CollapseConfig) if f.init and f.name in wanted}
     return CollapseSentenceTransformerConfig(**values)
 
 
