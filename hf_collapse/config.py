@@ -8,12 +8,11 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .choice import LayerChoice, check_layer_list, check_num_layers, check_protect
-from .msw import SEARCH_MODES
+from .msw import NORMALIZATIONS, SEARCH_MODES
 from .scoring import SCORING_METHODS
 
 __all__ = ["CollapseConfig", "MSWArguments", "steps_of"]
 
-NORMALIZATIONS = ("none", "input_rms")
 TARGET_CHOICES = ("measured", "score", "post_hoc")
 
 

@@ -28,6 +28,8 @@ import torch
 __all__ = ["DirectionSearch", "max_sliced_wasserstein", "sliced_w2_squared"]
 
 SEARCH_MODES = ("random", "refine")
+# How a distance is put on a common scale across layers: raw, or relative to the RMS of the layer's input tokens.
+NORMALIZATIONS = ("none", "input_rms")
 
 
 def _check_clouds(x: torch.Tensor, y: torch.Tensor) -> None:

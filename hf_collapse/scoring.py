@@ -38,7 +38,7 @@ from .layers import (
     eval_mode,
     find_layer_stacks,
 )
-from .msw import DirectionSearch, max_sliced_wasserstein
+from .msw import NORMALIZATIONS, DirectionSearch, max_sliced_wasserstein
 
 __all__ = [
     "SCORING_METHODS",
@@ -206,6 +206,12 @@ def _msw_sum(x: torch.Tensor, y: torch.Tensor, index: int, search: DirectionSear
     return max_sliced_wasserstein(x, y, search=search, key=index) * x.shape[0]
 
 
+def _relative_msw_sum(x: torch.Tensor, y: torch.Tensor, index: int, search: DirectionSearch) -> torch.Tensor:
+    # as the trainer's penalty with msw_normalization="input_rms": each batch's distance over its input's RMS
+    rms = x.detach().float().pow(2).mean().sqrt().clamp_min(torch.finfo(torch.float32).eps)
+    return _msw_sum(x, y, index, search) / rms
+
+
 _BATCH_SUMS = {"msw": _msw_sum, "block_influence": _block_influence_sum, "angular": _angular_sum}
 
 
@@ -231,6 +237,7 @@ def score_layers(
     max_length: int = 512,
     stack: str | None = None,
     direction_search: DirectionSearch | None = None,
+    normalization: str = "none",
     progress: bool = True,
 ) -> LayerScores:
     """Score every layer of a stack in one forward pass over calibration data; low = more removable.
@@ -266,6 +273,10 @@ def score_layers(
             The slicing-direction search for `"msw"`; defaults to a fresh `DirectionSearch(seed=0)`, so
             results are deterministic. Each layer's best direction is carried from batch to batch. A
             passed instance keeps its state, so reusing it does not repeat the same numbers.
+        normalization (`str`, defaults to `"none"`):
+            For `"msw"`: `"none"` (raw distances) or `"input_rms"` (each batch's distance divided by the RMS of
+            the layer's input tokens, as the penalty with `msw_normalization="input_rms"`, so that layers with
+            large activations do not rank last by scale alone). The other methods are scale-free already.
         progress (`bool`, defaults to `True`):
             Show a progress bar over batches (transformers' `disable_progress_bar()` also hides it).
 
@@ -281,7 +292,9 @@ def score_layers(
     target = _pick_stack(find_layer_stacks(model), stack)
     batches = _as_batches(data, tokenizer, batch_size, max_length)
     search = direction_search if direction_search is not None else DirectionSearch(seed=0)
-    batch_sum = _BATCH_SUMS[method]
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}: choose one of {', '.join(NORMALIZATIONS)}")
+    batch_sum = _relative_msw_sum if (method, normalization) == ("msw", "input_rms") else _BATCH_SUMS[method]
     device = next(model.parameters()).device
     totals: list[torch.Tensor | None] = [None] * len(target)
     counts = [0] * len(target)

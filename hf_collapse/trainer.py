@@ -337,7 +337,10 @@ class MSWPenaltyMixin:
 
     def _choose_by_score(self, model: torch.nn.Module) -> tuple[list[int], int]:
         batches = [{k: v for k, v in self._prepare_inputs(b).items() if k != "labels"} for b in self._choice_loader()]
-        scores = score_layers(unwrap_model(model), batches, method=self.args.target_score, progress=False)
+        scores = score_layers(
+            unwrap_model(model), batches, method=self.args.target_score, normalization=self.args.msw_normalization,
+            progress=False,
+        )
         if self.accelerator.num_processes > 1:  # every rank must remove the same layers
             scores = broadcast_object_list([scores])[0]
         choice = self.args.target_choice_of()

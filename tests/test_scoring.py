@@ -170,6 +170,32 @@ def test_reference_values_from_own_hooks(family):
     assert min(scores.values) > 0
 
 
+def test_relative_msw_divides_each_batch_by_its_input_rms_and_can_change_the_ranking():
+    model = build("llama")
+    with torch.no_grad():  # layer 3's input becomes large; pre-norm, its update does not grow with it
+        find_layer_stacks(model)[0].layers[2].mlp.down_proj.weight.mul_(200.0)
+    pairs = captured_pairs(model, BATCHES)
+    search = DirectionSearch(seed=5)
+    totals = [0.0] * NUM_LAYERS
+    for batch_pairs in pairs:
+        for i, (x, y) in enumerate(batch_pairs):
+            rms = x.pow(2).mean().sqrt().item()
+            totals[i] += max_sliced_wasserstein(x, y, search=search, key=i).item() * x.shape[0] / rms
+    expected = [t / sum(len(r["input_ids"]) for r in ROWS) for t in totals]
+    relative = score_layers(
+        model, BATCHES, method="msw", normalization="input_rms", direction_search=DirectionSearch(seed=5), progress=False
+    )
+    raw = score_layers(model, BATCHES, method="msw", direction_search=DirectionSearch(seed=5), progress=False)
+    assert relative.values == pytest.approx(expected, rel=1e-5)
+    assert relative.ranking()[0] == 3 and raw.ranking()[0] != 3  # raw, the input's scale hides layer 3's small update
+    for method in ("block_influence", "angular"):  # scale-free already: the option changes nothing
+        assert score_layers(model, BATCHES, method=method, normalization="input_rms", progress=False).values == (
+            score_layers(model, BATCHES, method=method, progress=False).values
+        )
+    with pytest.raises(ValueError, match="unknown normalization 'l2': choose one of none, input_rms"):
+        score_layers(model, BATCHES, normalization="l2", progress=False)
+
+
 @pytest.mark.parametrize("family", ["bert", "llama"])
 @pytest.mark.parametrize("method", METHODS)
 def test_extra_padding_changes_nothing(family, method):

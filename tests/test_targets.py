@@ -534,3 +534,26 @@ def test_prune_then_fine_tune_is_a_target_schedule(tmp_path, trained_state, scor
     trained = dict(model.named_parameters())
     for name, weight in reference.named_parameters():
         torch.testing.assert_close(trained[name], weight, rtol=1e-5, atol=1e-6)
+
+
+def test_score_choice_ranks_by_the_penalty_normalisation(tmp_path):
+    """target_score=msw with msw_normalization=input_rms ranks by the relative distance the penalty uses, so a layer
+    whose input is large (but whose update is not) is not kept by its scale alone."""
+    from hf_collapse import find_layer_stacks, score_layers, select_lowest
+
+    data = lm_dataset(16)
+    model = tiny_llama(layers=4)
+    with torch.no_grad():
+        find_layer_stacks(model)[0].layers[2].mlp.down_proj.weight.mul_(200.0)  # layer 3's input becomes large
+    batches = [{k: torch.tensor(v) for k, v in data[:8].items() if k != "labels"}]
+    relative = select_lowest(score_layers(model, batches, method="msw", normalization="input_rms", progress=False), 1)
+    raw = select_lowest(score_layers(model, batches, method="msw", progress=False), 1)
+    assert relative == [3] and raw != relative
+    trainer = CollapseTrainer(
+        model=model, eval_dataset=data.select(range(8)), train_dataset=data,
+        args=config(tmp_path, max_steps=1, collapse_num_layers=1, target_choice="score", target_score="msw",
+                    msw_normalization="input_rms", target_choice_steps=0, msw_weight=0.0, msw_adaptive=False,
+                    target_choice_samples=8, per_device_eval_batch_size=8, per_device_train_batch_size=8),
+    )
+    trainer.train()
+    assert trainer.collapse_targets == relative
