@@ -31,11 +31,12 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.sections import OWNED_SECTIONS, replace_section
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-135m_causal-lm.yaml"
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
-SECTION_BEGIN = "<!-- gpu-recipe:begin (benchmarks/gpu_recipe.py writes this section) -->"
-SECTION_END = "<!-- gpu-recipe:end -->"
+SECTION_BEGIN, SECTION_END = OWNED_SECTIONS[0]
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -286,17 +287,7 @@ def results_section(result: dict) -> str:
 
 def update_results(path: Path, section: str) -> Path:
     """Replace the section between the markers in `path` (or append it); nothing else in the file changes."""
-    text = path.read_text() if path.is_file() else ""
-    begin, end = text.find(SECTION_BEGIN), text.find(SECTION_END)
-    if (begin == -1) != (end == -1) or end < begin:
-        raise ValueError(f"{path} has one gpu-recipe marker without the other: restore or delete both, then rerun")
-    if begin == -1:
-        text = text + ("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "") + section
-    else:
-        text = text[:begin] + section.rstrip("\n") + text[end + len(SECTION_END) :]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
+    return replace_section(path, SECTION_BEGIN, SECTION_END, section)
 
 
 def main(argv: list[str] | None = None) -> int:

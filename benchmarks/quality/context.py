@@ -137,7 +137,7 @@ class Context:
         model = hf_collapse.load_model(self.recipe, self.resolved, self.processor, self.data.label_names)
         return model.to(self.device)
 
-    def _arguments(self, seed: int, steps: int, penalty: bool, learning_rate=None, warmup_steps=None):
+    def _arguments(self, seed: int, steps: int, penalty: bool, learning_rate=None, warmup_steps=None, penalty_fields=None):
         study = self.study
         kwargs = dict(
             output_dir=str(self.tmp / "trainer"),
@@ -155,13 +155,13 @@ class Context:
             disable_tqdm=True,
         )
         if penalty:
-            return hf_collapse.CollapseConfig(
-                msw_weight=study.msw_weight, msw_warmup_steps=study.msw_warmup_steps, **kwargs
-            )
+            fields = {"msw_weight": study.msw_weight, "msw_warmup_steps": study.msw_warmup_steps, **(penalty_fields or {})}
+            return hf_collapse.CollapseConfig(**fields, **kwargs)
         return TrainingArguments(**kwargs)
 
     def fit(self, model, seed: int, steps: int, *, penalty: bool = False, callbacks=(), **schedule) -> float:
-        """Fine-tune `model` in place for `steps` optimizer steps; returns the wall time."""
+        """Fine-tune `model` in place for `steps` optimizer steps; returns the wall time. `schedule` may change the
+        learning rate and warm-up, and (`penalty_fields`) the CollapseConfig fields of a penalised run."""
         args = self._arguments(seed, steps, penalty, **schedule)
         trainer_class = hf_collapse.CollapseTrainer if penalty else Trainer
         trainer = trainer_class(

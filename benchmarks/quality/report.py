@@ -7,6 +7,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from benchmarks.sections import carry_sections
+
 from .arms import ARMS
 
 __all__ = ["aggregate", "load_results", "paired_differences", "write_report"]
@@ -329,13 +331,8 @@ def write_report(study_dirs: list[Path], results_md: Path, plot_dir: Path, root_
             sections.append(_study_section(config["study"]["name"], config, results, Path(plot_dir), prefix))
     results_md.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(sections)
-    # the GPU section belongs to benchmarks/gpu_recipe.py: carry it over unchanged
+    # the sections other scripts write (the GPU run, the default penalty) are carried over unchanged
     if results_md.is_file():
-        from benchmarks.gpu_recipe import SECTION_BEGIN, SECTION_END
-
-        old = results_md.read_text()
-        begin, end = old.find(SECTION_BEGIN), old.find(SECTION_END)
-        if begin != -1 and end != -1:
-            text = text.rstrip("\n") + "\n\n" + old[begin : end + len(SECTION_END)] + "\n"
+        text = carry_sections(results_md.read_text(), text, results_md)
     results_md.write_text(text)
     return results_md

@@ -1,0 +1,48 @@
+"""Sections of `benchmarks/RESULTS.md` that a script other than the quality report owns.
+
+Each lies between a begin and an end marker (HTML comments); its script replaces only that part of the file, and
+`python -m benchmarks.quality report`, which rewrites the file, carries every marked section over unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["OWNED_SECTIONS", "carry_sections", "replace_section"]
+
+# (begin, end) marker pairs, in the order the sections appear at the end of RESULTS.md
+OWNED_SECTIONS = (
+    ("<!-- gpu-recipe:begin (benchmarks/gpu_recipe.py writes this section) -->", "<!-- gpu-recipe:end -->"),
+    ("<!-- penalty-default:begin (benchmarks/penalty_default.py writes this section) -->", "<!-- penalty-default:end -->"),
+)
+
+
+def _span(text: str, begin: str, end: str, path) -> tuple[int, int] | None:
+    start, stop = text.find(begin), text.find(end)
+    if (start == -1) != (stop == -1) or stop < start:
+        name = begin.removeprefix("<!-- ").split(":")[0]
+        raise ValueError(f"{path} has one {name} marker without the other: restore or delete both, then rerun")
+    return None if start == -1 else (start, stop + len(end))
+
+
+def replace_section(path: str | Path, begin: str, end: str, section: str) -> Path:
+    """Replace the section between the markers in `path` (or append it); nothing else in the file changes."""
+    path = Path(path)
+    text = path.read_text() if path.is_file() else ""
+    span = _span(text, begin, end, path)
+    if span is None:
+        text = text + ("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "") + section
+    else:
+        text = text[: span[0]] + section.rstrip("\n") + text[span[1] :]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def carry_sections(old: str, new: str, path="RESULTS.md") -> str:
+    """`new` with every owned section of `old` appended unchanged."""
+    for begin, end in OWNED_SECTIONS:
+        span = _span(old, begin, end, path)
+        if span is not None:
+            new = new.rstrip("\n") + "\n\n" + old[span[0] : span[1]] + "\n"
+    return new
