@@ -8,6 +8,7 @@ static cache. The reference is always the original model with the layers bypasse
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import warnings
@@ -18,6 +19,7 @@ import pytest
 import torch
 from tiny_models import TINY_MODELS, TinyModel
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from hf_collapse.layers import bypass_layers, find_layer_stacks
 from hf_collapse.surgery import collapse_layers
@@ -251,6 +253,27 @@ def test_gemma3_periodic_pattern_is_replaced_by_layer_types(case):
         assert "sliding_window_pattern" not in saved
         text_config = case(family).reloaded.config.get_text_config(decoder=True)
         assert text_config.layer_types == [S, S, F]
+
+
+def test_gemma3_saved_by_transformers_5_loses_its_stale_period_too(tmp_path):
+    """transformers 5 writes the period as `_sliding_window_pattern`; a checkpoint it saved has no other key, and
+    collapsing it must not carry the old period (6) beside the sliced `layer_types` (converters read it)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=7, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=8,
+    )
+    Gemma3ForCausalLM(config).save_pretrained(tmp_path / "src")
+    assert '"_sliding_window_pattern": 6' in (tmp_path / "src" / "config.json").read_text()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "src")
+    expected = model.config.layer_types[:2] + model.config.layer_types[3:]
+    collapse_layers(model, [2])
+    model.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert not [key for key in saved if "sliding_window_pattern" in key]
+    assert saved["layer_types"] == expected and expected[4] == "full_attention"  # old layer 5, the sixth
 
 
 def test_qwen3_moe_layers_are_sparse_where_they_were(case):

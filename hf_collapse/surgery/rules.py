@@ -277,6 +277,8 @@ RULES: tuple[Rule, ...] = (
     # Qwen2/3-MoE: layer i is sparse iff (i + 1) % decoder_sparse_step == 0 and i not in mlp_only_layers.
     Rule("decoder_sparse_step", _explicit_sparse_layers, owns=("mlp_only_layers",)),
     Rule("sliding_window_pattern", _drop_periodic_pattern),  # Gemma3, Cohere2: legacy period of layer_types
+    # transformers 5 keeps that period as `_sliding_window_pattern` (and writes it so): a checkpoint it saved has no other
+    Rule("_sliding_window_pattern", _drop_periodic_pattern),
     Rule("scale_attn_by_inverse_layer_idx", _rescale_inverse_index_attention),  # GPT-2 family
     Rule("relative_attention_num_buckets", _move_relative_attention_bias),  # T5 family
     Rule("model_type", _keep_first_layer, when="modernbert"),  # layer 0 has no attn_norm
