@@ -415,7 +415,8 @@ def _cmd_evaluate(args) -> int:
     from .pipeline import latency_setup
     from .tasks import first_batch, task_evaluator
 
-    recipe, config, _ = _load(args.recipe, ["--collapse", "false", *args.overrides])
+    # the recipe as written (its collapse settings are checked, not used): evaluate works on every recipe that validates
+    recipe, config, _ = _load(args.recipe, args.overrides)
     resolved = resolve_model(recipe.model_name_or_path)
     processor = load_processor(recipe, resolved)
     data = load_task_data(recipe, processor)
@@ -586,9 +587,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+MESSAGE_MAX = 1000  # characters of an error's text that the one line keeps
+
+
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text
+    text = " ".join(str(error)[: 4 * MESSAGE_MAX].split()) or type(error).__name__
+    return text if len(text) <= MESSAGE_MAX else text[: MESSAGE_MAX - 3] + "..."
 
 
 if __name__ == "__main__":
