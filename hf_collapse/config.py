@@ -11,9 +11,20 @@ from .choice import LayerChoice, check_layer_list, check_num_layers, check_prote
 from .msw import NORMALIZATIONS, SEARCH_MODES
 from .scoring import SCORING_METHODS
 
-__all__ = ["CollapseConfig", "MSWArguments", "steps_of"]
+__all__ = ["MSW_WEIGHT_MAX", "CollapseConfig", "MSWArguments", "shown", "steps_of"]
 
+# The largest λ a config accepts (the adaptation never doubles it past this either). The paper used 0.1–9; far
+# above this bound the penalty swamps the task loss and λ · penalty can overflow the loss's float type.
+MSW_WEIGHT_MAX = 1e4
+SHOWN_MAX = 80
 TARGET_CHOICES = ("measured", "score", "post_hoc")
+
+
+def shown(value: object, limit: int = SHOWN_MAX) -> str:
+    """`repr(value)` cut to `limit` characters, for quoting a user's value in an error message (a value built from
+    YAML aliases can be huge; the message stays one short line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def steps_of(value: float, total: int) -> int:
@@ -225,11 +236,19 @@ class MSWArguments:
             value = getattr(self, name)
             ok = value is not None and math.isfinite(value) and (value > low if strict else value >= low)
             if not ok:
-                raise ValueError(f"{name} must be a number {'>' if strict else '>='} {low:g} (and finite), got {value}")
+                raise ValueError(
+                    f"{name} must be a number {'>' if strict else '>='} {low:g} (and finite), got {shown(value)}"
+                )
 
+        self._check_training_numbers()
         for name in ("msw_weight", "msw_adapt_tolerance", "distill_weight", "fade_steps", "target_choice_steps"):
             finite(name)
         finite("distill_temperature", strict=True)
+        if not self.msw_weight <= MSW_WEIGHT_MAX:
+            raise ValueError(
+                f"msw_weight must be at most {MSW_WEIGHT_MAX:g}, got {shown(self.msw_weight)}: a larger λ swamps the "
+                "task loss (the paper used 0.1–9)"
+            )
         if self.msw_search not in SEARCH_MODES:
             raise ValueError(f"msw_search must be one of {', '.join(SEARCH_MODES)}; got {self.msw_search!r}")
         if self.msw_num_projections < 1:
@@ -279,6 +298,33 @@ class MSWArguments:
             super().__post_init__()
         if self.has_target and getattr(self, "max_steps", 0) > 0:
             self.check_schedule(self.max_steps)
+
+    def _check_training_numbers(self) -> None:
+        """The `TrainingArguments` numbers the library relies on (when the class mixes them in), refused before any
+        model loads: transformers accepts several of them and fails later, or silently trains nothing."""
+        def number(name: str, low: float, strict: bool, what: str) -> None:
+            value = getattr(self, name, None)
+            if value is None:
+                return
+            ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > low if strict else value >= low)
+            if not ok:
+                raise ValueError(f"{name} must be {what}, got {shown(value)}")
+
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            number(name, 1, False, "at least 1")
+        number("learning_rate", 0, True, "a finite number above 0")
+        for name in ("num_train_epochs", "weight_decay", "warmup_steps"):
+            number(name, 0, False, "a finite number >= 0")
+        max_steps = getattr(self, "max_steps", None)
+        if max_steps is None:
+            return
+        if max_steps == 0:
+            raise ValueError("max_steps must be at least 1 (or -1 to train for num_train_epochs), got 0")
+        if max_steps < 0 and not getattr(self, "num_train_epochs", 0) > 0:
+            raise ValueError(
+                f"max_steps is {max_steps} (train by epochs) but num_train_epochs is "
+                f"{shown(getattr(self, 'num_train_epochs', None))}: set max_steps >= 1 or num_train_epochs above 0"
+            )
 
     def target_choice_of(self) -> LayerChoice:
         """The [`LayerChoice`] of the target depth: the given `collapse_layers`, or `collapse_num_layers` chosen by

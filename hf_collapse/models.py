@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import assets
 from .quantization import prepare_quantized, quantized_loading
@@ -34,6 +35,7 @@ __all__ = [
     "load_model",
     "load_saved_processor",
     "load_processor",
+    "looks_local",
     "remote_code_refused",
     "resolve_model",
     "saved_architecture",
@@ -86,7 +88,17 @@ def resolve_model(name: str) -> ResolvedModel:
         if name not in OFFLINE_MODELS:
             raise RecipeError(f"unknown offline model {name!r}: the offline models are {', '.join(OFFLINE_MODELS)}")
         return OFFLINE_MODELS[name]()
+    if looks_local(name) and not Path(name).expanduser().exists():
+        raise RecipeError(
+            f"cannot load the tokenizer and model of {name}: that path does not exist; give an existing folder, a Hub "
+            "id or an offline:... model"
+        )
     return ResolvedModel(name, name)
+
+
+def looks_local(name: str) -> bool:
+    """Whether a model name is written as a local path (not a Hub id `namespace/name`)."""
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name
 
 
 def remote_code_refused(name: str) -> RecipeError:

@@ -121,11 +121,6 @@ def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def _local_model_path(name: str) -> bool:
-    """Whether a model name that does not exist on disk was meant as a local path (not a Hub id)."""
-    return name.startswith(("/", "./", "../", "~", ".\\")) or name.count("/") > 1 or "\\" in name
-
-
 def preflight(recipe: RecipeArguments, config: CollapseConfig, *, train: bool = True) -> None:
     """Every refusal that needs neither the weights nor the data rows, before anything is loaded or written.
 
@@ -141,12 +136,7 @@ def preflight(recipe: RecipeArguments, config: CollapseConfig, *, train: bool = 
     name = recipe.model_name_or_path
     resolved = resolve_model(name)
     source = Path(resolved.path).expanduser()
-    local = source.exists()
-    if not local and not name.startswith("offline:") and _local_model_path(name):
-        raise RecipeError(
-            f"cannot load the tokenizer and model of {name}: that path does not exist; give an existing folder, a Hub id "
-            "or an offline:... model"
-        )
+    local = source.exists()  # resolve_model refused a local path that does not exist
     if local and source.is_dir() and not (source / "config.json").is_file():
         raise RecipeError(f"model folder {name} has no config.json: point model_name_or_path at a saved transformers model")
     export_dir = Path(recipe.export_dir) if recipe.export_dir else Path(config.output_dir) / "collapsed"

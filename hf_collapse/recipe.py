@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
-from .config import CollapseConfig
+from .config import CollapseConfig, shown
 from .data import OFFLINE_DATASETS, TASKS
 from .choice import SELECTION_STRATEGIES, LayerChoice, check_candidates, check_tolerance
 from .scoring import SCORING_METHODS
@@ -266,6 +266,11 @@ class RecipeArguments:
             raise RecipeError(f"{bits} needs bitsandbytes, which is not installed: pip install 'hf-collapse[qlora]'")
 
 
+# A recipe is a few dozen values; a document that expands (through YAML aliases) to more nodes than this is refused
+# before it is built, so that an alias bomb costs neither memory nor time.
+YAML_MAX_NODES = 100_000
+
+
 class _StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader (plain data only, no Python objects) that refuses a key given twice in one mapping;
     plain PyYAML keeps the last value silently."""
@@ -280,7 +285,8 @@ class _StrictLoader(yaml.SafeLoader):
                 hashable = False
             if hashable:
                 raise RecipeError(
-                    f"the recipe sets {key!r} twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); keep one"
+                    f"the recipe sets {shown(key)} twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                    "keep one"
                 )
             try:
                 seen[key] = key_node.start_mark.line
@@ -289,14 +295,60 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """How many nodes ``root`` holds once every alias is expanded, counted on the node graph (each distinct node once,
+    so the count costs as little as the file); stops as soon as it passes ``limit``. Refuses a node that contains
+    itself."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise RecipeError("the recipe holds a YAML alias that refers to itself: write the values out")
+        open_nodes.add(id(node))
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        else:
+            children = []
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    return size(root)
+
+
 def read_yaml(path: Path):
-    """The YAML document in ``path``, read safely, with duplicate keys refused (RecipeError)."""
+    """The YAML document in ``path``, read safely, with duplicate keys and documents that expand (through aliases) to
+    more than `YAML_MAX_NODES` values refused (RecipeError)."""
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+        loader = _StrictLoader(path.read_text(encoding="utf-8"))
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            if _expanded_size(node, YAML_MAX_NODES) > YAML_MAX_NODES:
+                raise RecipeError(
+                    f"recipe file {path} expands to more than {YAML_MAX_NODES:,} values through YAML aliases (&anchor / "
+                    "*alias): a recipe is a flat mapping of a few fields; write the values out"
+                )
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
     except yaml.YAMLError as error:
-        raise RecipeError(f"recipe file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        raise RecipeError(f"recipe file {path} is not valid YAML: {shown(str(error).splitlines()[0], 200)}") from None
     except UnicodeDecodeError:
         raise RecipeError(f"recipe file {path} is not UTF-8 text: save it as UTF-8 YAML") from None
+    except RecursionError:
+        raise RecipeError(f"recipe file {path} nests its values too deeply: a recipe is a flat mapping of fields") from None
 
 
 def make_parser() -> HfArgumentParser:
@@ -311,19 +363,25 @@ def make_parser() -> HfArgumentParser:
 
 
 def _as_default(action, value: Any) -> Any:
-    """A YAML value as argparse would have read it from the command line (so types are checked alike)."""
+    """A YAML value as argparse would have read it from the command line (so types are checked alike). A field that
+    takes a list also takes one plain value (`collapse_layers: 1`, `dataset_files: data.csv`) as a one-item list."""
     if value is None:
         return None
-    if isinstance(value, dict):
+    takes_list = action.nargs in ("+", "*")
+    if isinstance(value, dict) and not takes_list:
         return json.dumps(value)
-    if isinstance(value, list):
-        if action.nargs not in ("+", "*"):
-            raise RecipeError(f"{action.dest} takes one value, not a list: {value}")
+    if isinstance(value, list) or takes_list:
+        if not takes_list:
+            raise RecipeError(f"{action.dest} takes one value, not a list: {shown(value)}")
+        items = value if isinstance(value, list) else [value]
         convert = action.type or str
         try:
-            return [convert(str(v)) for v in value]
+            if any(isinstance(v, (list, dict)) for v in items):
+                raise TypeError
+            return [convert(str(v)) for v in items]
         except (TypeError, ValueError):
-            raise RecipeError(f"{action.dest}: cannot read {value} as a list of {getattr(convert, '__name__', convert)}") from None
+            kind = getattr(convert, "__name__", "value")
+            raise RecipeError(f"{action.dest}: cannot read {shown(value)} as a list of {kind}") from None
     return str(value)
 
 
@@ -376,7 +434,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             if key not in actions:
                 close = difflib.get_close_matches(str(key), list(actions), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise RecipeError(f"unknown key {key!r} in {path}{hint}")
+                raise RecipeError(f"unknown key {shown(key)} in {path}{hint}")
         defaults = {key: _as_default(actions[key], value) for key, value in values.items()}
         parser.set_defaults(**defaults)
         for key in values:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
-from .config import MSWArguments, steps_of
+from .config import MSW_WEIGHT_MAX, MSWArguments, steps_of
 
 __all__ = ["Adaptation", "ScheduleEntry", "TargetChoice", "TargetSchedule", "TrainingRecord", "entry_from_dict"]
 
@@ -240,8 +240,8 @@ class TargetSchedule:
         if drift > self.adapt_tolerance:
             self.weight /= 2
             event = "halved: the task loss rose"
-        elif cost > self.adapt_tolerance:
-            self.weight *= 2
+        elif cost > self.adapt_tolerance and self.weight < MSW_WEIGHT_MAX:
+            self.weight = min(2 * self.weight, MSW_WEIGHT_MAX)
             event = "doubled: bypassing the targets still costs too much"
         entry = Adaptation(step=step, event=event, weight=self.weight, bypass_cost=cost, loss_drift=drift)
         self.entries.append(entry)

@@ -408,7 +408,7 @@ class MSWPenaltyMixin:
             if key in penalised and not math.isfinite(value):
                 raise FloatingPointError(
                     f"the MSW penalty of {key} is {value} at step {self.state.global_step}: that layer's input or "
-                    "output holds NaN/Inf. Training stopped before the optimizer step so the weights stay finite; "
+                    "output holds NaN/Inf. Training stopped before the optimizer step, so this step changed no weight; "
                     "lower the learning rate or msw_weight, or use bf16 instead of fp16."
                 )
             self._msw_metrics[mode][f"msw/{key}"].append(value)
@@ -421,6 +421,12 @@ class MSWPenaltyMixin:
             self._msw_metrics[mode]["msw/penalty"].append(0.0)
             return None
         mean_value = sum(floats[keys.index(k)] for k in chosen) / len(chosen)
+        if mode == "train" and weight and not abs(weight * mean_value) <= torch.finfo(torch.float32).max:
+            raise FloatingPointError(
+                f"λ × MSW penalty is {weight:g} × {mean_value:g} at step {self.state.global_step}, beyond what a float32 "
+                "loss can hold: training stopped before the optimizer step, so this step changed no weight; lower "
+                "msw_weight (or the learning rate)"
+            )
         self._msw_metrics[mode]["msw/mean"].append(mean_value)
         self._msw_metrics[mode]["msw/penalty"].append(weight * mean_value)
         if mode != "train" or weight == 0:
