@@ -97,6 +97,19 @@ def test_lambda_is_halved_on_drift_doubled_on_cost_and_kept_otherwise(full, cost
     assert schedule.entries[0].evaluations == 1  # the reference loss
 
 
+def test_doubling_stops_at_the_documented_bound():
+    from hf_collapse.config import MSW_WEIGHT_MAX
+
+    schedule = TargetSchedule(0.6 * MSW_WEIGHT_MAX, targets=[1], choice_steps=1, adaptive=True, adapt_steps=2,
+                              adapt_tolerance=0.02)
+    losses = FakeLosses(full=1.0, cost=0.5)  # bypassing always costs too much: every adaptation wants to double
+    made = run(schedule, 12, losses)
+    events = [(entry.event.split(":")[0], entry.weight) for entry in made.values() if isinstance(entry, Adaptation)]
+    assert events[0] == ("doubled", MSW_WEIGHT_MAX)  # 1.2 x the bound is cut to the bound
+    assert events[1:] and all(event == ("kept", MSW_WEIGHT_MAX) for event in events[1:])
+    assert schedule.weight == MSW_WEIGHT_MAX
+
+
 def test_a_zero_lambda_never_adapts_and_each_step_advances_once():
     schedule = TargetSchedule(0.0, targets=[1], adaptive=True, adapt_steps=1)
     assert run(schedule, 5, FakeLosses()).keys() == {0}
