@@ -146,6 +146,9 @@ _HELD: dict[Path, list] = {}  # lock file -> [open file descriptor, depth]: a pr
 class OutputLock:
     """Hold ``out`` for one writer: a lock file beside it (`fcntl.flock`, never waiting), removed on release.
 
+    A process killed while holding it leaves the file behind, unlocked (the kernel drops the lock): the next run
+    takes it and removes it.
+
     A second process that asks for the same folder gets [`OutputBusyError`] at once; the same process may take the
     lock again (the export inside a CLI command that holds it already).
     """
@@ -160,9 +163,8 @@ class OutputLock:
             held[1] += 1
             return self
         self.created = [p for p in [self.out.parent, *self.out.parent.parents] if not p.exists()]
-        self.out.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as error:
@@ -193,6 +195,17 @@ class OutputLock:
             finally:
                 os.close(held[0])
             self._remove_created()
+
+    def _open(self) -> int:
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            self._remove_created()
+            raise PermissionError(
+                f"cannot write the export next to {self.out}: {error.strerror or error}; choose a folder you can "
+                "write to"
+            ) from error
 
     def _remove_created(self) -> None:
         """Remove the parent folders this lock created that are still empty (a run refused before writing)."""
