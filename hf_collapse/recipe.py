@@ -178,7 +178,7 @@ class RecipeArguments:
     export_repo_id: str | None = field(
         default=None, metadata={"help": "Hub repo the export is meant for (used in the card's loading snippet)."}
     )
-    overwrite_export: bool = field(default=False, metadata={"help": "Replace a non-empty export_dir."})
+    overwrite_export: bool = field(default=False, metadata={"help": "Replace export_dir when it holds a previous hf-collapse export."})
     trust_remote_code: bool = field(
         default=False,
         metadata={"help": "Load a checkpoint that needs its own Python code (an auto_map in its config), running that "
