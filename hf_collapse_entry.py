@@ -39,7 +39,7 @@ def make_parser() -> argparse.ArgumentParser:
         epilog="Any recipe field may follow as --field value (e.g. --max_eval_samples 500).",
     )
     collapse.add_argument("src", help="Source checkpoint: local folder, Hub id or offline:... alias. Never modified.")
-    collapse.add_argument("out", help="Output folder (must be empty or absent unless --overwrite).")
+    collapse.add_argument("out", help="Output folder of its own (must be empty or absent unless --overwrite).")
     how = collapse.add_mutually_exclusive_group(required=True)
     how.add_argument("--layers", help="Comma-separated 0-based layers to remove, e.g. 1,2.")
     how.add_argument("--num-layers", type=int, help="Remove this many layers, chosen by score and validation metric.")
@@ -48,7 +48,7 @@ def make_parser() -> argparse.ArgumentParser:
     collapse.add_argument("--recipe", help="Recipe YAML whose data and task settings to use.")
     collapse.add_argument("--task", help="Task, when no recipe gives it (text-classification, causal-lm, image-classification).")
     collapse.add_argument("--method", help="Layer score: msw, block_influence or angular.")
-    collapse.add_argument("--overwrite", action="store_true", help="Replace a non-empty OUT.")
+    collapse.add_argument("--overwrite", action="store_true", help="Replace OUT when it holds a previous hf-collapse export.")
     collapse.add_argument(
         "--trust-remote-code", action="store_true",
         help="Load a SRC that needs its own Python code (auto_map), running that code; only for code you have read.",

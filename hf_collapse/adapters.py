@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .layers import LayerStack, find_layer_stacks, unwrap_model
+from .paths import check_tree_inside
 
 __all__ = ["check_adapter_fits", "remap_adapter"]
 
@@ -413,6 +414,7 @@ def remap_adapter(adapter_dir: str | Path, model: nn.Module, out_dir: str | Path
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if out_dir.resolve() == adapter_dir.resolve():
         raise ValueError(f"out_dir is the adapter folder itself ({adapter_dir}): write the copy to another folder")
+    check_tree_inside(adapter_dir)  # its files are copied into out_dir: none may come from outside it
     config = _read_config(adapter_dir)
     _refuse_type(config)
     weights_path = _weights_path(adapter_dir)

@@ -76,24 +76,35 @@ class _Outputs:
 
 
 def _fingerprint(path: Path) -> object:
-    """What is in ``path`` (and the hidden staging folders next to it): names, sizes and modification times."""
-    if not path.exists():
+    """What is in ``path`` (and the hidden staging folders next to it): names, sizes and modification times.
+
+    Links are described, never followed (a dangling one is an entry like any other)."""
+    from .paths import sibling_prefix
+
+    if not path.exists() and not path.is_symlink():
         entries = None
-    elif path.is_dir():
+    elif path.is_dir() and not path.is_symlink():
         entries = sorted(
-            (p.relative_to(path).as_posix(), p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
+            (p.relative_to(path).as_posix(), p.lstat().st_size if p.is_file() else -1, p.lstat().st_mtime_ns)
             for p in path.rglob("*")
         )
     else:
-        entries = (path.stat().st_size, path.stat().st_mtime_ns)
-    siblings = sorted(p.name for p in path.parent.glob(f".{path.name}.*")) if path.parent.is_dir() else []
+        entries = (path.lstat().st_size, path.lstat().st_mtime_ns)
+    prefix = sibling_prefix(path)
+    siblings = sorted(
+        p.name for p in path.parent.glob(f"{prefix}.*") if p.suffix in (".partial", ".old")
+    ) if path.parent.is_dir() else []
     return entries, siblings
 
 
-def _load(recipe_path: str | None, overrides: list[str]):
+def _load(recipe_path: str | None, overrides: list[str], *, check_collapse: bool = True):
+    from .paths import check_output_folder
     from .recipe import load_recipe
 
-    recipe, config, resolved = load_recipe(recipe_path, overrides)
+    recipe, config, resolved = load_recipe(recipe_path, overrides, check_collapse=check_collapse)
+    check_output_folder(config.output_dir, "output_dir")  # before watching it: '/' would be walked whole
+    if recipe.export_dir:
+        check_output_folder(recipe.export_dir, "export_dir")
     _Outputs.watch(config.output_dir, recipe.export_dir)
     return recipe, config, resolved
 
@@ -172,9 +183,12 @@ def _cmd_score(args) -> int:
 
 
 def _check_collapse_paths(src: str, out: str) -> None:
-    """Refuse an OUT that is, contains or lies inside a local SRC before anything is created."""
+    """Refuse an OUT that is a symlink, a broad target (`/`, home, the working directory or a parent of it), or that
+    is, contains or lies inside a local SRC, and a SRC holding links that lead out of it, before anything is created."""
     from .models import resolve_model
+    from .paths import check_output_folder, check_tree_inside
 
+    check_output_folder(out)
     source = Path(resolve_model(src).path)
     if not source.exists():
         return
@@ -184,13 +198,24 @@ def _check_collapse_paths(src: str, out: str) -> None:
             f"the output folder {out} overlaps the source checkpoint {src}: choose an output folder outside it "
             "(the source is never modified)"
         )
+    if source.is_dir():
+        check_tree_inside(source)  # tokenizer files, code files, module folders: all copied from here
 
 
 def _cmd_collapse(args) -> int:
+    from .paths import OutputLock, check_replaceable
+
+    _check_collapse_paths(args.src, args.out)
+    with OutputLock(args.out):  # a second run to the same OUT is refused at once, before any work
+        if args.overwrite:
+            check_replaceable(args.out)
+        _Outputs.watch(args.out)
+        return _collapse(args)
+
+
+def _collapse(args) -> int:
     from .pipeline import run_recipe
 
-    _Outputs.watch(args.out)
-    _check_collapse_paths(args.src, args.out)
     overrides = ["--model_name_or_path", args.src, "--export_dir", args.out, "--collapse", "true"]
     if args.layers is not None:
         try:
@@ -346,8 +371,8 @@ def _cmd_evaluate(args) -> int:
     from .pipeline import latency_setup
     from .tasks import first_batch, task_evaluator
 
-    # the recipe as written (its collapse settings are checked, not used): evaluate works on every recipe that validates
-    recipe, config, _ = _load(args.recipe, args.overrides)
+    # evaluate removes nothing: the recipe's collapse settings are neither needed nor used, so every recipe works
+    recipe, config, _ = _load(args.recipe, args.overrides, check_collapse=False)
     resolved = resolve_model(recipe.model_name_or_path)
     processor = load_processor(recipe, resolved)
     data = load_task_data(recipe, processor)
@@ -492,6 +517,7 @@ def run(args: argparse.Namespace) -> int:
     import pickle
 
     from .hub import PushError, PushNotStartedError
+    from .paths import OutputBusyError
     from .recipe import RecipeError
 
     _Outputs.reset()
@@ -499,7 +525,7 @@ def run(args: argparse.Namespace) -> int:
         return _COMMANDS[args.verb](args)
     except (
         CliError, RecipeError, OSError, ValueError, ModuleNotFoundError, FloatingPointError, pickle.UnpicklingError,
-        PushError,
+        PushError, OutputBusyError,
     ) as error:
         written = _Outputs.written()
         message = _one_line(error)

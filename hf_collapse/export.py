@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from .card import CARD_FILE, PLOT_FILE, recipe_yaml, write_card
 from .layers import find_layer_stacks, unwrap_model
 from .manifest import refresh_manifest, write_manifest
 from .models import check_head_trained
+from .paths import OutputLock, check_output_folder, check_replaceable, inside_source, sibling_prefix
 from .quantization import is_quantized, refuse_quantized_export
 from .report import AUTO_CLASS_BY_PIPELINE_TAG, CollapseReport
 from .sbert import read_layout, write_layout
@@ -78,8 +78,9 @@ def export_collapsed(
         report ([`CollapseReport`]): what the collapse did; checked against the model's layer and parameter counts.
         processing_class (*optional*): the tokenizer or processor to save with the model.
         repo_id (`str`, *optional*): the Hub repo the folder is meant for; the card's loading snippet uses it.
-        overwrite (`bool`, defaults to `False`): replace an existing non-empty ``out_dir``. The old folder
-            is kept until the new one is complete, then deleted.
+        overwrite (`bool`, defaults to `False`): replace an existing non-empty ``out_dir`` that holds a previous
+            hf-collapse export (its `collapse_report.json`); any other folder is refused. The old folder is kept until
+            the new one is complete, then deleted.
         source (`str` or `os.PathLike`, *optional*): the checkpoint the model was loaded from (a folder or Hub
             id), read for sentence-transformers files; defaults to `model.config._name_or_path`.
 
@@ -87,8 +88,11 @@ def export_collapsed(
         `Path`: the absolute path of the export.
 
     Raises:
-        `FileExistsError`: ``out_dir`` exists, is not empty and ``overwrite`` is `False`.
-        `ValueError`: the report does not describe this model, the model still carries adapters, ``out_dir``
+        `FileExistsError`: ``out_dir`` exists, is not empty and ``overwrite`` is `False` (or it holds files no export
+            wrote).
+        [`OutputBusyError`]: another process is writing ``out_dir``.
+        `ValueError`: ``out_dir`` is a symlink or a broad target (`/`, home, the working directory or a parent of
+            it), the report does not describe this model, the model still carries adapters, ``out_dir``
             overlaps the source checkpoint, or the source is a sentence-transformers model with a module that
             cannot be carried through a collapse (named in the message).
         [`UntrainedHeadError`]: the model has a newly initialised head that was never trained.
@@ -101,31 +105,45 @@ def export_collapsed(
     layout = read_layout(source) if source else None
     if layout is not None:
         report = _sentence_transformers_report(inner, report, layout)
-    out = Path(out_dir).absolute()
+    out = check_output_folder(out_dir)
     _check_not_source(inner, out)
-    clear_stale(out)  # before the checks below: a restored old export counts as existing
+    with OutputLock(out):  # one writer per folder: a second run is refused, never silently replaced
+        clear_stale(out)  # before the checks below: a restored old export counts as existing
+        _check_target(out, overwrite)
+        staging = _staging_folder(out)
+        try:
+            _write_folder(staging, out, inner, report, processing_class, layout, repo_id, source)
+            _check_target(out, overwrite)  # again: a folder created meanwhile by someone else is not replaced
+            _move_into_place(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return out
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder: choose another output path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if overwrite:
+        check_replaceable(out)
+    elif out.is_dir() and any(out.iterdir()):
         raise FileExistsError(
             f"{out} already exists and is not empty: choose another folder or pass overwrite=True to replace it"
         )
 
-    staging = _staging_folder(out)
-    try:
-        _write_folder(staging, out, inner, report, processing_class, layout, repo_id, source)
-        _move_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
-
 
 def _staging_folder(out: Path) -> Path:
-    """A new hidden folder next to ``out`` to write the export in."""
+    """A new hidden folder next to ``out`` to write the export in (a short name, whatever the length of ``out``'s;
+    created with the umask's permissions, as the export folder will have them)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        while True:
+            staging = out.parent / f"{sibling_prefix(out)}.{uuid.uuid4().hex[:8]}.partial"
+            try:
+                os.mkdir(staging)
+                break
+            except FileExistsError:
+                continue
     except OSError as error:
         raise PermissionError(
             f"cannot write the export next to {out}: {error.strerror or error}; choose a folder you can write to"
@@ -229,7 +247,9 @@ def _remote_code_report(model: nn.Module, processing_class, report: CollapseRepo
     source_dir = Path(source) if source and Path(str(source)).is_dir() else None
     for module in sorted(modules):
         file = f"{module.replace('.', '/')}.py"
+        inside_source(staging, file, f"the export's auto_map module {module!r}")  # e.g. '..x' would name '//x.py'
         if not (staging / file).is_file() and source_dir is not None and (source_dir / file).is_file():
+            inside_source(source_dir, file, "the code file")
             (staging / file).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source_dir / file, staging / file)
         if not (staging / file).is_file():
@@ -348,9 +368,9 @@ def _alive(pid: int) -> bool:
 def clear_stale(out: str | os.PathLike) -> list[str]:
     """Clean up what an interrupted [`export_collapsed`] to ``out`` left next to it; returns what was done.
 
-    - a hidden staging folder (`.OUT.xxxxxxxx.partial`) whose writer is no longer running is deleted (a live
+    - a hidden staging folder (`.hfc-HASH.xxxxxxxx.partial`, HASH from OUT's name, see `paths.sibling_prefix`) whose writer is no longer running is deleted (a live
       writer's is left alone);
-    - a retired copy of an old export (`.OUT.xxxxxxxx.old`, from a kill between the two renames of a replacement)
+    - a retired copy of an old export (`.hfc-HASH.xxxxxxxx.old`, from a kill between the two renames of a replacement)
       is deleted when ``out`` exists, and renamed back to ``out`` when it does not (the old export is restored).
     Each action is logged as a warning.
     """
@@ -358,10 +378,10 @@ def clear_stale(out: str | os.PathLike) -> list[str]:
     if not out.parent.is_dir():
         return []
     done = []
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.[A-Za-z0-9_]{{8}}\.(partial|old)$")
+    pattern = re.compile(rf"^{re.escape(sibling_prefix(out))}\.[A-Za-z0-9_]{{8}}\.(partial|old)$")
     for path in sorted(out.parent.iterdir()):
         match = pattern.match(path.name)
-        if not match or not path.is_dir():
+        if not match or path.is_symlink() or not path.is_dir():
             continue
         if match.group(1) == "partial":
             marker = path / _STAGING_MARKER
@@ -391,7 +411,7 @@ def _move_into_place(staging: Path, out: Path) -> None:
     if not out.exists():
         os.rename(staging, out)
         return
-    retired = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
+    retired = out.parent / f"{sibling_prefix(out)}.{uuid.uuid4().hex[:8]}.old"
     os.rename(out, retired)
     try:
         os.rename(staging, out)

@@ -17,6 +17,7 @@ from .export import export_collapsed
 from .hub import take_hub_push
 from .lmeval import LmEvalError, benchmark_results, check_lm_eval_tasks, run_lm_eval, sample_limit
 from .models import remote_code_refused, resolve_model
+from .paths import check_output_folder, check_replaceable, inside
 from .post import collapse_model, heal, selection_sentence
 from .recipe import RecipeArguments, RecipeError, layer_choice
 from .sentence_recipe import SentenceEmbeddingTask, check_sentence_recipe
@@ -147,16 +148,7 @@ def preflight(recipe: RecipeArguments, config: CollapseConfig, *, train: bool = 
                     f"{what} {path} overlaps the source checkpoint {source}: write to a separate folder so the source "
                     "stays untouched"
                 )
-    if Path(config.output_dir).exists() and not Path(config.output_dir).is_dir():
-        raise RecipeError(f"output_dir {config.output_dir} exists and is not a folder: choose another path")
-    if recipe.collapse:
-        if export_dir.exists() and not export_dir.is_dir():
-            raise RecipeError(f"export_dir {export_dir} exists and is not a folder: choose another path")
-        if export_dir.is_dir() and any(export_dir.iterdir()) and not recipe.overwrite_export:
-            raise RecipeError(
-                f"export_dir {export_dir} already exists and is not empty: choose another folder, or set "
-                "overwrite_export: true to replace it once the new export is complete"
-            )
+    _check_output_folders(recipe, Path(config.output_dir), export_dir)
     if recipe.lm_eval_tasks:
         _check_lm_eval(recipe)
     if recipe.task == "sentence-embedding":
@@ -189,6 +181,37 @@ def preflight(recipe: RecipeArguments, config: CollapseConfig, *, train: bool = 
             f"max_length {recipe.max_length} is above the model's position limit of {limit} tokens "
             f"(max_position_embeddings): lower max_length to {limit} or less"
         )
+
+
+def _check_output_folders(recipe: RecipeArguments, output_dir: Path, export_dir: Path) -> None:
+    """The output and export folders: real folders of their own (no symlink, no broad target); the export neither is
+    nor holds the output folder (replacing it would delete the checkpoints); a non-empty export is replaced only with
+    `overwrite_export` and only when it is a previous export."""
+    try:
+        check_output_folder(output_dir, "output_dir")
+        if output_dir.exists() and not output_dir.is_dir():
+            raise RecipeError(f"output_dir {output_dir} exists and is not a folder: choose another path")
+        if not recipe.collapse:
+            return
+        check_output_folder(export_dir, "export_dir")
+        if export_dir.absolute().resolve() == output_dir.absolute().resolve() or inside(output_dir, export_dir):
+            raise RecipeError(
+                f"export_dir {export_dir} is or holds output_dir {output_dir}, where the checkpoints are written: "
+                "give the export a folder of its own (by default it is <output_dir>/collapsed)"
+            )
+        if export_dir.exists() and not export_dir.is_dir():
+            raise RecipeError(f"export_dir {export_dir} exists and is not a folder: choose another path")
+        if export_dir.is_dir() and any(export_dir.iterdir()) and not recipe.overwrite_export:
+            raise RecipeError(
+                f"export_dir {export_dir} already exists and is not empty: choose another folder, or set "
+                "overwrite_export: true to replace it once the new export is complete"
+            )
+        if recipe.overwrite_export:
+            check_replaceable(export_dir)
+    except (ValueError, FileExistsError) as error:
+        if isinstance(error, RecipeError):
+            raise
+        raise RecipeError(str(error)) from None
 
 
 def _check_lm_eval(recipe: RecipeArguments) -> None:

@@ -178,7 +178,7 @@ class RecipeArguments:
     export_repo_id: str | None = field(
         default=None, metadata={"help": "Hub repo the export is meant for (used in the card's loading snippet)."}
     )
-    overwrite_export: bool = field(default=False, metadata={"help": "Replace a non-empty export_dir."})
+    overwrite_export: bool = field(default=False, metadata={"help": "Replace export_dir when it holds a previous hf-collapse export."})
     trust_remote_code: bool = field(
         default=False,
         metadata={"help": "Load a checkpoint that needs its own Python code (an auto_map in its config), running that "
@@ -408,8 +408,13 @@ def _current_names(values: dict, actions: dict) -> dict:
     return renamed
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> tuple[RecipeArguments, CollapseConfig, dict]:
+def load_recipe(
+    path: str | Path | None, overrides: list[str] | None = None, *, check_collapse: bool = True
+) -> tuple[RecipeArguments, CollapseConfig, dict]:
     """Parse a recipe file plus command-line overrides.
+
+    With `check_collapse=False` (for `hf-collapse evaluate`, which removes nothing) the collapse settings are not
+    required to name a layer choice; every other field is checked as usual.
 
     Returns:
         `(recipe, config, resolved)`: the two dataclasses and the resolved recipe (the keys given in the file
@@ -451,7 +456,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         close = difflib.get_close_matches(flag.lstrip("-").replace("-", "_"), list(actions), n=1)
         hint = f" (did you mean --{close[0]}?)" if close else ""
         raise RecipeError(f"unknown option {flag}{hint}")
-    check_choice(recipe, config)
+    if check_collapse:
+        check_choice(recipe, config)
     given = set(values) | {arg[2:].split("=")[0].replace("-", "_") for arg in overrides if arg.startswith("--")}
     return recipe, config, resolved_recipe(recipe, config, given)
 

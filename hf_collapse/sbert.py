@@ -20,6 +20,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .paths import check_tree_inside, inside_source
+
 __all__ = ["SentenceTransformersLayout", "read_layout", "write_layout"]
 
 MODULES_FILE = "modules.json"
@@ -95,7 +97,7 @@ def read_layout(source: str | os.PathLike) -> SentenceTransformersLayout | None:
     folder = _local_folder(source)
     if folder is None or not (folder / MODULES_FILE).is_file():
         return None
-    modules = json.loads((folder / MODULES_FILE).read_text(encoding="utf-8"))
+    modules = _read_modules(folder, source)
     for entry in modules:
         type_ref, name = entry.get("type", ""), _class_name(entry.get("type", ""))
         where = f"{source} is a sentence-transformers model whose module {entry.get('name')!r} ({type_ref})"
@@ -120,10 +122,35 @@ def read_layout(source: str | os.PathLike) -> SentenceTransformersLayout | None:
             )
     if [_class_name(e["type"]) for e in modules].count("Transformer") != 1:
         raise ValueError(f"{source}: modules.json must list exactly one Transformer module for hf-collapse to collapse it")
-    settings = folder / SETTINGS_FILES[0]
+    settings = inside_source(folder, SETTINGS_FILES[0], "the sentence-transformers settings file")
+    inside_source(folder, SETTINGS_FILES[1], "the sentence-transformers settings file")
     max_seq_length = json.loads(settings.read_text(encoding="utf-8")).get("max_seq_length") if settings.is_file() else None
     normalizes = _class_name(modules[-1]["type"]) == "Normalize"
     return SentenceTransformersLayout(folder, modules, max_seq_length, normalizes)
+
+
+def _read_modules(folder: Path, source) -> list[dict]:
+    """The entries of `modules.json`, checked: a list of objects whose `path` (a folder to copy) stays inside the
+    checkpoint folder, links included, and holds no link that leads out of it."""
+    file = inside_source(folder, MODULES_FILE, "the sentence-transformers module list")
+    try:
+        modules = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(f"{file} is not valid JSON ({error}): fix or remove it") from None
+    if not isinstance(modules, list) or not all(isinstance(e, dict) and isinstance(e.get("type", ""), str) for e in modules):
+        raise ValueError(
+            f"{file} must be a list of modules (objects with 'name', 'path' and 'type'), as sentence-transformers "
+            f"writes it; it holds a {type(modules).__name__}: fix or remove it"
+        )
+    for entry in modules:
+        path = entry.get("path", "")
+        if not isinstance(path, str):
+            raise ValueError(f"{file}: module {entry.get('name')!r} has a path that is not a string: {path!r}")
+        if path:
+            module = inside_source(folder, path, f"{MODULES_FILE} module {entry.get('name')!r}")
+            if module.is_dir():
+                check_tree_inside(module, folder)
+    return modules
 
 
 def write_layout(layout: SentenceTransformersLayout, folder: str | os.PathLike) -> list[str]:

@@ -215,3 +215,12 @@ def test_remap_refuses_an_uncollapsed_model_and_its_own_folder(tmp_path):
         remap_adapter(tmp_path / "full", collapsed(), tmp_path / "full")
     with pytest.raises(ValueError, match="is not a PEFT adapter folder"):
         remap_adapter(tmp_path, collapsed(), tmp_path / "out")
+
+
+def test_remap_refuses_an_adapter_folder_with_a_link_out_of_it(tmp_path):
+    save_adapter(ADAPTERS["lora"], tmp_path / "full")
+    (tmp_path / "secret.txt").write_text("HF_TOKEN=hf_do_not_leak")
+    (tmp_path / "full" / "NOTES.md").symlink_to(tmp_path / "secret.txt")  # would be copied with the adapter's files
+    with pytest.raises(ValueError, match=r"NOTES\.md is a symlink to .*secret\.txt, outside the checkpoint folder"):
+        remap_adapter(tmp_path / "full", collapsed(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -267,11 +267,17 @@ def test_non_empty_destination_is_refused_then_replaced_with_overwrite(tmp_path,
     (out / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="overwrite=True"):
         export_collapsed(model, out, report=report, processing_class=tokenizer)
+    # overwrite replaces a previous export only: a folder of someone else's files is refused too (issue 24)
+    with pytest.raises(FileExistsError, match="not an hf-collapse export"):
+        export_collapsed(model, out, report=report, processing_class=tokenizer, overwrite=True)
     assert file_hashes(out) == {"notes.txt": hashlib.sha256(b"keep me").hexdigest()}
 
+    (out / "notes.txt").unlink()
+    export_collapsed(model, out, report=report, processing_class=tokenizer)
+    (out / "model.safetensors").write_bytes(b"stale")  # a previous export, now replaced whole
     export_collapsed(model, out, report=report, processing_class=tokenizer, overwrite=True)
     names = {p.name for p in out.iterdir()}
-    assert "notes.txt" not in names and {"model.safetensors", "README.md"} <= names
+    assert (out / "model.safetensors").read_bytes() != b"stale" and {"model.safetensors", "README.md"} <= names
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # old folder and staging folder both gone
 
 

@@ -21,6 +21,7 @@ from hf_collapse.cli import EXIT_FAILED, EXIT_REFUSED, main
 from hf_collapse.export import clear_stale, export_collapsed
 from hf_collapse.hub import upload_plan
 from hf_collapse.models import resolve_model
+from hf_collapse.paths import sibling_prefix
 from hf_collapse.recipe import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -323,8 +324,9 @@ def test_an_export_killed_mid_write_leaves_nothing_visible_and_is_cleaned_by_the
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
-    (partial,) = list(out.parent.iterdir())
-    assert partial.name.startswith(".model.") and partial.name.endswith(".partial") and not out.exists()
+    # the staging folder, and the lock file (left by the kill, unlocked: the next run takes it and removes it)
+    (partial,) = [p for p in out.parent.iterdir() if not p.name.endswith(".lock")]
+    assert partial.name.startswith(sibling_prefix(out) + ".") and partial.name.endswith(".partial") and not out.exists()
     assert (partial / "model.safetensors").is_file()
     model, report = collapse_model(tiny_llama(layers=3), layers=[1])
     export_collapsed(model, out, report=report)
@@ -334,13 +336,13 @@ def test_an_export_killed_mid_write_leaves_nothing_visible_and_is_cleaned_by_the
 
 def test_an_interrupted_replacement_restores_the_old_export(tmp_path):
     out = tmp_path / "model"
-    retired = tmp_path / ".model.0123abcd.old"
+    retired = tmp_path / f"{sibling_prefix(out)}.0123abcd.old"
     retired.mkdir()
     (retired / "config.json").write_text("{}")
-    live = tmp_path / ".model.zzzzzzzz.partial"  # another process is writing this one: left alone
+    live = tmp_path / f"{sibling_prefix(out)}.zzzzzzzz.partial"  # another process is writing this one: left alone
     live.mkdir()
     (live / ".hf_collapse_staging.json").write_text(json.dumps({"pid": os.getppid(), "out": str(out)}))
-    other = tmp_path / ".model2.abcdefgh.partial"  # another export's leftovers: not ours to judge
+    other = tmp_path / f"{sibling_prefix(tmp_path / 'model2')}.abcdefgh.partial"  # another export's: not ours to judge
     other.mkdir()
     done = clear_stale(out)
     assert (out / "config.json").is_file() and not retired.exists() and live.exists() and other.exists()
