@@ -240,6 +240,7 @@ class RepairPlan:
         """The record for `collapse_report.json` and the card."""
         return {
             "method": self.method,
+            "layout": self.layout,
             "rows": self.rows,
             "tokens": self.tokens,
             "data": data,
