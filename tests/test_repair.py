@@ -201,3 +201,14 @@ def test_a_report_written_before_the_repair_field_still_loads():
     assert CollapseReport.from_dict(old).repair is None
     with pytest.raises(ValueError, match=r"repair must be a mapping with method, rows and tokens \(missing tokens\)"):
         CollapseReport(**old, repair={"method": "linear", "rows": 4})
+
+
+def test_two_spans_each_fold_into_their_own_layer_and_match_the_reference():
+    original, data, probe = LLAMA.build(), calibration(), LLAMA.inputs()
+    plan = fit_repair(original, [1, 3], data, "linear")  # spans 1-1 and 3-3 (the last: Z is the last layer's output)
+    assert [fit.site for fit in plan.fits] == ["model.layers.0.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+    with repaired_reference(original, plan, [1, 3]):
+        expected = logits(original, probe)
+    model, report = collapse_model(LLAMA.build(), layers=[1, 3], calibration=data, repair="linear")
+    assert torch.allclose(logits(model, probe), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+    assert [span["removed"] for span in report.repair["spans"]] == [[1], [3]]
