@@ -346,6 +346,7 @@ class Provenance:
 # The sections in the order they are checked, and the section of each flat field name.
 _SECTIONS = {"removal": Removal, "measurements": Measurements, "provenance": Provenance, "training": Training}
 _SECTION_OF = {f.name: name for name, section in _SECTIONS.items() for f in fields(section)}
+_LATER_FIELDS = frozenset({"repair"})  # written only when set: older reports (and their JSON) stay as they were
 
 
 @dataclass(frozen=True, init=False)
@@ -405,8 +406,10 @@ class CollapseReport:
         return getattr(self.__dict__[section], name)
 
     def flat_fields(self) -> dict[str, Any]:
-        """Every field by its flat name, as [`CollapseReport`] takes them."""
-        return {name: getattr(getattr(self, section), name) for name, section in _SECTION_OF.items()}
+        """Every field by its flat name, as [`CollapseReport`] takes them; a field added after the flat format was
+        fixed (`repair`) only when it is set, so a report without it is written as before."""
+        values = {name: getattr(getattr(self, section), name) for name, section in _SECTION_OF.items()}
+        return {name: value for name, value in values.items() if not (name in _LATER_FIELDS and value is None)}
 
     def updated(self, **changes: Any) -> CollapseReport:
         """A copy with the given flat fields replaced, checked again like a new report."""

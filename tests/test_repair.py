@@ -199,6 +199,9 @@ def test_a_report_written_before_the_repair_field_still_loads():
     old = dict(base_model="m", removed_layers=[1], layers_before=4, num_parameters_before=10, num_parameters_after=8,
                scores=None, score_method=None)
     assert CollapseReport.from_dict(old).repair is None
+    assert "repair" not in CollapseReport(**old).to_dict()  # a report without a repair is written as before
+    record = {"method": "linear", "rows": 4, "tokens": 64, "data": "x", "spans": []}
+    assert CollapseReport.from_dict(CollapseReport(**old, repair=record).to_dict()).repair == record
     with pytest.raises(ValueError, match=r"repair must be a mapping with method, rows and tokens \(missing tokens\)"):
         CollapseReport(**old, repair={"method": "linear", "rows": 4})
 
