@@ -81,7 +81,7 @@ def collapse_model(
             with given `layers` it only fills the card's per-layer scores. A repair is fitted on it too.
         repair (`str`, defaults to `"none"`): after the layers are chosen, fit a map for each removed span on the
             calibration activations of the full model and fold it into the weights of the last kept layer before
-            it: `"scale"`, `"linear"` or `"transport"` (see [`hf_collapse.repair`]); `"none"` removes layers only.
+            it: `"scale"`, `"linear"` or `"transport"` (see [`fit_repair`]); `"none"` removes layers only.
         calibration_source (`str`, *optional*): what the calibration data is, in words, for the report's repair record.
         score_method (`str`, defaults to `"msw"`): the score of [`score_layers`].
         choose_on (`Callable[[model], float]`, *optional*): the metric that measured selection evaluates

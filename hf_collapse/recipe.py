@@ -71,7 +71,7 @@ class RecipeArguments:
             removal hurts the validation metric least.
         collapse_repair (`str`, defaults to `"none"`): after the layers are chosen, fit a map for each removed span on
             the calibration rows and fold it into the weights before the cut (`scale`, `linear`, `transport`; see
-            [`hf_collapse.repair`]).
+            [`fit_repair`]).
         export_dir (`str`, *optional*): where the collapsed model goes; defaults to `<output_dir>/collapsed`.
         trust_remote_code (`bool`, defaults to `False`): load a checkpoint whose architecture is its own Python code
             (an `auto_map` in its config), which runs that code. Without it such a checkpoint is refused before
@@ -411,6 +411,9 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
 def check_choice(recipe: RecipeArguments, config: CollapseConfig) -> None:
     """With `collapse: true`, a valid [`LayerChoice`] (see [`layer_choice`]); healing and targets need a collapse."""
     if not recipe.collapse:
+        if recipe.collapse_repair != "none":
+            raise RecipeError(f"collapse_repair: {recipe.collapse_repair} repairs the cut left by removed layers, so it "
+                              "needs collapse: true")
         if config.heal_steps or config.has_target:
             what = "heal_steps" if config.heal_steps else "a target depth (collapse_layers / collapse_num_layers)"
             raise RecipeError(f"{what} needs collapse: true (the layers are removed after training)")

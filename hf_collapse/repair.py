@@ -335,6 +335,26 @@ def fit_repair(
 ) -> RepairPlan:
     """Fit the repair of every span of `removed` (0-based, before removal) on the full model; changes nothing.
 
+    For each contiguous span `a..b`, the last kept layer before it is `L = a - 1`; over the calibration tokens, `M` is
+    the output of `L`'s MLP output projection (`mlp.down_proj`, before the residual add), `Y` the rest of `L`'s
+    output and `Z` the hidden state after the span. The map replaces `M` by `M T (+ c)` so that `Y + M T` approaches
+    `Z`: `"linear"` by ridge least squares (λ = 1e-2 × the mean diagonal of `MᵀM`), `"scale"` the same per channel,
+    `"transport"` the closed-form Monge map between Gaussian fits of `M` and `Z − Y`. A shift `c` is fitted only
+    where the projection has a bias. In post-norm encoders (BERT, RoBERTa) only `"scale"` folds exactly (into the
+    output LayerNorm of `L`, with its shift). [`collapse_model`] with `repair=` fits, folds and verifies it.
+
+    Args:
+        model (`nn.Module`): the full model, before any removal.
+        removed (`Sequence[int]`): the layers that will be removed (their contiguous runs are the spans).
+        calibration: texts (with `tokenizer`), tokenized rows, or batches, as [`score_layers`] takes them; it must
+            be readable again (a list, a dataset or a DataLoader).
+        method (`str`): `"scale"`, `"linear"` or `"transport"`.
+        tokenizer (*optional*), batch_size (`int`, defaults to 8): for texts and rows.
+
+    Returns:
+        `RepairPlan`: one `SpanFit` per span (the map, the site it folds into, the relative error after the cut without
+        and with it, the moments of `M` and `Z − Y`), the rows and tokens it was fitted on; `plan.fold(model)` folds it.
+
     Raises:
         `ValueError`: a repair the family cannot fold exactly, nothing removed, a span starting at layer 0, no
             calibration data, or fewer calibration tokens than the fit needs (the hidden size for `linear` and

@@ -109,7 +109,7 @@ class Removal:
             of the original model (its `config.collapsed_layers`). `removed_layers` stays in the numbering of
             the source checkpoint.
         repair (`Mapping`, *optional*):
-            The repair at the cut ([`hf_collapse.repair`]), when one was folded in: `method` (`scale`, `linear`,
+            The repair at the cut ([`fit_repair`]), when one was folded in: `method` (`scale`, `linear`,
             `transport`), the calibration `rows` and `tokens` it was fitted on, the `data` they came from, the `ridge`,
             whether a `shift` was folded, the `spans` (removed layers, the module folded into, the relative error after
             the cut without and with the map) and whether the fold was `verified`. Reports written before it load

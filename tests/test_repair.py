@@ -215,3 +215,19 @@ def test_two_spans_each_fold_into_their_own_layer_and_match_the_reference():
     model, report = collapse_model(LLAMA.build(), layers=[1, 3], calibration=data, repair="linear")
     assert torch.allclose(logits(model, probe), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
     assert [span["removed"] for span in report.repair["spans"]] == [[1], [3]]
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    (["--collapse_repair", "bogus"], r"repair must be one of none, scale, linear, transport|invalid choice"),
+    (["--collapse", "false", "--collapse_layers", "1", "--collapse_repair", "linear"], r"collapse_repair: linear .*needs collapse: true"),
+], ids=["unknown", "without collapse"])
+def test_recipes_check_the_repair_field(tmp_path, overrides, pattern):
+    from hf_collapse.recipe import RecipeError, load_recipe
+
+    if "--collapse" not in overrides:
+        overrides = [*overrides, "--collapse_layers", "1"]
+    with pytest.raises(RecipeError, match=pattern):
+        load_recipe(None, ["--model_name_or_path", "m", "--output_dir", str(tmp_path), *overrides])
+    recipe, _, _ = load_recipe(None, ["--model_name_or_path", "m", "--output_dir", str(tmp_path), "--collapse_layers", "1",
+                                      "--collapse_repair", "transport"])
+    assert recipe.collapse_repair == "transport"
