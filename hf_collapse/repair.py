@@ -15,7 +15,8 @@ The repair replaces `M` by `M T + c` so that `Y + M T + c` approximates `Z` once
   (`RIDGE = 1e-2`; with a shift, on centred data and `c` from the means);
 - `scale`: the same per channel (a diagonal `T`);
 - `transport`: the closed-form linear Monge map between Gaussian fits of `M` and of `Z - Y`,
-  `T = S1^-1/2 (S1^1/2 S2 S1^1/2)^1/2 S1^-1/2` (eigendecompositions in float64, eigenvalues floored at
+  `T = S1^-1/2 (S1^1/2 S2 S1^1/2)^1/2 S1^-1/2`, with `S1` shrunk by the same ridge (`S1 + λI`, else the directions
+  `M` barely uses are amplified without bound) (eigendecompositions in float64, eigenvalues floored at
   `EPS × the largest`); it ignores which token goes with which, where least squares uses the pairing.
 
 `T` folds exactly into the projection: `nn.Linear` computes `x Wᵀ + b`, so `(x Wᵀ + b) T + c` is the layer with
@@ -182,8 +183,10 @@ def _solve(stats: _Stats, method: str, with_shift: bool) -> tuple[torch.Tensor, 
     else:
         gram, cross = stats.gram[:d, :d], stats.cross[:d]
     if method == "transport":
-        # between the Gaussian fits' covariances; without a shift the mean is not moved (M's mean maps to m̄ T)
-        root, inverse_root = _sqrt_psd(cov_m), _sqrt_psd(cov_m, inverse=True)
+        # between the Gaussian fits' covariances; without a shift the mean is not moved (M's mean maps to m̄ T). The
+        # source covariance is shrunk by the ridge (S1 + λI), so directions M barely uses are not blown up by S1^-1/2.
+        shrunk = cov_m + RIDGE * float(torch.diagonal(cov_m).mean()) * torch.eye(d, dtype=cov_m.dtype)
+        root, inverse_root = _sqrt_psd(shrunk), _sqrt_psd(shrunk, inverse=True)
         transform = inverse_root @ _sqrt_psd(root @ cov_r @ root) @ inverse_root
     else:
         ridge = RIDGE * float(torch.diagonal(gram).mean())
@@ -244,7 +247,7 @@ class RepairPlan:
             "rows": self.rows,
             "tokens": self.tokens,
             "data": data,
-            "ridge": RIDGE if self.method != "transport" else None,
+            "ridge": RIDGE,
             "shift": any(fit.shift is not None for fit in self.fits),
             "spans": [
                 {"removed": list(range(fit.first, fit.last + 1)), "folded_into": fit.site,
@@ -339,7 +342,8 @@ def fit_repair(
     the output of `L`'s MLP output projection (`mlp.down_proj`, before the residual add), `Y` the rest of `L`'s
     output and `Z` the hidden state after the span. The map replaces `M` by `M T (+ c)` so that `Y + M T` approaches
     `Z`: `"linear"` by ridge least squares (λ = 1e-2 × the mean diagonal of `MᵀM`), `"scale"` the same per channel,
-    `"transport"` the closed-form Monge map between Gaussian fits of `M` and `Z − Y`. A shift `c` is fitted only
+    `"transport"` the closed-form Monge map between Gaussian fits of `M` (its covariance shrunk by the same ridge)
+    and `Z − Y`. A shift `c` is fitted only
     where the projection has a bias. In post-norm encoders (BERT, RoBERTa) only `"scale"` folds exactly (into the
     output LayerNorm of `L`, with its shift). [`collapse_model`] with `repair=` fits, folds and verifies it.
 
