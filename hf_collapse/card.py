@@ -412,7 +412,10 @@ def _repair(repair) -> dict[str, Any] | None:
          "before": span.get("error_before"), "after": span.get("error_after")}
         for span in repair.get("spans", [])
     ]
-    return {**dict(repair), "words": _REPAIR_WORDS.get(repair["method"], repair["method"]), "span_rows": spans}
+    worse = [span["removed"] for span in spans if None not in (span["before"], span["after"]) and span["after"] > span["before"]]
+    defaults = {"layout": None, "data": None, "shift": False, "verified": False}
+    return {**defaults, **dict(repair), "words": _REPAIR_WORDS.get(repair["method"], repair["method"]), "span_rows": spans,
+            "worse": worse}
 
 
 def _auto_preprocessor(processing_class: object | None) -> str | None:

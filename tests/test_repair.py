@@ -234,3 +234,19 @@ def test_recipes_check_the_repair_field(tmp_path, overrides, pattern):
     recipe, _, _ = load_recipe(None, ["--model_name_or_path", "m", "--output_dir", str(tmp_path), "--collapse_layers", "1",
                                       "--collapse_repair", "transport"])
     assert recipe.collapse_repair == "transport"
+
+
+def test_the_card_warns_when_a_repair_raised_the_error_on_its_own_data():
+    from hf_collapse.card import render_card
+    from hf_collapse.report import CollapseReport
+
+    def card(after):
+        record = {"method": "transport", "rows": 4, "tokens": 64, "data": "x", "shift": False, "verified": True,
+                  "spans": [{"removed": [1, 2], "folded_into": "model.layers.0.mlp.down_proj", "error_before": 0.5,
+                             "error_after": after}]}
+        return render_card(CollapseReport(base_model="m", removed_layers=[1, 2], layers_before=4, num_parameters_before=10,
+                                          num_parameters_after=8, scores=None, score_method=None, repair=record))
+
+    warning = "the repair made the hidden state after the cut further from the full model's than no repair (removed layers 1, 2)"
+    assert warning in card(0.9) and warning not in card(0.1)
+    assert "The repair is fitted to its calibration data" in card(0.1) and "`model.layers.0.mlp.down_proj` | 0.5 → 0.1 |" in card(0.1)
