@@ -48,6 +48,9 @@ def make_parser() -> argparse.ArgumentParser:
     collapse.add_argument("--recipe", help="Recipe YAML whose data and task settings to use.")
     collapse.add_argument("--task", help="Task, when no recipe gives it (text-classification, causal-lm, image-classification).")
     collapse.add_argument("--method", help="Layer score: msw, block_influence or angular.")
+    collapse.add_argument(
+        "--repair", help="Repair the cut on the --data calibration rows, folded into the weights: none, scale, linear or transport.",
+    )
     collapse.add_argument("--overwrite", action="store_true", help="Replace OUT when it holds a previous hf-collapse export.")
     collapse.add_argument(
         "--trust-remote-code", action="store_true",

@@ -17,6 +17,7 @@ from .models import load_model, load_processor, resolve_model
 from .msw import DirectionSearch, max_sliced_wasserstein
 from .post import collapse_model, heal
 from .quantization import merge_dequantized
+from .repair import fit_repair, repaired_reference
 from .report import CollapseReport
 from .scoring import LayerScores, score_layers, select_by_tolerance, select_lowest
 from .surgery import CollapseRecord, collapse_layers
@@ -38,6 +39,7 @@ __all__ = [
     "collapse_model",
     "export_collapsed",
     "find_layer_stacks",
+    "fit_repair",
     "heal",
     "load_model",
     "load_processor",
@@ -45,6 +47,7 @@ __all__ = [
     "merge_dequantized",
     "push_folder",
     "remap_adapter",
+    "repaired_reference",
     "resolve_model",
     "score_layers",
     "select_by_tolerance",

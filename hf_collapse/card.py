@@ -387,11 +387,34 @@ def _context(
         "quantized_training": training.quantized_training,
         "dequantized_dtype": training.dequantized_dtype,
         "limitations": list(provenance.limitations),
+        "repair": _repair(removal.repair),
         "earlier_removed": (
             None if removal.earlier_removed is None else _by_stack(removal.earlier_removed, "earlier_removed")
         ),
         "versions": {"hf_collapse": __version__, "transformers": transformers.__version__, "torch": torch.__version__},
     }
+
+
+_REPAIR_WORDS = {
+    "scale": "a per-channel scale",
+    "linear": "a least-squares linear map (ridge-regularised)",
+    "transport": "the linear optimal-transport (Monge) map between Gaussian fits",
+}
+
+
+def _repair(repair) -> dict[str, Any] | None:
+    """The repair record as the card shows it (None when no repair was folded in)."""
+    if not repair:
+        return None
+    spans = [
+        {"removed": ", ".join(map(str, span.get("removed", []))), "site": span.get("folded_into"),
+         "before": span.get("error_before"), "after": span.get("error_after")}
+        for span in repair.get("spans", [])
+    ]
+    worse = [span["removed"] for span in spans if None not in (span["before"], span["after"]) and span["after"] > span["before"]]
+    defaults = {"layout": None, "data": None, "shift": False, "verified": False}
+    return {**defaults, **dict(repair), "words": _REPAIR_WORDS.get(repair["method"], repair["method"]), "span_rows": spans,
+            "worse": worse}
 
 
 def _auto_preprocessor(processing_class: object | None) -> str | None:

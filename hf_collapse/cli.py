@@ -5,6 +5,7 @@
     hf-collapse score RECIPE.yaml [--field value ...]     per-layer scores of the recipe's model
     hf-collapse collapse SRC OUT --layers 1,2             remove explicit layers, export OUT
     hf-collapse collapse SRC OUT --num-layers K --data D  remove the K layers chosen on data D
+                    [--repair linear]                    ... and repair the cut, fitted on D's rows
     hf-collapse evaluate RECIPE.yaml [--compare MODEL]    metric, perplexity and latency (before/after)
     hf-collapse push OUT --repo-id NAMESPACE/NAME         upload an export in one commit
     hf-collapse recipes [NAME PATH]                       list the shipped recipes, or copy one to PATH
@@ -223,6 +224,8 @@ def _collapse(args) -> int:
         except ValueError:
             raise CliError(f"--layers takes comma-separated integers such as 1,2; got {args.layers!r}") from None
         if not args.data and args.recipe is None:
+            if args.repair not in (None, "none"):
+                raise CliError(f"--repair {args.repair} is fitted on calibration rows: pass --data (a dataset) or --recipe")
             return _collapse_without_data(args, layers)
         overrides += ["--collapse_layers", *map(str, layers)]
     elif args.num_layers is not None:
@@ -241,6 +244,8 @@ def _collapse(args) -> int:
         overrides += ["--task", args.task]
     if args.method:
         overrides += ["--collapse_score_method", args.method]
+    if args.repair:
+        overrides += ["--collapse_repair", args.repair]
     if args.overwrite:
         overrides += ["--overwrite_export", "true"]
     if args.trust_remote_code:
@@ -332,7 +337,9 @@ def _collapse_as_saved(recipe, config, source) -> int:
         model, source, processor, recipe.export_dir, overwrite=recipe.overwrite_export, repo_id=recipe.export_repo_id,
         layers=config.collapse_layers, num_layers=None if config.collapse_layers else config.collapse_num_layers,
         strategy="ranked", score_method=recipe.collapse_score_method,
-        calibration=calibration,
+        calibration=calibration, repair=recipe.collapse_repair,
+        calibration_source=f"the {recipe.train_split} split of "
+        f"{recipe.dataset_name or ', '.join(Path(f).name for f in recipe.dataset_files or [])}",
         protect_first=config.collapse_protect_first, protect_last=config.collapse_protect_last,
         report_fields=dict(
             datasets=list(data.dataset_ids), pipeline_tag="feature-extraction",

@@ -309,6 +309,12 @@ class RecipeRun:
             raise RecipeError("the training split is empty: there is no calibration data to score the layers")
         return rows
 
+    def calibration_source(self) -> str:
+        """The calibration rows in words, for the repair's record."""
+        recipe = self.recipe
+        data = recipe.dataset_name or ", ".join(Path(f).name for f in recipe.dataset_files or []) or "the recipe's data"
+        return f"the {recipe.train_split} split of {data}"
+
     def collapse(self) -> None:
         """Score, choose and remove layers of the trained model, measured on rows that chose nothing."""
         recipe, config, task = self.recipe, self.config, self.task
@@ -330,6 +336,7 @@ class RecipeRun:
         self.stage(f"scoring, choosing ({'training targets' if self.targeted else recipe.collapse_strategy}) and collapsing")
         self.model, self.report = collapse_model(
             self.model, layer_choice(recipe, config, layers=targets), calibration=batches,
+            repair=recipe.collapse_repair, calibration_source=self.calibration_source(),
             score_method=recipe.collapse_score_method, choose_on=task.evaluator(self, choice_rows),
             evaluate=self.evaluate, metric_name=task.metric_name, higher_is_better=task.higher_is_better,
             base_model=self.resolved.base_model,

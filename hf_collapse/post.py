@@ -19,6 +19,7 @@ from .report import CollapseReport
 from .config import MSWArguments
 from .choice import LayerChoice, greedy_bypass
 from .layers import eval_mode, find_layer_stacks, unwrap_model
+from .repair import check_foldable, fit_repair, fold_verified
 from .scoring import LayerScores, bypassed_metric, score_layers
 from .surgery import collapse_layers
 
@@ -50,6 +51,8 @@ def collapse_model(
     choice: LayerChoice | None = None,
     *,
     calibration: Any = None,
+    repair: str = "none",
+    calibration_source: str | None = None,
     score_method: str = "msw",
     choose_on: Evaluate | None = None,
     evaluate: Evaluate | None = None,
@@ -75,7 +78,11 @@ def collapse_model(
             lowest-scoring layers go (`strategy="ranked"`) or, one at a time, the one whose bypass hurts `choose_on`
             least (`"measured"`); with `tolerance`, layers go while `choose_on` stays within it of the full model.
         calibration (*optional*): data for [`score_layers`] (batches, rows or texts). Needed to choose by score;
-            with given `layers` it only fills the card's per-layer scores.
+            with given `layers` it only fills the card's per-layer scores. A repair is fitted on it too.
+        repair (`str`, defaults to `"none"`): after the layers are chosen, fit a map for each removed span on the
+            calibration activations of the full model and fold it into the weights of the last kept layer before
+            it: `"scale"`, `"linear"` or `"transport"` (see [`fit_repair`]); `"none"` removes layers only.
+        calibration_source (`str`, *optional*): what the calibration data is, in words, for the report's repair record.
         score_method (`str`, defaults to `"msw"`): the score of [`score_layers`].
         choose_on (`Callable[[model], float]`, *optional*): the metric that measured selection evaluates
             (validation rows). Needed by `"measured"` and by `tolerance`.
@@ -90,9 +97,17 @@ def collapse_model(
 
     Raises:
         `ValueError`: an invalid choice (see [`LayerChoice`]), a choice that needs data or a metric it was not
-            given, or what [`collapse_layers`] refuses (the model is then unchanged).
+            given, or what [`collapse_layers`] refuses (the model is then unchanged); a repair the family cannot
+            fold exactly, a repair without calibration data, with nothing removed, with a span starting at layer 0
+            or with fewer calibration tokens than its fit needs (all before anything changes).
     """
     choice = _the_choice(choice, choice_fields)
+    check_foldable(model, repair)
+    if repair != "none" and calibration is None:
+        raise ValueError(f"repair={repair!r} is fitted on calibration data: pass calibration= (rows, texts or batches)")
+    if repair != "none" and iter(calibration) is calibration:
+        raise ValueError(f"repair={repair!r} reads the calibration data after the scoring pass: give a list, a dataset "
+                         "or a DataLoader, not a one-shot iterator")
     (stack, *rest) = find_layer_stacks(model)
     if rest:
         raise ValueError("collapse_model handles one-stack models; for encoder-decoder models call collapse_layers per stack")
@@ -114,7 +129,7 @@ def collapse_model(
         log(f"{metric_name} of the full model: {metric_before:.4f}")
     removed, curve = _choose(model, stack, choice, removable, scores, choose_on, higher_is_better, log)
     earlier_removed = copy.deepcopy(getattr(model.config, "collapsed_layers", None))
-    record = collapse_layers(model, removed)
+    record, repaired = _collapse_and_repair(model, removed, repair, calibration, calibration_source, log)
     log(f"removed layers {removed}: {depth} -> {depth - len(removed)} layers")
     report = CollapseReport(
         base_model=base_model or getattr(model.config, "name_or_path", "") or type(model).__name__,
@@ -130,9 +145,28 @@ def collapse_model(
         earlier_removed=earlier_removed,
         selection=selection or selection_sentence(choice, metric_name=metric_name or "metric"),
         selection_curve=curve or None,
+        repair=repaired,
         **dict(report_fields or {}),
     )
     return model, report
+
+
+def _collapse_and_repair(model, removed: list[int], repair: str, calibration, source: str | None, log):
+    """Fit the repair on the full model (refusing before any change), fold it (verified), then remove the layers;
+    a failed removal puts the weights back. Returns the collapse record and the repair's report record (or None)."""
+    if repair == "none":
+        return collapse_layers(model, removed), None
+    plan = fit_repair(model, removed, calibration, repair)
+    undo = fold_verified(model, plan, removed)
+    try:
+        record = collapse_layers(model, removed)
+    except BaseException:
+        undo()
+        raise
+    for fit in plan.fits:
+        log(f"repair ({repair}) of layers {fit.first}-{fit.last}, folded into {fit.site}: relative error after the cut "
+            f"{fit.error_before:.4g} -> {fit.error_after:.4g} on {fit.tokens} calibration tokens")
+    return record, plan.summary(source)
 
 
 def _the_choice(choice: LayerChoice | None, fields: Mapping[str, Any]) -> LayerChoice:

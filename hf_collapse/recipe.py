@@ -21,6 +21,7 @@ from transformers import HfArgumentParser
 from .config import CollapseConfig, shown
 from .data import OFFLINE_DATASETS, TASKS
 from .choice import SELECTION_STRATEGIES, LayerChoice, check_candidates, check_tolerance
+from .repair import REPAIRS, check_repair
 from .scoring import SCORING_METHODS
 
 __all__ = [
@@ -68,6 +69,9 @@ class RecipeArguments:
         collapse_strategy (`str`, defaults to `"measured"`): with a budget or a tolerance, `ranked` removes
             layers in score order; `measured` tries the lowest-scoring candidates and removes the one whose
             removal hurts the validation metric least.
+        collapse_repair (`str`, defaults to `"none"`): after the layers are chosen, fit a map for each removed span on
+            the calibration rows and fold it into the weights before the cut (`scale`, `linear`, `transport`; see
+            [`fit_repair`]).
         export_dir (`str`, *optional*): where the collapsed model goes; defaults to `<output_dir>/collapsed`.
         trust_remote_code (`bool`, defaults to `False`): load a checkpoint whose architecture is its own Python code
             (an `auto_map` in its config), which runs that code. Without it such a checkpoint is refused before
@@ -151,7 +155,12 @@ class RecipeArguments:
     collapse_candidates: int | None = field(
         default=None, metadata={"help": "With measured selection, try only this many lowest-scoring layers per step."}
     )
-    calibration_samples: int = field(default=256, metadata={"help": "Training rows used to score the layers."})
+    collapse_repair: str = field(
+        default="none",
+        metadata={"help": "Repair the cut, fitted on the calibration rows and folded into the weights: none, scale, "
+                  "linear or transport.", "choices": list(REPAIRS)},
+    )
+    calibration_samples: int = field(default=256, metadata={"help": "Training rows used to score the layers (and fit a repair)."})
     latency_repeats: int = field(
         default=10, metadata={"help": "Interleaved timed forward passes per model for the latency figures; 0 skips."}
     )
@@ -210,6 +219,7 @@ class RecipeArguments:
         try:
             check_candidates(self.collapse_candidates)
             check_tolerance(self.collapse_tolerance)
+            check_repair(self.collapse_repair)
         except ValueError as error:
             raise RecipeError(str(error)) from None
         if self.lm_eval_tasks:
@@ -465,6 +475,9 @@ def load_recipe(
 def check_choice(recipe: RecipeArguments, config: CollapseConfig) -> None:
     """With `collapse: true`, a valid [`LayerChoice`] (see [`layer_choice`]); healing and targets need a collapse."""
     if not recipe.collapse:
+        if recipe.collapse_repair != "none":
+            raise RecipeError(f"collapse_repair: {recipe.collapse_repair} repairs the cut left by removed layers, so it "
+                              "needs collapse: true")
         if config.heal_steps or config.has_target:
             what = "heal_steps" if config.heal_steps else "a target depth (collapse_layers / collapse_num_layers)"
             raise RecipeError(f"{what} needs collapse: true (the layers are removed after training)")

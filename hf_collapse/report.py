@@ -108,6 +108,12 @@ class Removal:
             When the source checkpoint was itself collapsed: the layers it had already lost, in the numbering
             of the original model (its `config.collapsed_layers`). `removed_layers` stays in the numbering of
             the source checkpoint.
+        repair (`Mapping`, *optional*):
+            The repair at the cut ([`fit_repair`]), when one was folded in: `method` (`scale`, `linear`,
+            `transport`), the calibration `rows` and `tokens` it was fitted on, the `data` they came from, the `ridge`,
+            whether a `shift` was folded, the `spans` (removed layers, the module folded into, the relative error after
+            the cut without and with the map) and whether the fold was `verified`. Reports written before it load
+            without it.
     """
 
     removed_layers: Sequence[int] | Mapping[str, Sequence[int]]
@@ -119,9 +125,14 @@ class Removal:
     selection: str | None = None
     selection_curve: list[tuple[list[int], float]] | None = None
     earlier_removed: Sequence[int] | Mapping[str, Sequence[int]] | None = None
+    repair: Mapping[str, Any] | None = None
 
     def __post_init__(self):
         self.stacks()  # validate the per-stack fields now, not when the card is rendered
+        if self.repair is not None:
+            missing = [k for k in ("method", "rows", "tokens") if not isinstance(self.repair, Mapping) or k not in self.repair]
+            if missing:
+                raise ValueError(f"repair must be a mapping with method, rows and tokens (missing {', '.join(missing)})")
 
     def stacks(self) -> list[StackSummary]:
         """The per-stack view: one entry for a one-stack model, encoder and decoder otherwise."""
@@ -335,6 +346,7 @@ class Provenance:
 # The sections in the order they are checked, and the section of each flat field name.
 _SECTIONS = {"removal": Removal, "measurements": Measurements, "provenance": Provenance, "training": Training}
 _SECTION_OF = {f.name: name for name, section in _SECTIONS.items() for f in fields(section)}
+_LATER_FIELDS = frozenset({"repair"})  # written only when set: older reports (and their JSON) stay as they were
 
 
 @dataclass(frozen=True, init=False)
@@ -394,8 +406,10 @@ class CollapseReport:
         return getattr(self.__dict__[section], name)
 
     def flat_fields(self) -> dict[str, Any]:
-        """Every field by its flat name, as [`CollapseReport`] takes them."""
-        return {name: getattr(getattr(self, section), name) for name, section in _SECTION_OF.items()}
+        """Every field by its flat name, as [`CollapseReport`] takes them; a field added after the flat format was
+        fixed (`repair`) only when it is set, so a report without it is written as before."""
+        values = {name: getattr(getattr(self, section), name) for name, section in _SECTION_OF.items()}
+        return {name: value for name, value in values.items() if not (name in _LATER_FIELDS and value is None)}
 
     def updated(self, **changes: Any) -> CollapseReport:
         """A copy with the given flat fields replaced, checked again like a new report."""

@@ -178,6 +178,13 @@ def _as_batches(
     return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=partial(right_pad, pad_token_id=pad_token_id))
 
 
+def calibration_batches(
+    data: object, tokenizer: object | None = None, batch_size: int = 8, max_length: int = 512
+) -> Iterable[Mapping[str, object]]:
+    """The accepted forms of calibration data (see [`score_layers`]) as an iterable of model-input dicts."""
+    return _as_batches(data, tokenizer, batch_size, max_length)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Per-batch sums (the score of a layer is its total over the data divided by its number of tokens)
 # ---------------------------------------------------------------------------------------------------

