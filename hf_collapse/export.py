@@ -259,6 +259,11 @@ def _check_plain_model(model: nn.Module) -> None:
 
 
 def _check_report_matches(model: nn.Module, report: CollapseReport) -> None:
+    if not isinstance(report, CollapseReport):
+        raise ValueError(
+            f"export_collapsed needs the CollapseReport of the collapse that made this model, got {type(report).__name__}: "
+            "pass the report that collapse_model or collapse_layers returned (report=...)"
+        )
     have = {stack.name: len(stack) for stack in find_layer_stacks(model)}
     want = {stack.name: stack.layers_after for stack in report.stacks()}
     if have.keys() != want.keys():
@@ -275,6 +280,12 @@ def _check_report_matches(model: nn.Module, report: CollapseReport) -> None:
             )
     # collapse_layers records what it removed in the original numbering: the card must say the same.
     recorded = getattr(model.config, "collapsed_layers", None)
+    if recorded is None and any(stack.removed for stack in report.stacks()):
+        raise ValueError(
+            f"the report says layers {_show(_in_original_numbering(model.config, report))} were removed but this model "
+            "was never collapsed (its config has no collapsed_layers): export the model that collapse_layers returned, "
+            "with the report of that collapse"
+        )
     if recorded is not None:
         recorded = {k: sorted(v) for k, v in recorded.items()} if isinstance(recorded, dict) else {"": sorted(recorded)}
         reported = _in_original_numbering(model.config, report)

@@ -96,6 +96,11 @@ def read_layout(source: str | os.PathLike) -> SentenceTransformersLayout | None:
     if folder is None or not (folder / MODULES_FILE).is_file():
         return None
     modules = json.loads((folder / MODULES_FILE).read_text(encoding="utf-8"))
+    if not isinstance(modules, list) or not all(isinstance(entry, dict) for entry in modules):
+        raise ValueError(
+            f"{folder / MODULES_FILE} is not a list of modules (sentence-transformers writes a JSON list of objects "
+            "with name, path and type): fix or remove that file"
+        )
     for entry in modules:
         type_ref, name = entry.get("type", ""), _class_name(entry.get("type", ""))
         where = f"{source} is a sentence-transformers model whose module {entry.get('name')!r} ({type_ref})"
