@@ -115,10 +115,21 @@ def export_collapsed(
     try:
         _write_folder(staging, out, inner, report, processing_class, layout, repo_id, source)
         _move_into_place(staging, out)
+    except OSError as error:  # a full disk, a quota, a vanished folder: nothing of the export is left
+        shutil.rmtree(staging, ignore_errors=True)
+        failure = ExportWriteError(f"writing the export {out} failed, nothing of it was kept: {error}")
+        failure.errno = error.errno
+        raise failure from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+class ExportWriteError(OSError):
+    """Writing an export failed after it had begun (its staging folder is removed, ``out`` is left as it was)."""
+
+    work_began = True
 
 
 def _staging_folder(out: Path) -> Path:
@@ -149,7 +160,8 @@ def _write_folder(
         (staging / RECIPE_FILE).write_text(recipe_yaml(report.recipe), encoding="utf-8")
     write_card(report, staging, repo_id=repo_id, processing_class=processing_class)
     (staging / REPORT_FILE).write_text(
-        json.dumps({"repo_id": repo_id, "report": report.to_dict()}, indent=1), encoding="utf-8"
+        json.dumps({"repo_id": repo_id, "collapsed_layers": _all_removed(model.config, report), "report": report.to_dict()}, indent=1),
+        encoding="utf-8",
     )
     _check_safetensors_only(staging)
     (staging / _STAGING_MARKER).unlink()
@@ -179,7 +191,8 @@ def add_benchmarks(folder: str | os.PathLike, benchmarks: list) -> Path:
 
         processing_class = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # never run code implicitly
     card = write_card(report, folder, repo_id=stored.get("repo_id"), processing_class=processing_class)
-    saved.write_text(json.dumps({"repo_id": stored.get("repo_id"), "report": report.to_dict()}, indent=1), encoding="utf-8")
+    stored.update(report=report.to_dict())
+    saved.write_text(json.dumps(stored, indent=1), encoding="utf-8")
     refresh_manifest(folder, [CARD_FILE, PLOT_FILE, REPORT_FILE])
     return card
 
@@ -317,6 +330,12 @@ def _in_original_numbering(config, report: CollapseReport) -> dict[str, list[int
         survivors = [i for i in range(total) if i not in set(before)]
         result[stack.name] = sorted(before + [survivors[i] for i in stack.removed if i < len(survivors)])
     return result
+
+
+def _all_removed(config, report: CollapseReport) -> list[int] | dict[str, list[int]]:
+    """Every layer removed so far, in the original numbering, shaped as `config.collapsed_layers` is."""
+    per_stack = _in_original_numbering(config, report)
+    return per_stack[""] if list(per_stack) == [""] else per_stack
 
 
 def _show(per_stack: dict[str, list[int]]) -> str:
