@@ -32,7 +32,7 @@ from .quantization import is_quantized, refuse_quantized_export
 from .report import AUTO_CLASS_BY_PIPELINE_TAG, CollapseReport
 from .sbert import read_layout, write_layout
 
-__all__ = ["add_benchmarks", "clear_stale", "export_collapsed"]
+__all__ = ["ExportWriteError", "add_benchmarks", "clear_stale", "export_collapsed"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,8 @@ def export_collapsed(
             overlaps the source checkpoint, or the source is a sentence-transformers model with a module that
             cannot be carried through a collapse (named in the message).
         [`UntrainedHeadError`]: the model has a newly initialised head that was never trained.
+        [`ExportWriteError`]: writing failed (a full disk, say); nothing of the export is left and ``out_dir`` is
+            as it was.
     """
     inner = unwrap_model(model)
     _check_plain_model(inner)
