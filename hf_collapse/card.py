@@ -67,7 +67,7 @@ def plot_layer_scores(report: CollapseReport, path: str | os.PathLike) -> Path:
             bars[i].set_hatch("//")
         ax.set_xlabel(f"{stack.name} layer (original numbering)".strip().capitalize())
         ax.set_ylabel(f"{report.removal.score_method} score")
-        ax.set_xticks(range(stack.layers_before))
+        ax.set_xticks(range(stack.layers_before), labels=[str(i) for i in stack.original_numbers])
         ax.tick_params(axis="x", labelsize=7 if stack.layers_before > 24 else 9)
         ax.grid(axis="y", alpha=0.3)
     figure.legend(

@@ -361,9 +361,11 @@ def _collapse_and_export(model, source, processor, out, *, overwrite: bool, note
     fields = {"license": source.license, "limitations": list(source.limitations), **(report_fields or {})}
     model, report = collapse_model(model, base_model=source.base_model, report_fields=fields, **choice)
     out = export_collapsed(model, out, report=report, processing_class=processor, repo_id=repo_id, overwrite=overwrite)
-    after = report.layers_before - len(report.removed_layers)
+    stacks = report.stacks()
+    removed = {s.name: s.removed_original for s in stacks}
+    before, after = sum(s.layers_before for s in stacks), sum(s.layers_after for s in stacks)
     print(
-        f"removed layers (0-based, original numbering): {list(report.removed_layers)}: {report.layers_before} -> {after} "
+        f"removed layers (0-based, original numbering): {removed.get('', removed)}: {before} -> {after} "
         f"layers, {report.num_parameters_before:,} -> {report.num_parameters_after:,} parameters; exported as "
         f"{type(model).__name__} ({note})"
     )
@@ -545,6 +547,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"hf-collapse {args.verb}: error: {message}", file=sys.stderr)
         # a push that got past its checks may have created the repo or branch on the Hub: work had begun there
         began = written or (isinstance(error, PushError) and not isinstance(error, PushNotStartedError))
+        began = began or getattr(error, "work_began", False)  # e.g. an export that failed while being written
         return EXIT_FAILED if began else EXIT_REFUSED
     except KeyboardInterrupt:
         print(f"hf-collapse {args.verb}: interrupted", file=sys.stderr)

@@ -32,7 +32,7 @@ from .quantization import is_quantized, refuse_quantized_export
 from .report import AUTO_CLASS_BY_PIPELINE_TAG, CollapseReport
 from .sbert import read_layout, write_layout
 
-__all__ = ["add_benchmarks", "clear_stale", "export_collapsed"]
+__all__ = ["ExportWriteError", "add_benchmarks", "clear_stale", "export_collapsed"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,8 @@ def export_collapsed(
             overlaps the source checkpoint, or the source is a sentence-transformers model with a module that
             cannot be carried through a collapse (named in the message).
         [`UntrainedHeadError`]: the model has a newly initialised head that was never trained.
+        [`ExportWriteError`]: writing failed (a full disk, say); nothing of the export is left and ``out_dir`` is
+            as it was.
     """
     inner = unwrap_model(model)
     _check_plain_model(inner)
@@ -115,6 +117,14 @@ def export_collapsed(
             _write_folder(staging, out, inner, report, processing_class, layout, repo_id, source)
             _check_target(out, overwrite)  # again: a folder created meanwhile by someone else is not replaced
             _move_into_place(staging, out)
+        except FileExistsError:  # OUT appeared meanwhile: refused as above
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        except OSError as error:  # a full disk, a quota, a vanished folder: nothing of the export is left
+            shutil.rmtree(staging, ignore_errors=True)
+            failure = ExportWriteError(f"writing the export {out} failed, nothing of it was kept: {error}")
+            failure.errno = error.errno
+            raise failure from error
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -130,6 +140,12 @@ def _check_target(out: Path, overwrite: bool) -> None:
         raise FileExistsError(
             f"{out} already exists and is not empty: choose another folder or pass overwrite=True to replace it"
         )
+
+
+class ExportWriteError(OSError):
+    """Writing an export failed after it had begun (its staging folder is removed, ``out`` is left as it was)."""
+
+    work_began = True
 
 
 def _staging_folder(out: Path) -> Path:
@@ -167,7 +183,8 @@ def _write_folder(
         (staging / RECIPE_FILE).write_text(recipe_yaml(report.recipe), encoding="utf-8")
     write_card(report, staging, repo_id=repo_id, processing_class=processing_class)
     (staging / REPORT_FILE).write_text(
-        json.dumps({"repo_id": repo_id, "report": report.to_dict()}, indent=1), encoding="utf-8"
+        json.dumps({"repo_id": repo_id, "collapsed_layers": _all_removed(model.config, report), "report": report.to_dict()}, indent=1),
+        encoding="utf-8",
     )
     _check_safetensors_only(staging)
     (staging / _STAGING_MARKER).unlink()
@@ -197,7 +214,8 @@ def add_benchmarks(folder: str | os.PathLike, benchmarks: list) -> Path:
 
         processing_class = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # never run code implicitly
     card = write_card(report, folder, repo_id=stored.get("repo_id"), processing_class=processing_class)
-    saved.write_text(json.dumps({"repo_id": stored.get("repo_id"), "report": report.to_dict()}, indent=1), encoding="utf-8")
+    stored.update(report=report.to_dict())
+    saved.write_text(json.dumps(stored, indent=1), encoding="utf-8")
     refresh_manifest(folder, [CARD_FILE, PLOT_FILE, REPORT_FILE])
     return card
 
@@ -279,6 +297,11 @@ def _check_plain_model(model: nn.Module) -> None:
 
 
 def _check_report_matches(model: nn.Module, report: CollapseReport) -> None:
+    if not isinstance(report, CollapseReport):
+        raise ValueError(
+            f"export_collapsed needs the CollapseReport of the collapse that made this model, got {type(report).__name__}: "
+            "pass the report that collapse_model or collapse_layers returned (report=...)"
+        )
     have = {stack.name: len(stack) for stack in find_layer_stacks(model)}
     want = {stack.name: stack.layers_after for stack in report.stacks()}
     if have.keys() != want.keys():
@@ -295,6 +318,12 @@ def _check_report_matches(model: nn.Module, report: CollapseReport) -> None:
             )
     # collapse_layers records what it removed in the original numbering: the card must say the same.
     recorded = getattr(model.config, "collapsed_layers", None)
+    if recorded is None and any(stack.removed for stack in report.stacks()):
+        raise ValueError(
+            f"the report says layers {_show(_in_original_numbering(model.config, report))} were removed but this model "
+            "was never collapsed (its config has no collapsed_layers): export the model that collapse_layers returned, "
+            "with the report of that collapse"
+        )
     if recorded is not None:
         recorded = {k: sorted(v) for k, v in recorded.items()} if isinstance(recorded, dict) else {"": sorted(recorded)}
         reported = _in_original_numbering(model.config, report)
@@ -326,6 +355,12 @@ def _in_original_numbering(config, report: CollapseReport) -> dict[str, list[int
         survivors = [i for i in range(total) if i not in set(before)]
         result[stack.name] = sorted(before + [survivors[i] for i in stack.removed if i < len(survivors)])
     return result
+
+
+def _all_removed(config, report: CollapseReport) -> list[int] | dict[str, list[int]]:
+    """Every layer removed so far, in the original numbering, shaped as `config.collapsed_layers` is."""
+    per_stack = _in_original_numbering(config, report)
+    return per_stack[""] if list(per_stack) == [""] else per_stack
 
 
 def _show(per_stack: dict[str, list[int]]) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 from . import assets
 from .quantization import prepare_quantized, quantized_loading
 from .recipe import RecipeArguments, RecipeError
+from .sourcecheck import check_loaded_weights, check_weight_files
 
 # Parameters that from_pretrained had to create (absent from the checkpoint, or of another shape), with their
 # initial values, kept on the model so that "was this head ever trained?" can be answered later.
@@ -171,7 +172,9 @@ def load_model(
                 raise
             raise ValueError(f"bitsandbytes cannot quantise it on {kwargs['device_map']['']}: {error}") from error
 
+    check_weight_files(resolved.path)
     model, info = _load("model", resolved.path, load)
+    check_loaded_weights(model, info, resolved.path)
     _record_new_parameters(model, info)
     if recipe.task != "image-classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = processor.pad_token_id
@@ -282,7 +285,9 @@ def load_as_saved(resolved: ResolvedModel, *, trust_remote_code: bool = False):
     cls = cls or transformers.AutoModel
     # Auto classes always get the flag: left unset, transformers may ask on the terminal whether to run the code
     kwargs = {"trust_remote_code": bool(trust_remote_code)} if cls.__name__.startswith("Auto") else {}
+    check_weight_files(resolved.path)
     model, info = _load("model", resolved.path, lambda: cls.from_pretrained(resolved.path, output_loading_info=True, **kwargs))
+    check_loaded_weights(model, info, resolved.path)
     _record_new_parameters(model, info)
     if untrained_parameters(model):
         raise RecipeError(

@@ -391,8 +391,10 @@ class RecipeRun:
         )
         export_dir = export_and_push(self.model, report, recipe, self.config, self.hub_push, self.stage, **self.task.export_args(self))
         depth = report.layers_before
+        stacks = report.stacks()  # the summary says what was removed in the original numbering, as the config does
+        removed = stacks[0].removed_original if len(stacks) == 1 else list(report.removed_layers)
         return RunSummary(
-            layers_before=depth, layers_after=depth - len(report.removed_layers), removed=list(report.removed_layers),
+            layers_before=depth, layers_after=depth - len(report.removed_layers), removed=removed,
             parameters_before=report.num_parameters_before, parameters_after=self.model.num_parameters(),
             metric_name=self.task.metric_name, metric_before=report.metric_before, metric_after=self.metric_after,
             perplexity_before=perplexity[0], perplexity_after=perplexity[1], speedup=self.speedup,

@@ -74,10 +74,23 @@ class StackSummary:
     layers_before: int
     removed: list[int]
     scores: list[float]
+    earlier: list[int] = field(default_factory=list)
 
     @property
     def layers_after(self) -> int:
         return self.layers_before - len(self.removed)
+
+    @property
+    def original_numbers(self) -> list[int]:
+        """The original model's number of each layer ``0..layers_before-1`` (they differ once layers were removed
+        earlier, from a checkpoint that was itself collapsed)."""
+        lost = set(self.earlier)
+        return [i for i in range(self.layers_before + len(lost)) if i not in lost]
+
+    @property
+    def removed_original(self) -> list[int]:
+        """The layers this collapse removed, numbered as in the original model (as `config.collapsed_layers` is)."""
+        return [self.original_numbers[i] for i in self.removed]
 
 
 @dataclass(frozen=True)
@@ -144,6 +157,7 @@ class Removal:
                 f"removed_layers, layers_before and scores must name the same stacks, got {sorted(removed)}, "
                 f"{sorted(before)} and {sorted(scores)}"
             )
+        earlier = {} if self.earlier_removed is None else per_stack(self.earlier_removed, "earlier_removed")
         summaries = []
         for name, count in before.items():
             where = f"the {name} stack" if name else "the model"
@@ -157,7 +171,7 @@ class Removal:
                     f"scores has {len(values)} values for {where} but it had {count} layers: give one score per "
                     "layer, in the numbering before removal"
                 )
-            summaries.append(StackSummary(name, count, indices, values))
+            summaries.append(StackSummary(name, count, indices, values, sorted(earlier.get(name, []))))
         return summaries
 
 

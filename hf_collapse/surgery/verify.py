@@ -190,7 +190,8 @@ def _output_differences(reference: dict[str, torch.Tensor], got: dict[str, torch
             continue
         scale = float(expected.abs().max()) if expected.numel() else 0.0
         error = float((value - expected).abs().max()) if expected.numel() else 0.0
-        if error > tolerance * max(scale, 1e-6) or not torch.isfinite(value).all() == torch.isfinite(expected).all():
+        # written so that NaN fails: a NaN in either output (or in their difference) is a difference, not a pass
+        if not error <= tolerance * max(scale, 1e-6) or not (torch.isfinite(value).all() and torch.isfinite(expected).all()):
             differences.append(f"output {name!r} differs by up to {error:.3g} (its largest value is {scale:.3g})")
     return differences
 
