@@ -312,7 +312,8 @@ class MSWArguments:
 
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             number(name, 1, False, "at least 1")
-        number("learning_rate", 0, True, "a finite number above 0")
+        # 0 is allowed: a run that trains nothing on purpose (a baseline that keeps the weights) is legitimate
+        number("learning_rate", 0, False, "a finite number >= 0")
         for name in ("num_train_epochs", "weight_decay", "warmup_steps"):
             number(name, 0, False, "a finite number >= 0")
         max_steps = getattr(self, "max_steps", None)
