@@ -22,6 +22,7 @@ from pathlib import Path
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from transformers import AutoTokenizer
 
 from .card import CARD_FILE, PLOT_FILE, recipe_yaml, write_card
 from .layers import find_layer_stacks, unwrap_model
@@ -210,8 +211,6 @@ def add_benchmarks(folder: str | os.PathLike, benchmarks: list) -> Path:
     report = report.updated(benchmarks=[b for b in report.benchmarks if (b.task, b.metric) not in new] + list(benchmarks))
     processing_class = None
     if (folder / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
         processing_class = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # never run code implicitly
     card = write_card(report, folder, repo_id=stored.get("repo_id"), processing_class=processing_class)
     stored.update(report=report.to_dict())

@@ -6,7 +6,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import transformers
+from transformers.models.auto import modeling_auto
+
 from . import assets
+from .layers import unwrap_model
 from .quantization import prepare_quantized, quantized_loading
 from .recipe import RecipeArguments, RecipeError
 from .sourcecheck import check_loaded_weights, check_weight_files
@@ -125,8 +129,6 @@ def _load(what: str, name: str, loader: Callable[[], object]) -> object:
 def load_processor(recipe: RecipeArguments, resolved: ResolvedModel):
     """The tokenizer (text tasks; padding falls back to EOS) or image processor of the recipe's model; code shipped
     with the checkpoint runs only with `recipe.trust_remote_code`."""
-    import transformers
-
     trust = bool(recipe.trust_remote_code)  # always given: left unset, transformers may ask on the terminal instead
     if recipe.task == "image-classification":
         return _load("image processor", resolved.path, lambda: transformers.AutoImageProcessor.from_pretrained(
@@ -150,8 +152,6 @@ def load_model(
     model is not moved afterwards; default: the current CUDA device, else the CPU) and the model is prepared for
     LoRA on them, see [`~quantization.quantized_loading`] and [`~quantization.prepare_quantized`].
     """
-    import transformers
-
     auto = getattr(transformers, AUTO_CLASSES[recipe.task])
     kwargs = {"trust_remote_code": bool(recipe.trust_remote_code)}
     if recipe.quantized:
@@ -196,8 +196,6 @@ def _record_new_parameters(model, info: dict) -> None:
 def untrained_parameters(model) -> list[str]:
     """Names of the parameters that were newly initialised when [`load_model`] loaded ``model`` and still hold
     their initial values (so no training step ever changed them). Empty for a model loaded another way."""
-    from .layers import unwrap_model
-
     inner = unwrap_model(model)
     record = getattr(inner, _NEW_PARAMETERS, None) or {}
     params = dict(inner.named_parameters())
@@ -225,8 +223,6 @@ def check_head_trained(model, purpose: str = "evaluate it") -> None:
 
 
 def _saved_config(resolved: ResolvedModel, trust_remote_code: bool):
-    import transformers
-
     return _load("config", resolved.path, lambda: transformers.AutoConfig.from_pretrained(
         resolved.path, trust_remote_code=bool(trust_remote_code)))
 
@@ -243,9 +239,6 @@ def task_head_is_new(resolved: ResolvedModel, task: str, *, trust_remote_code: b
     a known class without that head (e.g. `BertModel` for text classification), or a class of its own code that its
     `auto_map` does not offer for the task's Auto class. `False` when the config does not name its class (then the
     loading itself records what was new)."""
-    import transformers
-    from transformers.models.auto import modeling_auto
-
     config = _saved_config(resolved, trust_remote_code)
     architecture = (getattr(config, "architectures", None) or [None])[0]
     if architecture is None:
@@ -275,8 +268,6 @@ def load_as_saved(resolved: ResolvedModel, *, trust_remote_code: bool = False):
         [`RecipeError`]: the checkpoint cannot be loaded, needs its own code without ``trust_remote_code``, or parts of
             that class are missing from it.
     """
-    import transformers
-
     config = _saved_config(resolved, trust_remote_code)
     architecture = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, architecture, None) if architecture else None
@@ -300,8 +291,6 @@ def load_as_saved(resolved: ResolvedModel, *, trust_remote_code: bool = False):
 def load_saved_processor(resolved: ResolvedModel, *, trust_remote_code: bool = False):
     """The tokenizer (or, for vision checkpoints, the image processor) saved with a checkpoint; `None` if neither.
     Code shipped with it runs only with ``trust_remote_code``."""
-    import transformers
-
     for auto in (transformers.AutoTokenizer, transformers.AutoImageProcessor):
         try:
             return auto.from_pretrained(resolved.path, trust_remote_code=bool(trust_remote_code))

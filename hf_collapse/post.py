@@ -13,15 +13,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import peft
 from torch import nn
 
-from .report import CollapseReport
-from .config import MSWArguments
 from .choice import LayerChoice, greedy_bypass
+from .config import MSWArguments
 from .layers import eval_mode, find_layer_stacks, unwrap_model
 from .repair import check_foldable, fit_repair, fold_verified
+from .report import CollapseReport
 from .scoring import LayerScores, bypassed_metric, score_layers
 from .surgery import collapse_layers
+from .trainer import CollapseTrainer
 
 __all__ = ["collapse_model", "heal", "selection_sentence"]
 
@@ -228,8 +230,6 @@ def heal(
         `ValueError`: a model that was not collapsed (no `config.collapsed_layers`), `heal_steps` of 0, or
             distillation asked without a teacher.
     """
-    from .trainer import CollapseTrainer
-
     inner = unwrap_model(model)
     if not getattr(inner.config, "collapsed_layers", None):
         raise ValueError(
@@ -247,8 +247,6 @@ def heal(
         push_to_hub=False, distill_weight=args.distill_weight if teacher is not None else 0.0,
     )
     if peft_config is not None:
-        import peft
-
         model = peft.get_peft_model(model, peft_config)
     trainer = CollapseTrainer(
         model=model, args=heal_args, train_dataset=train_dataset, eval_dataset=eval_dataset,

@@ -20,6 +20,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
 from .paths import check_tree_inside, inside_source
 
 __all__ = ["SentenceTransformersLayout", "read_layout", "write_layout"]
@@ -67,10 +71,6 @@ def _local_folder(source: str | os.PathLike) -> Path | None:
     path = Path(source)
     if path.is_dir():
         return path
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     try:
         validate_repo_id(str(source))
     except HFValidationError:

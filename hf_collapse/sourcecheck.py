@@ -14,6 +14,9 @@ import re
 import struct
 from pathlib import Path
 
+import torch
+
+from .layers import find_layer_stacks
 from .recipe import RecipeError
 
 __all__ = ["check_loaded_weights", "check_weight_files"]
@@ -70,8 +73,6 @@ def _layer_pattern(stack_path: str) -> re.Pattern:
 
 
 def _check_layer_count(model, info: dict, name: str) -> None:
-    from .layers import find_layer_stacks
-
     try:
         stacks = find_layer_stacks(model)
     except ValueError:
@@ -110,8 +111,6 @@ def check_loaded_weights(model, info: dict, name: str) -> None:
     Raises:
         [`RecipeError`]: naming the layer, or the first tensor holding NaN or infinity.
     """
-    import torch
-
     _check_layer_count(model, info, name)
     new = set(info.get("missing_keys", []))
     for key, tensor in model.state_dict().items():
