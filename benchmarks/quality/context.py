@@ -155,7 +155,11 @@ class Context:
             disable_tqdm=True,
         )
         if penalty:
-            fields = {"msw_weight": study.msw_weight, "msw_warmup_steps": study.msw_warmup_steps, **(penalty_fields or {})}
+            # the study's penalty arm is the paper's: raw distances at the study's λ (not the library's default)
+            fields = {
+                "msw_weight": study.msw_weight, "msw_warmup_steps": study.msw_warmup_steps, "msw_normalization": "none",
+                **(penalty_fields or {}),
+            }
             return hf_collapse.CollapseConfig(**fields, **kwargs)
         return TrainingArguments(**kwargs)
 
@@ -183,7 +187,7 @@ class Context:
         keep = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
         args = hf_collapse.CollapseConfig(
             **{k_: v for k_, v in base.items() if k_ in keep}, collapse_num_layers=k,
-            msw_warmup_steps=self.study.msw_warmup_steps, **fields,
+            msw_warmup_steps=self.study.msw_warmup_steps, **{"msw_normalization": "none", **fields},  # as measured
         )
         trainer = hf_collapse.CollapseTrainer(
             model=model, args=args, train_dataset=self.train, eval_dataset=self.validation, data_collator=self.data.collator,
