@@ -71,7 +71,7 @@ def test_the_recipe_overrides_it_passes_are_accepted():
     )
     assert (config.max_steps, recipe.export_dir, recipe.model_name_or_path) == (7, "x/slim", "offline:SmolLM2-135M-Instruct")
     fields = gpu_recipe._recipe_msw_fields()
-    assert fields["msw_weight"] == 1.0 and fields["msw_normalization"] == "input_rms" and "msw_warmup_steps" not in fields
+    assert fields["msw_weight"] == 0.03 and fields["msw_normalization"] == "input_rms" and "msw_warmup_steps" not in fields
 
 
 def test_section_states_each_figure_with_the_gpu_name():

@@ -46,8 +46,8 @@ def texts(n, length, seed=0):
 def sft_config(tmp_path, **kwargs):
     defaults = dict(
         output_dir=str(tmp_path), report_to=[], save_strategy="no", disable_tqdm=True, seed=0, use_cpu=True,
-        per_device_train_batch_size=4, logging_steps=1, max_length=32, bf16=False, **SGD,
-    )  # TRL turns bf16 on by default; float32 keeps the gradient comparisons exact
+        per_device_train_batch_size=4, logging_steps=1, max_length=32, bf16=False, msw_normalization="none", **SGD,
+    )  # TRL turns bf16 on by default; float32 keeps the gradient comparisons exact; raw distances, as the references
     return CollapseSFTConfig(**{**defaults, **kwargs})
 
 
@@ -318,7 +318,8 @@ def test_dpo_on_a_peft_model_gets_the_policy_pass_penalty(tmp_path, tokenizer):
     def build(weight, name):
         args = CollapseDPOConfig(
             output_dir=str(tmp_path / name), report_to=[], save_strategy="no", disable_tqdm=True, seed=0, use_cpu=True,
-            max_steps=1, per_device_train_batch_size=4, logging_steps=1, msw_weight=weight, bf16=False, **SGD,
+            max_steps=1, per_device_train_batch_size=4, logging_steps=1, msw_weight=weight, bf16=False,
+            msw_normalization="none", **SGD,
         )
         torch.manual_seed(5)
         trainer = CollapseDPOTrainer(
@@ -367,7 +368,7 @@ def test_padding_free_batches_count_every_packed_token(tmp_path):
     position_ids = torch.cat([torch.arange(len(d)) for d in documents]).unsqueeze(0)
     batch = {"input_ids": packed, "position_ids": position_ids, "labels": packed.clone()}
     model = tiny_llama()
-    trainer = CountingCollapse(model=model, args=config(tmp_path, msw_weight=1.0))
+    trainer = CountingCollapse(model=model, args=config(tmp_path, msw_weight=1.0, msw_normalization="none"))
     trainer._search = FixedDirection(32)
     model.train()
     loss = trainer.compute_loss(model, batch)
