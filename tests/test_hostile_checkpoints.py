@@ -2,7 +2,6 @@
 nothing written; a re-collapse is recorded in one numbering; a full disk ends in one line with nothing left behind."""
 
 import errno
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from test_hardening import one_line, tree
 from tiny_models import TINY_MODELS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -20,22 +20,6 @@ from hf_collapse.models import resolve_model
 from hf_collapse.surgery.verify import _output_differences
 
 TINY = TINY_MODELS["llama"]
-
-
-def tree(path: Path) -> dict:
-    """Every file under ``path`` with the hash of its bytes; {} when absent."""
-    if not path.exists():
-        return {}
-    return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(path.rglob("*"))}
-
-
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line[line.index("hf-collapse "):] for line in err.splitlines() if "hf-collapse " in line]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err, err
-    return lines[0]
 
 
 def six_layers(seed: int = 0):
