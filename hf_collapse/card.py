@@ -355,6 +355,7 @@ def _context(
         "parameter_reduction_pct": 100.0 * (1 - removal.num_parameters_after / removal.num_parameters_before),
         "score_method": removal.score_method,
         "msw_penalty": training.msw_penalty_used,
+        "uniform_penalty": training.msw_penalty_used and training.penalty_schedule is None,
         "target_choice": training.target_choice,
         "faded": training.fade_window is not None,
         "has_scores": removal.scores is not None,
