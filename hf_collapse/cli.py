@@ -187,14 +187,13 @@ def _check_collapse_paths(src: str, out: str) -> None:
     """Refuse an OUT that is a symlink, a broad target (`/`, home, the working directory or a parent of it), or that
     is, contains or lies inside a local SRC, and a SRC holding links that lead out of it, before anything is created."""
     from .models import resolve_model
-    from .paths import check_output_folder, check_tree_inside
+    from .paths import check_output_folder, check_tree_inside, overlap
 
     check_output_folder(out)
     source = Path(resolve_model(src).path)
     if not source.exists():
         return
-    a, b = source.resolve(), Path(out).absolute().resolve()
-    if a == b or a in b.parents or b in a.parents:
+    if overlap(source, out):
         raise CliError(
             f"the output folder {out} overlaps the source checkpoint {src}: choose an output folder outside it "
             "(the source is never modified)"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 __all__ = [
     "OutputBusyError", "OutputLock", "check_output_folder", "check_replaceable", "check_tree_inside", "inside",
-    "inside_source", "sibling_prefix",
+    "inside_source", "overlap", "sibling_prefix",
 ]
 
 # A folder holding this file was written by export_collapsed: --overwrite may replace it.
@@ -33,6 +33,11 @@ def inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
     """Whether ``path``, with every symlink resolved, is ``root`` or lies inside it (``root`` resolved too)."""
     target, base = Path(path).resolve(), Path(root).resolve()
     return target == base or base in target.parents
+
+
+def overlap(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether one of two paths (symlinks resolved) is, or lies inside, the other."""
+    return inside(a, b) or inside(b, a)
 
 
 def _source_root(folder: Path) -> Path:

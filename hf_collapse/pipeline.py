@@ -17,7 +17,7 @@ from .export import export_collapsed
 from .hub import take_hub_push
 from .lmeval import LmEvalError, benchmark_results, check_lm_eval_tasks, run_lm_eval, sample_limit
 from .models import remote_code_refused, resolve_model
-from .paths import check_output_folder, check_replaceable, inside
+from .paths import check_output_folder, check_replaceable, inside, overlap
 from .post import collapse_model, heal, selection_sentence
 from .recipe import RecipeArguments, RecipeError, layer_choice
 from .sentence_recipe import SentenceEmbeddingTask, check_sentence_recipe
@@ -117,11 +117,6 @@ def export_and_push(model, report, recipe: RecipeArguments, config: CollapseConf
     return export_dir
 
 
-def _overlaps(a: Path, b: Path) -> bool:
-    a, b = a.resolve(), b.resolve()
-    return a == b or a in b.parents or b in a.parents
-
-
 def preflight(recipe: RecipeArguments, config: CollapseConfig, *, train: bool = True) -> None:
     """Every refusal that needs neither the weights nor the data rows, before anything is loaded or written.
 
@@ -143,7 +138,7 @@ def preflight(recipe: RecipeArguments, config: CollapseConfig, *, train: bool = 
     export_dir = Path(recipe.export_dir) if recipe.export_dir else Path(config.output_dir) / "collapsed"
     if local:
         for what, path in (("export_dir", export_dir), ("output_dir", Path(config.output_dir))):
-            if (recipe.collapse or what == "output_dir") and _overlaps(path, source):
+            if (recipe.collapse or what == "output_dir") and overlap(path, source):
                 raise RecipeError(
                     f"{what} {path} overlaps the source checkpoint {source}: write to a separate folder so the source "
                     "stays untouched"
@@ -194,7 +189,7 @@ def _check_output_folders(recipe: RecipeArguments, output_dir: Path, export_dir:
         if not recipe.collapse:
             return
         check_output_folder(export_dir, "export_dir")
-        if export_dir.absolute().resolve() == output_dir.absolute().resolve() or inside(output_dir, export_dir):
+        if inside(output_dir, export_dir):  # the same folder, or the export holding the checkpoints
             raise RecipeError(
                 f"export_dir {export_dir} is or holds output_dir {output_dir}, where the checkpoints are written: "
                 "give the export a folder of its own (by default it is <output_dir>/collapsed)"
