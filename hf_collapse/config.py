@@ -255,9 +255,11 @@ class MSWArguments:
             )
         if self.msw_search not in SEARCH_MODES:
             raise ValueError(f"msw_search must be one of {', '.join(SEARCH_MODES)}; got {self.msw_search!r}")
-        if self.msw_num_projections < 1:
+        projections = self.msw_num_projections
+        if isinstance(projections, bool) or not isinstance(projections, int) or projections < 1:
             raise ValueError(
-                f"msw_num_projections must be at least 1 (the number of random directions), got {self.msw_num_projections}"
+                f"msw_num_projections must be at least 1, a whole number (the random directions drawn per layer and "
+                f"step; the paper's msw_search: random drew 50), got {shown(projections)}"
             )
         if self.msw_search_tokens < 0 or self.msw_search_tokens == 1:
             raise ValueError(
