@@ -14,6 +14,8 @@ __all__ = ["OWNED_SECTIONS", "carry_sections", "replace_section"]
 OWNED_SECTIONS = (
     ("<!-- gpu-recipe:begin (benchmarks/gpu_recipe.py writes this section) -->", "<!-- gpu-recipe:end -->"),
     ("<!-- penalty-default:begin (benchmarks/penalty_default.py writes this section) -->", "<!-- penalty-default:end -->"),
+    ("<!-- scratch-decoder:begin (python -m benchmarks.scratch decoder writes this section) -->", "<!-- scratch-decoder:end -->"),
+    ("<!-- scratch-vision:begin (python -m benchmarks.scratch vision writes this section) -->", "<!-- scratch-vision:end -->"),
 )
 
 
