@@ -100,7 +100,8 @@ def refused(capsys, argv, tmp_path):
         (["vision", "--random-lambda", "-1"], "the random-direction arm's λ must be a finite number > 0, got -1.0"),
         (["decoder", "--directions", "0"], "msw_search: random needs at least one random direction, got 0"),
         (["decoder", "--directions", "0.5"], "msw_search: random needs at least one random direction, got 0.5"),
-        (["vision", "--seeds", "0,0"], "give at least one seed, each once"),
+        (["vision", "--seeds", "0,0"], "give at least one seed, each a whole number >= 0 and each once; got [0, 0]"),
+        (["vision", "--seeds", "1.5"], "got [1.5]"),
         (["decoder", "--config", "offline:SmolLM2-135M-Instruct"], "names a pretrained model: a from-scratch study trains"),
     ],
 )

@@ -53,13 +53,16 @@ def _main_table(study: dict, arms: dict[str, list[dict]]) -> list[str]:
     metric = next(iter(arms.values()))[0]["metric"]
     mdig = 2 if metric == "perplexity" else 3
     ks = study["ks"]
-    head = (f"| arm | seeds | full-depth test {metric} | collapsed layers | removable (chosen on validation) | "
+    head = (f"| arm | seeds | final train loss (change over the last fifth) | full-depth test {metric} | collapsed layers | "
+            "removable (chosen on validation) | "
             + " | ".join(f"test cost at k = {k}" for k in ks) + " | "
             + " | ".join(f"k = {k}: test {metric} − vanilla's" for k in ks) + " |")
-    lines = [head, "|" + "---|" * (5 + 2 * len(ks))]
+    lines = [head, "|" + "---|" * (6 + 2 * len(ks))]
     vanilla = {r["seed"]: r for r in arms.get("vanilla", [])}
     for name, rows in arms.items():
-        cells = [name, str(len(rows)), _pm([r["full"]["test"] for r in rows], mdig),
+        loss = [r["curves"]["loss"] for r in rows]
+        plateau = f"{_pm([c[-1] for c in loss], 3)} ({_pm([c[-1] - c[(4 * len(c)) // 5 - 1] for c in loss], 3)})"
+        cells = [name, str(len(rows)), plateau, _pm([r["full"]["test"] for r in rows], mdig),
                  _pm([len(r["collapsed_layers"]) for r in rows], 1), _pm([r["chosen"]["tolerance"]["removable"] for r in rows], 1)]
         cells += [_pm([r["chosen"]["by_k"][str(k)]["test_cost"] for r in rows], digits, scale, unit) for k in ks]
         for k in ks:
@@ -99,6 +102,15 @@ def _distance_table(arms: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
+def _collapse_sentence(arms: dict[str, list[dict]]) -> str:
+    runs = [(name, r) for name, rows in arms.items() for r in rows]
+    hits = [(name, r["seed"], r["collapsed_layers"]) for name, r in runs if r["collapsed_layers"]]
+    if not hits:
+        return f"**No layer collapsed** (relative MSW under {COLLAPSED_BELOW:g}) in any of the {len(runs)} runs."
+    listed = "; ".join(f"{name} seed {seed}: layers {layers}" for name, seed, layers in hits)
+    return f"Layers collapsed (relative MSW under {COLLAPSED_BELOW:g}) in {len(hits)} of {len(runs)} runs: {listed}."
+
+
 def section(study: dict, results: list[dict], plots: list[Path], link_prefix: str, arm_names: list[str]) -> str:
     """The RESULTS.md section of one study, between its markers."""
     begin, end = section_markers(study["name"])
@@ -122,6 +134,8 @@ def section(study: dict, results: list[dict], plots: list[Path], link_prefix: st
         f"A layer counts as collapsed when its final MSW relative to its input's RMS is under {COLLAPSED_BELOW:g}.",
         "",
         *_main_table(study, arms),
+        "",
+        _collapse_sentence(arms),
         "",
         "Every rule on its own (mean over seeds; the rule is not chosen here):",
         "",

