@@ -122,6 +122,10 @@ def test_a_pretrained_checkpoint_is_refused_and_a_bare_config_accepted(capsys, t
     # the config file alone is an architecture: accepted, and the study builds that architecture
     study = build_study(make_parser().parse_args(["decoder", "--quick", "--config", str(checkpoint / "config.json")]))
     assert study.model["num_hidden_layers"] == 5 and study.model["hidden_size"] == 32
+    (tmp_path / "shallow.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    shallow = build_study(make_parser().parse_args(["decoder", "--quick", "--config", str(tmp_path / "shallow.json")]))
+    assert shallow.ks == (1, 2)  # the ks a 3-layer model can take
+    assert "does not exist" in refused(capsys, ["decoder", "--config", "./no/such/config.json"], tmp_path)
     # an architecture of the other study's kind is refused
     (tmp_path / "vit.json").write_text(json.dumps({**config, "model_type": "vit"}))
     assert "builds a llama model" in refused(capsys, ["decoder", "--config", str(tmp_path / "vit.json")], tmp_path)

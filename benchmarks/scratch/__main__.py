@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     recorded, results = load_results(out)
     quick = study.quick or args.output is not None
     plots = write_plots(recorded, results, out / "plots" if quick else PLOTS, list(study.arms()))
-    text = section(recorded, results, plots, "plots" if quick else "plots", list(study.arms()))
+    text = section(recorded, results, plots, "plots", list(study.arms()))
     (out / "section.md").write_text(text)
     target = args.results or (None if quick else RESULTS_MD)
     if target is not None:

@@ -131,7 +131,11 @@ def section(study: dict, results: list[dict], plots: list[Path], link_prefix: st
         "layers before the final one, greedy measurement on validation); the rule at each k, and the number of layers "
         f"removable within the tolerance ({tolerance} on validation, the paper's loop), are chosen on "
         f"{study['validation_rows']} validation rows; costs are reported on {study['test_rows']} test rows. "
-        f"A layer counts as collapsed when its final MSW relative to its input's RMS is under {COLLAPSED_BELOW:g}.",
+        f"A layer counts as collapsed when its final MSW relative to its input's RMS is under {COLLAPSED_BELOW:g}. "
+        f"Costs are {'relative perplexity increases' if study['kind'] == 'decoder' else 'accuracy drops'} against the "
+        "same model at full depth (negative: removal helped); the last columns compare the metric after removal with "
+        f"vanilla's at the same seed and k ({'lower' if study['kind'] == 'decoder' else 'higher'} is better); "
+        "± is one standard error over seeds.",
         "",
         *_main_table(study, arms),
         "",

@@ -14,6 +14,13 @@ __all__ = ["STUDIES", "ScratchError", "ScratchStudy", "arm_fields", "check_confi
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 
 
+# Config fields the study sets from its data (or that only describe a saved checkpoint); a given config's are ignored.
+STUDY_SETS = (
+    "vocab_size", "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id", "image_size",
+    "num_channels", "num_labels", "id2label", "label2id", "architectures", "transformers_version", "torch_dtype", "dtype",
+)
+
+
 class ScratchError(ValueError):
     """A from-scratch study that cannot run as asked; the message says what to change."""
 
@@ -123,6 +130,10 @@ def get_study(name: str, *, quick: bool = False, **changes) -> ScratchStudy:
             model["num_key_value_heads"] = QUICK_MODEL["num_attention_heads"]
         study = dataclasses.replace(study, model=model, block_size=min(study.block_size, 32), batch_size=8, **QUICK)
     changes = {key: value for key, value in changes.items() if value is not None}
+    if "model" in changes and "ks" not in changes:  # a shallower architecture keeps the ks it can take
+        layers = changes["model"].get("num_hidden_layers")
+        if isinstance(layers, int):
+            changes["ks"] = tuple(k for k in study.ks if k < layers)
     study = dataclasses.replace(study, **changes) if changes else study
     check_study(study)
     return study
@@ -171,7 +182,8 @@ def check_config_source(path: str | Path, kind: str) -> dict:
     text = str(path)
     target = Path(path)
     if not target.exists():
-        if text.startswith("offline:") or "/" in text:
+        local = text.startswith((".", "/", "~")) or text.endswith(".json")
+        if text.startswith("offline:") or ("/" in text and not local):
             raise ScratchError(
                 f"{text} names a pretrained model: a from-scratch study trains from random initialisation; "
                 "pass a config.json (or a folder holding only a config) instead"
@@ -197,4 +209,5 @@ def check_config_source(path: str | Path, kind: str) -> dict:
     layers = fields.get("num_hidden_layers")
     if not (isinstance(layers, int) and layers >= 2):
         raise ScratchError(f"{config_file} must set num_hidden_layers to 2 or more, got {layers!r}")
-    return fields
+    # what the study sets itself (from its data) or what only describes a saved checkpoint is dropped
+    return {k: v for k, v in fields.items() if k not in STUDY_SETS and not k.startswith("_")}
