@@ -162,8 +162,8 @@ class DirectionSearch:
         search_tokens: int | None = 512,
         seed: int | None = None,
     ):
-        if num_projections < 1:
-            raise ValueError(f"num_projections must be at least 1, got {num_projections}")
+        if isinstance(num_projections, bool) or not isinstance(num_projections, int) or num_projections < 1:
+            raise ValueError(f"num_projections must be at least 1, a whole number of directions, got {num_projections!r}")
         if mode not in SEARCH_MODES:
             raise ValueError(f"unknown direction search {mode!r}: choose one of {', '.join(SEARCH_MODES)}")
         if refine_steps < 0:

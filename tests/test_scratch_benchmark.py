@@ -135,3 +135,9 @@ def test_a_pretrained_checkpoint_is_refused_and_a_bare_config_accepted(capsys, t
 def test_collapse_config_refuses_fewer_than_one_whole_direction(value, tmp_path):
     with pytest.raises(ValueError, match=r"msw_num_projections must be at least 1, a whole number .* got "):
         hf_collapse.CollapseConfig(output_dir=str(tmp_path), msw_search="random", msw_num_projections=value)
+
+
+@pytest.mark.parametrize("value", [0, float("nan"), 2.5, True])
+def test_direction_search_refuses_fewer_than_one_whole_direction(value):
+    with pytest.raises(ValueError, match="num_projections must be at least 1, a whole number"):
+        hf_collapse.DirectionSearch(num_projections=value, mode="random")
