@@ -1,9 +1,9 @@
 """The method's own regime on transformers: small models trained FROM RANDOM INITIALISATION with the MSW penalty,
 then layers removed without any fine-tuning (as the paper does) by MSW ranking and by every post-hoc rule.
 
-    python -m benchmarks.scratch decoder            # character-level Llama-style decoder on Shakespeare
-    python -m benchmarks.scratch vision             # ViT on scikit-learn's 8x8 digits
-    python -m benchmarks.scratch decoder --quick    # a seconds-long smoke run (what the tests execute)
+    OMP_NUM_THREADS=1 python -m benchmarks.scratch decoder          # character-level Llama-style decoder, Shakespeare
+    OMP_NUM_THREADS=1 python -m benchmarks.scratch vision           # ViT on scikit-learn's 8x8 digits
+    OMP_NUM_THREADS=1 python -m benchmarks.scratch decoder --quick  # a seconds-long smoke run (what the tests execute)
 
 Arms (equal steps, same data order and initial weights per seed): vanilla (λ 0: distances logged, not added),
 raw distances at λ 0.1, 1 and 5 with the refined direction search, the library default (relative to the input's
