@@ -173,19 +173,27 @@ def write_plots(study: dict, results: list[dict], plot_dir: Path, arm_names: lis
         means = [_stats([r["chosen"]["by_k"][str(k)]["test_cost"] * scale for r in rows])[0] for k in ks]
         ax.plot(ks, means, marker="o", label=name)
     ax.axhline(study["tolerance"] * scale, color="grey", linestyle=":", label="tolerance")
-    ax.set(xlabel="layers removed (k), no fine-tuning", ylabel=f"test cost ({unit.strip()})", title=f"{study['name']}: removal cost")
+    ax.set_xticks(list(range(1, layers)))
+    ax.set(xlabel="layers removed (k), no fine-tuning", ylabel=f"test cost ({unit.strip()})", title=f"{study['name']}: removal cost (rule chosen on validation)")
     ax.legend(fontsize=7)
     cost = plot_dir / f"scratch_{study['name']}_removal.png"
     fig.tight_layout(), fig.savefig(cost, dpi=100), plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(arms), figsize=(3 * len(arms), 3), sharey=False, squeeze=False)
-    for ax, (name, rows) in zip(axes[0], arms.items()):
+    columns = 3
+    nrows = math.ceil(len(arms) / columns)
+    # one log scale for every panel, so that the arms compare at a glance (rms_* logs relative distances)
+    fig, axes = plt.subplots(nrows, columns, figsize=(4 * columns, 3 * nrows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(arms):]:
+        ax.set_visible(False)
+    for ax, (name, rows) in zip(axes.flat, arms.items()):
         steps = rows[0]["curves"]["steps"]
         for i in range(layers):
             values = [_stats([r["curves"]["msw"][j][i] for r in rows])[0] for j in range(len(steps))]
             ax.plot(steps, values, label=f"layer {i}")
         ax.set_yscale("log"), ax.set_title(name, fontsize=8), ax.set_xlabel("step")
-    axes[0][0].set_ylabel("logged MSW (mean over seeds)"), axes[0][0].legend(fontsize=6)
+    for row in axes:
+        row[0].set_ylabel("logged MSW (mean over seeds)")
+    axes[0][0].legend(fontsize=6)
     curves = plot_dir / f"scratch_{study['name']}_distances.png"
     fig.tight_layout(), fig.savefig(curves, dpi=100), plt.close(fig)
     return [cost, curves]
