@@ -169,7 +169,7 @@ def _check_layout(folder: Path, model: nn.Module, stack: LayerStack, checkpoint:
             raise _refuse(
                 folder,
                 f"the model's tensor {name} (shape {tuple(parameter.shape)}) is {found} in the checkpoint (transformers "
-                "renames or fuses tensors of this checkpoint on load)",
+                "renames, fuses or ties tensors of this checkpoint on load)",
             )
     return [name for name in outside if id(model.get_parameter(name)) not in head]
 

@@ -187,3 +187,25 @@ def test_layerwise_scoring_is_refused_for_a_run_that_trains(world, tmp_path, cap
     assert main(["train", str(recipe)]) == EXIT_REFUSED
     assert "layerwise_scoring reads the layers of a saved local checkpoint from its shards: this run trains" in one_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+
+
+# ---- the benchmark ------------------------------------------------------------------------------------------------
+
+
+def test_quick_benchmark_measures_three_arms_and_writes_its_section(tmp_path):
+    from benchmarks import layerwise_scoring
+
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# tables\n")
+    argv = ["--quick", "--output", str(tmp_path / "out"), "--results", str(results_md)]
+    assert layerwise_scoring.main(argv) == 0
+    (case,) = json.loads((tmp_path / "out" / "results.json").read_text()).values()
+    assert all(case[arm]["peak_rss"] > 100 * 2**20 for arm in ("floor", "inmemory", "layerwise"))  # a real process
+    assert len(case["layerwise"]["scores"]) == 3 and case["max_relative_difference"] < 1e-6
+    # one layer of the quick shape in bfloat16: q, o 64x64; k, v 64x32; gate, up, down 64x128; two norms of 64
+    assert case["layer_bytes"] == 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64)
+    assert case["hidden_bytes"] == 2 * 16 * 64 * 4 and case["bound"] == case["layer_bytes"] + case["hidden_bytes"] + 2**30
+    text = results_md.read_text()
+    assert text.startswith("# tables\n") and text.count(layerwise_scoring.SECTION_BEGIN) == 1 and "QUICK smoke run" in text
+    assert layerwise_scoring.main(argv) == 0  # a rerun reuses what was measured and writes the same section
+    assert results_md.read_text() == text
