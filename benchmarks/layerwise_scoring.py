@@ -1,6 +1,6 @@
 """Peak memory of layer-by-layer scoring against the whole-model pass, on SmolLM2 and a larger synthetic checkpoint.
 
-Each arm runs in a subprocess of its own and reports its peak resident set size (`ru_maxrss`), its wall time and its
+Each arm runs in a subprocess of its own and reports its peak resident set size (`VmHWM`), its wall time and its
 scores: `inmemory` loads the checkpoint with `from_pretrained` and runs `score_layers`; `layerwise` runs
 `score_layers_layerwise` on the folder (one layer's weights in memory at a time); `floor` only imports torch,
 transformers and hf_collapse (what any arm pays before it reads a weight). The issue's target for the layerwise arm is
@@ -56,24 +56,25 @@ def write_synthetic(folder: Path, shape: dict, shard_bytes: int) -> Path:
     with init_empty_weights():
         skeleton = LlamaForCausalLM(config)
     folder.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(0)
-    shards, current, size = [], {}, 0
+    plan, size = [[]], 0  # shards as lists of (name, shape), planned from the shapes so each is written as it is made
     for name, parameter in skeleton.named_parameters():
-        if name.endswith("norm.weight"):
-            current[name] = torch.ones(parameter.shape, dtype=torch.bfloat16)
-        else:
-            current[name] = (torch.randn(parameter.shape, generator=generator) * 0.02).to(torch.bfloat16)
-        size += current[name].numel() * 2
         if size >= shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-    shards += [current] if current else []
-    weight_map = {}
-    for number, shard in enumerate(shards, start=1):
-        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+            plan.append([])
+            size = 0
+        plan[-1].append((name, parameter.shape))
+        size += parameter.numel() * 2
+    generator = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    for number, entries in enumerate(plan, start=1):
+        shard = {
+            name: torch.ones(shape, dtype=torch.bfloat16) if name.endswith("norm.weight")
+            else (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+            for name, shape in entries
+        }
+        file = f"model-{number:05d}-of-{len(plan):05d}.safetensors"
         save_file(shard, folder / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, file))
-    total = sum(t.numel() * 2 for shard in shards for t in shard.values())
+        total += sum(t.numel() * 2 for t in shard.values())
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
     )
@@ -104,7 +105,18 @@ def run_arm(arm: str, model: Path, rows: int, length: int, method: str) -> dict:
         else:
             scores = score_layers_layerwise(model, data, method=method, batch_size=4, progress=False)
         result = {"seconds": time.perf_counter() - start, "scores": list(scores.values)}
-    return {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **result}
+    return {"peak_rss": peak_rss(), **result}
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes: `VmHWM`, which starts afresh at exec (unlike `ru_maxrss`,
+    which a child inherits from the process that forked it)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def measure(arm: str, model: Path, rows: int, length: int, method: str) -> dict:
@@ -153,7 +165,7 @@ def section(results: dict, notes: str) -> str:
         SECTION_BEGIN,
         "## Layer-by-layer scoring: peak memory (issue 22)",
         "",
-        f"`python -m benchmarks.layerwise_scoring`; {notes}. Peak resident memory (`ru_maxrss`) of one subprocess "
+        f"`python -m benchmarks.layerwise_scoring`; {notes}. Peak resident memory (`VmHWM`) of one subprocess "
         "per arm. Bound = one layer's weights + the calibration hidden states (float32) + 1 GiB, the issue's target "
         "for the layerwise arm; the floor is a process that only imports torch, transformers and hf_collapse.",
         "",
@@ -214,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 if str(model).startswith(scratch):
                     shutil.rmtree(model)  # the synthetic checkpoint goes as soon as it is measured
                 path.write_text(json.dumps(results, indent=1))
-    text = section(results, "2 CPU cores" + (" (QUICK smoke run)" if args.quick else ""))
+    text = section(results, "2 shared CPU cores, so the seconds are indicative" + (" (QUICK smoke run)" if args.quick else ""))
     (out / "section.md").write_text(text)
     print(text)
     target = args.results or (None if args.quick else RESULTS_MD)
