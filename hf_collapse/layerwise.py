@@ -174,10 +174,10 @@ def _check_layout(folder: Path, model: nn.Module, stack: LayerStack, checkpoint:
     return [name for name in outside if id(model.get_parameter(name)) not in head]
 
 
-def _load(model: nn.Module, checkpoint: _Checkpoint, names: Sequence[str], device, dtype: torch.dtype) -> None:
+def _load(model: nn.Module, checkpoint: _Checkpoint, names: Sequence[str], device) -> None:
+    """Materialise the named parameters from the shards, each in the dtype the skeleton gave it."""
     for name, tensor in checkpoint.read(names).items():
-        value = tensor.to(dtype) if tensor.is_floating_point() else tensor
-        set_module_tensor_to_device(model, name, device, value=value, clear_cache=False)
+        set_module_tensor_to_device(model, name, device, value=tensor, clear_cache=False)
 
 
 def _free(model: nn.Module, names: Iterable[str]) -> None:
@@ -282,14 +282,14 @@ def score_layers_layerwise(
     saved = checkpoint.read([name for name, _ in model.named_buffers() if name in checkpoint.shapes])
     for name, buffer in list(model.named_buffers()):  # built by the skeleton, or saved (persistent ones)
         set_module_tensor_to_device(model, name, device, value=saved.get(name, buffer), clear_cache=False)
-    _load(model, checkpoint, front, device, dtype)
+    _load(model, checkpoint, front, device)
     with torch.no_grad():
         batches = _capture(folder, model, stack, calibration_batches(data, tokenizer, batch_size, max_length), device, progress)
     _free(model, front)
     with torch.no_grad():
         for index, layer in enumerate(tqdm(stack.layers, desc=f"scoring layer by layer ({method})", disable=not progress)):
             names = [f"{stack.path}.{index}.{name}" for name, _ in layer.named_parameters()]
-            _load(model, checkpoint, names, device, dtype)
+            _load(model, checkpoint, names, device)
             for batch in batches:
                 hidden = batch["hidden"].to(dtype)
                 args, kwargs = batch["arguments"][index]

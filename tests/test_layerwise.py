@@ -78,8 +78,8 @@ def test_only_one_layer_is_in_memory_at_a_time(tmp_path, monkeypatch):
     resident = []
     load = layerwise._load
 
-    def counting(model, checkpoint, names, device, dtype):
-        load(model, checkpoint, names, device, dtype)
+    def counting(model, checkpoint, names, device):
+        load(model, checkpoint, names, device)
         resident.append(sum(p.numel() for p in model.parameters() if p.device.type != "meta"))
 
     monkeypatch.setattr(layerwise, "_load", counting)
