@@ -49,6 +49,10 @@ def make_parser() -> argparse.ArgumentParser:
     collapse.add_argument("--task", help="Task, when no recipe gives it (text-classification, causal-lm, image-classification).")
     collapse.add_argument("--method", help="Layer score: msw, block_influence or angular.")
     collapse.add_argument(
+        "--layerwise", action="store_true",
+        help="Score SRC's layers one at a time from its safetensors shards (one layer's weights in memory).",
+    )
+    collapse.add_argument(
         "--repair", help="Repair the cut on the --data calibration rows, folded into the weights: none, scale, linear or transport.",
     )
     collapse.add_argument("--overwrite", action="store_true", help="Replace OUT when it holds a previous hf-collapse export.")

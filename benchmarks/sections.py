@@ -16,6 +16,7 @@ OWNED_SECTIONS = (
     ("<!-- penalty-default:begin (benchmarks/penalty_default.py writes this section) -->", "<!-- penalty-default:end -->"),
     ("<!-- scratch-decoder:begin (python -m benchmarks.scratch decoder writes this section) -->", "<!-- scratch-decoder:end -->"),
     ("<!-- scratch-vision:begin (python -m benchmarks.scratch vision writes this section) -->", "<!-- scratch-vision:end -->"),
+    ("<!-- layerwise-scoring:begin (benchmarks/layerwise_scoring.py writes this section) -->", "<!-- layerwise-scoring:end -->"),
 )
 
 

@@ -171,16 +171,33 @@ def _cmd_score(args) -> int:
     resolved = resolve_model(recipe.model_name_or_path)
     processor = load_processor(recipe, resolved)
     data = load_task_data(recipe, processor)
-    model = load_model(recipe, resolved, processor, data.label_names)
     batches = label_free_batches(
         data.train, data.collator, config.per_device_eval_batch_size, limit=recipe.calibration_samples
     )
-    scores = score_layers(model, batches, method=recipe.collapse_score_method)
+    if recipe.layerwise_scoring:
+        scores = _score_layerwise(resolved, batches, recipe.collapse_score_method)
+    else:
+        scores = score_layers(load_model(recipe, resolved, processor, data.label_names), batches, method=recipe.collapse_score_method)
+        print("scored in memory (the whole model loaded)")
     print(f"layer  {scores.method}")
     for index in range(len(scores)):
         print(f"{index:>5}  {scores.values[index]:.6g}")
     print("most removable first: " + ", ".join(str(i) for i in scores.ranking()))
     return 0
+
+
+def _score_layerwise(resolved, batches, method: str):
+    """Scores of a local safetensors checkpoint read one layer at a time (`layerwise_scoring`); says which path ran."""
+    from .layerwise import score_layers_layerwise
+
+    if not Path(resolved.path).is_dir():
+        raise CliError(
+            f"layerwise_scoring reads the shards of a local checkpoint folder, and {resolved.path} is not one: "
+            "download it first (hf download REPO --local-dir DIR) and give the folder"
+        )
+    scores = score_layers_layerwise(resolved.path, batches, method=method)
+    print("scored layer by layer (one layer's weights in memory at a time)")
+    return scores
 
 
 def _check_collapse_paths(src: str, out: str) -> None:
@@ -243,6 +260,8 @@ def _collapse(args) -> int:
         overrides += ["--task", args.task]
     if args.method:
         overrides += ["--collapse_score_method", args.method]
+    if args.layerwise:
+        overrides += ["--layerwise_scoring", "true"]
     if args.repair:
         overrides += ["--collapse_repair", args.repair]
     if args.overwrite:
@@ -296,8 +315,8 @@ def _collapse_without_data(args, layers: list[int]) -> int:
     """Remove given layers from a checkpoint as it was saved: no data, no scores, no metric (the card says so)."""
     from .models import load_as_saved, load_saved_processor, resolve_model
 
-    if args.overrides or args.task or args.method:
-        raise CliError("recipe fields, --task and --method need data: add --data or --recipe, or drop them")
+    if args.overrides or args.task or args.method or args.layerwise:
+        raise CliError("recipe fields, --task, --method and --layerwise need data: add --data or --recipe, or drop them")
     source = resolve_model(args.src)
     trust = args.trust_remote_code
     model = load_as_saved(source, trust_remote_code=trust).eval()
@@ -337,6 +356,7 @@ def _collapse_as_saved(recipe, config, source) -> int:
         layers=config.collapse_layers, num_layers=None if config.collapse_layers else config.collapse_num_layers,
         strategy="ranked", score_method=recipe.collapse_score_method,
         calibration=calibration, repair=recipe.collapse_repair,
+        scores=_score_layerwise(source, calibration, recipe.collapse_score_method) if recipe.layerwise_scoring else None,
         calibration_source=f"the {recipe.train_split} split of "
         f"{recipe.dataset_name or ', '.join(Path(f).name for f in recipe.dataset_files or [])}",
         protect_first=config.collapse_protect_first, protect_last=config.collapse_protect_last,

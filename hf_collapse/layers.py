@@ -30,6 +30,7 @@ __all__ = [
     "find_layer_stacks",
     "resolve_layer_selection",
     "scale_residual_updates",
+    "token_cloud",
     "unwrap_model",
 ]
 
@@ -305,6 +306,12 @@ def _padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
         return mask  # a non-2-D mask is reported by _tokens, with the shapes involved
     mask = mask.to(dtype=torch.bool)
     return None if bool(mask.all()) else mask
+
+
+def token_cloud(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The `(n, d)` cloud of real tokens of `(batch, seq, d)` hidden states, given the batch's padding mask (or None),
+    exactly as [`LayerCapture`] hands them over."""
+    return _tokens(hidden, _padding_mask(mask))
 
 
 def _tokens(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -23,6 +23,8 @@ once, differentiably, along the chosen direction: the gradient equals the (sub)g
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 __all__ = ["DirectionSearch", "max_sliced_wasserstein", "sliced_w2_squared"]
@@ -151,6 +153,9 @@ class DirectionSearch:
             projections dominates the cost, and the direction only has to be good, not exact: the
             distance itself is then computed on all points along the chosen direction.
         seed (`int`, *optional*): seed of the private random generator (per device) for the directions.
+        generator_per_key (`bool`, defaults to `False`): with a `seed`, draw each key's directions from a generator of
+            its own (seeded from `seed` and the key), so that a layer's directions do not depend on the order in which
+            layers are searched: scoring layer by layer then draws what a whole-model pass draws.
     """
 
     def __init__(
@@ -161,6 +166,7 @@ class DirectionSearch:
         keep_directions: bool = True,
         search_tokens: int | None = 512,
         seed: int | None = None,
+        generator_per_key: bool = False,
     ):
         if isinstance(num_projections, bool) or not isinstance(num_projections, int) or num_projections < 1:
             raise ValueError(f"num_projections must be at least 1, a whole number of directions, got {num_projections!r}")
@@ -176,23 +182,25 @@ class DirectionSearch:
         self.keep_directions = keep_directions
         self.search_tokens = search_tokens
         self.seed = seed
+        self.generator_per_key = generator_per_key
         self._generators: dict[str, torch.Generator] = {}
         self._kept: dict[object, torch.Tensor] = {}
 
-    def _generator(self, device: torch.device) -> torch.Generator | None:
+    def _generator(self, device: torch.device, key: object) -> torch.Generator | None:
         if self.seed is None:
             return None
-        key = str(device)
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[key]
+        name = f"{device}/{key}" if self.generator_per_key else str(device)
+        if name not in self._generators:
+            seed = zlib.crc32(f"{self.seed}/{key}".encode()) if self.generator_per_key else self.seed
+            self._generators[name] = torch.Generator(device=device).manual_seed(seed)
+        return self._generators[name]
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, y: torch.Tensor, key: object = None) -> torch.Tensor:
         """Return the chosen unit direction (shape `(d,)`, float32) for detached clouds ``x`` and ``y``."""
         x = x.detach().float()
         y = y.detach().float()
-        generator = self._generator(x.device)
+        generator = self._generator(x.device, key)
         if self.search_tokens is not None and x.shape[0] > self.search_tokens:
             rows = torch.randperm(x.shape[0], generator=generator, device=generator.device if generator else x.device)
             rows = rows[: self.search_tokens].to(x.device)
@@ -216,7 +224,8 @@ class DirectionSearch:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The search's state as named tensors (for a checkpoint): the kept directions (`kept/<key>`) and the
-        states of the private generators (`generator/<device>`). Keys must be strings to be saved."""
+        states of the private generators (`generator/<device>`, or `generator/<device>/<key>` per key). Keys must be
+        strings to be saved."""
         state = {f"kept/{key}": theta.detach().cpu().contiguous() for key, theta in self._kept.items()}
         state.update({f"generator/{device}": g.get_state() for device, g in self._generators.items()})
         return state
@@ -228,10 +237,10 @@ class DirectionSearch:
         self._generators = {}
         for name, t in state.items():
             if name.startswith("generator/"):
-                device = name[len("generator/"):]
-                generator = torch.Generator(device=device)
+                stored = name[len("generator/"):]  # "<device>", or "<device>/<key>" with generator_per_key
+                generator = torch.Generator(device=stored.split("/", 1)[0])
                 generator.set_state(t.clone())
-                self._generators[device] = generator
+                self._generators[stored] = generator
 
 
 def max_sliced_wasserstein(

@@ -15,6 +15,7 @@ from .config import CollapseConfig
 from .evaluation import compare_latency
 from .export import export_collapsed
 from .hub import take_hub_push
+from .layerwise import score_layers_layerwise
 from .lmeval import LmEvalError, benchmark_results, check_lm_eval_tasks, run_lm_eval, sample_limit
 from .models import remote_code_refused, resolve_model
 from .paths import check_output_folder, check_replaceable, inside, overlap
@@ -148,6 +149,13 @@ def preflight(recipe: RecipeArguments, config: CollapseConfig, *, train: bool = 
         _check_lm_eval(recipe)
     if recipe.task == "sentence-embedding":
         check_sentence_recipe(recipe, config, source if local else None)
+    if recipe.layerwise_scoring and (train or not local or not source.is_dir()):
+        raise RecipeError(
+            "layerwise_scoring reads the layers of a saved local checkpoint from its shards: "
+            + ("this run trains the model first, so score after training in memory (drop layerwise_scoring), or score "
+               "the saved checkpoint with hf-collapse score" if train else
+               f"{name} is not a local folder; download it first (hf download REPO --local-dir DIR) and give the folder")
+        )
     if train:
         try:
             resolve_resume(config.resume_from_checkpoint, config.output_dir)
@@ -304,6 +312,13 @@ class RecipeRun:
             raise RecipeError("the training split is empty: there is no calibration data to score the layers")
         return rows
 
+    def layerwise_scores(self, batches):
+        """With `layerwise_scoring`, the source checkpoint's scores read one layer at a time (else None: in memory)."""
+        if not self.recipe.layerwise_scoring:
+            return None
+        self.stage("scoring layer by layer from the checkpoint's shards (one layer's weights in memory at a time)")
+        return score_layers_layerwise(self.resolved.path, batches, method=self.recipe.collapse_score_method, progress=False)
+
     def calibration_source(self) -> str:
         """The calibration rows in words, for the repair's record."""
         recipe = self.recipe
@@ -330,7 +345,7 @@ class RecipeRun:
         targets = self.trainer.collapse_targets if self.targeted else None
         self.stage(f"scoring, choosing ({'training targets' if self.targeted else recipe.collapse_strategy}) and collapsing")
         self.model, self.report = collapse_model(
-            self.model, layer_choice(recipe, config, layers=targets), calibration=batches,
+            self.model, layer_choice(recipe, config, layers=targets), calibration=batches, scores=self.layerwise_scores(batches),
             repair=recipe.collapse_repair, calibration_source=self.calibration_source(),
             score_method=recipe.collapse_score_method, choose_on=task.evaluator(self, choice_rows),
             evaluate=self.evaluate, metric_name=task.metric_name, higher_is_better=task.higher_is_better,

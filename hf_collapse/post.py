@@ -53,6 +53,7 @@ def collapse_model(
     choice: LayerChoice | None = None,
     *,
     calibration: Any = None,
+    scores: LayerScores | None = None,
     repair: str = "none",
     calibration_source: str | None = None,
     score_method: str = "msw",
@@ -81,6 +82,8 @@ def collapse_model(
             least (`"measured"`); with `tolerance`, layers go while `choose_on` stays within it of the full model.
         calibration (*optional*): data for [`score_layers`] (batches, rows or texts). Needed to choose by score;
             with given `layers` it only fills the card's per-layer scores. A repair is fitted on it too.
+        scores ([`LayerScores`], *optional*): scores computed already (e.g. layer by layer from the checkpoint's
+            shards, [`~layerwise.score_layers_layerwise`]); then `calibration` is not scored again.
         repair (`str`, defaults to `"none"`): after the layers are chosen, fit a map for each removed span on the
             calibration activations of the full model and fold it into the weights of the last kept layer before
             it: `"scale"`, `"linear"` or `"transport"` (see [`fit_repair`]); `"none"` removes layers only.
@@ -115,7 +118,9 @@ def collapse_model(
         raise ValueError("collapse_model handles one-stack models; for encoder-decoder models call collapse_layers per stack")
     depth = len(stack)
     removable = choice.check_depth(depth)
-    if not choice.given and calibration is None and choice.strategy == "ranked":
+    if scores is not None and len(scores) != depth:
+        raise ValueError(f"the scores cover {len(scores)} layers but the model has {depth}: score this model")
+    if not choice.given and calibration is None and scores is None and choice.strategy == "ranked":
         raise ValueError("choosing layers by score needs calibration data: pass calibration=, or give layers=")
     if choice.needs_metric and choose_on is None:
         raise ValueError(
@@ -123,7 +128,8 @@ def collapse_model(
             "(a function model -> metric on validation rows), or use strategy='ranked' / layers="
         )
     log = log or (lambda text: None)
-    scores = score_layers(model, calibration, method=score_method, progress=False) if calibration is not None else None
+    if scores is None and calibration is not None:
+        scores = score_layers(model, calibration, method=score_method, progress=False)
     if scores is not None:
         log("scores: " + ", ".join(f"{i}: {v:.4g}" for i, v in enumerate(scores.values)))
     metric_before = evaluate(model) if evaluate is not None else None

@@ -161,6 +161,11 @@ class RecipeArguments:
                   "linear or transport.", "choices": list(REPAIRS)},
     )
     calibration_samples: int = field(default=256, metadata={"help": "Training rows used to score the layers (and fit a repair)."})
+    layerwise_scoring: bool = field(
+        default=False,
+        metadata={"help": "Score the saved checkpoint's layers one at a time from its safetensors shards (one layer's "
+                  "weights in memory): hf-collapse score, and collapse choosing by score without training."},
+    )
     latency_repeats: int = field(
         default=10, metadata={"help": "Interleaved timed forward passes per model for the latency figures; 0 skips."}
     )

@@ -44,6 +44,7 @@ __all__ = [
     "SCORING_METHODS",
     "SELECTION_STRATEGIES",
     "LayerScores",
+    "ScoreSums",
     "ToleranceSelection",
     "bypassed_metric",
     "score_layers",
@@ -234,6 +235,71 @@ def _pick_stack(stacks: list[LayerStack], name: str | None) -> LayerStack:
     return by_name[name]
 
 
+class ScoreSums:
+    """The running per-layer totals of one score over calibration batches; [`score_layers`] and the layer-by-layer
+    path ([`~layerwise.score_layers_layerwise`]) both add each batch's clouds here, so they compute the same thing.
+
+    Args:
+        method (`str`): one of `SCORING_METHODS`.
+        num_layers (`int`): the layers of the stack.
+        stack (`str`, defaults to `""`): the stack's name, for the result.
+        direction_search ([`DirectionSearch`], *optional*): for `"msw"`; see [`score_layers`].
+        normalization (`str`, defaults to `"none"`): for `"msw"`; see [`score_layers`].
+    """
+
+    def __init__(
+        self,
+        method: str,
+        num_layers: int,
+        *,
+        stack: str = "",
+        direction_search: DirectionSearch | None = None,
+        normalization: str = "none",
+    ):
+        if method not in SCORING_METHODS:
+            raise ValueError(f"unknown scoring method {method!r}: choose one of {', '.join(SCORING_METHODS)}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {normalization!r}: choose one of {', '.join(NORMALIZATIONS)}")
+        self.method, self.stack = method, stack
+        # one generator per layer: a layer's directions do not depend on the order the layers are scored in
+        self.search = direction_search if direction_search is not None else DirectionSearch(seed=0, generator_per_key=True)
+        self._batch_sum = _relative_msw_sum if (method, normalization) == ("msw", "input_rms") else _BATCH_SUMS[method]
+        self.totals: list[torch.Tensor | None] = [None] * num_layers
+        self.counts = [0] * num_layers
+
+    def add(self, index: int, tokens_in: torch.Tensor, tokens_out: torch.Tensor) -> None:
+        """Add one batch of layer `index`: its `(n, d)` input and output clouds of real tokens."""
+        if tokens_in.shape[0] == 0:  # a batch of padding only
+            return
+        value = self._batch_sum(tokens_in, tokens_out, index, self.search)
+        self.totals[index] = value if self.totals[index] is None else self.totals[index] + value
+        self.counts[index] += tokens_in.shape[0]
+
+    def scores(self, device: torch.device) -> LayerScores:
+        """The per-layer means; refuses data without a real token, a layer that never ran, a non-finite score."""
+        counts, totals = self.counts, self.totals
+        if all(count == 0 for count in counts):
+            raise ValueError(
+                "the calibration data is empty: no batch held a real (non-padding) token; "
+                "check the data and its attention_mask"
+            )
+        missing = [i for i, count in enumerate(counts) if count == 0]
+        if missing:
+            raise RuntimeError(
+                f"layers {missing} of the {self.stack or 'model'} stack never ran during the calibration pass: "
+                "the model skips them, so they cannot be scored"
+            )
+        # One read-back for all layers; .to() gathers the sums of a model split over several devices.
+        values = (torch.stack([t.to(device) for t in totals]) / torch.tensor(counts, device=device)).tolist()
+        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        if bad:
+            raise ValueError(
+                f"layers {bad} scored {[values[i] for i in bad]}: the hidden states hold non-finite values "
+                "(an fp16 overflow?); score the model in float32 or bfloat16"
+            )
+        return LayerScores(method=self.method, values=tuple(values), stack=self.stack, num_tokens=counts[0])
+
+
 def score_layers(
     model: nn.Module,
     data: Iterable[Mapping[str, object]] | Sequence[str] | Sequence[Mapping[str, object]],
@@ -277,8 +343,9 @@ def score_layers(
         stack (`str`, *optional*):
             The stack to score; required for models with several (`"encoder"` / `"decoder"`).
         direction_search ([`DirectionSearch`], *optional*):
-            The slicing-direction search for `"msw"`; defaults to a fresh `DirectionSearch(seed=0)`, so
-            results are deterministic. Each layer's best direction is carried from batch to batch. A
+            The slicing-direction search for `"msw"`; defaults to a fresh
+            `DirectionSearch(seed=0, generator_per_key=True)`, so results are deterministic and each layer's do not
+            depend on the other layers. Each layer's best direction is carried from batch to batch. A
             passed instance keeps its state, so reusing it does not repeat the same numbers.
         normalization (`str`, defaults to `"none"`):
             For `"msw"`: `"none"` (raw distances) or `"input_rms"` (each batch's distance divided by the RMS of
@@ -294,51 +361,22 @@ def score_layers(
         `ValueError`: unknown method or stack, empty data (no real token), texts without a tokenizer,
             or a non-finite score.
     """
-    if method not in SCORING_METHODS:
-        raise ValueError(f"unknown scoring method {method!r}: choose one of {', '.join(SCORING_METHODS)}")
     target = _pick_stack(find_layer_stacks(model), stack)
+    sums = ScoreSums(
+        method, len(target), stack=target.name, direction_search=direction_search, normalization=normalization
+    )
     batches = _as_batches(data, tokenizer, batch_size, max_length)
-    search = direction_search if direction_search is not None else DirectionSearch(seed=0)
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {normalization!r}: choose one of {', '.join(NORMALIZATIONS)}")
-    batch_sum = _relative_msw_sum if (method, normalization) == ("msw", "input_rms") else _BATCH_SUMS[method]
     device = next(model.parameters()).device
-    totals: list[torch.Tensor | None] = [None] * len(target)
-    counts = [0] * len(target)
 
     def on_pair(_stack: LayerStack, index: int, tokens_in: torch.Tensor, tokens_out: torch.Tensor) -> None:
-        if tokens_in.shape[0] == 0:  # a batch of padding only
-            return
-        value = batch_sum(tokens_in, tokens_out, index, search)
-        totals[index] = value if totals[index] is None else totals[index] + value
-        counts[index] += tokens_in.shape[0]
+        sums.add(index, tokens_in, tokens_out)
 
     with eval_mode(model), torch.no_grad(), LayerCapture(model, on_pair, {target.name: range(len(target))}) as capture:
         for batch in tqdm(batches, desc=f"scoring layers ({method})", unit="batch", disable=not progress):
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             with capture.armed(batch):
                 model(**batch)
-
-    if all(count == 0 for count in counts):
-        raise ValueError(
-            "the calibration data is empty: no batch held a real (non-padding) token; "
-            "check the data and its attention_mask"
-        )
-    missing = [i for i, count in enumerate(counts) if count == 0]
-    if missing:
-        raise RuntimeError(
-            f"layers {missing} of the {target.name or 'model'} stack never ran during the calibration pass: "
-            "the model skips them, so they cannot be scored"
-        )
-    # One read-back for all layers; .to() gathers the sums of a model split over several devices.
-    values = (torch.stack([t.to(device) for t in totals]) / torch.tensor(counts, device=device)).tolist()
-    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
-    if bad:
-        raise ValueError(
-            f"layers {bad} scored {[values[i] for i in bad]}: the hidden states hold non-finite values "
-            "(an fp16 overflow?); score the model in float32 or bfloat16"
-        )
-    return LayerScores(method=method, values=tuple(values), stack=target.name, num_tokens=counts[0])
+    return sums.scores(device)
 
 
 # ---------------------------------------------------------------------------------------------------

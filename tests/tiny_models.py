@@ -401,6 +401,22 @@ _MAMBA2 = dict(mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_n_heads=4,
 _VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=16, patch_size=4)
 
 MATRIX_MODELS: dict[str, TinyModel] = {
+    # one rotary embedding per attention type: removing every full-attention layer leaves only the sliding one
+    "gemma3": TINY_MODELS["gemma3"],
+    "gemma3-multimodal": TINY_MODELS["gemma3-multimodal"],
+    "olmo3": TinyModel(
+        "Olmo3Config", dict(_DECODER, sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2),
+        "Olmo3ForCausalLM", AutoModelForCausalLM, "causal-lm",
+    ),  # fmt: skip
+    # Mamba2 / attention / MoE layers by layers_block_type; mtp_layers_block_type describes the separate MTP layers
+    "nemotron-h": TinyModel(
+        "NemotronHConfig",
+        dict(_DECODER, head_dim=8, layers_block_type=["mamba", "full_attention", "moe", "full_attention"],
+             ssm_state_size=8, mamba_num_heads=4, mamba_head_dim=16, n_groups=1, chunk_size=8, n_routed_experts=4,
+             num_experts_per_tok=2, moe_intermediate_size=16, moe_shared_expert_intermediate_size=16,
+             num_nextn_predict_layers=1),
+        "NemotronHForCausalLM", AutoModelForCausalLM, "causal-lm",
+    ),  # fmt: skip
     # layer_types conv / attention; full_attn_idxs lists the attention layers
     "lfm2": TinyModel("Lfm2Config", dict(_DECODER, full_attn_idxs=[1, 3]), "Lfm2ForCausalLM", AutoModelForCausalLM, "causal-lm"),
     # layers below num_dense_layers are dense, the others MoE

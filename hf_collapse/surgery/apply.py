@@ -497,6 +497,7 @@ def _plan(
         per_layer = _per_layer_edit(removal)
         config_updates.append((stack.config, per_layer.config))
         edits += [per_layer, _renumber_edit(removal), _parent_edit(inner, removal)]
+        edits.append(rules.unused_layer_type_edit(inner, removal))
     edits.append(Edit(modules=[_device_map_edit(inner, stacks, selection)]))
     record_values, removed = _record_values(inner.config, stacks, selection)
     config_updates.append((inner.config, record_values))

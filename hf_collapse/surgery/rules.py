@@ -232,11 +232,85 @@ def _remap_stages(removal: Removal, config, name: str, value) -> Edit:
     return Edit(config={"stage_names": stages, "_out_indices": indices, "_out_features": [stages[i] for i in indices]})
 
 
+def _refit_interval_pattern(removal: Removal, config, name: str, value) -> Edit:
+    # ERNIE-4.5-MoE: layer i is MoE iff (i + 1) % interval == 0 and start <= i <= end. Find integers that give the
+    # kept layers, renumbered, the kinds they have; none found leaves them as they are, and the planning's comparison
+    # of kinds (see `LAYER_KINDS`) refuses the removal.
+    start, end = config.moe_layer_start_index, config.moe_layer_end_index
+    moe = [new for new, old in enumerate(removal.kept) if (old + 1) % value == 0 and start <= old <= end]
+    count = len(removal.kept)
+    if not moe:  # a dense model: a start past the last layer
+        return Edit(config={"moe_layer_start_index": count, "moe_layer_end_index": count - 1})
+    for interval in dict.fromkeys([value, *range(1, count + 1)]):  # the current interval first, if it still fits
+        found = [i for i in range(moe[0], moe[-1] + 1) if (i + 1) % interval == 0]
+        if found == moe:
+            return Edit(config={name: interval, "moe_layer_start_index": moe[0], "moe_layer_end_index": moe[-1]})
+    return Edit()
+
+
+def _unrelated_to_stack(removal: Removal, config, name: str, value) -> Edit:
+    # NemotronH: `mtp_layers_block_type` lists the kinds of the multi-token-prediction layers, a stack of their own
+    # (`mtp.*` weights, which transformers does not build and drops on load); the main stack's removal leaves it.
+    return Edit()
+
+
 def _keep_pattern(removal: Removal, config, name: str, value) -> Edit:
     # The layer kinds are given by integers (start / interval / end, or period / offset) that stay as they are:
     # the removal is exact only if the pattern, counted afresh over the kept layers, gives each its own kind.
     # The planning compares the kinds (see `LAYER_KINDS`); nothing to update here beyond the count.
     return Edit()
+
+
+def unused_layer_type_edit(model: nn.Module, removal: Removal) -> Edit:
+    """Drop the state a model keeps per layer type for the types no kept layer has any more.
+
+    Gemma-3 and OLMo-3 build one rotary embedding per type of `layer_types` (buffers `{type}_inv_freq` and
+    `{type}_original_inv_freq`, a `{type}_attention_scaling` float) in a module outside the layers. Once the last
+    full-attention layer is removed, a model built from the new config has no such state for that type, and no
+    output depended on it: the collapsed model drops it too, so that it is exactly the model its config describes.
+    """
+    types = getattr(removal.stack.config, "layer_types", None)
+    if not isinstance(types, (list, tuple)) or len(types) != len(removal.stack):
+        return Edit()
+    gone = sorted(set(types) - {types[i] for i in removal.kept})
+    return Edit(
+        modules=[
+            _drop_type_state(module, kind)
+            for module in model.modules()
+            for kind in gone
+            if isinstance(getattr(module, f"{kind}_inv_freq", None), torch.Tensor)
+        ]
+    )
+
+
+def _drop_type_state(module: nn.Module, kind: str) -> Apply:
+    prefix = f"{kind}_"
+
+    def apply() -> Undo:
+        names = [name for name in vars(module) if name.startswith(prefix)]
+        buffers = [name for name, _ in module.named_buffers(recurse=False) if name.startswith(prefix)]
+        persistent = {name: name not in module._non_persistent_buffers_set for name in buffers}
+        saved = {name: getattr(module, name) for name in [*names, *buffers]}
+        lists = {name: vars(module)[name] for name in ("layer_types", "rope_type") if name in vars(module)}
+        for name in saved:
+            delattr(module, name)
+        if isinstance(lists.get("layer_types"), list):
+            module.layer_types = [t for t in lists["layer_types"] if t != kind]
+        if isinstance(lists.get("rope_type"), dict):
+            module.rope_type = {t: v for t, v in lists["rope_type"].items() if t != kind}
+
+        def undo() -> None:
+            for name, value in saved.items():
+                if name in persistent:
+                    module.register_buffer(name, value, persistent=persistent[name])
+                else:
+                    setattr(module, name, value)
+            for name, value in lists.items():
+                setattr(module, name, value)
+
+        return undo
+
+    return apply
 
 
 @dataclass(frozen=True)
@@ -272,7 +346,7 @@ RULES: tuple[Rule, ...] = (
     # Patterns given by integers; the kinds they give are compared when the removal is planned (see LAYER_KINDS).
     Rule("attn_layer_period", _keep_pattern, owns=("attn_layer_offset",)),  # Jamba
     Rule("expert_layer_period", _keep_pattern, owns=("expert_layer_offset",)),  # Jamba
-    Rule("moe_layer_interval", _keep_pattern, owns=("moe_layer_start_index", "moe_layer_end_index")),  # ERNIE-4.5
+    Rule("moe_layer_interval", _refit_interval_pattern, owns=("moe_layer_start_index", "moe_layer_end_index")),  # ERNIE-4.5
     Rule("max_window_layers", _count_kept_below),  # Qwen2/3: layers from this index on may slide
     # Qwen2/3-MoE: layer i is sparse iff (i + 1) % decoder_sparse_step == 0 and i not in mlp_only_layers.
     Rule("decoder_sparse_step", _explicit_sparse_layers, owns=("mlp_only_layers",)),
@@ -282,6 +356,7 @@ RULES: tuple[Rule, ...] = (
     Rule("scale_attn_by_inverse_layer_idx", _rescale_inverse_index_attention),  # GPT-2 family
     Rule("relative_attention_num_buckets", _move_relative_attention_bias),  # T5 family
     Rule("model_type", _keep_first_layer, when="modernbert"),  # layer 0 has no attn_norm
+    Rule("mtp_layers_block_type", _unrelated_to_stack),  # NemotronH: the multi-token-prediction layers' kinds
 )
 
 
