@@ -160,12 +160,14 @@ def parity(gguf: Path, ids: list[int], ref: dict) -> dict:
     }
 
 
-def time_llama(paths: dict[str, Path], ids: list[int], new_tokens: int, repeats: int) -> dict:
-    """Prompt and generation tokens/s of each model, 1 thread, the models interleaved; medians."""
+def time_llama(paths: dict[str, Path], ids: list[int], new_tokens: int, repeats: int) -> dict[str, dict[str, list]]:
+    """Prompt and generation tokens/s of each model, 1 thread, per round; the models take turns within a round (the
+    order alternating), so a ratio within a round compares runs under the same load."""
     models = {name: load(path) for name, path in paths.items()}
-    times = {name: {"prompt": [], "generation": []} for name in models}
+    rates = {name: {"prompt": [], "generation": []} for name in models}
     for repeat in range(repeats + 1):  # the first round warms up
-        for name, llm in models.items():
+        for name in list(models)[:: 1 if repeat % 2 else -1]:
+            llm = models[name]
             llm.reset()
             start = time.perf_counter()
             llm.eval(ids)
@@ -175,11 +177,21 @@ def time_llama(paths: dict[str, Path], ids: list[int], new_tokens: int, repeats:
                 llm.eval([token])
             generation = time.perf_counter() - start
             if repeat:
-                times[name]["prompt"].append(len(ids) / prompt)
-                times[name]["generation"].append(new_tokens / generation)
+                rates[name]["prompt"].append(len(ids) / prompt)
+                rates[name]["generation"].append(new_tokens / generation)
     for llm in models.values():
         llm.close()
-    return {name: {mode: statistics.median(values) for mode, values in modes.items()} for name, modes in times.items()}
+    return rates
+
+
+def paired(rates: dict[str, dict[str, list]]) -> tuple[dict, dict]:
+    """Median tokens/s of each model, and the median over rounds of collapsed / full (the speed-up)."""
+    medians = {name: {mode: statistics.median(values) for mode, values in modes.items()} for name, modes in rates.items()}
+    speedup = {
+        mode: statistics.median(c / f for c, f in zip(rates["collapsed"][mode], rates["full"][mode]))
+        for mode in ("prompt", "generation")
+    }
+    return medians, speedup
 
 
 class _LastHiddenState(torch.nn.Module):
@@ -219,9 +231,9 @@ def onnx_study(exports: dict, work: Path, tokens: int, repeats: int) -> dict:
         models[name] = model
     times = {name: [] for name in sessions}
     for repeat in range(repeats + 1):
-        for name, session in sessions.items():
+        for name in list(sessions)[:: 1 if repeat % 2 else -1]:  # turns within a round, the order alternating
             start = time.perf_counter()
-            session.run(None, feed)
+            sessions[name].run(None, feed)
             if repeat:
                 times[name].append(time.perf_counter() - start)
     length = inputs[0].shape[1]
@@ -229,7 +241,8 @@ def onnx_study(exports: dict, work: Path, tokens: int, repeats: int) -> dict:
         models["collapsed"], context_length=length, output_head=False
     )
     medians = {name: statistics.median(values) * 1e3 for name, values in times.items()}
-    result.update(tokens=int(length), median_ms=medians, speedup=medians["full"] / medians["collapsed"], ideal=ideal)
+    speedup = statistics.median(f / c for f, c in zip(times["full"], times["collapsed"]))  # paired within a round
+    result.update(tokens=int(length), median_ms=medians, speedup=speedup, ideal=ideal)
     return result
 
 
@@ -272,8 +285,7 @@ def llama_speed(exports: dict, work: Path, llama_cpp_dir: Path, args) -> dict:
         for kind in ("full", "collapsed"):
             f16 = convert(llama_cpp_dir, case[kind], work / f"smollm2-{kind}-f16.gguf", "f16")
             paths[kind] = f16 if ftype is None else quantize(f16, work / f"smollm2-{kind}-{quant}.gguf", ftype)
-        rates = time_llama(paths, ids, args.new_tokens, args.repeats)
-        ratio = {mode: rates["collapsed"][mode] / rates["full"][mode] for mode in ("prompt", "generation")}
+        rates, ratio = paired(time_llama(paths, ids, args.new_tokens, args.repeats))
         speed[quant] = {"tokens_per_s": rates, "speedup": ratio, "ideal": ideal,
                         "of_ideal": {mode: ratio[mode] / ideal[mode] for mode in ratio}}
     return speed
@@ -297,9 +309,10 @@ def run(args) -> dict:
         if "smollm2" in exports:
             results["speed"] = llama_speed(exports, work, args.llama_cpp_dir, args)
     if runtimes and importlib.util.find_spec("onnxruntime") is not None:
-        results["onnx"] = onnx_study(exports, work, args.onnx_tokens, args.repeats)
+        results["onnx"] = onnx_study(exports, work, args.onnx_tokens, args.onnx_repeats)
     versions = ("transformers", "torch", "llama_cpp_python", "onnxruntime", "gguf")
     results["versions"] = {name: _version(name) for name in versions}
+    results["load_average"] = {"after": os.getloadavg()[0], "cores": os.cpu_count()}  # how shared the machine was
     return results
 
 
@@ -330,7 +343,8 @@ def section(results: dict) -> str:
             lines.append(f"| {name} | {_num(row['max_abs_logit_diff'])} | {row['argmax_agree']}/{row['positions']} | "
                          f"{'yes' if row['greedy_equal'] else 'no'} |")
     if "speed" in results:
-        lines += ["", "SmolLM2-135M in llama.cpp, full (30 layers) vs collapsed (22), 1 thread, interleaved medians:", "",
+        lines += ["", "SmolLM2-135M in llama.cpp, full (30 layers) vs collapsed (22), 1 thread; tokens/s are medians over rounds, "
+                  "the speed-up the median over rounds of collapsed / full (the two take turns within a round):", "",
                   "| weights | phase | full tokens/s | collapsed tokens/s | speed-up | ideal (FLOPs) | of ideal |",
                   "|---|---|---:|---:|---:|---:|---:|"]
         for quant, row in results["speed"].items():
@@ -342,9 +356,13 @@ def section(results: dict) -> str:
         onnx = results["onnx"]
         lines += ["", f"all-MiniLM-L6-v2 in ONNX Runtime ({'torch.onnx.export'}, 1 thread, batch 1 × {onnx['tokens']}): "
                   f"largest output difference to transformers {_num(onnx['full_max_abs_diff'])} (full), "
-                  f"{_num(onnx['collapsed_max_abs_diff'])} (collapsed); {onnx['median_ms']['full']:.2f} ms → "
-                  f"{onnx['median_ms']['collapsed']:.2f} ms, ×{onnx['speedup']:.2f} against an ideal ×{onnx['ideal']:.2f} "
+                  f"{_num(onnx['collapsed_max_abs_diff'])} (collapsed); median {onnx['median_ms']['full']:.2f} ms → "
+                  f"{onnx['median_ms']['collapsed']:.2f} ms, paired speed-up ×{onnx['speedup']:.2f} against an ideal ×{onnx['ideal']:.2f} "
                   f"({onnx['speedup'] / onnx['ideal']:.2f} of ideal)."]
+    if "load_average" in results:
+        load = results["load_average"]
+        lines += ["", f"Load average (1 min) at the end of the run: {load['after']:.1f} on {load['cores']} cores; timings on a "
+                  "shared machine vary from run to run, more than the paired ratios do."]
     if results["quick"]:
         lines += ["", "QUICK smoke run: tiny models and few repeats; says nothing about speed."]
     lines.append(SECTION_END)
@@ -357,10 +375,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-runtimes", action="store_true",
                         help="with --quick: leave llama.cpp and ONNX Runtime out even where installed (exports, plan, references)")
     parser.add_argument("--llama-cpp-dir", type=Path, help="vendor/llama.cpp of the llama-cpp-python source package")
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds (interleaved; one more warms up)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed llama.cpp rounds (interleaved; one more warms up)")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for the llama.cpp timing")
     parser.add_argument("--new-tokens", type=int, default=32, help="generated tokens (greedy check and timing)")
     parser.add_argument("--onnx-tokens", type=int, default=64, help="sequence length for ONNX Runtime")
+    parser.add_argument("--onnx-repeats", type=int, default=200, help="timed ONNX Runtime rounds (interleaved)")
     parser.add_argument("--output", type=Path, help="result folder (default outputs/benchmarks/deployment[-quick])")
     parser.add_argument("--results", type=Path, help=f"markdown file whose section is replaced (default {RESULTS_MD}; none with --quick)")
     return parser
@@ -379,8 +398,9 @@ def _missing(args) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    if args.repeats < 1 or args.new_tokens < 1 or args.prompt_tokens < 2:
-        print("error: --repeats, --new-tokens must be at least 1 and --prompt-tokens at least 2", file=sys.stderr)
+    if min(args.repeats, args.onnx_repeats, args.new_tokens) < 1 or args.prompt_tokens < 2:
+        print("error: --repeats, --onnx-repeats and --new-tokens must be at least 1, --prompt-tokens at least 2",
+              file=sys.stderr)
         return 2
     if args.no_runtimes and not args.quick:
         print("error: --no-runtimes goes with --quick (the full study is the runtimes)", file=sys.stderr)

@@ -66,3 +66,12 @@ def test_the_full_study_refuses_to_start_without_the_converter(tmp_path, capsys)
     assert "convert_hf_to_gguf.py" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     assert deployment.main(["--no-runtimes"]) == 2
+
+
+def test_speed_up_is_the_median_of_ratios_within_rounds():
+    # round 2 ran under load for both models: per-round ratios ignore it, where a ratio of medians would not
+    rates = {"full": {"prompt": [100.0, 50.0, 100.0], "generation": [20.0, 10.0, 20.0]},
+             "collapsed": {"prompt": [140.0, 70.0, 136.0], "generation": [25.0, 12.5, 26.0]}}
+    medians, speedup = deployment.paired(rates)
+    assert medians["full"] == {"prompt": 100.0, "generation": 20.0}
+    assert speedup == {"prompt": pytest.approx(1.4), "generation": pytest.approx(1.25)}
