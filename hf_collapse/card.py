@@ -403,12 +403,39 @@ def _context(
     }
 
 
+# Runtimes where `benchmarks/deployment.py` checked a collapsed export of this class against transformers.
+_VERIFIED_RUNTIMES = {
+    "LlamaForCausalLM": (
+        "llama.cpp: a collapsed SmolLM2-135M (30 → 22 layers) converted with `convert_hf_to_gguf.py` gives "
+        "transformers' logits within 1e-3 (f32 weights and KV cache) and the same greedy generation"
+    ),
+    "Gemma3ForCausalLM": (
+        "llama.cpp: a collapsed tiny Gemma-3 converted with `convert_hf_to_gguf.py`, then `hf-collapse gguf-metadata`, "
+        "gives transformers' greedy generation and logits as close as the full model's conversion; without the "
+        "metadata it does not"
+    ),
+    "BertModel": (
+        "ONNX Runtime: a collapsed all-MiniLM-L6-v2 exported with `torch.onnx.export` (dynamo) gives transformers' "
+        "outputs within 1e-5"
+    ),
+}
+
+
 def _llama_cpp(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """What converting the export to llama.cpp needs (see `gguf_meta.llama_cpp_fit`), when it needs anything."""
-    fit = None if config is None else llama_cpp_fit(dict(config))
-    if fit is None or not (fit.needs_metadata or fit.unsupported):
+    """What running the export in llama.cpp / ONNX Runtime needs (see `gguf_meta.llama_cpp_fit`) and where a
+    collapsed export of its class was verified; None when there is nothing to say."""
+    if config is None:
         return None
-    return {"arch": fit.architecture, "needs_metadata": fit.needs_metadata, "unsupported": list(fit.unsupported)}
+    fit = llama_cpp_fit(dict(config))
+    verified = _VERIFIED_RUNTIMES.get((config.get("architectures") or [None])[0])
+    if verified is None and (fit is None or not (fit.needs_metadata or fit.unsupported)):
+        return None
+    return {
+        "arch": fit.architecture if fit else None,
+        "needs_metadata": bool(fit and fit.needs_metadata),
+        "unsupported": list(fit.unsupported) if fit else [],
+        "verified": verified,
+    }
 
 
 _REPAIR_WORDS = {
