@@ -250,3 +250,16 @@ def test_smollm2_asset_and_its_exports_name_a_portable_tokenizer_with_the_same_i
     assert main(["collapse", str(folder), str(out), "--layers", "3"]) == 0
     assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert AutoTokenizer.from_pretrained(out)(texts)["input_ids"] == original(texts)["input_ids"]
+
+
+def test_help_and_usage_errors_answer_without_the_package(capsys):
+    from hf_collapse_entry import make_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        make_parser().parse_args(["gguf-metadata", "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: hf-collapse gguf-metadata" in capsys.readouterr().out
+    for bad in (["gguf-metadata", "m.gguf"], ["gguf-metadata", "m.gguf", "--from", "o", "--output", "n", "--in-place"]):
+        with pytest.raises(SystemExit) as exit_info:
+            make_parser().parse_args(bad)
+        assert exit_info.value.code == 2
