@@ -79,11 +79,14 @@ class GgufFamily:
             into this GGUF architecture.
         sliding (`tuple[str, ...]`): the `layer_types` values llama.cpp runs with its window (SWA or chunked); when
             not empty, the file gets `{arch}.attention.sliding_window_pattern`, True for those layers.
+        period (`tuple[int, bool]`): the window period llama.cpp assumes without the array, and whether the
+            period's global layer comes first (`load_swa_pattern(ml, period, dense_first)`).
         fixed (`tuple[FixedPeriod, ...]`): per-layer kinds llama.cpp derives from a period it cannot be told.
     """
 
     architectures: tuple[str, ...]
     sliding: tuple[str, ...] = ()
+    period: tuple[int, bool] = (0, False)
     fixed: tuple[FixedPeriod, ...] = ()
 
 
@@ -93,17 +96,18 @@ _NO_ROPE = "layers without RoPE (no_rope_layers)"
 # Keyed by the GGUF architecture name (`general.architecture`). Checked against llama.cpp as vendored in
 # llama-cpp-python 0.3.36 (src/models/*.cpp: load_swa_pattern, n_no_rope_layer_step, n_moe_layer_step).
 FAMILIES: dict[str, GgufFamily] = {
-    "gemma3": GgufFamily(("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"), _SLIDING),
-    "gemma-embedding": GgufFamily(("Gemma3TextModel",), _SLIDING),
-    "gemma2": GgufFamily(("Gemma2ForCausalLM",), _SLIDING),
-    "cohere2": GgufFamily(("Cohere2ForCausalLM",), _SLIDING),
-    "gpt-oss": GgufFamily(("GptOssForCausalLM",), _SLIDING),
+    "gemma3": GgufFamily(("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"), _SLIDING, (6, False)),
+    "gemma-embedding": GgufFamily(("Gemma3TextModel",), _SLIDING, (6, False)),
+    "gemma2": GgufFamily(("Gemma2ForCausalLM",), _SLIDING, (2, False)),
+    "cohere2": GgufFamily(("Cohere2ForCausalLM",), _SLIDING, (4, False)),
+    "gpt-oss": GgufFamily(("GptOssForCausalLM",), _SLIDING, (2, False)),
     "modern-bert": GgufFamily(
-        ("ModernBertModel", "ModernBertForMaskedLM", "ModernBertForSequenceClassification"), _SLIDING
+        ("ModernBertModel", "ModernBertForMaskedLM", "ModernBertForSequenceClassification"), _SLIDING, (3, True)
     ),
     "llama4": GgufFamily(
         ("Llama4ForCausalLM", "Llama4ForConditionalGeneration"),
         ("chunked_attention",),
+        (4, False),
         (FixedPeriod(_NO_ROPE, _uses_rope, _llama4_rope), FixedPeriod("MoE layers (moe_layers)", _is_moe, _moe_every)),
     ),
     "smollm3": GgufFamily(("SmolLM3ForCausalLM",), fixed=(FixedPeriod(_NO_ROPE, _uses_rope, _rope_every_4),)),
@@ -175,20 +179,14 @@ def llama_cpp_fit(config: dict) -> LlamaCppFit | None:
         "interleave_moe_layer_step": text.get("interleave_moe_layer_step", 0),
     }
     needs = bool(family.sliding and layer_types) and (
-        _period_flags(arch, len(layer_types)) != _sliding_flags(family, layer_types)
+        _period_flags(family, len(layer_types)) != _sliding_flags(family, layer_types)
     )
     return LlamaCppFit(arch, needs, _broken_periods(family, text, values))
 
 
-# llama.cpp's default for each family with a window array (load_swa_pattern(ml, period, dense_first)).
-_DEFAULT_PERIOD = {
-    "gemma3": (6, False), "gemma-embedding": (6, False), "gemma2": (2, False), "cohere2": (4, False),
-    "gpt-oss": (2, False), "modern-bert": (3, True), "llama4": (4, False),
-}  # fmt: skip
-
-
-def _period_flags(arch: str, n_layer: int) -> list[bool]:
-    period, dense_first = _DEFAULT_PERIOD[arch]
+def _period_flags(family: GgufFamily, n_layer: int) -> list[bool]:
+    """The window flags llama.cpp gives `n_layer` layers from the family's period (llama-hparams.cpp)."""
+    period, dense_first = family.period
     if dense_first:
         return [i % period != 0 for i in range(n_layer)]
     return [i % period < period - 1 for i in range(n_layer)]
