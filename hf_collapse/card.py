@@ -307,10 +307,18 @@ def _training(training: Training) -> list[tuple[str, str]]:
         temperature = training.distillation_temperature
         rows.append(("distillation from the full-depth model", f"weight {_format_number(training.distillation_weight)}"
                      + (f", temperature {_format_number(temperature)}" if temperature is not None else "")))
+    if training.distillation_hidden_weight:
+        rows.append(("hidden-state distillation during healing (kept layers against the teacher's)",
+                     f"weight {_format_number(training.distillation_hidden_weight)}"))
     if training.healing_steps:
         lora = training.healing_lora
         how = " (LoRA adapters, merged)" if lora else " (all weights)" if lora is False else ""
+        if training.healing_scope == "adjacent":
+            how = " (only the layers next to each removed span and the head)"
         rows.append(("healing after the removal", f"{training.healing_steps} steps{how}"))
+    if training.teacher_forward_passes:
+        rows.append(("teacher forward passes during healing (not in the training budget)",
+                     f"{training.teacher_forward_passes} ({training.teacher_forward_rows} rows)"))
     return rows
 
 

@@ -19,7 +19,6 @@ import hf_collapse
 from hf_collapse import assets
 from hf_collapse.data import load_task_data
 from hf_collapse.evaluation import evaluate_classification, perplexity
-from hf_collapse.healing import adjacent_parameter_names, train_only
 from hf_collapse.recipe import RecipeArguments
 
 from benchmarks.energy import measure_energy
@@ -254,14 +253,14 @@ class Context:
         `scope="adjacent"` trains only the layers next to each removed span and the head. Returns the healed model,
         the wall time and the rows the teacher ran (its forward passes, counted apart from the budget)."""
         steps = self.study.heal_steps
-        fields = dict(heal_steps=steps, msw_weight=0.0, distill_weight=1.0 if teacher is not None else 0.0, distill_temperature=2.0)
+        fields = dict(heal_steps=steps, msw_weight=0.0, distill_weight=1.0 if teacher is not None else 0.0,
+                      distill_temperature=2.0, heal_scope=scope)
         args = self._collapse_config(seed, steps, self.heal_schedule(), **fields)
-        names = adjacent_parameter_names(model) if scope == "adjacent" else [n for n, _ in model.named_parameters()]
         start = time.perf_counter()
-        with train_only(model, names):
-            model, done = hf_collapse.heal(model, args, self.train, data_collator=self.data.collator, teacher=teacher)
+        healed = hf_collapse.heal(model, args, self.train, data_collator=self.data.collator, teacher=teacher)
+        model, done = healed
         assert done == steps, (done, steps)
-        return model.eval(), time.perf_counter() - start, steps * self.study.batch_size if teacher is not None else 0
+        return model.eval(), time.perf_counter() - start, healed.teacher_forward_rows
 
     def forget(self, seed: int) -> None:
         """Drop what is cached for `seed` (the runner goes seed by seed, so memory stays bounded)."""
