@@ -366,6 +366,8 @@ def _context(
         "uniform_penalty": training.msw_penalty_used and training.penalty_schedule is None,
         "target_choice": training.target_choice,
         "faded": training.fade_window is not None,
+        "fade": _fade(training),
+        "before": _before(training),
         "has_scores": removal.scores is not None,
         "selection": removal.selection,
         "task_metric": measured.task_metric,
@@ -402,6 +404,33 @@ def _context(
         ),
         "versions": {"hf_collapse": __version__, "transformers": transformers.__version__, "torch": torch.__version__},
     }
+
+
+def _fade(training: Training) -> dict[str, int] | None:
+    """The fade window and the training steps after it (the model trained without the faded layers), or None."""
+    if training.fade_window is None or not training.training_steps:
+        return None
+    start, end = (int(step) for step in training.fade_window)
+    total = int(training.training_steps)
+    after = max(0, total - end)
+    return {"start": start, "end": end, "total": total, "after": after, "percent": round(100 * after / total)}
+
+
+def _before(training: Training) -> dict[str, str]:
+    """What the "before" column of the evaluation measured, named for what it is, and the sentence saying so."""
+    if training.fade_window is not None:
+        return {"label": "fine-tuned, faded layers put back",
+                "figures": "the figures of the fine-tuned model with the faded layers put back",
+                "sentence": "The left column is the fine-tuned model with the faded layers switched back on, measured the "
+                            "same way for comparison: a full-depth model that training stopped using once the fade ended, "
+                            "not the untouched base model."}
+    if training.recipe is not None or training.training_steps:
+        return {"label": "fine-tuned, before removal",
+                "figures": "the fine-tuned model's figures before removal",
+                "sentence": "The left column is the fine-tuned model before its layers were removed, measured the same way "
+                            "for comparison, not the untouched base model."}
+    return {"label": "base model", "figures": "the base model's figures",
+            "sentence": "The base model's figures are a comparison measured the same way, not results of this repository."}
 
 
 _REPAIR_WORDS = {

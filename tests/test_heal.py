@@ -205,3 +205,30 @@ def test_the_card_records_the_scope_and_the_teachers_passes_apart():
     assert "hidden-state distillation during healing" in card
     again = CollapseReport.from_dict(json.loads(json.dumps(report.to_dict())))
     assert again.training.teacher_forward_rows == 40 and again.training.healing_scope == "adjacent"
+
+
+def test_a_faded_models_card_says_it_trained_without_the_layers_and_names_its_before_column():
+    """Issue 20 part 4: after a fade the card no longer says the model was not fine-tuned without the layers, and the
+    evaluation's first column is named for what it measured (the fine-tuned model with the faded layers put back)."""
+    stored = json.loads((FIXTURES / "collapse_report_causal_lm.json").read_text(encoding="utf-8"))
+    report = CollapseReport.from_dict(stored["report"])  # faded over steps 60-90 of 100, healed 20 steps
+    assert report.training.fade_window == [60, 90] and report.training.training_steps == 100
+    card = render_card(report)
+    assert ("- The removed layers were faded out of the residual stream over training steps 60–90, so the model trained "
+            "its last 10 of 100 steps (10 %) without them; deleting them afterwards changed no output (a faded layer "
+            "returns its input).") in card
+    assert "not fine-tuned after the layers were removed" not in card
+    assert "| metric | fine-tuned, faded layers put back (" in card and "| metric | base model" not in card
+    assert "the fine-tuned model with the faded layers switched back on" in card
+    # faded and not healed: the quickstart's shape (200 steps, faded over 0-60)
+    quick = report.updated(fade_window=(0, 60), training_steps=200, healing_steps=None, healing_lora=None, healed=False)
+    text = render_card(quick)
+    assert "trained its last 140 of 200 steps (70 %) without them" in text
+    assert "and there was no fine-tuning after the deletion." in text and "not fine-tuned after" not in text
+    # trained without a fade: the fine-tuned model before removal; no training at all: the base model
+    plain = report.updated(fade_window=None, healing_steps=None, healing_lora=None, healed=False)
+    text = render_card(plain)
+    assert "| metric | fine-tuned, before removal (" in text and "not fine-tuned after the layers were removed" in text
+    untrained = report.updated(fade_window=None, healing_steps=None, healing_lora=None, healed=False, recipe=None, training_steps=None,
+                               target_layers=None, target_choice=None, penalty_schedule=None)
+    assert "| metric | base model (" in render_card(untrained)
