@@ -348,7 +348,7 @@ class RecipeRun:
         self.stage(f"healing: {config.heal_steps} fine-tuning steps of the collapsed model" + (" with distillation" if self.teacher else ""))
         healed = heal(
             self.model, config, self.data.train, data_collator=self.data.collator, processing_class=self.processor,
-            teacher=self.teacher, peft_config=getattr(self.task, "lora", None),
+            teacher=self.teacher, peft_config=getattr(self.task, "lora", None) if config.heal_scope in (None, "lora") else None,
         )
         self.model, self.heal_steps = healed
         self.healing = {"healing_scope": healed.scope}
@@ -373,6 +373,8 @@ class RecipeRun:
     def training_fields(self, lora: bool) -> dict:
         """What the card records of the training method: the trainer's own record, with the healing after it."""
         record = self.trainer.training_record()
+        if self.healing:  # what healing trained, whatever the training did
+            lora = self.healing["healing_scope"] == "lora"
         return dataclasses.replace(record, healing_steps=self.heal_steps, healing_lora=lora, **self.healing).to_report_fields()
 
     def export(self) -> RunSummary:

@@ -232,3 +232,68 @@ def test_a_faded_models_card_says_it_trained_without_the_layers_and_names_its_be
     untrained = report.updated(fade_window=None, healing_steps=None, healing_lora=None, healed=False, recipe=None, training_steps=None,
                                target_layers=None, target_choice=None, penalty_schedule=None)
     assert "| metric | base model (" in render_card(untrained)
+
+
+# ------------------------------------------------------------------------------------------ recipes
+
+
+def tiny_recipe(tmp_path, extra: str) -> Path:
+    from transformers import AutoTokenizer
+
+    from hf_collapse.assets import shakespeare_works, smollm2_path
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )).save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    (tmp_path / "train.txt").write_text(shakespeare_works()["hamlet"][:6000])
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        f"model_name_or_path: {tmp_path / 'src'}\ntask: causal-lm\ndataset_files: [{tmp_path / 'train.txt'}]\n"
+        f"max_length: 32\noutput_dir: {tmp_path / 'run'}\nexport_dir: {tmp_path / 'out'}\nmax_steps: 2\n"
+        "per_device_train_batch_size: 4\nper_device_eval_batch_size: 8\nmax_eval_samples: 8\nreport_to: none\n"
+        "save_strategy: 'no'\nuse_cpu: true\ncalibration_samples: 8\nlatency_repeats: 0\nmsw_weight: 0\n" + extra
+    )
+    return path
+
+
+def test_a_recipe_heals_the_adjacent_layers_from_the_full_model_and_records_it(tmp_path):
+    from hf_collapse.pipeline import run_recipe
+    from hf_collapse.recipe import load_recipe
+
+    path = tiny_recipe(tmp_path, "collapse_layers: [1]\ntarget_choice: post_hoc\nheal_steps: 2\nheal_scope: adjacent\n"
+                                 "distill_hidden_weight: 0.5\n")
+    recipe, config_, resolved = load_recipe(path)
+    summary = run_recipe(recipe, config_, resolved, log=lambda text: None)
+    assert summary.heal_steps == 2 and summary.removed == [1]
+    report = json.loads((tmp_path / "out" / "collapse_report.json").read_text())["report"]
+    assert report["healing_scope"] == "adjacent" and report["distillation_hidden_weight"] == 0.5
+    assert report["teacher_forward_passes"] == 2 and report["teacher_forward_rows"] == 2 * 4
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| healing after the removal | 2 steps (only the layers next to each removed span and the head) |" in card
+    assert "| teacher forward passes during healing (not in the training budget) | 2 (8 rows) |" in card
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("collapse_layers: [1]\ntarget_choice: post_hoc\nheal_scope: adjacent\n",
+         "heal_scope says how healing trains, and heal_steps is 0"),
+        ("collapse_layers: [1]\ntarget_choice: post_hoc\ndistill_hidden_weight: 1\n",
+         "distill_hidden_weight says how healing trains, and heal_steps is 0"),
+        ("collapse_layers: [1]\ntarget_choice: post_hoc\nheal_steps: 2\nheal_scope: lora\n",
+         "heal_scope: lora trains LoRA adapters, and this recipe has none"),
+        ("collapse_num_layers: 1\ntarget_choice: score\nfade_steps: 1\nheal_steps: 2\ndistill_hidden_weight: 1\n",
+         "distill_hidden_weight after a fade distils from the copy of the model taken at the target choice"),
+    ],
+    ids=["scope without healing", "hidden weight without healing", "lora without adapters", "hidden after a fade"],
+)
+def test_recipe_healing_settings_that_cannot_act_are_refused_when_read(tmp_path, extra, message):
+    from hf_collapse.recipe import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(tiny_recipe(tmp_path, extra))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "out").exists()
