@@ -15,7 +15,8 @@ from .hub import push_folder
 from .layers import bypass_layers, find_layer_stacks
 from .models import load_model, load_processor, resolve_model
 from .msw import DirectionSearch, max_sliced_wasserstein
-from .post import collapse_model, heal
+from .healing import adjacent_parameter_names
+from .post import HealResult, collapse_model, heal
 from .quantization import merge_dequantized
 from .repair import fit_repair, repaired_reference
 from .report import CollapseReport
@@ -32,7 +33,9 @@ __all__ = [
     "MSWArguments",
     "MSWPenaltyMixin",
     "DirectionSearch",
+    "HealResult",
     "LayerScores",
+    "adjacent_parameter_names",
     "bypass_layers",
     "check_adapter_fits",
     "collapse_layers",

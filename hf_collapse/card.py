@@ -314,10 +314,18 @@ def _training(training: Training) -> list[tuple[str, str]]:
         temperature = training.distillation_temperature
         rows.append(("distillation from the full-depth model", f"weight {_format_number(training.distillation_weight)}"
                      + (f", temperature {_format_number(temperature)}" if temperature is not None else "")))
+    if training.distillation_hidden_weight:
+        rows.append(("hidden-state distillation during healing (kept layers against the teacher's)",
+                     f"weight {_format_number(training.distillation_hidden_weight)}"))
     if training.healing_steps:
         lora = training.healing_lora
         how = " (LoRA adapters, merged)" if lora else " (all weights)" if lora is False else ""
+        if training.healing_scope == "adjacent":
+            how = " (only the layers next to each removed span and the head)"
         rows.append(("healing after the removal", f"{training.healing_steps} steps{how}"))
+    if training.teacher_forward_passes:
+        rows.append(("teacher forward passes during healing (not in the training budget)",
+                     f"{training.teacher_forward_passes} ({training.teacher_forward_rows} rows)"))
     return rows
 
 
@@ -365,6 +373,8 @@ def _context(
         "uniform_penalty": training.msw_penalty_used and training.penalty_schedule is None,
         "target_choice": training.target_choice,
         "faded": training.fade_window is not None,
+        "fade": _fade(training),
+        "before": _before(training),
         "has_scores": removal.scores is not None,
         "selection": removal.selection,
         "task_metric": measured.task_metric,
@@ -436,6 +446,33 @@ def _llama_cpp(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
         "unsupported": list(fit.unsupported) if fit else [],
         "verified": verified,
     }
+
+
+def _fade(training: Training) -> dict[str, int] | None:
+    """The fade window and the training steps after it (the model trained without the faded layers), or None."""
+    if training.fade_window is None or not training.training_steps:
+        return None
+    start, end = (int(step) for step in training.fade_window)
+    total = int(training.training_steps)
+    after = max(0, total - end)
+    return {"start": start, "end": end, "total": total, "after": after, "percent": round(100 * after / total)}
+
+
+def _before(training: Training) -> dict[str, str]:
+    """What the "before" column of the evaluation measured, named for what it is, and the sentence saying so."""
+    if training.fade_window is not None:
+        return {"label": "fine-tuned, faded layers put back",
+                "figures": "the figures of the fine-tuned model with the faded layers put back",
+                "sentence": "The left column is the fine-tuned model with the faded layers switched back on, measured the "
+                            "same way for comparison: a full-depth model that training stopped using once the fade ended, "
+                            "not the untouched base model."}
+    if training.recipe is not None or training.training_steps:
+        return {"label": "fine-tuned, before removal",
+                "figures": "the fine-tuned model's figures before removal",
+                "sentence": "The left column is the fine-tuned model before its layers were removed, measured the same way "
+                            "for comparison, not the untouched base model."}
+    return {"label": "base model", "figures": "the base model's figures",
+            "sentence": "The base model's figures are a comparison measured the same way, not results of this repository."}
 
 
 _REPAIR_WORDS = {

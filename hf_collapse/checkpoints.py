@@ -94,8 +94,9 @@ def resolve_resume(value: str | bool | None, output_dir: str | os.PathLike) -> P
 
 
 def penalty_settings(args: MSWArguments) -> dict:
-    """The settings that shape a penalised training run (`heal_steps` only acts after it), as JSON values."""
-    return {f.name: _jsonable(getattr(args, f.name)) for f in dataclasses.fields(MSWArguments) if f.name != "heal_steps"}
+    """The settings that shape a penalised training run (the healing fields only act after it), as JSON values."""
+    after = ("heal_steps", "heal_scope", "distill_hidden_weight")
+    return {f.name: _jsonable(getattr(args, f.name)) for f in dataclasses.fields(MSWArguments) if f.name not in after}
 
 
 def _jsonable(value):

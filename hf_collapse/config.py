@@ -18,6 +18,7 @@ __all__ = ["MSW_WEIGHT_MAX", "CollapseConfig", "MSWArguments", "shown", "steps_o
 MSW_WEIGHT_MAX = 1e4
 SHOWN_MAX = 80
 TARGET_CHOICES = ("measured", "score", "post_hoc")
+HEAL_SCOPES = ("full", "lora", "adjacent")
 
 
 def shown(value: object, limit: int = SHOWN_MAX) -> str:
@@ -129,6 +130,15 @@ class MSWArguments:
         heal_steps (`int`, *optional*, defaults to `0`):
             Optimizer steps of fine-tuning after the layers are removed ([`heal`]); they come on top of
             `max_steps` and are recorded in the card. 0 = no healing.
+        distill_hidden_weight (`float`, *optional*, defaults to `0`):
+            During healing from a teacher: weight of the mean squared difference between the hidden state after
+            each kept layer of the student and the teacher's after the same layer (at its index before the
+            removal), on real tokens. Used only while nothing is targeted (healing); 0 = logits only.
+        heal_scope (`str`, *optional*):
+            What healing trains: `"full"` (every weight), `"lora"` (LoRA adapters, merged back; needs the run's
+            `peft_config`) or `"adjacent"` (only the kept layers next to each removed span, and the head: final norm,
+            `lm_head` or classifier; see [`adjacent_parameter_names`]). Unset: `"lora"` when the run trains LoRA
+            adapters, else `"full"`.
     """
 
     msw_weight: float = field(
@@ -228,6 +238,14 @@ class MSWArguments:
     heal_steps: int = field(
         default=0, metadata={"help": "Fine-tuning steps after the layers are removed (on top of max_steps); 0: none."}
     )
+    distill_hidden_weight: float = field(
+        default=0.0,
+        metadata={"help": "Healing: weight of the MSE between kept layers' hidden states and the teacher's; 0: none."},
+    )
+    heal_scope: str | None = field(
+        default=None,
+        metadata={"help": "What healing trains: full, lora or adjacent (layers next to the cut + head).", "choices": list(HEAL_SCOPES)},
+    )
 
     @property
     def has_target(self) -> bool:
@@ -245,7 +263,8 @@ class MSWArguments:
                 )
 
         self._check_training_numbers()
-        for name in ("msw_weight", "msw_adapt_tolerance", "distill_weight", "fade_steps", "target_choice_steps"):
+        for name in ("msw_weight", "msw_adapt_tolerance", "distill_weight", "distill_hidden_weight", "fade_steps",
+                     "target_choice_steps"):
             finite(name)
         finite("distill_temperature", strict=True)
         if not self.msw_weight <= MSW_WEIGHT_MAX:
@@ -277,6 +296,8 @@ class MSWArguments:
             )
         if self.target_score not in SCORING_METHODS:
             raise ValueError(f"target_score must be one of {', '.join(SCORING_METHODS)}; got {self.target_score!r}")
+        if self.heal_scope is not None and self.heal_scope not in HEAL_SCOPES:
+            raise ValueError(f"heal_scope must be one of {', '.join(HEAL_SCOPES)} (or unset); got {self.heal_scope!r}")
         if self.target_choice not in TARGET_CHOICES:
             raise ValueError(f"target_choice must be one of {', '.join(TARGET_CHOICES)}; got {self.target_choice!r}")
         for name in ("msw_layers", "collapse_layers"):

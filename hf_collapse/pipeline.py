@@ -256,6 +256,7 @@ class RecipeRun:
         self.started = time.perf_counter()
         self.model = self.processor = self.data = self.trainer = self.hub_push = self.report = None
         self.heal_steps = 0
+        self.healing: dict = {}  # what healing records besides its steps (scope, the teacher's passes)
         self.teacher = self.full = None
         self.lm_eval_before, self.benchmarks, self.latency, self.speedup = None, [], {}, None
 
@@ -334,7 +335,7 @@ class RecipeRun:
         # split, or, for data without one, the second half of the validation rows (the first half chooses).
         choice_rows, self.report_rows, self.selection_split, self.eval_split = choice_and_report_rows(self.data, recipe)
         self.evaluate = task.evaluator(self, self.report_rows)
-        if config.heal_steps and config.distill_weight > 0:
+        if config.heal_steps and (config.distill_weight > 0 or config.distill_hidden_weight > 0):
             # the full-depth model before surgery; a faded model already equals the collapsed one, so its teacher
             # is the copy taken when targeting started
             self.teacher = self.trainer.teacher_model if self.targeted and config.fade_steps else task.full_copy(self)
@@ -360,10 +361,16 @@ class RecipeRun:
         """Fine-tune the collapsed model for `heal_steps` (distilling from the full-depth model when asked)."""
         config = self.config
         self.stage(f"healing: {config.heal_steps} fine-tuning steps of the collapsed model" + (" with distillation" if self.teacher else ""))
-        self.model, self.heal_steps = heal(
+        healed = heal(
             self.model, config, self.data.train, data_collator=self.data.collator, processing_class=self.processor,
-            teacher=self.teacher, peft_config=getattr(self.task, "lora", None),
+            teacher=self.teacher, peft_config=getattr(self.task, "lora", None) if config.heal_scope in (None, "lora") else None,
         )
+        self.model, self.heal_steps = healed
+        self.healing = {"healing_scope": healed.scope}
+        if self.teacher is not None:
+            self.healing.update(teacher_forward_passes=healed.teacher_forward_passes, teacher_forward_rows=healed.teacher_forward_rows)
+            if config.distill_hidden_weight:
+                self.healing["distillation_hidden_weight"] = config.distill_hidden_weight
         self.metric_after = self.evaluate(self.model)
         self.stage(f"{self.task.metric_name} after healing: {self.metric_after:.4f}")
 
@@ -381,7 +388,9 @@ class RecipeRun:
     def training_fields(self, lora: bool) -> dict:
         """What the card records of the training method: the trainer's own record, with the healing after it."""
         record = self.trainer.training_record()
-        return dataclasses.replace(record, healing_steps=self.heal_steps, healing_lora=lora).to_report_fields()
+        if self.healing:  # what healing trained, whatever the training did
+            lora = self.healing["healing_scope"] == "lora"
+        return dataclasses.replace(record, healing_steps=self.heal_steps, healing_lora=lora, **self.healing).to_report_fields()
 
     def export(self) -> RunSummary:
         """The report completed, the export folder written (and pushed when asked); the closing summary."""

@@ -5,6 +5,7 @@ One path for the recipe runner, the CLI and Python users alike.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -18,6 +19,8 @@ from torch import nn
 
 from .choice import LayerChoice, greedy_bypass
 from .config import MSWArguments
+from .distillation import check_teacher, teacher_layer_map
+from .healing import adjacent_parameter_names, train_only
 from .layers import eval_mode, find_layer_stacks, unwrap_model
 from .repair import check_foldable, fit_repair, fold_verified
 from .report import CollapseReport
@@ -25,7 +28,7 @@ from .scoring import LayerScores, bypassed_metric, score_layers
 from .surgery import collapse_layers
 from .trainer import CollapseTrainer
 
-__all__ = ["collapse_model", "heal", "selection_sentence"]
+__all__ = ["HealResult", "collapse_model", "heal", "selection_sentence"]
 
 Evaluate = Callable[[nn.Module], float]
 
@@ -210,6 +213,51 @@ def _choose(model, stack, choice: LayerChoice, removable: list[int], scores: Lay
     return sorted(result.layers), curve
 
 
+class HealResult(tuple):
+    """What [`heal`] returns: `(model, steps)` (it unpacks as a pair), with the healing's record as attributes:
+    `scope` (`"full"`, `"lora"` or `"adjacent"`), `trainable_parameters`, and the teacher's forward passes
+    (`teacher_forward_passes`, `teacher_forward_rows`: work done outside the student's training budget)."""
+
+    def __new__(cls, model: nn.Module, steps: int, **record: Any):
+        result = super().__new__(cls, (model, steps))
+        result.__dict__.update(record)
+        return result
+
+
+def _heal_scope(args: MSWArguments, peft_config) -> str:
+    scope = args.heal_scope or ("lora" if peft_config is not None else "full")
+    if scope == "lora" and peft_config is None:
+        raise ValueError("heal_scope='lora' trains LoRA adapters: pass peft_config (a peft.LoraConfig), or use "
+                         "heal_scope='full' or 'adjacent'")
+    if scope != "lora" and peft_config is not None:
+        raise ValueError(f"heal_scope={scope!r} trains the model's own weights, and a peft_config was given too: "
+                         "use heal_scope='lora' to train adapters, or leave peft_config out")
+    return scope
+
+
+def _check_heal(model: nn.Module, args: MSWArguments, teacher: nn.Module | None, peft_config) -> tuple[str, bool]:
+    """Every refusal of [`heal`], before anything changes. Returns the scope and whether a teacher is used."""
+    inner = unwrap_model(model)
+    if not getattr(inner.config, "collapsed_layers", None):
+        raise ValueError(
+            "heal fine-tunes a collapsed model, and this one has no config.collapsed_layers: remove layers first "
+            "(collapse_model or collapse_layers), or fine-tune it with CollapseTrainer"
+        )
+    if args.heal_steps < 1:
+        raise ValueError("heal_steps is 0: set the number of healing steps (at least 1)")
+    distilling = args.distill_weight > 0 or args.distill_hidden_weight > 0
+    if distilling and teacher is None:
+        raise ValueError("distill_weight or distill_hidden_weight > 0 during healing needs the teacher (the full-depth "
+                         "model before the collapse)")
+    if distilling:
+        check_teacher(inner, unwrap_model(teacher))  # another architecture or vocabulary
+        teacher_layer_map(inner, teacher)  # a depth that does not match the student's collapse record
+    scope = _heal_scope(args, peft_config)
+    if scope == "adjacent":
+        adjacent_parameter_names(inner)  # a model where no head or no layer next to the cut is found
+    return scope, distilling
+
+
 def heal(
     model: nn.Module,
     args: MSWArguments,
@@ -221,46 +269,51 @@ def heal(
     teacher: nn.Module | None = None,
     peft_config=None,
     callbacks=None,
-) -> tuple[nn.Module, int]:
+) -> HealResult:
     """Fine-tune a collapsed model for `args.heal_steps` optimizer steps, so the remaining layers adapt.
 
     The other training settings (learning rate and schedule, batch size, precision) are those of `args`; the
-    penalty is off and nothing is targeted. With `args.distill_weight > 0` and a `teacher` (typically the
-    full-depth model before the collapse), the loss adds logit distillation from it. With a `peft_config`, LoRA
-    adapters are trained and merged back, so a plain model comes out.
+    penalty is off and nothing is targeted. With a `teacher` (typically the full-depth model just before the
+    collapse), the loss adds logit distillation from it (`args.distill_weight`, `distill_temperature`) and, with
+    `args.distill_hidden_weight`, the mean squared difference between the hidden state after each kept layer and
+    the teacher's after the same original layer. `args.heal_scope` says what trains: every weight (`"full"`), LoRA
+    adapters from `peft_config`, merged back so a plain model comes out (`"lora"`, the default when a
+    `peft_config` is given), or only the layers next to each removed span and the head (`"adjacent"`; the other
+    weights stay bit-identical).
 
     Returns:
-        `(model, steps)`: the healed plain model and the optimizer steps that healing ran.
+        [`HealResult`]: `(model, steps)`, the healed plain model and the optimizer steps that healing ran, with
+        `scope`, `trainable_parameters`, `teacher_forward_passes` and `teacher_forward_rows` as attributes.
 
     Raises:
-        `ValueError`: a model that was not collapsed (no `config.collapsed_layers`), `heal_steps` of 0, or
-            distillation asked without a teacher.
+        `ValueError` (all before anything changes): a model that was not collapsed (no `config.collapsed_layers`),
+            `heal_steps` of 0, distillation asked without a teacher, a teacher of another architecture or
+            vocabulary, a teacher whose depth does not match the student's collapse record (teacher layers ≠ student
+            layers + removed), `heal_scope="lora"` without a `peft_config` (or another scope with one).
     """
-    inner = unwrap_model(model)
-    if not getattr(inner.config, "collapsed_layers", None):
-        raise ValueError(
-            "heal fine-tunes a collapsed model, and this one has no config.collapsed_layers: remove layers first "
-            "(collapse_model or collapse_layers), or fine-tune it with CollapseTrainer"
-        )
-    if args.heal_steps < 1:
-        raise ValueError("heal_steps is 0: set the number of healing steps (at least 1)")
-    if args.distill_weight > 0 and teacher is None:
-        raise ValueError("distill_weight > 0 during healing needs the teacher (the full-depth model before the collapse)")
+    scope, distilling = _check_heal(model, args, teacher, peft_config)
     heal_args = dataclasses.replace(
         args, output_dir=str(Path(args.output_dir) / "heal"), max_steps=args.heal_steps, msw_weight=0.0,
         collapse_layers=None, collapse_num_layers=None, fade_steps=0, heal_steps=0, msw_layers=None,
         msw_warmup_steps=0, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
         push_to_hub=False, distill_weight=args.distill_weight if teacher is not None else 0.0,
+        distill_hidden_weight=args.distill_hidden_weight if teacher is not None else 0.0,
     )
-    if peft_config is not None:
+    names = adjacent_parameter_names(model) if scope == "adjacent" else None
+    if scope == "lora":
         model = peft.get_peft_model(model, peft_config)
-    trainer = CollapseTrainer(
-        model=model, args=heal_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        data_collator=data_collator, processing_class=processing_class, callbacks=callbacks,
-        teacher_model=teacher if heal_args.distill_weight > 0 else None,
-    )
-    trainer.train()
+    with train_only(model, names) if names is not None else contextlib.nullcontext():
+        trainer = CollapseTrainer(
+            model=model, args=heal_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            data_collator=data_collator, processing_class=processing_class, callbacks=callbacks,
+            teacher_model=teacher if distilling else None,
+        )
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        trainer.train()
     healed = trainer.model
-    if peft_config is not None:
+    if scope == "lora":
         healed = healed.merge_and_unload()
-    return unwrap_model(healed).eval(), trainer.state.global_step
+    return HealResult(
+        unwrap_model(healed).eval(), trainer.state.global_step, scope=scope, trainable_parameters=trainable,
+        teacher_forward_passes=trainer.teacher_forward_passes, teacher_forward_rows=trainer.teacher_forward_rows,
+    )

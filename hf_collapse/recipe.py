@@ -487,7 +487,25 @@ def check_choice(recipe: RecipeArguments, config: CollapseConfig) -> None:
             what = "heal_steps" if config.heal_steps else "a target depth (collapse_layers / collapse_num_layers)"
             raise RecipeError(f"{what} needs collapse: true (the layers are removed after training)")
         return
+    check_healing(recipe, config)
     layer_choice(recipe, config)
+
+
+def check_healing(recipe: RecipeArguments, config: CollapseConfig) -> None:
+    """Healing settings that cannot act, refused when the recipe is read (not after training)."""
+    if not config.heal_steps:
+        for name in ("heal_scope", "distill_hidden_weight"):
+            if getattr(config, name):
+                raise RecipeError(f"{name} says how healing trains, and heal_steps is 0: set heal_steps, or remove {name}")
+        return
+    if config.heal_scope == "lora" and not recipe.use_peft:
+        raise RecipeError("heal_scope: lora trains LoRA adapters, and this recipe has none: set use_peft: true, or "
+                          "heal_scope: full or adjacent")
+    if config.distill_hidden_weight and config.has_target and config.fade_steps and not config.distill_weight:
+        raise RecipeError(
+            "distill_hidden_weight after a fade distils from the copy of the model taken at the target choice, which "
+            "is kept only with distill_weight > 0: set distill_weight (for example 1), or fade_steps: 0"
+        )
 
 
 def layer_choice(recipe: RecipeArguments, config: CollapseConfig, *, layers=None) -> LayerChoice:

@@ -200,6 +200,13 @@ class Training:
             Weight and temperature of the distillation loss from the full-depth model.
         healing_steps (`int`, *optional*), healing_lora (`bool`, *optional*):
             Fine-tuning steps after the layers were removed, and whether they trained LoRA adapters (merged since).
+        healing_scope (`str`, *optional*):
+            What healing trained: `"full"`, `"lora"` or `"adjacent"` (the layers next to each removed span and the head).
+        distillation_hidden_weight (`float`, *optional*):
+            Weight of the hidden-state term of distillation during healing (kept layers against the teacher's).
+        teacher_forward_passes (`int`, *optional*), teacher_forward_rows (`int`, *optional*):
+            The distillation teacher's forward passes during healing and the rows they ran: work outside the
+            student's training budget, reported apart.
         quantized_training (`str`, *optional*), dequantized_dtype (`str`, *optional*):
             QLoRA: how the base weights were quantised while LoRA adapters trained on them (e.g. `"4-bit nf4
             weights (bitsandbytes, computing in float32)"`, see [`describe_quantization`]), and the dtype of the
@@ -218,6 +225,10 @@ class Training:
     distillation_temperature: float | None = None
     healing_steps: int | None = None
     healing_lora: bool | None = None
+    healing_scope: str | None = None
+    distillation_hidden_weight: float | None = None
+    teacher_forward_passes: int | None = None
+    teacher_forward_rows: int | None = None
     quantized_training: str | None = None
     dequantized_dtype: str | None = None
 
@@ -360,7 +371,10 @@ class Provenance:
 # The sections in the order they are checked, and the section of each flat field name.
 _SECTIONS = {"removal": Removal, "measurements": Measurements, "provenance": Provenance, "training": Training}
 _SECTION_OF = {f.name: name for name, section in _SECTIONS.items() for f in fields(section)}
-_LATER_FIELDS = frozenset({"repair"})  # written only when set: older reports (and their JSON) stay as they were
+# written only when set: older reports (and their JSON) stay as they were
+_LATER_FIELDS = frozenset({
+    "repair", "healing_scope", "distillation_hidden_weight", "teacher_forward_passes", "teacher_forward_rows",
+})
 
 
 @dataclass(frozen=True, init=False)
@@ -421,7 +435,7 @@ class CollapseReport:
 
     def flat_fields(self) -> dict[str, Any]:
         """Every field by its flat name, as [`CollapseReport`] takes them; a field added after the flat format was
-        fixed (`repair`) only when it is set, so a report without it is written as before."""
+        fixed (`repair`, the healing scope and the teacher's passes) only when it is set, so a report without it is written as before."""
         values = {name: getattr(getattr(self, section), name) for name, section in _SECTION_OF.items()}
         return {name: value for name, value in values.items() if not (name in _LATER_FIELDS and value is None)}
 

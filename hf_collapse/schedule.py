@@ -283,7 +283,8 @@ class TrainingRecord:
         distillation_weight (`float`, *optional*), distillation_temperature (`float`, *optional*): the
             distillation term, when there was one.
         healing_steps (`int`), healing_lora (`bool`, *optional*): healing after the collapse, filled in by
-            whoever heals.
+            whoever heals; with `healing_scope`, `distillation_hidden_weight` and the teacher's forward passes
+            during healing (`teacher_forward_passes`, `teacher_forward_rows`).
     """
 
     steps: int
@@ -295,12 +296,19 @@ class TrainingRecord:
     distillation_temperature: float | None = None
     healing_steps: int = 0
     healing_lora: bool | None = None
+    healing_scope: str | None = None
+    distillation_hidden_weight: float | None = None
+    teacher_forward_passes: int | None = None
+    teacher_forward_rows: int | None = None
 
     def to_report_fields(self) -> dict:
         """The card's flat training fields (only those that apply)."""
         fields = {"training_steps": self.steps}
         if self.healing_steps:
             fields.update(healing_steps=self.healing_steps, healing_lora=self.healing_lora)
+            for name in ("healing_scope", "distillation_hidden_weight", "teacher_forward_passes", "teacher_forward_rows"):
+                if getattr(self, name) is not None:
+                    fields[name] = getattr(self, name)
         if self.choice is None:
             return fields
         fields.update(

@@ -30,7 +30,7 @@ from .quantization import disable_cpu_repacking
 from .checkpoints import PenaltyState, load_penalty_state, load_teacher, penalty_settings, resolve_resume, save_penalty_state
 from .choice import greedy_bypass
 from .config import CollapseConfig, MSWArguments
-from .distillation import check_teacher, distillation_loss
+from .distillation import check_teacher, distillation_loss, hidden_state_loss, layer_outputs, teacher_layer_map
 from .layers import (
     LayerCapture, LayerStack, bypass_layers, eval_mode, find_layer_stacks, resolve_layer_selection, scale_residual_updates,
     unwrap_model,
@@ -134,8 +134,13 @@ class MSWPenaltyMixin:
             )
 
     def _init_teacher(self, teacher_model: torch.nn.Module | None) -> None:
+        self.teacher_forward_passes = 0  # forward passes of the teacher, and the rows they ran (outside the budget)
+        self.teacher_forward_rows = 0
+        self._hidden_pairs = None
         if teacher_model is not None:
             check_teacher(unwrap_model(self.model), unwrap_model(teacher_model))
+            if self.args.distill_hidden_weight > 0 and not self.args.has_target:
+                self._hidden_pairs = teacher_layer_map(unwrap_model(self.model), unwrap_model(teacher_model))
             teacher_model.eval().requires_grad_(False)
             if getattr(teacher_model, "hf_device_map", None) is None:  # Trainer moves the student, not the teacher
                 teacher_model.to(self.args.device)
@@ -361,11 +366,13 @@ class MSWPenaltyMixin:
         mode = "train" if model.training else "eval"
         capture = self._layer_capture()
         distill = mode == "train" and self.args.distill_weight > 0 and (self.targeting or not self.args.has_target)
+        hidden = {} if mode == "train" and self._hidden_pairs is not None else None  # the student's layer outputs
         self._step_values = defaultdict(list)
         self._layers_seen = 0
         self._recording_training = model.training
         armed = capture.armed(self._capture_inputs(inputs), masks_from=self._mask_module(model))
-        with capture, armed, self._fade():
+        kept = layer_outputs(unwrap_model(model), hidden) if hidden is not None else contextlib.nullcontext()
+        with capture, armed, self._fade(), kept:
             result = super().compute_loss(
                 model, inputs, return_outputs=return_outputs or distill, num_items_in_batch=num_items_in_batch
             )
@@ -391,10 +398,14 @@ class MSWPenaltyMixin:
             scale = self.current_gradient_accumulation_steps if self._loss_is_scaled_for_ga(num_items_in_batch) else 1
             if penalty is not None:
                 loss = loss + (penalty / scale).to(loss.dtype)
-            if distill:
-                kd = self._distillation_loss(outputs, inputs)
-                self._msw_metrics[mode]["distill/loss"].append(kd.item())
-                loss = loss + (self.args.distill_weight * kd / scale).to(loss.dtype)
+            if distill or hidden is not None:
+                kd, mse = self._distillation_loss(outputs if distill else None, inputs, hidden)
+                if kd is not None:
+                    self._msw_metrics[mode]["distill/loss"].append(kd.item())
+                    loss = loss + (self.args.distill_weight * kd / scale).to(loss.dtype)
+                if mse is not None:
+                    self._msw_metrics[mode]["distill/hidden_loss"].append(mse.item())
+                    loss = loss + (self.args.distill_hidden_weight * mse / scale).to(loss.dtype)
             if self.targeting:
                 self._msw_metrics[mode]["fade/alpha"].append(self.fade_alpha())
         return (loss, outputs) if return_outputs else loss
@@ -433,18 +444,30 @@ class MSWPenaltyMixin:
             return None
         return weight * torch.stack([values[k] for k in chosen]).mean()
 
-    def _distillation_loss(self, outputs, inputs: dict) -> torch.Tensor:
-        logits = getattr(outputs, "logits", None) if not isinstance(outputs, dict) else outputs.get("logits")
-        if logits is None or not logits.requires_grad:
-            raise ValueError(
-                f"distill_weight needs the student's logits with gradients, and {type(self).__name__}.compute_loss "
-                "does not return them (TRL's fused LM head does not build logits): set distill_weight: 0"
-            )
+    def _distillation_loss(self, outputs, inputs: dict, hidden: dict | None = None):
+        """One teacher pass: the logit term (when `outputs` is given) and the hidden-state term (when `hidden` holds
+        the student's layer outputs); each `None` when not asked. The pass is counted in `teacher_forward_*`."""
+        logits = None
+        if outputs is not None:
+            logits = getattr(outputs, "logits", None) if not isinstance(outputs, dict) else outputs.get("logits")
+            if logits is None or not logits.requires_grad:
+                raise ValueError(
+                    f"distill_weight needs the student's logits with gradients, and {type(self).__name__}.compute_loss "
+                    "does not return them (TRL's fused LM head does not build logits): set distill_weight: 0"
+                )
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        with torch.no_grad():
+        taught: dict[int, torch.Tensor] = {}
+        with torch.no_grad(), layer_outputs(self.teacher_model, taught) if hidden is not None else contextlib.nullcontext():
             teacher_logits = self.teacher_model(**model_inputs).logits
-        mask = inputs.get(self.args.msw_mask_key or "attention_mask") if logits.dim() == 3 else None
-        return distillation_loss(logits, teacher_logits, self.args.distill_temperature, mask)
+        self.teacher_forward_passes += 1
+        first = next((v for v in model_inputs.values() if isinstance(v, torch.Tensor)), None)
+        self.teacher_forward_rows += int(first.shape[0]) if first is not None and first.dim() else 0
+        mask = inputs.get(self.args.msw_mask_key or "attention_mask")
+        kd = None
+        if logits is not None:
+            kd = distillation_loss(logits, teacher_logits, self.args.distill_temperature, mask if logits.dim() == 3 else None)
+        mse = hidden_state_loss(hidden, taught, self._hidden_pairs, mask) if hidden is not None else None
+        return kd, mse
 
     # ----------------------------------------------------------------------------------------------
     # checkpoints: the penalty state is saved with every checkpoint and restored on resume

@@ -187,3 +187,86 @@ def test_the_quickstart_is_the_arm_it_claims_to_be():
     assert (recipe.max_length, recipe.max_train_samples, recipe.max_eval_samples) == (
         study.max_length, study.train_rows, study.validation_rows)
     assert config.target_choice_samples == 128 and config.collapse_num_layers == 2
+
+
+def test_training_free_repair_arms_fit_after_the_choice(quick_run: Path):
+    """Each rule's repaired arm removes the layers its plain arm removes, fits the map on the calibration rows of
+    training data (one pass, counted in the choice's cost), and MiniLM (post-norm) folds only the scale."""
+    study = get_study("minilm", quick=True)
+    for rule in ("block_influence", "angular", "msw", "last_k"):
+        plain = json.loads((quick_run / f"vanilla_{rule}" / "seed0_k2.json").read_text())
+        r = json.loads((quick_run / f"vanilla_{rule}_scale" / "seed0_k2.json").read_text())
+        repair = r["repair"]
+        assert repair["method"] == "scale" and repair["verified"] and repair["rows"] == study.calibration_rows
+        assert repair["data"] == f"{study.calibration_rows} training rows of {study.dataset}"
+        assert repair["forward_passes"] == study.calibration_rows
+        assert sorted(i for span in repair["spans"] for i in span["removed"]) == r["layers"]
+        assert all(s["folded_into"].endswith("output.LayerNorm") for s in repair["spans"])
+        assert r["num_layers"] == 4 and r["train_steps"] == study.steps
+        assert r["layers"] == plain["layers"]
+        assert r["selection"]["forward_passes"] == plain["selection"]["forward_passes"] + study.calibration_rows
+    assert "vanilla_block_influence_linear" not in study.arms  # refused by the library for a post-norm encoder
+
+
+def test_prune_repair_finetune_keeps_the_repair_best_on_validation(quick_run: Path):
+    r = json.loads((quick_run / "prune_repair_finetune" / "seed0_k1.json").read_text())
+    ptf = json.loads((quick_run / "prune_then_finetune" / "seed0_k1.json").read_text())
+    assert r["layers"] == ptf["layers"] and r["train_steps"] == ptf["train_steps"]
+    candidates = {c["method"]: c for c in r["repair"]["candidates"]}
+    assert set(candidates) == {"none", "scale", "linear", "transport"}
+    assert "only repair='scale' folds" in candidates["linear"]["refused"]
+    assert r["repair"]["method"] == "scale" and r["repair"]["validation"] == candidates["scale"]["validation"]
+
+
+def test_healing_variants_share_the_choice_and_budget(quick_run: Path):
+    """Distilled and adjacent healing heal exactly what plain prune-then-heal chose, for the same steps; the
+    teacher's rows are reported apart, and the adjacent scope trains a fraction of the parameters."""
+    study = get_study("minilm", quick=True)
+    plain = json.loads((quick_run / "prune_then_heal" / "seed0_k1.json").read_text())
+    distill = json.loads((quick_run / "prune_then_heal_distill" / "seed0_k1.json").read_text())
+    adjacent = json.loads((quick_run / "prune_then_heal_adjacent" / "seed0_k1.json").read_text())
+    for r in (distill, adjacent):
+        assert r["layers"] == plain["layers"] and r["candidates"] == plain["candidates"]
+        assert r["train_steps"] == plain["train_steps"] and r["heal_steps"] == plain["heal_steps"] == study.heal_steps
+    assert distill["teacher_forward_rows"] == study.heal_steps * study.batch_size and adjacent["teacher_forward_rows"] == 0
+    assert distill["heal_scope"] == "full" and adjacent["heal_scope"] == "adjacent"
+    assert 0 < adjacent["trainable_parameters"] < distill["trainable_parameters"] / 3
+    fade = json.loads((quick_run / "score_fade_repair" / "seed0_k1.json").read_text())
+    assert fade["layers"] == json.loads((quick_run / "score_fade" / "seed0_k1.json").read_text())["layers"]
+    assert fade["repair"]["method"] == "scale" and fade["train_steps"] == study.steps
+
+
+def test_the_report_has_the_training_free_retention_table(quick_run: Path):
+    text = (quick_run / "RESULTS.md").read_text()
+    assert "### Training-free: retention of the full model's score per rule and repair" in text
+    assert "| rule | none | scale | linear | transport |" in text
+    assert "accuracy / full-depth accuracy" in text
+
+
+def test_retention_and_the_highlighted_arms():
+    from benchmarks.quality.report import highlighted, repair_retention_section, retention
+
+    def e(arm, k, test, ood, family="post-hoc", metric="perplexity"):
+        return {"arm": arm, "k": k, "metric": metric, "family": family, "seeds": [0],
+                "test": {"mean": test, "std": 0.0}, "ood": {"mean": ood, "std": 0.0}}
+
+    table = {
+        ("vanilla", 0): e("vanilla", 0, 20.0, 100.0, "reference"),
+        ("vanilla_angular", 4): e("vanilla_angular", 4, 40.0, 400.0),
+        ("vanilla_angular_linear", 4): e("vanilla_angular_linear", 4, 25.0, 500.0),
+        ("score_fade", 4): e("score_fade", 4, 30.0, 150.0, "ours"),
+        ("prune_then_heal", 4): e("prune_then_heal", 4, 35.0, 150.0, "baseline"),
+        ("prune_then_heal_distill", 4): e("prune_then_heal_distill", 4, 28.0, 150.0, "baseline"),
+        ("prune_then_finetune", 4): e("prune_then_finetune", 4, 33.0, 150.0, "baseline"),
+    }
+    assert retention(table[("vanilla_angular_linear", 4)], table[("vanilla", 0)], "test") == pytest.approx(0.8)
+    assert retention(table[("vanilla_angular_linear", 4)], table[("vanilla", 0)], "ood") == pytest.approx(0.2)
+    lines = repair_retention_section(table, [4], "perplexity")
+    assert "| angular | 50.0 % / 25.0 % | — | 80.0 % / 20.0 % | — |" in lines
+    assert any("full-depth perplexity / pruned perplexity" in line for line in lines)
+    best = highlighted(table, [a for a, _ in table], [4], "perplexity")
+    assert best == {"post-hoc": "vanilla_angular_linear", "ours": "score_fade",
+                    "prune-then-heal": "prune_then_heal_distill", "prune-then-fine-tune": "prune_then_finetune"}
+    accuracy = {("vanilla", 0): e("vanilla", 0, 0.8, 0.6, "reference", "accuracy"),
+                ("vanilla_msw_scale", 1): e("vanilla_msw_scale", 1, 0.6, 0.3, metric="accuracy")}
+    assert retention(accuracy[("vanilla_msw_scale", 1)], accuracy[("vanilla", 0)], "test") == pytest.approx(0.75)

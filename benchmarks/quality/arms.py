@@ -19,6 +19,7 @@ then name it in a study's `arms` (benchmarks/quality/studies.py).
 
 from __future__ import annotations
 
+import copy
 import random
 import statistics
 import time
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import hf_collapse
+from hf_collapse.healing import adjacent_parameter_names
 
 from .context import Context, Selection
 
@@ -113,6 +115,64 @@ def vanilla_last_k(ctx: Context, seed: int, k: int) -> dict:
     return result(ctx, f"vanilla/{seed}", ctx.finetuned("vanilla", seed), selection, train_steps=ctx.study.steps)
 
 
+# ---------------------------------------------------------------------------------------------- repair at the cut
+
+RULES = {
+    "block_influence": "k lowest Block Influence",
+    "angular": "k lowest angular distance",
+    "msw": "k lowest MSW",
+    "last_k": "the k layers before the final one",
+}
+REPAIRS = ("scale", "linear", "transport")
+
+
+def _rule_selection(ctx: Context, key: str, model, rule: str, k: int) -> Selection:
+    if rule == "last_k":
+        n = ctx.num_layers
+        return Selection(list(range(n - 1 - k, n - 1)), "last k before the final layer")
+    return ctx.ranked(key, model, rule, k)
+
+
+def collapsed_result(ctx: Context, key: str, model, layers: list[int], *, train_steps: int, **extra) -> dict:
+    """The standard result of a model whose `layers` (original numbering) are already removed."""
+    out = result(ctx, key, model, None, train_steps=train_steps)
+    out.update(layers=sorted(layers), num_layers=ctx.num_layers - len(layers))
+    out.update(extra)
+    return out
+
+
+def _posthoc_repair(rule: str, repair: str):
+    """A post-hoc rule on the vanilla fine-tune, then `repair` fitted on the calibration rows after the choice and
+    folded, through hf_collapse.collapse_model(..., repair=...). No training after the fine-tune. Where the library
+    refuses the repair (a family where it does not fold, a span at layer 0), the result is the unrepaired cut with
+    the refusal recorded under `repair`."""
+
+    def run(ctx: Context, seed: int, k: int) -> dict:
+        model, key = ctx.finetuned("vanilla", seed), f"vanilla/{seed}"
+        selection = _rule_selection(ctx, key, model, rule, k)
+        repaired, record = ctx.repaired(model, selection.layers, repair)
+        if repaired is None:
+            ctx.log(f"  {rule} + {repair} k={k} seed {seed}: repair refused ({record['refused']}); reporting the plain cut")
+            return result(ctx, key, model, selection, train_steps=ctx.study.steps, repair=record)
+        out = collapsed_result(ctx, f"{key}/{rule}+{repair}", repaired, selection.layers, train_steps=ctx.study.steps, repair=record)
+        cost = selection.cost()  # choosing, then one calibration pass to fit the map
+        cost.update(forward_passes=cost["forward_passes"] + record["forward_passes"],
+                    seconds=round(cost["seconds"] + record["seconds"], 3), method=f"{cost['method']}, then {repair} repair")
+        out.update(selection=cost, validation=selection.validation)
+        return out
+
+    return run
+
+
+for _rule, _what in RULES.items():
+    for _repair in REPAIRS:
+        arm(
+            f"vanilla_{_rule}_{_repair}",
+            f"vanilla fine-tune, {_what} removed, then a {_repair} repair fitted on the calibration rows and folded "
+            "into the last kept layer before each cut (training-free)",
+        )(_posthoc_repair(_rule, _repair))
+
+
 @arm("vanilla_random", "vanilla fine-tune, k random layers removed (mean of the draws)")
 def vanilla_random(ctx: Context, seed: int, k: int) -> dict:
     model, key = ctx.finetuned("vanilla", seed), f"vanilla/{seed}"
@@ -183,9 +243,36 @@ def prune_then_finetune(ctx: Context, seed: int, k: int) -> dict:
     return out
 
 
-@arm("prune_then_heal", "vanilla fine-tune for steps - heal_steps, remove k layers by the post-hoc rule best on validation, heal for heal_steps", family="baseline")
-def prune_then_heal(ctx: Context, seed: int, k: int) -> dict:
-    study = ctx.study
+@arm(
+    "prune_repair_finetune",
+    "as prune_then_finetune, with the repair (scale, linear or transport) best on validation fitted on the calibration "
+    "rows and folded at the cut before the fine-tune",
+    family="baseline",
+)
+def prune_repair_finetune(ctx: Context, seed: int, k: int) -> dict:
+    model = ctx.pretrained(seed)
+    key = f"pretrained/{seed}"
+    selection = ctx.ranked(key, model, "block_influence", k)
+    repaired, record = ctx.best_repair(model, selection.layers, key)
+    if repaired is None:  # every repair refused: the plain cut, said so in the record
+        repaired = model
+        hf_collapse.collapse_layers(repaired, selection.layers)
+    del model
+    seconds = ctx.fit(repaired, seed, ctx.study.steps)
+    repaired.eval()
+    ctx.log(f"  prune-repair-fine-tune k={k} seed {seed}: removed {selection.layers}, repair {record['method']}, "
+            f"trained in {seconds:.0f} s")
+    cost = selection.cost()
+    cost.update(forward_passes=cost["forward_passes"] + record["forward_passes"], evaluations=len(record["candidates"]),
+                seconds=round(cost["seconds"] + record["seconds"], 3), method=f"{cost['method']}, repair best on validation")
+    return collapsed_result(ctx, f"prf-{k}/{seed}", repaired, selection.layers, train_steps=ctx.study.steps,
+                            repair=record, selection=cost)
+
+
+def _heal_choice(ctx: Context, seed: int, k: int):
+    """prune-then-heal's choice: the partial vanilla fine-tune (steps - heal_steps), every post-hoc rule and the
+    greedy bypass, the best on validation. Returns the (uncollapsed) model, the best selection, the candidates and
+    the choice's cost."""
     model = ctx.partial(seed)
     key = f"partial/{seed}"
     candidates = [ctx.ranked(key, model, m, k) for m in ("block_influence", "angular", "msw")]
@@ -194,40 +281,90 @@ def prune_then_heal(ctx: Context, seed: int, k: int) -> dict:
     forward, seconds = greedy.forward_passes, greedy.seconds
     for candidate in candidates:  # the rankings' own validation metric; the greedy path measured its own
         start = time.perf_counter()
-        candidate.validation = ctx.validation_metric(model, candidate.layers)
+        candidate.validation = ctx.validation_metric(model, candidate.layers, key)
         seconds += time.perf_counter() - start + candidate.seconds
         forward += len(ctx.validation) + candidate.forward_passes
     candidates.append(greedy)
     sign = 1 if ctx.higher_is_better else -1
     best = max(candidates, key=lambda c: sign * c.validation)
-    hf_collapse.collapse_layers(model, best.layers)
-    heal = ctx.fit(model, seed, study.heal_steps, **ctx.heal_schedule())
-    model.eval()
-    ctx.log(f"  prune-then-heal k={k} seed {seed}: {best.method} removed {best.layers}, healed {study.heal_steps} steps in {heal:.0f} s")
-    out = result(ctx, f"pth-{k}/{seed}", model, None, train_steps=study.steps)
+    cost = {
+        "method": f"best of {len(candidates)} post-hoc rules on validation",
+        "forward_passes": forward,
+        "evaluations": greedy.evaluations + len(candidates) - 1,
+        "seconds": round(seconds, 3),
+    }
+    return model, best, candidates, cost
+
+
+def _heal_result(ctx: Context, name: str, seed: int, k: int, model, best: Selection, candidates, cost, **extra) -> dict:
+    out = result(ctx, f"{name}-{k}/{seed}", model, None, train_steps=ctx.study.steps)
     out.update(
         layers=best.layers,
         num_layers=ctx.num_layers - k,
         rule=best.method,
         validation=best.validation,
-        heal_steps=study.heal_steps,
+        heal_steps=ctx.study.heal_steps,
         candidates=[{"method": c.method, "layers": c.layers, "validation": c.validation} for c in candidates],
-        selection={
-            "method": f"best of {len(candidates)} post-hoc rules on validation",
-            "forward_passes": forward,
-            "evaluations": greedy.evaluations + len(candidates) - 1,
-            "seconds": round(seconds, 3),
-        },
+        selection=cost,
     )
+    out.update(extra)
     return out
+
+
+def _heal_variant(name: str, *, distill: bool, scope: str):
+    """prune-then-heal's choice, healed through hf_collapse.heal: with `distill`, logit distillation (weight 1, T 2)
+    from the full-depth fine-tune as it was just before the removal (the same steps; its forward passes reported
+    apart as `teacher_forward_rows`); with `scope="adjacent"`, only the kept layers next to each cut and the head
+    train."""
+
+    def run(ctx: Context, seed: int, k: int) -> dict:
+        model, best, candidates, cost = _heal_choice(ctx, seed, k)
+        teacher = copy.deepcopy(model) if distill else None
+        hf_collapse.collapse_layers(model, best.layers)
+        names = set(adjacent_parameter_names(model)) if scope == "adjacent" else None
+        trainable = sum(p.numel() for n, p in model.named_parameters() if names is None or n in names)
+        model, seconds, teacher_rows = ctx.heal(model, seed, teacher=teacher, scope=scope)
+        del teacher
+        ctx.log(f"  {name} k={k} seed {seed}: {best.method} removed {best.layers}, healed {ctx.study.heal_steps} steps "
+                f"({scope}{', distilled' if distill else ''}) in {seconds:.0f} s")
+        return _heal_result(ctx, name, seed, k, model, best, candidates, cost, heal_scope=scope,
+                            teacher_forward_rows=teacher_rows, trainable_parameters=trainable)
+
+    return run
+
+
+@arm("prune_then_heal", "vanilla fine-tune for steps - heal_steps, remove k layers by the post-hoc rule best on validation, heal for heal_steps", family="baseline")
+def prune_then_heal(ctx: Context, seed: int, k: int) -> dict:
+    model, best, candidates, cost = _heal_choice(ctx, seed, k)
+    hf_collapse.collapse_layers(model, best.layers)
+    heal = ctx.fit(model, seed, ctx.study.heal_steps, **ctx.heal_schedule())
+    model.eval()
+    ctx.log(f"  prune-then-heal k={k} seed {seed}: {best.method} removed {best.layers}, healed {ctx.study.heal_steps} steps in {heal:.0f} s")
+    return _heal_result(ctx, "pth", seed, k, model, best, candidates, cost)
+
+
+arm(
+    "prune_then_heal_distill",
+    "as prune_then_heal, healed with logit distillation (weight 1, T 2) from the full-depth fine-tune just before "
+    "the removal (same steps; teacher forward passes reported apart)",
+    family="baseline",
+)(_heal_variant("pth-distill", distill=True, scope="full"))
+arm(
+    "prune_then_heal_adjacent",
+    "as prune_then_heal, but healing trains only the kept layers next to each removed span and the head (final "
+    "norm, lm_head / classifier and pooler)",
+    family="baseline",
+)(_heal_variant("pth-adjacent", distill=False, scope="adjacent"))
 
 
 # ---------------------------------------------------------------------------------------------- ours: target depth
 
 
-def _targeted(name: str, fields: dict, *, heal: bool = False):
+def _targeted(name: str, fields: dict, *, heal: bool = False, repair: bool = False):
     """Target-depth training through the public API: CollapseConfig(collapse_num_layers=k, ...) + CollapseTrainer,
-    then the targets removed with collapse_layers (and, with `heal`, hf_collapse.heal for the last heal_steps)."""
+    then the targets removed with collapse_layers (and, with `heal`, hf_collapse.heal for the last heal_steps; with
+    `repair`, removed by collapse_model with the repair best on validation, fitted at the end on the calibration
+    rows)."""
 
     def run(ctx: Context, seed: int, k: int) -> dict:
         study = ctx.study
@@ -236,7 +373,14 @@ def _targeted(name: str, fields: dict, *, heal: bool = False):
         trainer, seconds = ctx.fit_targeted(model, seed, study.steps - heal_steps, k, heal_steps=heal_steps, **fields)
         targets = list(trainer.collapse_targets)
         choice = trainer.msw_schedule[0]
-        hf_collapse.collapse_layers(model, targets)
+        fixed = None
+        if repair:  # the faded layers are back at full strength once training ends: the map replaces them
+            model.eval()
+            fixed, fixed_record = ctx.best_repair(model, targets, f"{name}-{k}/{seed}/trained")
+        if fixed is not None:
+            model = fixed
+        else:
+            hf_collapse.collapse_layers(model, targets)
         if heal:
             model, done = hf_collapse.heal(model, trainer.args, ctx.train, data_collator=ctx.data.collator)
             assert done == heal_steps, (done, heal_steps)
@@ -247,18 +391,19 @@ def _targeted(name: str, fields: dict, *, heal: bool = False):
         teacher_rows = (study.steps - heal_steps - choice.step) * study.batch_size if fields.get("distill_weight") else 0
         how = f"{choice.score} ranking" if choice.choice == "score" else "measured bypass"
         rule = f"{how} during training (step {choice.step}, {rows} validation rows)"
+        passes, evaluations, spent = choice.evaluations * rows, choice.evaluations, choice.seconds
+        if repair:  # fitting the candidate maps and choosing one on validation
+            passes, spent = passes + fixed_record["forward_passes"], spent + fixed_record["seconds"]
+            evaluations += len(fixed_record["candidates"])
+            rule += ", then the repair best on validation"
         out.update(
             layers=targets,
             num_layers=ctx.num_layers - k,
             heal_steps=heal_steps,
             teacher_forward_rows=teacher_rows,
             schedule=[entry.to_dict() for entry in trainer.msw_schedule],
-            selection={
-                "method": rule,
-                "forward_passes": choice.evaluations * rows,
-                "evaluations": choice.evaluations,
-                "seconds": choice.seconds,
-            },
+            **({"repair": fixed_record} if repair else {}),
+            selection={"method": rule, "forward_passes": passes, "evaluations": evaluations, "seconds": spent},
         )
         return out
 
@@ -290,3 +435,9 @@ arm(
     "as target_fade, but chosen at 50 % of training on all validation rows and faded over the next 30 %",
     family="ours",
 )(_targeted("target_fade_late", dict(_TARGET, target_choice_steps=0.5, target_choice_samples=100_000, fade_steps=0.3)))
+arm(
+    "score_fade_repair",
+    "as score_fade, then the repair (scale, linear or transport) best on validation fitted at the end on the "
+    "calibration rows and folded at the cut: the map stands in for the faded layers as they are after training",
+    family="ours",
+)(_targeted("score_fade_repair", dict(ARMS["score_fade"].fn.fields), repair=True))

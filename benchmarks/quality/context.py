@@ -95,6 +95,7 @@ class Context:
         self._scores: dict[tuple, hf_collapse.LayerScores] = {}
         self._greedy: dict[tuple, object] = {}
         self._reports: dict[tuple, dict] = {}
+        self._validations: dict[tuple, float] = {}
 
     # ------------------------------------------------------------------ data
 
@@ -180,14 +181,18 @@ class Context:
         trainer.train()
         return time.perf_counter() - start
 
+    def _collapse_config(self, seed: int, steps: int, schedule: dict | None = None, **fields) -> hf_collapse.CollapseConfig:
+        """The study's training arguments as a CollapseConfig with `fields` (penalty off unless they turn it on)."""
+        base = self._arguments(seed, steps, penalty=False, **(schedule or {})).to_dict()
+        keep = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+        return hf_collapse.CollapseConfig(**{k_: v for k_, v in base.items() if k_ in keep}, **fields)
+
     def fit_targeted(self, model, seed: int, steps: int, k: int, **fields):
         """Fine-tune with a target depth of `k` layers (CollapseConfig + CollapseTrainer, validation rows for the
         measured choice); returns the trainer (its `collapse_targets`, `msw_schedule`) and the wall time."""
-        base = self._arguments(seed, steps, penalty=False).to_dict()
-        keep = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-        args = hf_collapse.CollapseConfig(
-            **{k_: v for k_, v in base.items() if k_ in keep}, collapse_num_layers=k,
-            msw_warmup_steps=self.study.msw_warmup_steps, **{"msw_normalization": "none", **fields},  # as measured
+        args = self._collapse_config(
+            seed, steps, collapse_num_layers=k, msw_warmup_steps=self.study.msw_warmup_steps,
+            **{"msw_normalization": "none", **fields},  # as measured
         )
         trainer = hf_collapse.CollapseTrainer(
             model=model, args=args, train_dataset=self.train, eval_dataset=self.validation, data_collator=self.data.collator,
@@ -242,12 +247,27 @@ class Context:
         factor = min(1.0, (study.steps - cut) / decay) if cut >= study.warmup_steps else 1.0
         return {"learning_rate": study.learning_rate * factor, "warmup_steps": 0}
 
+    def heal(self, model, seed: int, *, teacher=None, scope: str = "full") -> tuple[torch.nn.Module, float, int]:
+        """Heal the collapsed `model` for `heal_steps` steps (the vanilla schedule continued, `heal_schedule`) with
+        hf_collapse.heal: with a `teacher`, logit distillation from it (weight 1, temperature 2) is added to the loss;
+        `scope="adjacent"` trains only the layers next to each removed span and the head. Returns the healed model,
+        the wall time and the rows the teacher ran (its forward passes, counted apart from the budget)."""
+        steps = self.study.heal_steps
+        fields = dict(heal_steps=steps, msw_weight=0.0, distill_weight=1.0 if teacher is not None else 0.0,
+                      distill_temperature=2.0, heal_scope=scope)
+        args = self._collapse_config(seed, steps, self.heal_schedule(), **fields)
+        start = time.perf_counter()
+        healed = hf_collapse.heal(model, args, self.train, data_collator=self.data.collator, teacher=teacher)
+        model, done = healed
+        assert done == steps, (done, steps)
+        return model.eval(), time.perf_counter() - start, healed.teacher_forward_rows
+
     def forget(self, seed: int) -> None:
         """Drop what is cached for `seed` (the runner goes seed by seed, so memory stays bounded)."""
         for key in [k for k in self._models if k.endswith(f"/{seed}")]:
             del self._models[key]
             self._snapshots.pop(key, None)
-        for cache in (self._scores, self._greedy, self._reports):
+        for cache in (self._scores, self._greedy, self._reports, self._validations):
             for key in [k for k in cache if k[0].endswith(f"/{seed}")]:
                 del cache[key]
 
@@ -379,7 +399,57 @@ class Context:
             [[s, list(l), m] for s, l, m in trials],
         )
 
-    def validation_metric(self, model, layers: list[int]) -> float:
-        """The validation metric with `layers` bypassed (no surgery)."""
-        with hf_collapse.bypass_layers(model, {"": list(layers)} if layers else {}):
-            return self.metric(model, self.validation)
+    def validation_metric(self, model, layers: list[int], key: str | None = None) -> float:
+        """The validation metric with `layers` bypassed (no surgery); cached per (`key`, layers) when a key is given."""
+        cache_key = (key, tuple(sorted(layers)))
+        if key is None or cache_key not in self._validations:
+            with hf_collapse.bypass_layers(model, {"": list(layers)} if layers else {}):
+                value = self.metric(model, self.validation)
+            if key is None:
+                return value
+            self._validations[cache_key] = value
+        return self._validations[cache_key]
+
+    # ------------------------------------------------------------------ repair at the cut
+
+    def repaired(self, model, layers: list[int], repair: str) -> tuple[torch.nn.Module | None, dict]:
+        """A copy of `model` with `layers` removed by hf_collapse.collapse_model and `repair` fitted on the calibration
+        rows (training data) and folded, with the repair's record (what it was fitted on, its errors, and the rows
+        and seconds of the fit). `(None, {"method", "refused"})` when the library refuses that repair for this model
+        or these layers (a family where it does not fold, a span at layer 0): nothing is approximated."""
+        collapsed = copy.deepcopy(model)
+        start = time.perf_counter()
+        try:
+            collapsed, report = hf_collapse.collapse_model(
+                collapsed, layers=sorted(layers), calibration=self.calibration, repair=repair, score_method="block_influence",
+                calibration_source=f"{len(self.calibration)} training rows of {self.study.dataset}",
+            )
+        except ValueError as error:
+            del collapsed
+            return None, {"method": repair, "refused": str(error)}
+        collapsed.eval()
+        record = dict(report.repair, forward_passes=len(self.calibration), seconds=round(time.perf_counter() - start, 3))
+        return collapsed, record
+
+    def best_repair(self, model, layers: list[int], key: str) -> tuple[torch.nn.Module | None, dict]:
+        """Every repair fitted for `layers` (see `repaired`), the one with the best validation metric kept: the
+        collapsed, repaired copy and a record of the candidates (validation metric or refusal) and their cost.
+        `(None, record)` when every repair is refused. The unrepaired cut's validation is recorded beside them
+        (`none`), not eligible."""
+        sign = 1 if self.higher_is_better else -1
+        candidates = [{"method": "none", "validation": self.validation_metric(model, layers, key)}]
+        best, best_record, passes, seconds = None, None, len(self.validation), 0.0
+        for repair in ("scale", "linear", "transport"):
+            collapsed, record = self.repaired(model, layers, repair)
+            if collapsed is None:
+                candidates.append(record)
+                continue
+            start = time.perf_counter()
+            record["validation"] = self.metric(collapsed, self.validation)
+            seconds += record["seconds"] + time.perf_counter() - start
+            passes += record["forward_passes"] + len(self.validation)
+            candidates.append({"method": repair, "validation": record["validation"]})
+            if best is None or sign * record["validation"] > sign * best_record["validation"]:
+                best, best_record = collapsed, record
+        chosen = dict(best_record or {"method": None}, candidates=candidates, forward_passes=passes, seconds=round(seconds, 3))
+        return best, chosen

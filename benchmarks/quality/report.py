@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -62,6 +63,7 @@ def aggregate(results: list[dict]) -> dict[tuple[str, int], dict]:
             }
         entry["layers"] = [r.get("layers") for r in sorted(rows, key=lambda r: r["seed"])]
         entry["rules"] = [r.get("rule") for r in rows if r.get("rule")]
+        entry["refused"] = any((r.get("repair") or {}).get("refused") for r in rows)
         entry["energy"] = [r.get("energy") for r in rows]
         entry["train_steps"] = rows[0].get("train_steps")
         entry["train_batch"] = rows[0].get("train_batch")
@@ -142,6 +144,48 @@ def _paired_section(results: list[dict], arms: list[str], ks: list[int], metric:
     return lines
 
 
+RETENTION_RULES = ("block_influence", "angular", "msw", "last_k")
+RETENTION_REPAIRS = ("none", "scale", "linear", "transport")
+
+
+def retention(entry: dict, full: dict, split: str) -> float:
+    """The share of the full model's score an arm keeps: accuracy / full accuracy, or, for perplexity, full
+    perplexity / the arm's perplexity (both 1.0 when as good as full depth, lower when worse)."""
+    if entry["metric"] == "accuracy":
+        return entry[split]["mean"] / full[split]["mean"]
+    return full[split]["mean"] / entry[split]["mean"]
+
+
+def repair_retention_section(table: dict, ks: list[int], metric: str) -> list[str]:
+    """The training-free table in the form of the pruning literature: per post-hoc rule (rows) and repair
+    (columns), the share of the vanilla full-depth model's score kept, test / out-of-domain."""
+    full = table.get(("vanilla", 0))
+    if full is None or not any((f"vanilla_{r}_{m}", k) in table for r in RETENTION_RULES for m in RETENTION_REPAIRS[1:] for k in ks):
+        return []
+    how = "accuracy / full-depth accuracy" if metric == "accuracy" else "full-depth perplexity / pruned perplexity"
+    lines = ["", "### Training-free: retention of the full model's score per rule and repair", ""]
+    lines.append(
+        f"Retention = {how} (100 % = as good as the vanilla full-depth fine-tune; lower is worse), test / "
+        "out-of-domain, mean over seeds. The layers are those each rule removes from the vanilla fine-tune; the repair "
+        "is fitted afterwards on the study's calibration rows (training data) and folded into the weights; no "
+        "training. — = not run; `refused` = the library refuses that repair for this model (see the JSON)."
+    )
+    for k in ks:
+        lines += ["", f"k = {k} removed:", "", "| rule | " + " | ".join(RETENTION_REPAIRS) + " |", "|---|" + "---:|" * 4]
+        for rule in RETENTION_RULES:
+            cells = []
+            for repair in RETENTION_REPAIRS:
+                e = table.get((f"vanilla_{rule}" if repair == "none" else f"vanilla_{rule}_{repair}", k))
+                if e is None:
+                    cells.append("—")
+                elif e.get("refused"):
+                    cells.append("refused")
+                else:
+                    cells.append(" / ".join(f"{100 * retention(e, full, split):.1f} %" for split in ("test", "ood")))
+            lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _study_section(name: str, config: dict, results: list[dict], plot_dir: Path, link_prefix: str) -> str:
     study = config["study"]
     table = aggregate(results)
@@ -218,6 +262,7 @@ def _study_section(name: str, config: dict, results: list[dict], plot_dir: Path,
             lines.append("\n(for perplexity: full-depth perplexity / the arm's perplexity)")
 
     lines += _paired_section(results, arms, ks, metric)
+    lines += repair_retention_section(table, ks, metric)
 
     lines += ["", "### Cost of choosing the layers (mean over seeds)", ""]
     lines.append("| arm | k | rule | forward passes | evaluations | seconds | layers removed (per seed) |")
@@ -275,39 +320,76 @@ def _study_section(name: str, config: dict, results: list[dict], plot_dir: Path,
     return "\n".join(lines) + "\n"
 
 
+PLOT_GROUPS = ("post-hoc", "ours", "prune-then-fine-tune", "prune-then-heal")
+GROUP_COLOURS = {"post-hoc": "tab:blue", "ours": "tab:red", "prune-then-fine-tune": "tab:green", "prune-then-heal": "tab:purple"}
+
+
+def plot_group(arm: str, family: str) -> str:
+    """The plot's family of an arm: post-hoc, ours, and the two baselines (prune-then-heal and its healing variants;
+    prune-then-fine-tune and its repaired variant)."""
+    if family == "baseline":
+        return "prune-then-heal" if arm.startswith("prune_then_heal") else "prune-then-fine-tune"
+    return family
+
+
+def highlighted(table: dict, arms: list[str], ks: list[int], metric: str) -> dict[str, str]:
+    """The best arm of each plot group (best mean test retention over the ks it ran; ties by name): group -> arm."""
+    sign = 1 if metric == "accuracy" else -1
+    best: dict[str, tuple] = {}
+    for a in arms:
+        points = [table[(a, k)] for k in ks if (a, k) in table]
+        if not points:
+            continue
+        group = plot_group(a, points[0]["family"])
+        if group not in PLOT_GROUPS:
+            continue
+        # the mean of log values, so that perplexities of different k weigh alike
+        score = sign * statistics.fmean(math.log(max(p["test"]["mean"], 1e-12)) for p in points)
+        if group not in best or (len(points), score) > best[group][:2]:
+            best[group] = (len(points), score, a)
+    return {group: value[2] for group, value in best.items()}
+
+
 def _plots(name: str, table: dict, arms: list[str], ks: list[int], metric: str, plot_dir: Path) -> list[Path]:
+    """Test and out-of-domain metric against k: the best arm of each family in colour (named in the legend), every
+    other arm as a thin grey line, the full-depth references as horizontal lines; the legend outside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     plot_dir.mkdir(parents=True, exist_ok=True)
+    best = highlighted(table, arms, ks, metric)
+    coloured = {a: g for g, a in best.items()}
     paths = []
     for split, title in (("test", "test"), ("ood", "out-of-domain")):
-        figure, axes = plt.subplots(figsize=(9, 6))
-        colours = plt.cm.tab20.colors
-        styles = {"post-hoc": ":", "ours": "-", "baseline": "--"}
-        markers = {"post-hoc": "o", "ours": "s", "baseline": "D"}
-        for index, a in enumerate(arms):
+        figure, axes = plt.subplots(figsize=(10, 5.5))
+        grey_labelled = False
+        for a in sorted(arms, key=lambda a: a in coloured):  # grey first, colours drawn on top
             points = [(k, table[(a, k)][split]) for k in ks if (a, k) in table]
             if points:
-                family = table[next(key for key in table if key[0] == a)]["family"]
-                axes.errorbar(
-                    [p[0] for p in points], [p[1]["mean"] for p in points], yerr=[p[1]["std"] for p in points],
-                    marker=markers.get(family, "^"), linestyle=styles.get(family, "-."), capsize=3,
-                    color=colours[index % len(colours)], label=f"{a} ({family})",
-                )
+                xs, ys = [p[0] for p in points], [p[1]["mean"] for p in points]
+                if a in coloured:
+                    group = coloured[a]
+                    axes.errorbar(xs, ys, yerr=[p[1]["std"] for p in points], marker="o", capsize=3, linewidth=2,
+                                  color=GROUP_COLOURS[group], label=f"best {group}: {a}", zorder=3)
+                else:
+                    axes.plot(xs, ys, color="0.75", linewidth=0.8, marker=".", zorder=1,
+                              label=None if grey_labelled else "other arms")
+                    grey_labelled = True
             elif (a, 0) in table:
                 s = table[(a, 0)][split]
-                axes.axhline(s["mean"], linestyle="--", linewidth=1, label=f"{a} (full depth)", color="grey" if a == "vanilla" else "black")
+                axes.axhline(s["mean"], linestyle="--", linewidth=1, label=f"{a} (full depth)", color="black" if a == "vanilla" else "0.4")
         axes.set_xlabel("layers removed (k)")
         axes.set_ylabel(f"{title} {metric} (mean ± std over seeds)")
         axes.set_xticks(ks)
+        if metric != "accuracy":
+            axes.set_yscale("log")
         axes.set_title(f"{name}: {title} {metric} vs layers removed")
-        axes.legend(fontsize=7, ncol=2)
+        axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         figure.tight_layout()
         path = plot_dir / f"quality_{name}_{split}.png"
-        figure.savefig(path, dpi=110)
+        figure.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(figure)
         paths.append(path)
     return paths

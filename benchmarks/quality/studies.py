@@ -84,7 +84,17 @@ MINILM_ARMS = (
     "target_msw_heal",
     "score_fade",
     "target_fade_late",
+    # issue 20: repair at the cut, healing from the full-depth model, healing next to the cut
+    "prune_repair_finetune",
+    "score_fade_repair",
+    "prune_then_heal_distill",
+    "prune_then_heal_adjacent",
 )
+# training-free repairs of every post-hoc rule: a post-norm encoder (MiniLM) folds only the per-channel scale, the
+# pre-norm decoder (SmolLM2) all three (hf_collapse.repair.check_foldable)
+RULES = ("block_influence", "angular", "msw", "last_k")
+MINILM_REPAIR_ARMS = tuple(f"vanilla_{rule}_scale" for rule in RULES)
+DECODER_REPAIR_ARMS = tuple(f"vanilla_{rule}_{repair}" for rule in RULES for repair in ("scale", "linear", "transport"))
 
 STUDIES: dict[str, Study] = {
     "minilm": Study(
@@ -95,7 +105,7 @@ STUDIES: dict[str, Study] = {
         ood="sentiment_tweets",
         ks=(1, 2, 3),
         seeds=(0, 1, 2),
-        arms=MINILM_ARMS,
+        arms=MINILM_ARMS + MINILM_REPAIR_ARMS,
         notes="recipes/quickstart.yaml's schedule: 200 steps x 16 rows (one epoch of 3,200 rows), lr 1e-4, 20 warm-up steps",
     ),
     "smollm2": Study(
@@ -109,7 +119,7 @@ STUDIES: dict[str, Study] = {
         # full greedy bypass on 30 layers costs 30 + 29 + ... evaluations (212 for k = 8, about 35 min here): the
         # default run has only the cheap ones; the reference for the cheap ones was run once, at k = 4, with
         # `python -m benchmarks.quality smollm2 --arms vanilla_measured --ks 4`
-        arms=tuple(a for a in MINILM_ARMS if a not in ("vanilla_measured", "penalty_measured")),
+        arms=tuple(a for a in MINILM_ARMS if a not in ("vanilla_measured", "penalty_measured")) + DECODER_REPAIR_ARMS,
         steps=40,
         batch_size=4,
         learning_rate=5e-5,
