@@ -17,14 +17,14 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from filelock import FileLock
 from test_trainer import tiny_llama
-
-pytest.importorskip("deepspeed")  # a dev extra: `make install` installs it
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -50,9 +50,11 @@ def _launch(stage: int, tmp_path: Path, *command: str, **changes) -> subprocess.
     shipped = yaml.safe_load((CONFIGS / f"deepspeed_zero{stage}.yaml").read_text())
     config = tmp_path / f"zero{stage}_cpu.yaml"
     config.write_text(yaml.safe_dump({**shipped, "use_cpu": True, "num_processes": 2, **changes}))
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-                "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port())]
-    return subprocess.run([*launcher, *command], env=ENV, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    # one two-process launch at a time across pytest-xdist workers: two on 2 cores would starve each other's gloo
+    with FileLock(Path(tempfile.gettempdir()) / "hf-collapse-deepspeed-launch.lock"):
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                    "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port())]
+        return subprocess.run([*launcher, *command], env=ENV, capture_output=True, text=True, timeout=400, cwd=ROOT)
 
 
 @pytest.fixture(scope="session")
