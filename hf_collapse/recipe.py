@@ -20,6 +20,7 @@ from transformers import HfArgumentParser
 
 from .config import CollapseConfig, shown
 from .data import OFFLINE_DATASETS, TASKS
+from .launch import precision_overrides
 from .choice import SELECTION_STRATEGIES, LayerChoice, check_candidates, check_tolerance
 from .repair import REPAIRS, check_repair
 from .scoring import SCORING_METHODS
@@ -460,6 +461,8 @@ def load_recipe(
         for key in values:
             actions[key].required = False
     overrides = list(overrides or [])
+    # under a DeepSpeed launch, a recipe silent on bf16/fp16 takes the accelerate config's mixed precision
+    overrides += precision_overrides(set(values) | {arg[2:].split("=")[0].replace("-", "_") for arg in overrides})
     try:
         recipe, config, rest = parser.parse_args_into_dataclasses(args=overrides, return_remaining_strings=True)
     except RecipeError:
