@@ -65,6 +65,7 @@ _NOT_STREAMED = {  # files whose presence means the checkpoint is more than conf
 class TensorEntry:
     """Where one tensor's bytes are: the source file, the byte range in it, its dtype and shape."""
 
+    name: str  # in the source
     file: Path
     start: int
     end: int
@@ -104,7 +105,7 @@ def read_entries(folder: Path) -> dict[str, TensorEntry]:
         for key, value in header.items():
             if key != "__metadata__":
                 start, end = value["data_offsets"]
-                entries[key] = TensorEntry(file, offset + start, offset + end, value["dtype"], tuple(value["shape"]))
+                entries[key] = TensorEntry(key, file, offset + start, offset + end, value["dtype"], tuple(value["shape"]))
     if weight_map is not None:
         wrong = sorted(k for k in weight_map if k not in entries or entries[k].file.name != weight_map[k])
         extra = sorted(k for k in entries if k not in weight_map)
@@ -223,13 +224,13 @@ def _check_source(meta: nn.Module, entries: dict[str, TensorEntry], stacks, fold
         declared = f"{type(stack.config).__name__}.{stack.count_attr}={len(stack)}"
         if present and max(present) >= len(stack):
             raise RecipeError(f"{folder} holds weights of layer {max(present)} of {stack.path} but its config declares "
-                              f"{declared} layers: fix {stack.count_attr} in config.json to {max(present) + 1} (or "
-                              "remove those weights); nothing was written")
+                              f"{declared} layers: the extra layers would be silently dropped on loading; fix {stack.count_attr} in "
+                              f"config.json to {max(present) + 1} (or remove those weights); nothing was written")
         missing = sorted(set(range(len(stack))) - present)
         if missing:
             raise RecipeError(f"{folder} has no weights for layer {missing[0]} of {stack.path} but its config declares "
-                              f"{declared} layers: fix {stack.count_attr} in config.json to the number of layers the "
-                              "weights hold; nothing was written")
+                              f"{declared} layers: those layers would be randomly initialised on loading; fix {stack.count_attr} in "
+                              "config.json to the number of layers the weights hold; nothing was written")
     differences = structure_differences(meta, {name: entry.shape for name, entry in entries.items()})
     if differences:
         return f"its tensor names are not those of {type(meta).__name__} (e.g. {differences[0]}): transformers " \
@@ -303,7 +304,7 @@ def _shards(plan: StreamPlan) -> list[list[str]]:
     return shards
 
 
-def _copy_tensor(name: str, entry: TensorEntry, source, target, buffer: bytearray) -> None:
+def _copy_tensor(entry: TensorEntry, source, target, buffer: bytearray) -> None:
     """Copy one tensor's bytes, checking a floating-point tensor's values are finite on the way."""
     source.seek(entry.start)
     left = entry.end - entry.start
@@ -312,9 +313,9 @@ def _copy_tensor(name: str, entry: TensorEntry, source, target, buffer: bytearra
         view = memoryview(buffer)[: min(left, len(buffer))]
         got = source.readinto(view)
         if got != len(view):
-            raise RecipeError(f"{entry.file} ended while reading {name}: the file is truncated; restore it")
+            raise RecipeError(f"{entry.file} ended while reading {entry.name}: the file is truncated; restore it")
         if dtype is not None and not bool(torch.isfinite(torch.frombuffer(view, dtype=dtype)).all()):
-            raise RecipeError(f"{entry.file.parent} has non-finite weights (NaN or infinity) in {name}: the checkpoint is "
+            raise RecipeError(f"{entry.file.parent} has non-finite weights (NaN or infinity) in {entry.name}: the checkpoint is "
                               "broken (a diverged training run, or a bad conversion); collapse a checkpoint with finite "
                               "weights")
         target.write(view)
@@ -338,7 +339,7 @@ def _write_shard(path: Path, names: list[str], plan: StreamPlan, buffer: bytearr
                 entry = plan.tensors[name]
                 if entry.file not in handles:
                     handles[entry.file] = entry.file.open("rb")
-                _copy_tensor(name, entry, handles[entry.file], target, buffer)
+                _copy_tensor(entry, handles[entry.file], target, buffer)
     finally:
         for handle in handles.values():
             handle.close()
