@@ -14,6 +14,7 @@ __all__ = ["OWNED_SECTIONS", "carry_sections", "replace_section"]
 OWNED_SECTIONS = (
     ("<!-- gpu-recipe:begin (benchmarks/gpu_recipe.py writes this section) -->", "<!-- gpu-recipe:end -->"),
     ("<!-- penalty-default:begin (benchmarks/penalty_default.py writes this section) -->", "<!-- penalty-default:end -->"),
+    ("<!-- streaming:begin (benchmarks/streaming.py writes this section) -->", "<!-- streaming:end -->"),
 )
 
 

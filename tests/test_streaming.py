@@ -189,3 +189,28 @@ def test_stream_with_data_is_refused(source, tmp_path, capsys):
                  "--stream"]) == EXIT_REFUSED
     assert "--stream rewrites a checkpoint for an explicit --layers list without data" in one_line(capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_benchmark_quick_run_compares_the_written_tensors_and_the_layer_types_config(tmp_path):
+    from benchmarks import streaming as bench
+
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# Results\n\nkept as it is\n")
+    argv = ["--quick", "--arms", "stream,in-memory", "--output", str(tmp_path / "out"), "--results", str(results_md)]
+    assert bench.main(argv) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    tiny = results["models"]["tiny"]
+    assert tiny["removed"] == [5, 6] and tiny["reference"] == "stream"
+    assert tiny["source"]["shards"] > 1 and tiny["source"]["dtype_code"] == "BF16"
+    for arm in ("stream", "in-memory"):
+        data = tiny["arms"][arm]
+        assert data["equal_to_reference"] is True and data["config"] == {"num_hidden_layers": 6, "layer_types": 0}
+        assert len(data["wall"]) == len(data["rss"]) == 1 and data["rss"][0] > 0
+    # tied embeddings written once: 2 + 9 per layer for the 6 kept layers
+    assert tiny["arms"]["stream"]["tensors"] == 2 + 9 * 6
+    case = results["layer_types"]["stream"]
+    assert case["consistent"] is True and case["loads"] == "yes, sliding window per layer: [True, True, False]"
+    text = results_md.read_text()
+    assert text.startswith("# Results\n\nkept as it is\n") and text.count(bench.SECTION_BEGIN) == 1
+    assert "| tiny |" in text and "| in-memory | 1 |" in text
+    assert not (tmp_path / "out-work" / "synthetic-tiny").exists()
