@@ -214,8 +214,6 @@ def _cmd_collapse(args) -> int:
 
 
 def _collapse(args) -> int:
-    from .pipeline import run_recipe
-
     overrides = ["--model_name_or_path", args.src, "--export_dir", args.out, "--collapse", "true"]
     if args.stream and (args.layers is None or args.data or args.recipe is not None or args.repair not in (None, "none")):
         raise CliError("--stream rewrites a checkpoint for an explicit --layers list without data: drop --data, --recipe "
@@ -256,7 +254,7 @@ def _collapse(args) -> int:
     overrides += ["--output_dir", str(work)]
     recipe, config, resolved = _load(args.recipe, [*overrides, *args.overrides])
     from .models import resolve_model, task_head_is_new
-    from .pipeline import preflight
+    from .pipeline import preflight, run_recipe  # imported here: the no-data path above does not need it
 
     preflight(recipe, config, train=False)  # before the work folder exists
     _clear_stale_work(work)
