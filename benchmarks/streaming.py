@@ -58,6 +58,7 @@ SYNTHETIC = {
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False), 5_000_000_000),
 }
 _DTYPE_SIZES = {"BF16": 2, "F16": 2, "F32": 4}
+PROBE_LIMIT_GIB = 1  # hf_collapse.streaming.PROBE_LIMIT (not imported: the parent process stays light)
 
 
 # ---- sources ----------------------------------------------------------------------------------------------------
@@ -242,6 +243,7 @@ def measure_model(name: str, work: Path, mergekit: str | None, arms: list[str], 
     wanted = arms
     arms = [a for a in arms if a != "in-memory" or info["size"] <= in_memory_limit * GIB]
     result = {"source": info, "removed": removed, "repeats": repeats, "reference": arms[0],
+              "load_average": round(os.getloadavg()[0], 1),
               "arms": {a: {"wall": [], "rss": []} for a in arms}}
     if "in-memory" in wanted and "in-memory" not in arms:
         result["in_memory_skipped"] = f"the model ({info['size'] / GIB:.1f} GiB) is above --in-memory-limit {in_memory_limit:g} GiB"
@@ -335,6 +337,8 @@ def section(results: dict) -> str:
              "| model | weights | largest shard | arm | runs | wall (s) | wall ratio | peak RSS (GiB) | RSS / (shard + 1 GiB) | RSS / weights | tensors = reference's |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
+    in_memory = [max(r["arms"]["in-memory"]["rss"]) / r["source"]["size"] for r in results.get("models", {}).values()
+                 if "in-memory" in r["arms"] and r["source"]["size"] > GIB / 4]
     for name, result in results.get("models", {}).items():
         info = result["source"]
         reference = result["reference"]
@@ -343,7 +347,11 @@ def section(results: dict) -> str:
             if arm not in result["arms"] and "in_memory_skipped" in result and arm == "in-memory":
                 lines.append(f"| {name} | {info['size'] / GIB:.2f} GiB | {info['largest_shard'] / GIB:.2f} GiB | {arm} "
                              f"| 0 | not run | | | | | |")
-                notes.append(f"{name}, in-memory: not run: {result['in_memory_skipped']}.")
+                ratio = max(in_memory, default=None)
+                fit = "" if ratio is None else (
+                    f"; at the {ratio:.2f}× the weights it peaked at above, it would need about "
+                    f"{ratio * info['size'] / GIB:.0f} GiB on this {results.get('machine', '')} machine: it does not fit")
+                notes.append(f"{name}, in-memory: not run: {result['in_memory_skipped']}{fit}.")
                 continue
             if arm not in result["arms"]:
                 continue
@@ -366,6 +374,12 @@ def section(results: dict) -> str:
                 continue
             lines.append(f"| {arm} | {entry['num_hidden_layers']} | {entry['layer_types']} | "
                          f"{'yes' if entry['consistent'] else '**no**'} | {entry['loads']} |")
+    notes.append(f"The stream arm includes its output checks: the structure check always, and up to "
+                 f"{PROBE_LIMIT_GIB:g} GiB of weights the probe check, which loads the source and the output once each "
+                 "(so on small models it costs more than the copy itself; mergekit checks nothing).")
+    loads = {name: r.get("load_average") for name, r in results.get("models", {}).items()}
+    notes.append("Load average of the machine when each model started (other jobs share it): "
+                 + ", ".join(f"{name} {load}" for name, load in loads.items()) + ".")
     lines += [""] + [f"- {note}" for note in notes + results.get("notes", [])]
     lines += ["", f"Machine: {results.get('machine', '?')}. mergekit {results.get('mergekit_version', 'not run')}.", "", SECTION_END]
     return "\n".join(lines) + "\n"
