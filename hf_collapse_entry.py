@@ -57,6 +57,11 @@ def make_parser() -> argparse.ArgumentParser:
     )
     collapse.add_argument("--overwrite", action="store_true", help="Replace OUT when it holds a previous hf-collapse export.")
     collapse.add_argument(
+        "--stream", action="store_true",
+        help="With --layers and no data: rewrite a local safetensors checkpoint tensor by tensor instead of loading it "
+        "(memory: about one tensor); a source it cannot rewrite exactly is collapsed in memory, and the report says so.",
+    )
+    collapse.add_argument(
         "--trust-remote-code", action="store_true",
         help="Load a SRC that needs its own Python code (auto_map), running that code; only for code you have read.",
     )

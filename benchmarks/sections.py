@@ -18,6 +18,7 @@ OWNED_SECTIONS = (
     ("<!-- scratch-vision:begin (python -m benchmarks.scratch vision writes this section) -->", "<!-- scratch-vision:end -->"),
     ("<!-- layerwise-scoring:begin (benchmarks/layerwise_scoring.py writes this section) -->", "<!-- layerwise-scoring:end -->"),
     ("<!-- deployment:begin (benchmarks/deployment.py writes this section) -->", "<!-- deployment:end -->"),
+    ("<!-- streaming:begin (benchmarks/streaming.py writes this section) -->", "<!-- streaming:end -->"),
 )
 
 

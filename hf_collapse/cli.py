@@ -232,9 +232,10 @@ def _cmd_collapse(args) -> int:
 
 
 def _collapse(args) -> int:
-    from .pipeline import run_recipe
-
     overrides = ["--model_name_or_path", args.src, "--export_dir", args.out, "--collapse", "true"]
+    if args.stream and (args.layers is None or args.data or args.recipe is not None or args.repair not in (None, "none")):
+        raise CliError("--stream rewrites a checkpoint for an explicit --layers list without data: drop --data, --recipe "
+                       "and --repair, or drop --stream")
     if args.layers is not None:
         try:
             layers = [int(x) for x in args.layers.split(",") if x.strip()]
@@ -273,7 +274,7 @@ def _collapse(args) -> int:
     overrides += ["--output_dir", str(work)]
     recipe, config, resolved = _load(args.recipe, [*overrides, *args.overrides])
     from .models import resolve_model, task_head_is_new
-    from .pipeline import preflight
+    from .pipeline import preflight, run_recipe  # imported here: the no-data path above does not need it
 
     preflight(recipe, config, train=False)  # before the work folder exists
     _clear_stale_work(work)
@@ -320,11 +321,38 @@ def _collapse_without_data(args, layers: list[int]) -> int:
         raise CliError("recipe fields, --task, --method and --layerwise need data: add --data or --recipe, or drop them")
     source = resolve_model(args.src)
     trust = args.trust_remote_code
+    fields = None
+    if args.stream:
+        from .streaming import plan_stream
+
+        plan = "the source needs its own code (--trust-remote-code)" if trust else plan_stream(source.path, layers)
+        if not isinstance(plan, str):
+            return _collapse_streamed(args, source, plan, layers)
+        print(f"collapsing in memory: the source cannot be rewritten tensor by tensor: {plan}")
+        fields = {"collapse_path": {"path": "in-memory", "reason": plan}}
     model = load_as_saved(source, trust_remote_code=trust).eval()
     return _collapse_and_export(
         model, source, load_saved_processor(source, trust_remote_code=trust), args.out, overwrite=args.overwrite, layers=layers,
-        note="nothing measured: no data",
+        note="nothing measured: no data", report_fields=fields,
     )
+
+
+def _collapse_streamed(args, source, plan, layers: list[int]) -> int:
+    """The streamed collapse of a local safetensors checkpoint (see hf_collapse.streaming); prints what was removed."""
+    from .models import load_saved_processor
+    from .streaming import collapse_streamed
+
+    out, report = collapse_streamed(source, plan, layers, args.out, processing_class=load_saved_processor(source),
+                                    overwrite=args.overwrite)
+    (stack,) = report.stacks()
+    print(
+        f"removed layers (0-based, original numbering): {stack.removed_original}: {stack.layers_before} -> "
+        f"{stack.layers_after} layers, {report.num_parameters_before:,} -> {report.num_parameters_after:,} parameters; "
+        f"streamed as {plan.model_class.__name__} (nothing measured: no data; output check "
+        f"{report.collapse_path['probe_check'].split(':')[0]})"
+    )
+    print(f"output: {Path(out).resolve()}")
+    return 0
 
 
 def _collapse_as_saved(recipe, config, source) -> int:

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -34,7 +35,7 @@ from .quantization import is_quantized, refuse_quantized_export
 from .report import AUTO_CLASS_BY_PIPELINE_TAG, CollapseReport
 from .sbert import read_layout, write_layout
 
-__all__ = ["ExportWriteError", "add_benchmarks", "clear_stale", "export_collapsed"]
+__all__ = ["ExportWriteError", "add_benchmarks", "clear_stale", "export_collapsed", "export_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +112,59 @@ def export_collapsed(
         report = _sentence_transformers_report(inner, report, layout)
     out = check_output_folder(out_dir)
     _check_not_source(inner, out)
+
+    def write(staging: Path) -> None:
+        _write_folder(staging, out, inner, report, processing_class, layout, repo_id, source)
+
+    _publish(out, overwrite, write)
+    return out
+
+
+def export_files(
+    out_dir: str | os.PathLike,
+    write_model: Callable[[Path], CollapseReport],
+    *,
+    config,
+    processing_class: object | None = None,
+    repo_id: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write an export whose weights and config another writer makes (the streamed collapse), atomically as
+    [`export_collapsed`] does, with the same tokenizer, card, `collapse_report.json` and manifest.
+
+    Args:
+        out_dir: the folder to create (the same checks and `overwrite` rule as [`export_collapsed`]).
+        write_model: writes the weights and `config.json` into the folder it is given (the hidden staging folder) and
+            returns the report to write with them.
+        config: the collapsed config (its `collapsed_layers` and `original_num_hidden_layers`, for the report file).
+        processing_class, repo_id, overwrite: as for [`export_collapsed`].
+
+    Raises:
+        As [`export_collapsed`]; whatever `write_model` raises, with nothing of the export left behind.
+    """
+    out = check_output_folder(out_dir)
+
+    def write(staging: Path) -> None:
+        (staging / _STAGING_MARKER).write_text(json.dumps({"pid": os.getpid(), "out": str(out)}), encoding="utf-8")
+        report = write_model(staging)
+        if processing_class is not None:
+            processing_class.save_pretrained(staging)
+        report = report.updated(trust_remote_code=False, remote_code_files=[])
+        _finish_folder(staging, report, config, processing_class, repo_id)
+
+    _publish(out, overwrite, write)
+    return out
+
+
+def _publish(out: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
+    """Run ``write`` on a new staging folder next to ``out`` and rename it into place, holding ``out``'s lock; a
+    failure leaves nothing of the export behind."""
     with OutputLock(out):  # one writer per folder: a second run is refused, never silently replaced
         clear_stale(out)  # before the checks below: a restored old export counts as existing
         _check_target(out, overwrite)
         staging = _staging_folder(out)
         try:
-            _write_folder(staging, out, inner, report, processing_class, layout, repo_id, source)
+            write(staging)
             _check_target(out, overwrite)  # again: a folder created meanwhile by someone else is not replaced
             _move_into_place(staging, out)
         except FileExistsError:  # OUT appeared meanwhile: refused as above
@@ -130,7 +178,6 @@ def export_collapsed(
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    return out
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
@@ -182,11 +229,16 @@ def _write_folder(
     report = _remote_code_report(model, processing_class, report, staging, source)
     if layout is not None and report.sentence_transformers_modules is not None:
         write_layout(layout, staging)
+    _finish_folder(staging, report, model.config, processing_class, repo_id)
+
+
+def _finish_folder(staging: Path, report: CollapseReport, config, processing_class, repo_id) -> None:
+    """The files every export has besides the model: recipe, card, report, and last the manifest."""
     if report.recipe is not None:
         (staging / RECIPE_FILE).write_text(recipe_yaml(report.recipe), encoding="utf-8")
     write_card(report, staging, repo_id=repo_id, processing_class=processing_class)
     (staging / REPORT_FILE).write_text(
-        json.dumps({"repo_id": repo_id, "collapsed_layers": _all_removed(model.config, report), "report": report.to_dict()}, indent=1),
+        json.dumps({"repo_id": repo_id, "collapsed_layers": _all_removed(config, report), "report": report.to_dict()}, indent=1),
         encoding="utf-8",
     )
     _check_safetensors_only(staging)

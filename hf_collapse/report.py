@@ -127,6 +127,12 @@ class Removal:
             whether a `shift` was folded, the `spans` (removed layers, the module folded into, the relative error after
             the cut without and with the map) and whether the fold was `verified`. Reports written before it load
             without it.
+        collapse_path (`Mapping`, *optional*):
+            How the checkpoint was rewritten, when `hf-collapse collapse --stream` was asked for: `path` is
+            `"streaming"` (tensor by tensor from the source files, see `hf_collapse.streaming`) or `"in-memory"`
+            (loaded whole, with the `reason` streaming could not do it); for a streamed collapse, `structure_check`
+            (always `True`) and `probe_check`, what the output check on a probe input compared (or why it did not run).
+            Unset means the in-memory path.
     """
 
     removed_layers: Sequence[int] | Mapping[str, Sequence[int]]
@@ -139,6 +145,7 @@ class Removal:
     selection_curve: list[tuple[list[int], float]] | None = None
     earlier_removed: Sequence[int] | Mapping[str, Sequence[int]] | None = None
     repair: Mapping[str, Any] | None = None
+    collapse_path: Mapping[str, Any] | None = None
 
     def __post_init__(self):
         self.stacks()  # validate the per-stack fields now, not when the card is rendered
@@ -373,7 +380,7 @@ _SECTIONS = {"removal": Removal, "measurements": Measurements, "provenance": Pro
 _SECTION_OF = {f.name: name for name, section in _SECTIONS.items() for f in fields(section)}
 # written only when set: older reports (and their JSON) stay as they were
 _LATER_FIELDS = frozenset({
-    "repair", "healing_scope", "distillation_hidden_weight", "teacher_forward_passes", "teacher_forward_rows",
+    "repair", "collapse_path", "healing_scope", "distillation_hidden_weight", "teacher_forward_passes", "teacher_forward_rows",
 })
 
 

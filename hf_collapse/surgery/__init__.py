@@ -4,6 +4,6 @@
 `verify` checks it against a model rebuilt from the new config and on a probe input.
 """
 
-from .apply import CollapseRecord, collapse_layers
+from .apply import CollapseRecord, collapse_layers, collapsed_config
 
-__all__ = ["CollapseRecord", "collapse_layers"]
+__all__ = ["CollapseRecord", "collapse_layers", "collapsed_config"]

@@ -30,7 +30,7 @@ from . import rules
 from .rules import DELETE, Apply, Edit, Removal, Rule, Undo, refuse
 from .verify import build_probe, reference_outputs, structure_differences, verify_collapse
 
-__all__ = ["CollapseRecord", "collapse_layers"]
+__all__ = ["CollapseRecord", "collapse_layers", "collapsed_config"]
 
 _SUGGESTIONS = 4  # removals named in a refusal
 
@@ -115,6 +115,8 @@ def _rule_updates(removal: Removal, suggest: bool = True) -> tuple[Edit, set[str
         found = rule.handler(removal, config, name, value)
         edit.config.update(found.config)
         edit.modules.extend(found.modules)
+        if found.modules:
+            edit.weight_changes.append(rule.field)
     mismatch = _kinds_mismatch(removal, edit.config)
     if mismatch:
         instead = _removable_instead(removal) if suggest else []
@@ -459,19 +461,19 @@ def collapse_layers(
     parameters = inner.num_parameters()
     if not any(selection.values()):
         return CollapseRecord({name: () for name in counts}, counts, counts, parameters, parameters, False)
-    edits, config_updates, removed = _plan(inner, stacks, selection)
+    plan = _plan(inner, stacks, selection)
     probe = build_probe(inner) if probe_inputs is None else probe_inputs
     reference = None if probe is None else reference_outputs(inner, selection, probe, given=probe_inputs is not None)
     baseline = structure_differences(inner, inner.config)  # what already differs from a fresh build, before any change
     renames = _renames(stacks, selection)
-    undo = _apply(stacks, selection, edits, config_updates)
+    undo = _apply(stacks, selection, plan.edits, plan.config_updates)
     try:
         verify_collapse(inner, stacks, probe, reference, baseline, renames)
     except BaseException:
         undo()
         raise
     return CollapseRecord(
-        removed=removed,
+        removed=plan.removed,
         layers_before=counts,
         layers_after={stack.name: len(stack) for stack in stacks},
         parameters_before=parameters,
@@ -480,13 +482,21 @@ def collapse_layers(
     )
 
 
-def _plan(
-    inner: nn.Module, stacks: list[LayerStack], selection: dict[str, list[int]]
-) -> tuple[list[Edit], list[tuple[object, dict[str, object]]], dict[str, tuple[int, ...]]]:
+@dataclass(frozen=True)
+class _Plan:
+    edits: list[Edit]
+    config_updates: list[tuple[object, dict[str, object]]]
+    removed: dict[str, tuple[int, ...]]  # per stack, in the original numbering
+    config: object  # a copy of the top-level config with every update made (checked by its validators)
+    weight_changes: list[str]  # the rules whose module changes alter weights
+
+
+def _plan(inner: nn.Module, stacks: list[LayerStack], selection: dict[str, list[int]]) -> _Plan:
     """Every module change and config update the removal needs, checked on copies of the configs, and the removal
     per stack in the original numbering. Changes nothing."""
     edits: list[Edit] = []
     config_updates: list[tuple[object, dict[str, object]]] = []
+    weight_changes: list[str] = []
     for stack in stacks:
         chosen = selection.get(stack.name, [])
         if not chosen:
@@ -496,6 +506,7 @@ def _plan(
             raise refuse(removal, f"that is every layer; keep at least one of the {len(stack)}")
         per_layer = _per_layer_edit(removal)
         config_updates.append((stack.config, per_layer.config))
+        weight_changes += per_layer.weight_changes
         edits += [per_layer, _renumber_edit(removal), _parent_edit(inner, removal)]
         edits.append(rules.unused_layer_type_edit(inner, removal))
     edits.append(Edit(modules=[_device_map_edit(inner, stacks, selection)]))
@@ -503,7 +514,35 @@ def _plan(
     config_updates.append((inner.config, record_values))
     trial = _check_configs(config_updates)
     _check_decoder_cache(trial[id(inner.config)], stacks, selection)
-    return edits, config_updates, removed
+    return _Plan(edits, config_updates, removed, trial[id(inner.config)], weight_changes)
+
+
+def collapsed_config(
+    model: nn.Module, layers: Sequence[int] | dict[str, Sequence[int]]
+) -> tuple[object, dict[str, tuple[int, ...]], list[str]]:
+    """The config that [`collapse_layers`] would leave on `model`, computed without changing the model.
+
+    The same plan as [`collapse_layers`] (one rule table, the same refusals), so a checkpoint rewritten without
+    loading its weights (see `hf_collapse.streaming`) gets exactly the config an in-memory collapse saves. `model`
+    may live on the meta device.
+
+    Returns:
+        `(config, removed, weight_changes)`: a new top-level config with the per-layer fields updated and the
+        removal recorded; the removed layers per stack in the original numbering; and the rules (by config field)
+        whose exact collapse also changes weights (GPT-2's query rescaling, T5's moved relative attention bias),
+        empty when renaming the kept layers' tensors is all the weights need.
+
+    Raises:
+        `ValueError`: what [`collapse_layers`] refuses before changing anything.
+    """
+    _refuse_adapters(model)
+    inner = unwrap_model(model)
+    stacks = find_layer_stacks(inner)
+    selection = resolve_layer_selection(stacks, layers)
+    if not any(selection.values()):
+        raise ValueError("no layer to remove: name at least one layer")
+    plan = _plan(inner, stacks, selection)
+    return plan.config, plan.removed, plan.weight_changes
 
 
 def _renames(stacks: list[LayerStack], selection: dict[str, list[int]]) -> dict[str, str]:

@@ -50,6 +50,9 @@ class Edit:
 
     config: dict[str, object] = field(default_factory=dict)
     modules: list[Apply] = field(default_factory=list)
+    # the rules (their config field) whose module changes alter weights: a rewrite of the weights files alone cannot
+    # make them (see hf_collapse.streaming)
+    weight_changes: list[str] = field(default_factory=list)
 
 
 def refuse(removal: Removal, why: str) -> ValueError:

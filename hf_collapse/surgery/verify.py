@@ -275,3 +275,10 @@ def verify_collapse(inner: nn.Module, stacks: list[LayerStack], probe, reference
         raise _verification_error(
             "its output differs from the original's with the same layers bypassed", differences, configs
         )
+
+
+def probe_differences(model: nn.Module, probe: dict, reference: dict[str, torch.Tensor]) -> list[str]:
+    """How `model`'s outputs on `probe` differ from `reference` (see [`reference_outputs`]), within the tolerance of
+    its dtype; empty when they agree."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return _output_differences(reference, _run_probe(model, probe), dtype)
