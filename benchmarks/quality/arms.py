@@ -135,7 +135,9 @@ def _rule_selection(ctx: Context, key: str, model, rule: str, k: int) -> Selecti
 
 def collapsed_result(ctx: Context, key: str, model, layers: list[int], *, train_steps: int, **extra) -> dict:
     """The standard result of a model whose `layers` (original numbering) are already removed."""
-    out = result(ctx, key, model, None, train_steps=train_steps)
+    # the report cache is keyed by (key, layers deleted now): the layers already removed go into the key, or two ks
+    # of one arm would share the first one's figures
+    out = result(ctx, f"{key}/without{sorted(layers)}", model, None, train_steps=train_steps)
     out.update(layers=sorted(layers), num_layers=ctx.num_layers - len(layers))
     out.update(extra)
     return out
