@@ -517,13 +517,13 @@ def test_prune_then_fine_tune_is_a_target_schedule(tmp_path, trained_state, scor
                per_device_train_batch_size=16)
     model = identity_layers_llama(trained_state, [])
     batches = [{k: torch.tensor(v) for k, v in data[:8].items() if k != "labels"}]
-    expected = select_lowest(score_layers(model, batches, method=score, progress=False), 1)
-    targeted = CollapseTrainer(
-        model=model, eval_dataset=data.select(range(8)), train_dataset=data,
-        args=config(tmp_path / "t", max_steps=3, collapse_num_layers=1, target_choice="score", target_score=score,
-                    target_choice_steps=0, fade_steps=1, msw_weight=0.0, msw_adaptive=False,
-                    target_choice_samples=8, per_device_eval_batch_size=8, **sgd),
-    )
+    args = config(tmp_path / "t", max_steps=3, collapse_num_layers=1, target_choice="score", target_score=score,
+                  target_choice_steps=0, fade_steps=1, msw_weight=0.0, msw_adaptive=False,
+                  target_choice_samples=8, per_device_eval_batch_size=8, **sgd)
+    # the choice ranks by the distance the penalty would use (the config's msw_normalization)
+    scores = score_layers(model, batches, method=score, normalization=args.msw_normalization, progress=False)
+    expected = select_lowest(scores, 1)
+    targeted = CollapseTrainer(model=model, eval_dataset=data.select(range(8)), train_dataset=data, args=args)
     targeted.train()
     assert targeted.collapse_targets == expected and targeted.fade_alpha() == 0.0
     assert targeted.msw_schedule[0].step == 0 and targeted.msw_schedule[0].choice == "score"
