@@ -14,7 +14,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import peft
 from torch import nn
 
 from .choice import LayerChoice, greedy_bypass
@@ -301,6 +300,8 @@ def heal(
     )
     names = adjacent_parameter_names(model) if scope == "adjacent" else None
     if scope == "lora":
+        import peft
+
         model = peft.get_peft_model(model, peft_config)
     with train_only(model, names) if names is not None else contextlib.nullcontext():
         trainer = CollapseTrainer(

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import peft
 import torch
 import transformers
-from peft import PeftModel
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.integrations import dequantize_bnb_weight, get_bnb_param_type
 from torch import nn
 
 from .layers import unwrap_model
+from .peft_state import has_bnb_weights, is_peft_model
 
 if TYPE_CHECKING:
+    from peft import PeftModel
+
     from .recipe import RecipeArguments
 
 __all__ = [
@@ -68,6 +67,8 @@ def prepare_quantized(model: nn.Module) -> nn.Module:
     # For its cast of the parameters left unquantised (norms, embeddings, head) from half precision to float32,
     # as QLoRA trains, and its freezing; not for its activation checkpointing, which it turns on by default:
     # that stays the recipe's choice (activation_checkpointing), as without quantisation.
+    import peft  # peft (and bitsandbytes) load only when a quantised model is trained
+
     model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     disable_cpu_repacking(model)  # else the first evaluation on some CPUs would stop the gradients
     return model
@@ -92,7 +93,7 @@ def describe_quantization(model) -> str | None:
 
 def is_quantized(model: nn.Module) -> bool:
     """Whether any of the model's parameters is a bitsandbytes 4-/8-bit weight."""
-    return any(get_bnb_param_type(p) for p in model.parameters())
+    return has_bnb_weights(model.parameters())
 
 
 def refuse_quantized_export(model: nn.Module) -> None:
@@ -146,6 +147,8 @@ def _dequantized(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
         weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
         state.absmax, state.nested, state.offset, state.state2 = scales, False, None, None
         weight.quant_state = module.quant_state = state
+    from peft.utils.integrations import dequantize_bnb_weight
+
     return dequantize_bnb_weight(weight, state=getattr(module, "state", None)).to(dtype)
 
 
@@ -169,11 +172,14 @@ def merge_dequantized(model: PeftModel) -> nn.Module:
     Raises:
         `ValueError`: the model is not a PEFT model, or its base model is not quantised with bitsandbytes.
     """
-    if not isinstance(model, PeftModel):
+    if not is_peft_model(model):
         raise ValueError(f"merge_dequantized takes a PeftModel, not a {type(model).__name__}: plain models need no merge")
     inner = model.get_base_model()
     if not is_quantized(inner):
         raise ValueError("the base model has no bitsandbytes 4-/8-bit weights: call model.merge_and_unload() instead")
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.integrations import get_bnb_param_type
+
     dtype = inner.get_input_embeddings().weight.dtype
     replacements: dict[str, nn.Module] = {}
     for name, module in inner.named_modules():

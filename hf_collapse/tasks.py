@@ -13,7 +13,6 @@ import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import peft
 import torch
 from torch.utils.data import DataLoader
 
@@ -138,6 +137,8 @@ class TransformersTask(TaskStrategy):
 
     def _wrap_lora(self, run: RecipeRun) -> None:
         recipe = run.recipe
+        import peft
+
         task_type = {"causal-lm": "CAUSAL_LM", "text-classification": "SEQ_CLS"}.get(recipe.task)
         self.lora = peft.LoraConfig(
             r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,

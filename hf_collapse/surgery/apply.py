@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from peft import PeftModel
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..layers import (
@@ -26,6 +24,7 @@ from ..layers import (
     resolve_layer_selection,
     unwrap_model,
 )
+from ..peft_state import has_tuner_layers, is_peft_model
 from . import rules
 from .rules import DELETE, Apply, Edit, Removal, Rule, Undo, refuse
 from .verify import build_probe, reference_outputs, structure_differences, verify_collapse
@@ -318,7 +317,7 @@ def _check_decoder_cache(config, stacks: list[LayerStack], selection: dict[str, 
 
 
 def _refuse_adapters(model: nn.Module) -> None:
-    if isinstance(model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+    if is_peft_model(model) or has_tuner_layers(model):
         raise ValueError(
             "the model carries PEFT adapters: call `model = model.merge_and_unload()` first, then collapse. "
             "Otherwise the saved weights keep base_layer/lora_* keys and the adapter's layers_to_transform "
