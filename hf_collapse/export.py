@@ -18,18 +18,18 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import AutoTokenizer
 
 from .assets import write_portable_tokenizer_class
 from .card import CARD_FILE, PLOT_FILE, recipe_yaml, write_card
 from .layers import find_layer_stacks, unwrap_model
-from .manifest import refresh_manifest, write_manifest
+from .manifest import ManifestEntry, refresh_manifest, write_manifest
 from .models import check_head_trained
+from .peft_state import has_tuner_layers
 from .paths import OutputLock, check_output_folder, check_replaceable, inside_source, sibling_prefix
 from .quantization import is_quantized, refuse_quantized_export
 from .report import AUTO_CLASS_BY_PIPELINE_TAG, CollapseReport
@@ -128,6 +128,7 @@ def export_files(
     processing_class: object | None = None,
     repo_id: str | None = None,
     overwrite: bool = False,
+    known_digests: Mapping[str, ManifestEntry] | None = None,
 ) -> Path:
     """Write an export whose weights and config another writer makes (the streamed collapse), atomically as
     [`export_collapsed`] does, with the same tokenizer, card, `collapse_report.json` and manifest.
@@ -138,6 +139,8 @@ def export_files(
             returns the report to write with them.
         config: the collapsed config (its `collapsed_layers` and `original_num_hidden_layers`, for the report file).
         processing_class, repo_id, overwrite: as for [`export_collapsed`].
+        known_digests: the size and SHA-256 of files `write_model` hashed as it wrote them (by the time it returns),
+            which the manifest takes instead of reading those files again.
 
     Raises:
         As [`export_collapsed`]; whatever `write_model` raises, with nothing of the export left behind.
@@ -150,7 +153,7 @@ def export_files(
         if processing_class is not None:
             processing_class.save_pretrained(staging)
         report = report.updated(trust_remote_code=False, remote_code_files=[])
-        _finish_folder(staging, report, config, processing_class, repo_id)
+        _finish_folder(staging, report, config, processing_class, repo_id, known_digests)
 
     _publish(out, overwrite, write)
     return out
@@ -232,7 +235,7 @@ def _write_folder(
     _finish_folder(staging, report, model.config, processing_class, repo_id)
 
 
-def _finish_folder(staging: Path, report: CollapseReport, config, processing_class, repo_id) -> None:
+def _finish_folder(staging: Path, report: CollapseReport, config, processing_class, repo_id, known_digests=None) -> None:
     """The files every export has besides the model: recipe, card, report, and last the manifest."""
     if report.recipe is not None:
         (staging / RECIPE_FILE).write_text(recipe_yaml(report.recipe), encoding="utf-8")
@@ -243,7 +246,7 @@ def _finish_folder(staging: Path, report: CollapseReport, config, processing_cla
     )
     _check_safetensors_only(staging)
     (staging / _STAGING_MARKER).unlink()
-    write_manifest(staging)  # last: what a push may send (see hub.upload_plan)
+    write_manifest(staging, known_digests)  # last: what a push may send (see hub.upload_plan)
 
 
 def add_benchmarks(folder: str | os.PathLike, benchmarks: list) -> Path:
@@ -335,7 +338,7 @@ def _remote_code_report(model: nn.Module, processing_class, report: CollapseRepo
 
 
 def _check_plain_model(model: nn.Module) -> None:
-    if any(isinstance(module, BaseTunerLayer) for module in model.modules()):
+    if has_tuner_layers(model):
         merge = (
             "`model = merge_dequantized(peft_model)` (on 4-/8-bit weights, merge_and_unload() would quantise the sum "
             "again)" if is_quantized(model) else "`model = model.merge_and_unload()`"

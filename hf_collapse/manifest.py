@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,16 +61,21 @@ def _write(folder: Path, entries: dict[str, ManifestEntry]) -> Path:
     return path
 
 
-def write_manifest(folder: str | os.PathLike) -> Path:
+def write_manifest(folder: str | os.PathLike, known: Mapping[str, ManifestEntry] | None = None) -> Path:
     """Record every regular file of ``folder`` in its manifest; call it once every other file is written.
 
+    ``known`` holds the entries of files whose writer hashed the bytes as it wrote them (the streamed collapse): those
+    are taken as they are, provided the file still has the recorded size; every other file is read and hashed.
     Returns the manifest's path.
     """
     folder = Path(folder)
+    known = known or {}
     entries = {}
     for name in _regular_files(folder):
         path = folder / name
-        entries[name] = ManifestEntry(path.lstat().st_size, file_sha256(path))
+        size = path.lstat().st_size
+        entry = known.get(name)
+        entries[name] = entry if entry is not None and entry.size == size else ManifestEntry(size, file_sha256(path))
     return _write(folder, entries)
 
 

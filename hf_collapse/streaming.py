@@ -22,10 +22,12 @@ collapse also changes weights (GPT-2's query rescaling, T5's relative attention 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from torch import nn
 from .choice import LayerChoice
 from .export import export_files
 from .layers import find_layer_stacks, resolve_layer_selection
+from .manifest import ManifestEntry
 from .post import selection_sentence
 from .recipe import RecipeError
 from .report import CollapseReport
@@ -310,25 +313,52 @@ def _finite(values: torch.Tensor) -> bool:
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
-def _copy_tensor(entry: TensorEntry, source, target, buffer: bytearray) -> None:
-    """Copy one tensor's bytes, checking a floating-point tensor's values are finite on the way."""
-    source.seek(entry.start)
-    left = entry.end - entry.start
-    dtype = _FLOATS.get(entry.dtype)
-    while left:
-        view = memoryview(buffer)[: min(left, len(buffer))]
-        got = source.readinto(view)
-        if got != len(view):
-            raise RecipeError(f"{entry.file} ended while reading {entry.name}: the file is truncated; restore it")
-        if dtype is not None and not _finite(torch.frombuffer(view, dtype=dtype)):
-            raise RecipeError(f"{entry.file.parent} has non-finite weights (NaN or infinity) in {entry.name}: the checkpoint is "
-                              "broken (a diverged training run, or a bad conversion); collapse a checkpoint with finite "
-                              "weights")
-        target.write(view)
-        left -= got
+class _ShardWriter:
+    """Writes one shard: the header, then each tensor's bytes copied in chunks from its source file, checking that
+    floating-point values are finite and hashing what is written (SHA-256, for the manifest) on a second thread,
+    so the hash costs no extra read of the output and overlaps the disk writes. Two buffers alternate: a buffer is
+    refilled only once its hash is done."""
+
+    def __init__(self, target, hasher: ThreadPoolExecutor):
+        self.target, self.hasher = target, hasher
+        self.digest = hashlib.sha256()
+        self.buffers = [bytearray(_CHUNK), bytearray(_CHUNK)]
+        self.pending: list[Future | None] = [None, None]
+        self.turn = 0
+
+    def write(self, data) -> None:
+        self.target.write(data)
+        self.digest.update(data)
+
+    def copy(self, entry: TensorEntry, source) -> None:
+        source.seek(entry.start)
+        left = entry.end - entry.start
+        dtype = _FLOATS.get(entry.dtype)
+        while left:
+            turn, self.turn = self.turn, 1 - self.turn
+            if self.pending[turn] is not None:
+                self.pending[turn].result()
+            view = memoryview(self.buffers[turn])[: min(left, _CHUNK)]
+            got = source.readinto(view)
+            if got != len(view):
+                raise RecipeError(f"{entry.file} ended while reading {entry.name}: the file is truncated; restore it")
+            if dtype is not None and not _finite(torch.frombuffer(view, dtype=dtype)):
+                raise RecipeError(f"{entry.file.parent} has non-finite weights (NaN or infinity) in {entry.name}: the "
+                                  "checkpoint is broken (a diverged training run, or a bad conversion); collapse a "
+                                  "checkpoint with finite weights")
+            self.pending[turn] = self.hasher.submit(self.digest.update, view)  # in order: one hashing thread
+            self.target.write(view)
+            left -= got
+
+    def finish(self) -> str:
+        for future in self.pending:
+            if future is not None:
+                future.result()
+        return self.digest.hexdigest()
 
 
-def _write_shard(path: Path, names: list[str], plan: StreamPlan, buffer: bytearray) -> None:
+def _write_shard(path: Path, names: list[str], plan: StreamPlan, hasher: ThreadPoolExecutor) -> ManifestEntry:
+    """Write one shard; returns its size and SHA-256."""
     header, offset = {}, 0
     for name in names:
         entry = plan.tensors[name]
@@ -340,32 +370,37 @@ def _write_shard(path: Path, names: list[str], plan: StreamPlan, buffer: bytearr
     handles: dict[Path, object] = {}
     try:
         with path.open("wb") as target:
-            target.write(struct.pack("<Q", len(text)) + text)
+            writer = _ShardWriter(target, hasher)
+            writer.write(struct.pack("<Q", len(text)) + text)
             for name in names:
                 entry = plan.tensors[name]
                 if entry.file not in handles:
                     handles[entry.file] = entry.file.open("rb")
-                _copy_tensor(entry, handles[entry.file], target, buffer)
+                writer.copy(entry, handles[entry.file])
+            sha256 = writer.finish()
     finally:
         for handle in handles.values():
             handle.close()
+    return ManifestEntry(path.stat().st_size, sha256)
 
 
-def write_weights(plan: StreamPlan, folder: Path) -> dict[str, tuple[int, ...]]:
+def write_weights(plan: StreamPlan, folder: Path, digests: dict[str, ManifestEntry] | None = None) -> dict[str, tuple[int, ...]]:
     """Write the plan's tensors into `folder` (one `model.safetensors`, or shards and their index) and the config;
-    returns the written tensor names and shapes."""
+    returns the written tensor names and shapes. `digests`, if given, receives each weight file's size and SHA-256
+    (hashed as it was written), which the export's manifest takes instead of reading the weights again."""
     shards = _shards(plan)
-    buffer = bytearray(_CHUNK)
-    if len(shards) == 1 and not plan.shard_limit:
-        _write_shard(folder / SINGLE_FILE, shards[0], plan, buffer)
-    else:
-        weight_map = {}
-        for number, names in enumerate(shards, 1):
-            file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            _write_shard(folder / file, names, plan, buffer)
-            weight_map.update(dict.fromkeys(names, file))
-        index = {"metadata": {"total_size": plan.size}, "weight_map": dict(sorted(weight_map.items()))}
-        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    digests = {} if digests is None else digests
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-collapse-sha256") as hasher:
+        if len(shards) == 1 and not plan.shard_limit:
+            digests[SINGLE_FILE] = _write_shard(folder / SINGLE_FILE, shards[0], plan, hasher)
+        else:
+            weight_map = {}
+            for number, names in enumerate(shards, 1):
+                file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+                digests[file] = _write_shard(folder / file, names, plan, hasher)
+                weight_map.update(dict.fromkeys(names, file))
+            index = {"metadata": {"total_size": plan.size}, "weight_map": dict(sorted(weight_map.items()))}
+            (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     plan.config.architectures = [plan.model_class.__name__]
     plan.config.save_pretrained(folder)
     return {name: entry.shape for name, entry in plan.tensors.items()}
@@ -436,15 +471,17 @@ def collapse_streamed(
 
     final = [report]
 
+    digests: dict[str, ManifestEntry] = {}
+
     def write_model(staging: Path) -> CollapseReport:
-        verify_written(plan, write_weights(plan, staging))
+        verify_written(plan, write_weights(plan, staging, digests))
         _write_generation_config(source, plan, staging)
         probe = _probe_check(source, layers, staging, plan)
         final[0] = report.updated(collapse_path={"path": "streaming", "structure_check": True, "probe_check": probe})
         return final[0]
 
     written = export_files(out, write_model, config=plan.config, processing_class=processing_class,
-                           repo_id=repo_id, overwrite=overwrite)
+                           repo_id=repo_id, overwrite=overwrite, known_digests=digests)
     return written, final[0]
 
 

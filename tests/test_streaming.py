@@ -18,6 +18,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from hf_collapse import streaming
 from hf_collapse.cli import EXIT_REFUSED, main
+from hf_collapse.manifest import ManifestEntry, file_sha256, write_manifest
 from hf_collapse.models import resolve_model
 
 
@@ -66,6 +67,9 @@ def assert_same_export(streamed: Path, in_memory: Path) -> None:
     assert a == b
     manifest = read(streamed, "hf_collapse_manifest.json")
     assert {p.name for p in streamed.iterdir()} - {"hf_collapse_manifest.json"} <= set(json.dumps(manifest).split('"'))
+    # the weights' digests were taken while writing them: they must be the bytes on disk
+    for name, entry in manifest["files"].items():
+        assert (entry["size"], entry["sha256"]) == ((streamed / name).stat().st_size, file_sha256(streamed / name)), name
 
 
 def test_sharded_bf16_llama_with_tied_embeddings_streams_to_the_in_memory_export(tmp_path, capsys):
@@ -89,6 +93,32 @@ def test_sharded_bf16_llama_with_tied_embeddings_streams_to_the_in_memory_export
     outputs = [AutoModelForCausalLM.from_pretrained(f).generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
                for f in (streamed, in_memory)]
     assert torch.equal(*outputs) and outputs[0].shape[1] == 11
+
+
+def test_chunked_copy_hashes_and_checks_across_chunk_boundaries(tmp_path, capsys, monkeypatch):
+    # chunks far smaller than a tensor: the two buffers alternate while the hashing thread still reads the other one
+    monkeypatch.setattr(streaming, "_CHUNK", 1000)
+    src = saved(tmp_path, "llama", dtype=torch.bfloat16, shard="20KB")
+    streamed, in_memory = both(src, tmp_path, "2", capsys)
+    assert_same_export(streamed, in_memory)
+    nan = tmp_path / "nan"
+    shutil.copytree(src, nan)
+    shard = sorted(nan.glob("*.safetensors"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[-2:] = torch.tensor([float("nan")], dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()  # the last value
+    shard.write_bytes(bytes(data))
+    assert main(["collapse", str(nan), str(tmp_path / "out"), "--layers", "2", "--stream"]) == EXIT_REFUSED
+    assert "non-finite weights" in one_line(capsys) and not (tmp_path / "out").exists()
+
+
+def test_manifest_takes_a_known_digest_only_while_the_size_matches(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    (tmp_path / "b.bin").write_bytes(b"defg")
+    fake = ManifestEntry(3, "0" * 64)
+    write_manifest(tmp_path, {"a.bin": fake, "b.bin": ManifestEntry(99, "1" * 64)})
+    files = read(tmp_path, "hf_collapse_manifest.json")["files"]
+    assert files["a.bin"]["sha256"] == "0" * 64  # taken as given: its writer hashed what it wrote
+    assert files["b.bin"] == {"size": 4, "sha256": file_sha256(tmp_path / "b.bin")}  # size differs: read again
 
 
 def test_gemma3_layer_types_follow_the_kept_layers_as_in_memory(tmp_path, capsys):
