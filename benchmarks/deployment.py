@@ -40,7 +40,7 @@ import torch
 import transformers
 
 from benchmarks.inference_speed import flops_per_token
-from benchmarks.sections import OWNED_SECTIONS, replace_section
+from benchmarks.sections import OWNED_SECTIONS, publish_section
 from hf_collapse import assets
 from hf_collapse.cli import main as hf_collapse
 from hf_collapse.gguf_meta import llama_cpp_fit
@@ -412,11 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args)
     (args.output / "results.json").write_text(json.dumps(results, indent=1))
     text = section(results)
-    (args.output / "section.md").write_text(text)
-    print(text)
-    target = args.results or (None if args.quick else RESULTS_MD)
-    if target is not None:
-        replace_section(target, SECTION_BEGIN, SECTION_END, text)
+    publish_section(text, args.output, args.results, args.quick, SECTION_BEGIN, SECTION_END)
     return 0
 
 

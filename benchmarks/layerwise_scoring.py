@@ -31,11 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.sections import OWNED_SECTIONS, replace_section
+from benchmarks.sections import OWNED_SECTIONS, RESULTS_MD, publish_section
 
 SECTION_BEGIN, SECTION_END = next(pair for pair in OWNED_SECTIONS if pair[0].startswith("<!-- layerwise-scoring:"))
 ROOT = Path(__file__).resolve().parents[1]  # the arms run `-m benchmarks.layerwise_scoring` from here
-RESULTS_MD = Path("benchmarks/RESULTS.md")
 GIB = 1024**3
 # TinyLlama-1.1B's shape: 22 layers of width 2048, grouped-query attention (4 key/value heads), a 32k vocabulary
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -227,11 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.rmtree(model)  # the synthetic checkpoint goes as soon as it is measured
                 path.write_text(json.dumps(results, indent=1))
     text = section(results, "2 shared CPU cores, so the seconds are indicative" + (" (QUICK smoke run)" if args.quick else ""))
-    (out / "section.md").write_text(text)
-    print(text)
-    target = args.results or (None if args.quick else RESULTS_MD)
-    if target is not None:
-        replace_section(target, SECTION_BEGIN, SECTION_END, text)
+    publish_section(text, out, args.results, args.quick, SECTION_BEGIN, SECTION_END)
     return 0
 
 

@@ -29,10 +29,9 @@ from pathlib import Path
 
 from benchmarks.quality.context import Context
 from benchmarks.quality.studies import get_study
-from benchmarks.sections import OWNED_SECTIONS, replace_section
+from benchmarks.sections import OWNED_SECTIONS, RESULTS_MD, publish_section
 
 SECTION_BEGIN, SECTION_END = OWNED_SECTIONS[1]
-RESULTS_MD = Path("benchmarks/RESULTS.md")
 
 # (msw_normalization, λ): today's default (raw, 1.0), the value the docs used to suggest (raw, 0.3), and relative
 # penalties over two decades. Listed from the weakest to the strongest within each normalisation.
@@ -146,11 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         path.with_suffix(".tmp").replace(path)
     chosen = choose(results, args.budget)
     text = section(results, chosen, args.budget, study.notes + (" (QUICK smoke run)" if args.quick else ""))
-    (out / "section.md").write_text(text)
-    print(text)
-    target = args.results or (None if args.quick else RESULTS_MD)
-    if target is not None:
-        replace_section(target, SECTION_BEGIN, SECTION_END, text)
+    publish_section(text, out, args.results, args.quick, SECTION_BEGIN, SECTION_END)
     return 0
 
 

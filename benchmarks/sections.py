@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["OWNED_SECTIONS", "carry_sections", "replace_section"]
+__all__ = ["OWNED_SECTIONS", "RESULTS_MD", "carry_sections", "publish_section", "replace_section"]
+
+RESULTS_MD = Path("benchmarks/RESULTS.md")  # relative: the scripts run from the repository root
 
 # (begin, end) marker pairs, in the order the sections appear at the end of RESULTS.md
 OWNED_SECTIONS = (
@@ -42,6 +44,22 @@ def replace_section(path: str | Path, begin: str, end: str, section: str) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def publish_section(text: str, output_folder: str | Path | None, results_md: str | Path | None, quick: bool, begin: str,
+                    end: str, *, echo: bool = True) -> Path | None:
+    """The common end of a benchmark script that owns a section: `text` written to `output_folder/section.md`
+    (unless `output_folder` is None) and printed (unless `echo` is false), then put between `begin` and `end` in
+    `results_md`, or in `RESULTS_MD` when that is None and the run is not `quick`. Returns the file written, or None
+    (a quick run without `results_md` leaves every RESULTS.md alone)."""
+    if output_folder is not None:
+        (Path(output_folder) / "section.md").write_text(text)
+    if echo:
+        print(text)
+    target = results_md or (None if quick else RESULTS_MD)
+    if target is None:
+        return None
+    return replace_section(target, begin, end, text)
 
 
 def carry_sections(old: str, new: str, path="RESULTS.md") -> str:

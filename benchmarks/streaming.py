@@ -42,10 +42,9 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.sections import OWNED_SECTIONS, replace_section
+from benchmarks.sections import OWNED_SECTIONS, RESULTS_MD, publish_section
 
 SECTION_BEGIN, SECTION_END = next(pair for pair in OWNED_SECTIONS if pair[0].startswith("<!-- streaming:"))
-RESULTS_MD = Path("benchmarks/RESULTS.md")
 GIB = 1 << 30
 ARMS = ("mergekit", "stream", "in-memory")
 # Synthetic Llama shapes: config fields, and the shard size of the checkpoint in bytes (as save_pretrained counts).
@@ -437,10 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     results["layer_types"] = layer_types_case(work, mergekit, arms)
     saved.write_text(json.dumps(results, indent=1))
     text = section(results)
-    print(text)
-    target = args.results or (None if args.quick else RESULTS_MD)
-    if target is not None:
-        replace_section(target, SECTION_BEGIN, SECTION_END, text)
+    publish_section(text, None, args.results, args.quick, SECTION_BEGIN, SECTION_END)  # no section.md here
     return 0
 
 

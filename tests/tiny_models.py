@@ -520,3 +520,38 @@ MATRIX_MODELS: dict[str, TinyModel] = {
         "Qwen2VLForConditionalGeneration", AutoModelForImageTextToText, "causal-lm",
     ),  # fmt: skip
 }
+
+
+# ---- a tiny causal-LM source for recipe runs (run_recipe, `hf-collapse train`, accelerate launches) ----------------
+
+
+def write_lm_source(folder, *, model: str = "src", text_chars: int = 6000, **shape):
+    """`folder/model`: a randomly initialised Llama (seed 0) with SmolLM2's tokenizer, 4 layers of width 32 unless
+    `shape` changes its config; `folder/train.txt`: the first `text_chars` characters of Hamlet. Returns `folder`."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hf_collapse.assets import shakespeare_works, smollm2_path
+
+    folder = Path(folder)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    torch.manual_seed(0)
+    config = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 64} | shape
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **config)).save_pretrained(folder / model)
+    tokenizer.save_pretrained(folder / model)
+    (folder / "train.txt").write_text(shakespeare_works()["hamlet"][:text_chars])
+    return folder
+
+
+def write_lm_recipe(path, source, work, fields: str, *, max_steps: int, train_batch: int = 4):
+    """A causal-LM recipe at `path` on `write_lm_source(source)`'s model and text, on CPU, training in `work/run` and
+    exporting to `work/out`, with `fields` (YAML lines) after the shared ones. Returns `path`."""
+    path.write_text(
+        f"model_name_or_path: {source / 'src'}\ntask: causal-lm\ndataset_files: [{source / 'train.txt'}]\n"
+        f"max_length: 32\noutput_dir: {work / 'run'}\nexport_dir: {work / 'out'}\nmax_steps: {max_steps}\n"
+        f"per_device_train_batch_size: {train_batch}\nper_device_eval_batch_size: 8\nmax_eval_samples: 8\n"
+        "report_to: none\nsave_strategy: 'no'\nuse_cpu: true\n" + fields
+    )
+    return path

@@ -12,8 +12,9 @@ study loses at most the arm in progress). Arms live in `arms.py` (a registry: on
 """
 
 from .arms import ARMS, arm, result
+from .context import ModelKey
 from .report import write_report
 from .runner import StudyError, check_study, run_study
 from .studies import STUDIES, Study, get_study
 
-__all__ = ["ARMS", "STUDIES", "Study", "StudyError", "arm", "check_study", "get_study", "result", "run_study", "write_report"]
+__all__ = ["ARMS", "STUDIES", "ModelKey", "Study", "StudyError", "arm", "check_study", "get_study", "result", "run_study", "write_report"]

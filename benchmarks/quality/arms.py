@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import hf_collapse
 from hf_collapse.healing import adjacent_parameter_names
 
-from .context import Context, Selection
+from .context import Context, ModelKey, Selection
 
 __all__ = ["ARMS", "Arm", "arm", "result"]
 
@@ -56,8 +56,9 @@ def arm(name: str, description: str, *, full_depth: bool = False, family: str = 
     return register
 
 
-def result(ctx: Context, key: str, model, selection: Selection | None, *, train_steps: int, **extra) -> dict:
-    """The standard result of an arm: the report of `model` without the selected layers."""
+def result(ctx: Context, key: ModelKey, model, selection: Selection | None, *, train_steps: int, **extra) -> dict:
+    """The standard result of an arm: the report of `model` (`key` says which model it is, and which layers it
+    already lacks) without the selected layers."""
     layers = selection.layers if selection is not None else []
     out = ctx.report(key, model, layers)
     out.update(
@@ -76,12 +77,12 @@ def result(ctx: Context, key: str, model, selection: Selection | None, *, train_
 
 @arm("vanilla", "ordinary full-depth fine-tune (transformers Trainer)", full_depth=True, family="reference")
 def vanilla(ctx: Context, seed: int, k: int) -> dict:
-    return result(ctx, f"vanilla/{seed}", ctx.finetuned("vanilla", seed), None, train_steps=ctx.study.steps)
+    return result(ctx, ModelKey("vanilla", seed), ctx.finetuned("vanilla", seed), None, train_steps=ctx.study.steps)
 
 
 @arm("penalty", "full-depth fine-tune with the uniform MSW penalty (CollapseTrainer)", full_depth=True, family="reference")
 def penalty(ctx: Context, seed: int, k: int) -> dict:
-    return result(ctx, f"penalty/{seed}", ctx.finetuned("penalty", seed), None, train_steps=ctx.study.steps)
+    return result(ctx, ModelKey("penalty", seed), ctx.finetuned("penalty", seed), None, train_steps=ctx.study.steps)
 
 
 # ---------------------------------------------------------------------------------------------- post-hoc peers
@@ -90,7 +91,7 @@ def penalty(ctx: Context, seed: int, k: int) -> dict:
 def _posthoc(recipe: str, method: str):
     def run(ctx: Context, seed: int, k: int) -> dict:
         model = ctx.finetuned(recipe, seed)
-        key = f"{recipe}/{seed}"
+        key = ModelKey(recipe, seed)
         return result(ctx, key, model, ctx.ranked(key, model, method, k), train_steps=ctx.study.steps)
 
     return run
@@ -112,7 +113,7 @@ arm("penalty_msw", "uniform penalty, k lowest MSW removed", family="ours")(_post
 def vanilla_last_k(ctx: Context, seed: int, k: int) -> dict:
     n = ctx.num_layers
     selection = Selection(list(range(n - 1 - k, n - 1)), "last k before the final layer")
-    return result(ctx, f"vanilla/{seed}", ctx.finetuned("vanilla", seed), selection, train_steps=ctx.study.steps)
+    return result(ctx, ModelKey("vanilla", seed), ctx.finetuned("vanilla", seed), selection, train_steps=ctx.study.steps)
 
 
 # ---------------------------------------------------------------------------------------------- repair at the cut
@@ -126,18 +127,19 @@ RULES = {
 REPAIRS = ("scale", "linear", "transport")
 
 
-def _rule_selection(ctx: Context, key: str, model, rule: str, k: int) -> Selection:
+def _rule_selection(ctx: Context, key: ModelKey, model, rule: str, k: int) -> Selection:
     if rule == "last_k":
         n = ctx.num_layers
         return Selection(list(range(n - 1 - k, n - 1)), "last k before the final layer")
     return ctx.ranked(key, model, rule, k)
 
 
-def collapsed_result(ctx: Context, key: str, model, layers: list[int], *, train_steps: int, **extra) -> dict:
-    """The standard result of a model whose `layers` (original numbering) are already removed."""
-    # the report cache is keyed by (key, layers deleted now): the layers already removed go into the key, or two ks
-    # of one arm would share the first one's figures
-    out = result(ctx, f"{key}/without{sorted(layers)}", model, None, train_steps=train_steps)
+def collapsed_result(ctx: Context, key: ModelKey, model, layers: list[int], *, train_steps: int, **extra) -> dict:
+    """The standard result of a model whose `layers` (original numbering) are already removed (`key` is the model
+    before they were)."""
+    # the report cache is keyed by (model, layers deleted now): the layers already removed go into the model's key,
+    # or two ks of one arm would share the first one's figures
+    out = result(ctx, key.without(layers), model, None, train_steps=train_steps)
     out.update(layers=sorted(layers), num_layers=ctx.num_layers - len(layers))
     out.update(extra)
     return out
@@ -150,13 +152,14 @@ def _posthoc_repair(rule: str, repair: str):
     the refusal recorded under `repair`."""
 
     def run(ctx: Context, seed: int, k: int) -> dict:
-        model, key = ctx.finetuned("vanilla", seed), f"vanilla/{seed}"
+        model, key = ctx.finetuned("vanilla", seed), ModelKey("vanilla", seed)
         selection = _rule_selection(ctx, key, model, rule, k)
         repaired, record = ctx.repaired(model, selection.layers, repair)
         if repaired is None:
             ctx.log(f"  {rule} + {repair} k={k} seed {seed}: repair refused ({record['refused']}); reporting the plain cut")
             return result(ctx, key, model, selection, train_steps=ctx.study.steps, repair=record)
-        out = collapsed_result(ctx, f"{key}/{rule}+{repair}", repaired, selection.layers, train_steps=ctx.study.steps, repair=record)
+        repaired_key = ModelKey(f"vanilla/{rule}+{repair}", seed)
+        out = collapsed_result(ctx, repaired_key, repaired, selection.layers, train_steps=ctx.study.steps, repair=record)
         cost = selection.cost()  # choosing, then one calibration pass to fit the map
         cost.update(forward_passes=cost["forward_passes"] + record["forward_passes"],
                     seconds=round(cost["seconds"] + record["seconds"], 3), method=f"{cost['method']}, then {repair} repair")
@@ -177,7 +180,7 @@ for _rule, _what in RULES.items():
 
 @arm("vanilla_random", "vanilla fine-tune, k random layers removed (mean of the draws)")
 def vanilla_random(ctx: Context, seed: int, k: int) -> dict:
-    model, key = ctx.finetuned("vanilla", seed), f"vanilla/{seed}"
+    model, key = ctx.finetuned("vanilla", seed), ModelKey("vanilla", seed)
     draws = []
     for draw in range(ctx.study.random_draws):
         rng = random.Random(1000 * seed + 10 * k + draw)
@@ -203,7 +206,7 @@ def vanilla_random(ctx: Context, seed: int, k: int) -> dict:
 
 def _measured(recipe: str, cheap: bool):
     def run(ctx: Context, seed: int, k: int) -> dict:
-        model, key = ctx.finetuned(recipe, seed), f"{recipe}/{seed}"
+        model, key = ctx.finetuned(recipe, seed), ModelKey(recipe, seed)
         return result(ctx, key, model, ctx.measured(key, model, k, cheap=cheap), train_steps=ctx.study.steps)
 
     return run
@@ -234,13 +237,13 @@ arm("penalty_measured_screened", "uniform penalty, cheap greedy bypass ranked by
 @arm("prune_then_finetune", "delete k layers of the pretrained model (Block Influence on calibration rows), then fine-tune the whole budget", family="baseline")
 def prune_then_finetune(ctx: Context, seed: int, k: int) -> dict:
     model = ctx.pretrained(seed)
-    key = f"pretrained/{seed}"
+    key = ModelKey("pretrained", seed)
     selection = ctx.ranked(key, model, "block_influence", k)
     hf_collapse.collapse_layers(model, selection.layers)
     seconds = ctx.fit(model, seed, ctx.study.steps)
     model.eval()
     ctx.log(f"  prune-then-fine-tune k={k} seed {seed}: removed {selection.layers}, trained in {seconds:.0f} s")
-    out = result(ctx, f"ptf-{k}/{seed}", model, None, train_steps=ctx.study.steps)
+    out = result(ctx, ModelKey(f"ptf-{k}", seed, selection.layers), model, None, train_steps=ctx.study.steps)
     out.update(layers=selection.layers, selection=selection.cost(), num_layers=ctx.num_layers - k)
     return out
 
@@ -253,7 +256,7 @@ def prune_then_finetune(ctx: Context, seed: int, k: int) -> dict:
 )
 def prune_repair_finetune(ctx: Context, seed: int, k: int) -> dict:
     model = ctx.pretrained(seed)
-    key = f"pretrained/{seed}"
+    key = ModelKey("pretrained", seed)
     selection = ctx.ranked(key, model, "block_influence", k)
     repaired, record = ctx.best_repair(model, selection.layers, key)
     if repaired is None:  # every repair refused: the plain cut, said so in the record
@@ -267,7 +270,7 @@ def prune_repair_finetune(ctx: Context, seed: int, k: int) -> dict:
     cost = selection.cost()
     cost.update(forward_passes=cost["forward_passes"] + record["forward_passes"], evaluations=len(record["candidates"]),
                 seconds=round(cost["seconds"] + record["seconds"], 3), method=f"{cost['method']}, repair best on validation")
-    return collapsed_result(ctx, f"prf-{k}/{seed}", repaired, selection.layers, train_steps=ctx.study.steps,
+    return collapsed_result(ctx, ModelKey(f"prf-{k}", seed), repaired, selection.layers, train_steps=ctx.study.steps,
                             repair=record, selection=cost)
 
 
@@ -276,7 +279,7 @@ def _heal_choice(ctx: Context, seed: int, k: int):
     greedy bypass, the best on validation. Returns the (uncollapsed) model, the best selection, the candidates and
     the choice's cost."""
     model = ctx.partial(seed)
-    key = f"partial/{seed}"
+    key = ModelKey("partial", seed)
     candidates = [ctx.ranked(key, model, m, k) for m in ("block_influence", "angular", "msw")]
     candidates.append(Selection(list(range(ctx.num_layers - 1 - k, ctx.num_layers - 1)), "last k before the final layer"))
     greedy = ctx.measured(key, model, k, cheap="screened" if ctx.num_layers > 12 else False)
@@ -299,7 +302,7 @@ def _heal_choice(ctx: Context, seed: int, k: int):
 
 
 def _heal_result(ctx: Context, name: str, seed: int, k: int, model, best: Selection, candidates, cost, **extra) -> dict:
-    out = result(ctx, f"{name}-{k}/{seed}", model, None, train_steps=ctx.study.steps)
+    out = result(ctx, ModelKey(f"{name}-{k}", seed, best.layers), model, None, train_steps=ctx.study.steps)
     out.update(
         layers=best.layers,
         num_layers=ctx.num_layers - k,
@@ -378,7 +381,7 @@ def _targeted(name: str, fields: dict, *, heal: bool = False, repair: bool = Fal
         fixed = None
         if repair:  # the faded layers are back at full strength once training ends: the map replaces them
             model.eval()
-            fixed, fixed_record = ctx.best_repair(model, targets, f"{name}-{k}/{seed}/trained")
+            fixed, fixed_record = ctx.best_repair(model, targets, ModelKey(f"{name}-{k}/trained", seed))
         if fixed is not None:
             model = fixed
         else:
@@ -388,7 +391,7 @@ def _targeted(name: str, fields: dict, *, heal: bool = False, repair: bool = Fal
             assert done == heal_steps, (done, heal_steps)
         model.eval()
         ctx.log(f"  {name} k={k} seed {seed}: targeted {targets} at step {choice.step}, trained in {seconds:.0f} s")
-        out = result(ctx, f"{name}-{k}/{seed}", model, None, train_steps=study.steps)
+        out = result(ctx, ModelKey(f"{name}-{k}", seed, targets), model, None, train_steps=study.steps)
         rows = min(fields.get("target_choice_samples", 128), len(ctx.validation))
         teacher_rows = (study.steps - heal_steps - choice.step) * study.batch_size if fields.get("distill_weight") else 0
         how = f"{choice.score} ranking" if choice.choice == "score" else "measured bypass"

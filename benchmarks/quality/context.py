@@ -24,7 +24,7 @@ from hf_collapse.recipe import RecipeArguments
 from benchmarks.energy import measure_energy
 from .studies import Study
 
-__all__ = ["Context", "Selection"]
+__all__ = ["Context", "ModelKey", "Selection"]
 
 
 @dataclass
@@ -46,6 +46,25 @@ class Selection:
             "evaluations": self.evaluations,
             "seconds": round(self.seconds, 3),
         }
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """Which model a cached figure (report, scores, greedy path, validation metric) is of: `name`, what made it (the
+    fine-tune or the arm and its steps, e.g. "vanilla", "ptf", "vanilla/msw+scale"), its `seed`, and the layers
+    (original numbering) it has already had removed. Each is a field of its own, so two models that differ in any of
+    them never share a cache entry (a string key once let two ks of one arm share the first one's figures)."""
+
+    name: str
+    seed: int
+    removed: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "removed", tuple(sorted(int(i) for i in self.removed)))
+
+    def without(self, layers) -> ModelKey:
+        """The key of this model with `layers` (original numbering) removed as well."""
+        return dataclasses.replace(self, removed=(*self.removed, *layers))
 
 
 class _Snapshot(TrainerCallback):
@@ -268,7 +287,7 @@ class Context:
             del self._models[key]
             self._snapshots.pop(key, None)
         for cache in (self._scores, self._greedy, self._reports, self._validations):
-            for key in [k for k in cache if k[0].endswith(f"/{seed}")]:
+            for key in [k for k in cache if k[0].seed == seed]:
                 del cache[key]
 
     # ------------------------------------------------------------------ metrics
@@ -294,9 +313,12 @@ class Context:
             result["se"] = math.sqrt(max(value * (1 - value), 0.0) / len(split))
         return result
 
-    def report(self, key: str, model, layers: list[int]) -> dict:
+    def report(self, key: ModelKey, model, layers: list[int]) -> dict:
         """Test and out-of-domain results of `model` with `layers` deleted (on a copy, with collapse_layers),
-        plus inference energy on the test rows. Cached per (model key, layers)."""
+        plus inference energy on the test rows. Cached per (model key: name, seed, layers removed before; layers
+        deleted now)."""
+        if not isinstance(key, ModelKey):
+            raise TypeError(f"report keys are ModelKey(name, seed, removed), not {key!r}")
         cache_key = (key, tuple(sorted(layers)))
         if cache_key not in self._reports:
             collapsed = copy.deepcopy(model)
@@ -316,7 +338,7 @@ class Context:
 
     # ------------------------------------------------------------------ choosing layers
 
-    def scores(self, key: str, model, method: str) -> tuple[hf_collapse.LayerScores, float]:
+    def scores(self, key: ModelKey, model, method: str) -> tuple[hf_collapse.LayerScores, float]:
         """Per-layer scores of `model` on the calibration rows (cached), and the wall time they took."""
         cache_key = (key, method)
         if cache_key not in self._scores:
@@ -327,13 +349,13 @@ class Context:
             self._scores[cache_key] = (scores, time.perf_counter() - start)
         return self._scores[cache_key]
 
-    def ranked(self, key: str, model, method: str, k: int) -> Selection:
+    def ranked(self, key: ModelKey, model, method: str, k: int) -> Selection:
         """The k lowest-scoring layers (one calibration pass)."""
         scores, seconds = self.scores(key, model, method)
         layers = hf_collapse.select_lowest(scores, k)
         return Selection(layers, f"{method} ranking", forward_passes=len(self.calibration), seconds=seconds)
 
-    def measured(self, key: str, model, k: int, *, cheap: bool | str = False) -> Selection:
+    def measured(self, key: ModelKey, model, k: int, *, cheap: bool | str = False) -> Selection:
         """Greedy bypass: each step removes the layer whose bypass hurts the validation metric least.
 
         - `cheap=False`: every remaining layer tried on all validation rows.
@@ -399,7 +421,7 @@ class Context:
             [[s, list(l), m] for s, l, m in trials],
         )
 
-    def validation_metric(self, model, layers: list[int], key: str | None = None) -> float:
+    def validation_metric(self, model, layers: list[int], key: ModelKey | None = None) -> float:
         """The validation metric with `layers` bypassed (no surgery); cached per (`key`, layers) when a key is given."""
         cache_key = (key, tuple(sorted(layers)))
         if key is None or cache_key not in self._validations:
@@ -431,7 +453,7 @@ class Context:
         record = dict(report.repair, forward_passes=len(self.calibration), seconds=round(time.perf_counter() - start, 3))
         return collapsed, record
 
-    def best_repair(self, model, layers: list[int], key: str) -> tuple[torch.nn.Module | None, dict]:
+    def best_repair(self, model, layers: list[int], key: ModelKey) -> tuple[torch.nn.Module | None, dict]:
         """Every repair fitted for `layers` (see `repaired`), the one with the best validation metric kept: the
         collapsed, repaired copy and a record of the candidates (validation metric or refusal) and their cost.
         `(None, record)` when every repair is refused. The unrepaired cut's validation is recorded beside them

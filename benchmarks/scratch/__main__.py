@@ -8,14 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.sections import replace_section
+from benchmarks.sections import publish_section
 
 from .report import load_results, section, section_markers, write_plots
 from .runner import run_study
 from .studies import STUDIES, ScratchError, check_config_source, get_study
 
 ROOT = Path("outputs/benchmarks")
-RESULTS_MD = Path("benchmarks/RESULTS.md")
 PLOTS = Path("benchmarks/plots")
 
 
@@ -74,10 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     quick = study.quick or args.output is not None
     plots = write_plots(recorded, results, out / "plots" if quick else PLOTS, list(study.arms()))
     text = section(recorded, results, plots, "plots", list(study.arms()))
-    (out / "section.md").write_text(text)
-    target = args.results or (None if quick else RESULTS_MD)
+    target = publish_section(text, out, args.results, quick, *section_markers(study.name), echo=False)
     if target is not None:
-        replace_section(target, *section_markers(study.name), text)
         print(f"wrote {target}")
     return 0
 
