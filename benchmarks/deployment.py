@@ -1,7 +1,8 @@
 """Deployment study: collapsed exports run in llama.cpp (GGUF) and ONNX Runtime, checked against transformers and timed.
 
 llama.cpp: SmolLM2-135M (offline asset; 30 → 22 layers, layers 20–27 removed) and a tiny random Gemma-3 (6 → 5
-layers, layer 2 removed; SmolLM2's tokenizer) are exported by `hf-collapse collapse`, converted by llama.cpp's own
+layers, layer 2 removed; SmolLM2's tokenizer), and the same at Gemma-3 27B's shape (62 → 61 layers; llama.cpp takes
+the query scale from the layer count), are exported by `hf-collapse collapse`, converted by llama.cpp's own
 `convert_hf_to_gguf.py` and run by its runtime (`llama-cpp-python`). Parity: f32 GGUF, f32 KV cache, one thread;
 the largest logit difference to transformers over a prompt, the argmax agreement, and greedy generation token for
 token. The collapsed Gemma-3 runs with and without `hf-collapse gguf-metadata`. Speed (SmolLM2, full vs collapsed):
@@ -55,13 +56,14 @@ PROMPT = (
 )
 
 
-def tiny_gemma3(folder: Path, tokenizer, layers: int = 6) -> Path:
+def tiny_gemma3(folder: Path, tokenizer, layers: int = 6, head_dim: int = 16) -> Path:
     """A random Gemma-3 with SmolLM2's tokenizer (the converter needs a tokenizer it knows): window 8, every 6th
-    layer global, query scale 1/sqrt(head_dim) as llama.cpp computes it."""
+    layer global, query_pre_attn_scalar hidden / heads = 16 as in Gemma-3 27B. With head_dim 16 that is also
+    llama.cpp's query scale at any layer count; with another head_dim, llama.cpp uses it only at 62 layers (27B)."""
     torch.manual_seed(0)
     config = transformers.Gemma3TextConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, query_pre_attn_scalar=16, sliding_window=8,
         max_position_embeddings=256, initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
@@ -78,6 +80,8 @@ def make_exports(work: Path, quick: bool) -> dict[str, dict]:
     cases = {"gemma3": (tiny_gemma3(work / "gemma3-full", tokenizer), [2])}
     if not quick:
         cases["smollm2"] = (smollm2, list(range(20, 28)))
+        # Gemma-3 27B's shape (62 layers, head_dim ≠ hidden / heads), its last layer removed: the window period holds
+        cases["gemma3-27b-shape"] = (tiny_gemma3(work / "gemma3-27b-shape-full", tokenizer, 62, head_dim=32), [61])
     cases["minilm"] = (assets.minilm_path(), [2, 3])
     exports = {}
     for name, (full, removed) in cases.items():
@@ -312,10 +316,10 @@ def prompt_ids(tokenizer, tokens: int | None = None) -> list[int]:
 
 def llama_parity(exports: dict, work: Path, llama_cpp_dir: Path, new_tokens: int) -> tuple[dict, dict]:
     """Each model converted to an f32 GGUF and run in llama.cpp against transformers; the collapsed Gemma-3 also with
-    `hf-collapse gguf-metadata`. Returns the rows and llama.cpp's logits of the Gemma-3 files that run right
-    ("full", "collapsed"), for `gelu_study`."""
+    `hf-collapse gguf-metadata`. Returns the rows and llama.cpp's logits of the Gemma-3 files ("gemma3 full", ...;
+    the collapsed one with its metadata), for `gelu_study`."""
     rows, gemma3_logits = {}, {}
-    for name in [n for n in ("smollm2", "gemma3") if n in exports]:
+    for name in [n for n in ("smollm2", "gemma3", "gemma3-27b-shape") if n in exports]:
         case = exports[name]
         ids = prompt_ids(transformers.AutoTokenizer.from_pretrained(case["collapsed"]))
         for kind in ("full", "collapsed"):
@@ -327,8 +331,8 @@ def llama_parity(exports: dict, work: Path, llama_cpp_dir: Path, new_tokens: int
                 if not fixed.is_file() and hf_collapse(["gguf-metadata", str(gguf), "--from", str(case[kind])]) != 0:
                     raise RuntimeError(f"hf-collapse gguf-metadata failed on {gguf}")
                 rows[f"{name} {kind} + gguf-metadata"], logits = parity(fixed, ids, ref)
-            if name == "gemma3":
-                gemma3_logits[kind] = logits
+            if name.startswith("gemma3"):
+                gemma3_logits[f"{name} {kind}"] = logits
     return rows, gemma3_logits
 
 
@@ -369,9 +373,12 @@ def run(args) -> dict:
         results["parity"], gemma3_logits = llama_parity(exports, work, args.llama_cpp_dir, args.new_tokens)
         if "smollm2" in exports:
             results["speed"] = llama_speed(exports, work, args.llama_cpp_dir, args)
+    studied = [("gemma3", "full"), ("gemma3", "collapsed")]
+    if "gemma3-27b-shape" in exports:
+        studied.append(("gemma3-27b-shape", "full"))
     results["gemma3_gelu"] = {
-        kind: gelu_study(exports["gemma3"][kind], prompt_ids(tokenizer), gemma3_logits.get(kind))
-        for kind in ("full", "collapsed")
+        f"{name} {kind}": gelu_study(exports[name][kind], prompt_ids(tokenizer), gemma3_logits.get(f"{name} {kind}"))
+        for name, kind in studied
     }
     if runtimes and importlib.util.find_spec("onnxruntime") is not None:
         results["onnx"] = onnx_study(exports, work, args.onnx_tokens, args.onnx_repeats)
@@ -394,9 +401,18 @@ def _num(value: float) -> str:
     return f"{value:.1e}" if abs(value) < 0.01 else f"{value:.2f}"
 
 
+def _deep_gelu(study: dict) -> str:
+    row = study.get("gemma3-27b-shape full", {})
+    if "llama_vs_table" not in row:
+        return ""
+    return (f" The full 62-layer file's gap ({_num(row['llama_vs_exact'])}) is the GELU table again, over more layers: "
+            f"transformers with the table is {_num(row['llama_vs_table'])} from llama.cpp, within the table's own "
+            f"float32/float64 spread ({_num(row['table_f32_vs_f64'])}).")
+
+
 def gelu_paragraph(study: dict) -> str:
     """Where the tiny Gemma-3's llama.cpp gap comes from, from `gelu_study`'s rows ("full", "collapsed")."""
-    full, collapsed = study["full"], study["collapsed"]
+    full, collapsed = study["gemma3 full"], study["gemma3 collapsed"]
     text = (
         "Where the Gemma-3 gap comes from: Gemma's MLP uses the tanh GELU, and llama.cpp's CPU backend computes GELU "
         "on f32 tensors from an fp16 table (the define GGML_GELU_FP16, compiled in: input and output rounded to fp16; "
@@ -434,6 +450,15 @@ def section(results: dict) -> str:
         for name, row in results["parity"].items():
             lines.append(f"| {name} | {_num(row['max_abs_logit_diff'])} | {row['argmax_agree']}/{row['positions']} | "
                          f"{'yes' if row['greedy_equal'] else 'no'} |")
+    if "gemma3-27b-shape collapsed" in results.get("parity", {}):
+        unsupported = results["llama_cpp_fit"]["gemma3-27b-shape collapsed"]["unsupported"]
+        lines += ["", "gemma3-27b-shape: the tiny Gemma-3 at Gemma-3 27B's shape (62 layers, query_pre_attn_scalar "
+                  "hidden / heads = 16, head_dim 32), its last layer removed (the window period still holds). llama.cpp "
+                  "ignores query_pre_attn_scalar and takes the query scale from the layer count (hidden / heads only "
+                  "at the 27B's count: 62 for Gemma-3, 46 for Gemma-2), so the collapsed file runs with "
+                  "1/sqrt(head_dim). `llama_cpp_fit` "
+                  f"reports it ({'; '.join(unsupported) or 'nothing'}), `hf-collapse gguf-metadata` refuses the file "
+                  "and the card says to run the export in transformers." + _deep_gelu(results.get("gemma3_gelu", {}))]
     if "gemma3_gelu" in results:
         lines += ["", gelu_paragraph(results["gemma3_gelu"])]
     if "speed" in results:
