@@ -1,12 +1,15 @@
 """Deployment study: collapsed exports run in llama.cpp (GGUF) and ONNX Runtime, checked against transformers and timed.
 
 llama.cpp: SmolLM2-135M (offline asset; 30 → 22 layers, layers 20–27 removed) and a tiny random Gemma-3 (6 → 5
-layers, layer 2 removed; SmolLM2's tokenizer) are exported by `hf-collapse collapse`, converted by llama.cpp's own
+layers, layer 2 removed; SmolLM2's tokenizer), and the same at Gemma-3 27B's shape (62 → 61 layers; llama.cpp takes
+the query scale from the layer count), are exported by `hf-collapse collapse`, converted by llama.cpp's own
 `convert_hf_to_gguf.py` and run by its runtime (`llama-cpp-python`). Parity: f32 GGUF, f32 KV cache, one thread;
 the largest logit difference to transformers over a prompt, the argmax agreement, and greedy generation token for
 token. The collapsed Gemma-3 runs with and without `hf-collapse gguf-metadata`. Speed (SmolLM2, full vs collapsed):
 prompt and generation tokens/s with 1 thread, f16 and Q4_0 (llama.cpp's quantize API), repeats interleaved, medians;
-the speed-up is set against the ideal FLOP ratio (`benchmarks.inference_speed.flops_per_token`).
+the speed-up is set against the ideal FLOP ratio (`benchmarks.inference_speed.flops_per_token`). Gemma-3's gap:
+`gelu_study` runs transformers with llama.cpp's CPU GELU emulated (`GgmlGelu`: ggml's fp16 table) in float32 and
+float64 and sets llama.cpp's logits against both (the transformers side runs with `--quick` too).
 
 ONNX Runtime: all-MiniLM-L6-v2 (offline asset; 6 → 4 layers, layers 2–3 removed) exported with `torch.onnx.export`
 from this environment (optimum-onnx pins transformers < 4.58); outputs against transformers, and the speed-up at
@@ -53,13 +56,14 @@ PROMPT = (
 )
 
 
-def tiny_gemma3(folder: Path, tokenizer, layers: int = 6) -> Path:
+def tiny_gemma3(folder: Path, tokenizer, layers: int = 6, head_dim: int = 16) -> Path:
     """A random Gemma-3 with SmolLM2's tokenizer (the converter needs a tokenizer it knows): window 8, every 6th
-    layer global, query scale 1/sqrt(head_dim) as llama.cpp computes it."""
+    layer global, query_pre_attn_scalar hidden / heads = 16 as in Gemma-3 27B. With head_dim 16 that is also
+    llama.cpp's query scale at any layer count; with another head_dim, llama.cpp uses it only at 62 layers (27B)."""
     torch.manual_seed(0)
     config = transformers.Gemma3TextConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, query_pre_attn_scalar=16, sliding_window=8,
         max_position_embeddings=256, initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
@@ -76,6 +80,8 @@ def make_exports(work: Path, quick: bool) -> dict[str, dict]:
     cases = {"gemma3": (tiny_gemma3(work / "gemma3-full", tokenizer), [2])}
     if not quick:
         cases["smollm2"] = (smollm2, list(range(20, 28)))
+        # Gemma-3 27B's shape (62 layers, head_dim ≠ hidden / heads), its last layer removed: the window period holds
+        cases["gemma3-27b-shape"] = (tiny_gemma3(work / "gemma3-27b-shape-full", tokenizer, 62, head_dim=32), [61])
     cases["minilm"] = (assets.minilm_path(), [2, 3])
     exports = {}
     for name, (full, removed) in cases.items():
@@ -107,6 +113,61 @@ def reference(folder: Path, ids: list[int], new_tokens: int) -> dict:
         logits = model(torch.tensor([ids])).logits[0].numpy()
         out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
     return {"logits": logits, "greedy": out[0, len(ids):].tolist(), "model": model}
+
+
+def ggml_gelu_table() -> torch.Tensor:
+    """The GELU llama.cpp's CPU backend applies to f32 tensors, indexed by the fp16 bit pattern of the input.
+
+    ggml compiles with GGML_GELU_FP16 (a define in ggml-cpu/vec.h, no runtime switch): for |x| < 10 it rounds x to
+    fp16 and reads a table it filled at start with the tanh approximation, evaluated in float32 at each fp16 value
+    and stored as fp16. So both the input and the output of every GELU carry an fp16 rounding (relative 2^-11).
+    """
+    x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    half, one = np.float32(0.5), np.float32(1.0)
+    with np.errstate(all="ignore"):  # NaN and infinite patterns: ggml never looks them up (|x| < 10)
+        inner = np.float32(np.sqrt(2 / np.pi)) * x * (one + np.float32(0.044715) * x * x)
+        values = (half * x * (one + np.tanh(inner))).astype(np.float16)
+    return torch.from_numpy(values.astype(np.float32))
+
+
+class GgmlGelu(torch.nn.Module):
+    """tanh GELU as llama.cpp computes it on CPU for f32 (see `ggml_gelu_table`): 0 below -10, x above 10."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", ggml_gelu_table(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        looked_up = self.table[x.half().view(torch.int16).long() & 0xFFFF].to(x.dtype)
+        return torch.where(x <= -10, 0.0, torch.where(x >= 10, x, looked_up))
+
+
+def gelu_study(folder: Path, ids: list[int], llama_logits: np.ndarray | None = None) -> dict:
+    """How much of a Gemma model's llama.cpp gap is ggml's fp16 GELU table: transformers' logits over `ids` with its
+    own GELU and with `GgmlGelu` in every MLP, each in float32 and float64, against each other and llama.cpp's."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    logits = {}
+    for gelu in ("exact", "table"):
+        if gelu == "table":
+            for layer in model.model.layers:
+                layer.mlp.act_fn = GgmlGelu()
+        for dtype in (torch.float32, torch.float64):
+            with torch.no_grad():
+                logits[gelu, dtype] = model.to(dtype)(torch.tensor([ids])).logits[0].double().numpy()
+    exact, table = logits["exact", torch.float32], logits["table", torch.float32]
+
+    def gap(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.abs(a - b).max())
+
+    row = {
+        "logit_std": float(exact.std()), "logit_absmax": float(np.abs(exact).max()),
+        "exact_f32_vs_f64": gap(exact, logits["exact", torch.float64]),  # transformers' own f32 rounding
+        "table_vs_exact": gap(table, exact),  # what the table alone does to transformers' logits
+        "table_f32_vs_f64": gap(table, logits["table", torch.float64]),  # the table's floor: a flip of one fp16 step
+    }
+    if llama_logits is not None:
+        row.update(llama_vs_exact=gap(llama_logits, exact), llama_vs_table=gap(llama_logits, table))
+    return row
 
 
 def convert(llama_cpp_dir: Path, folder: Path, target: Path, outtype: str) -> Path:
@@ -141,8 +202,9 @@ def load(path: Path, *, logits_all: bool = False):
                            type_k=f32, type_v=f32, verbose=False)
 
 
-def parity(gguf: Path, ids: list[int], ref: dict) -> dict:
-    """llama.cpp against transformers: largest logit difference, argmax agreement, greedy tokens equal."""
+def parity(gguf: Path, ids: list[int], ref: dict) -> tuple[dict, np.ndarray]:
+    """llama.cpp against transformers: largest logit difference, argmax agreement, greedy tokens equal; and llama.cpp's
+    logits over `ids`."""
     llm = load(gguf, logits_all=True)
     llm.eval(ids)
     logits = np.array(llm.scores[: len(ids)])
@@ -157,7 +219,7 @@ def parity(gguf: Path, ids: list[int], ref: dict) -> dict:
         "argmax_agree": int((logits.argmax(-1) == ref["logits"].argmax(-1)).sum()),
         "positions": len(ids),
         "greedy_equal": greedy == ref["greedy"],
-    }
+    }, logits
 
 
 def time_llama(paths: dict[str, Path], ids: list[int], new_tokens: int, repeats: int) -> dict[str, dict[str, list]]:
@@ -252,23 +314,26 @@ def prompt_ids(tokenizer, tokens: int | None = None) -> list[int]:
     return ids if tokens is None else (ids * (tokens // len(ids) + 1))[:tokens]
 
 
-def llama_parity(exports: dict, work: Path, llama_cpp_dir: Path, new_tokens: int) -> dict:
+def llama_parity(exports: dict, work: Path, llama_cpp_dir: Path, new_tokens: int) -> tuple[dict, dict]:
     """Each model converted to an f32 GGUF and run in llama.cpp against transformers; the collapsed Gemma-3 also with
-    `hf-collapse gguf-metadata`."""
-    rows = {}
-    for name in [n for n in ("smollm2", "gemma3") if n in exports]:
+    `hf-collapse gguf-metadata`. Returns the rows and llama.cpp's logits of the Gemma-3 files ("gemma3 full", ...;
+    the collapsed one with its metadata), for `gelu_study`."""
+    rows, gemma3_logits = {}, {}
+    for name in [n for n in ("smollm2", "gemma3", "gemma3-27b-shape") if n in exports]:
         case = exports[name]
         ids = prompt_ids(transformers.AutoTokenizer.from_pretrained(case["collapsed"]))
         for kind in ("full", "collapsed"):
             ref = reference(case[kind], ids, new_tokens)
             gguf = convert(llama_cpp_dir, case[kind], work / f"{name}-{kind}-f32.gguf", "f32")
-            rows[f"{name} {kind}"] = parity(gguf, ids, ref)
+            rows[f"{name} {kind}"], logits = parity(gguf, ids, ref)
             if kind == "collapsed" and llama_cpp_fit(json.loads((case[kind] / "config.json").read_text())).needs_metadata:
                 fixed = work / f"{name}-{kind}-f32-layers.gguf"
                 if not fixed.is_file() and hf_collapse(["gguf-metadata", str(gguf), "--from", str(case[kind])]) != 0:
                     raise RuntimeError(f"hf-collapse gguf-metadata failed on {gguf}")
-                rows[f"{name} {kind} + gguf-metadata"] = parity(fixed, ids, ref)
-    return rows
+                rows[f"{name} {kind} + gguf-metadata"], logits = parity(fixed, ids, ref)
+            if name.startswith("gemma3"):
+                gemma3_logits[f"{name} {kind}"] = logits
+    return rows, gemma3_logits
 
 
 def llama_speed(exports: dict, work: Path, llama_cpp_dir: Path, args) -> dict:
@@ -303,11 +368,18 @@ def run(args) -> dict:
     tokenizer = transformers.AutoTokenizer.from_pretrained(exports["gemma3"]["full"])
     models = {k: transformers.AutoModelForCausalLM.from_pretrained(exports["gemma3"][k]) for k in ("full", "collapsed")}
     results["gemma3_ideal"] = ideal_ratios(models["full"], models["collapsed"], len(prompt_ids(tokenizer)), args.new_tokens)
-    runtimes = not args.no_runtimes
+    runtimes, gemma3_logits = not args.no_runtimes, {}
     if runtimes and importlib.util.find_spec("llama_cpp") is not None and args.llama_cpp_dir is not None:
-        results["parity"] = llama_parity(exports, work, args.llama_cpp_dir, args.new_tokens)
+        results["parity"], gemma3_logits = llama_parity(exports, work, args.llama_cpp_dir, args.new_tokens)
         if "smollm2" in exports:
             results["speed"] = llama_speed(exports, work, args.llama_cpp_dir, args)
+    studied = [("gemma3", "full"), ("gemma3", "collapsed")]
+    if "gemma3-27b-shape" in exports:
+        studied.append(("gemma3-27b-shape", "full"))
+    results["gemma3_gelu"] = {
+        f"{name} {kind}": gelu_study(exports[name][kind], prompt_ids(tokenizer), gemma3_logits.get(f"{name} {kind}"))
+        for name, kind in studied
+    }
     if runtimes and importlib.util.find_spec("onnxruntime") is not None:
         results["onnx"] = onnx_study(exports, work, args.onnx_tokens, args.onnx_repeats)
     versions = ("transformers", "torch", "llama_cpp_python", "onnxruntime", "gguf")
@@ -329,6 +401,42 @@ def _num(value: float) -> str:
     return f"{value:.1e}" if abs(value) < 0.01 else f"{value:.2f}"
 
 
+def _deep_gelu(study: dict) -> str:
+    row = study.get("gemma3-27b-shape full", {})
+    if "llama_vs_table" not in row:
+        return ""
+    return (f" The full 62-layer file's gap ({_num(row['llama_vs_exact'])}) is the GELU table again, over more layers: "
+            f"transformers with the table is {_num(row['llama_vs_table'])} from llama.cpp, within the table's own "
+            f"float32/float64 spread ({_num(row['table_f32_vs_f64'])}).")
+
+
+def gelu_paragraph(study: dict) -> str:
+    """Where the tiny Gemma-3's llama.cpp gap comes from, from `gelu_study`'s rows ("full", "collapsed")."""
+    full, collapsed = study["gemma3 full"], study["gemma3 collapsed"]
+    text = (
+        "Where the Gemma-3 gap comes from: Gemma's MLP uses the tanh GELU, and llama.cpp's CPU backend computes GELU "
+        "on f32 tensors from an fp16 table (the define GGML_GELU_FP16, compiled in: input and output rounded to fp16; "
+        "SmolLM2's SiLU is computed in f32). The tiny Gemma-3's logits have a standard deviation of "
+        f"{full['logit_std']:.2f} (largest {full['logit_absmax']:.1f}). In transformers, that table alone (`GgmlGelu` "
+        f"in every MLP) moves the logits by {_num(full['table_vs_exact'])} (full) / {_num(collapsed['table_vs_exact'])} "
+        f"(collapsed), where float32 against float64 moves them by {_num(full['exact_f32_vs_f64'])}"
+    )
+    if "llama_vs_table" in full:
+        text += (
+            f". llama.cpp is {_num(full['llama_vs_exact'])} / {_num(collapsed['llama_vs_exact'])} from transformers "
+            f"({full['llama_vs_exact'] / full['logit_std']:.1e} times the logits' standard deviation) and "
+            f"{_num(full['llama_vs_table'])} / {_num(collapsed['llama_vs_table'])} from transformers with the table"
+        )
+    return text + (
+        f". The table is not a smooth function: the same table-GELU model in float32 and float64 differs by "
+        f"{_num(full['table_f32_vs_f64'])} / {_num(collapsed['table_f32_vs_f64'])} (an input a rounding away from an "
+        "fp16 step lands on the other side), so no two implementations of it agree much closer than that. No runtime "
+        "option, converter flag or GGUF key turns the table off (llama.cpp's CUDA backend computes GELU in f32; not "
+        "measured here). The gap is the runtime's, the same with and without the removed layer; the table's error is "
+        "relative (2^-11 per rounding), so it scales with the activations and the logits."
+    )
+
+
 def section(results: dict) -> str:
     lines = [SECTION_BEGIN, "## Deployment: llama.cpp and ONNX Runtime", ""]
     lines.append(
@@ -342,6 +450,17 @@ def section(results: dict) -> str:
         for name, row in results["parity"].items():
             lines.append(f"| {name} | {_num(row['max_abs_logit_diff'])} | {row['argmax_agree']}/{row['positions']} | "
                          f"{'yes' if row['greedy_equal'] else 'no'} |")
+    if "gemma3-27b-shape collapsed" in results.get("parity", {}):
+        unsupported = results["llama_cpp_fit"]["gemma3-27b-shape collapsed"]["unsupported"]
+        lines += ["", "gemma3-27b-shape: the tiny Gemma-3 at Gemma-3 27B's shape (62 layers, query_pre_attn_scalar "
+                  "hidden / heads = 16, head_dim 32), its last layer removed (the window period still holds). llama.cpp "
+                  "ignores query_pre_attn_scalar and takes the query scale from the layer count (hidden / heads only "
+                  "at the 27B's count: 62 for Gemma-3, 46 for Gemma-2), so the collapsed file runs with "
+                  "1/sqrt(head_dim). `llama_cpp_fit` "
+                  f"reports it ({'; '.join(unsupported) or 'nothing'}), `hf-collapse gguf-metadata` refuses the file "
+                  "and the card says to run the export in transformers." + _deep_gelu(results.get("gemma3_gelu", {}))]
+    if "gemma3_gelu" in results:
+        lines += ["", gelu_paragraph(results["gemma3_gelu"])]
     if "speed" in results:
         lines += ["", "SmolLM2-135M in llama.cpp, full (30 layers) vs collapsed (22), 1 thread; tokens/s are medians over rounds, "
                   "the speed-up the median over rounds of collapsed / full (the two take turns within a round):", "",

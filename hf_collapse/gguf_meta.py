@@ -8,8 +8,10 @@ period converts without error and runs with the wrong window (and, for Gemma-3, 
 layers. `write_layer_metadata` copies the GGUF with the array built from the export's `layer_types`.
 
 Some per-layer kinds llama.cpp derives from a period it cannot be told otherwise (Llama-4 and SmolLM3: the layers
-without RoPE; Llama-4: the MoE layers). When the kept layers break such a period, no metadata can fix the file and
-it is refused. The `gguf` package is imported only when a file is read or written.
+without RoPE; Llama-4: the MoE layers). Gemma-2/3 ignore `query_pre_attn_scalar` and take the query scale from the
+layer count (1/sqrt(hidden / heads) at the 27B models' counts, 1/sqrt(head_dim) otherwise), so a collapsed 27B gets
+the wrong one. When the kept layers break such a rule, no metadata can fix the file and it is refused. The `gguf`
+package is imported only when a file is read or written.
 """
 
 from __future__ import annotations
@@ -82,12 +84,16 @@ class GgufFamily:
         period (`tuple[int, bool]`): the window period llama.cpp assumes without the array, and whether the
             period's global layer comes first (`load_swa_pattern(ml, period, dense_first)`).
         fixed (`tuple[FixedPeriod, ...]`): per-layer kinds llama.cpp derives from a period it cannot be told.
+        wide_query_scale (`tuple[int, ...] | None`): for families that ignore the config's `query_pre_attn_scalar`,
+            the layer counts at which llama.cpp scales queries by 1/sqrt(hidden_size / heads) instead of
+            1/sqrt(head_dim) (its 27B sizes); None for families without that scalar.
     """
 
     architectures: tuple[str, ...]
     sliding: tuple[str, ...] = ()
     period: tuple[int, bool] = (0, False)
     fixed: tuple[FixedPeriod, ...] = ()
+    wide_query_scale: tuple[int, ...] | None = None
 
 
 _SLIDING = ("sliding_attention",)
@@ -96,9 +102,11 @@ _NO_ROPE = "layers without RoPE (no_rope_layers)"
 # Keyed by the GGUF architecture name (`general.architecture`). Checked against llama.cpp as vendored in
 # llama-cpp-python 0.3.36 (src/models/*.cpp: load_swa_pattern, n_no_rope_layer_step, n_moe_layer_step).
 FAMILIES: dict[str, GgufFamily] = {
-    "gemma3": GgufFamily(("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"), _SLIDING, (6, False)),
-    "gemma-embedding": GgufFamily(("Gemma3TextModel",), _SLIDING, (6, False)),
-    "gemma2": GgufFamily(("Gemma2ForCausalLM",), _SLIDING, (2, False)),
+    "gemma3": GgufFamily(
+        ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"), _SLIDING, (6, False), wide_query_scale=(62,)
+    ),
+    "gemma-embedding": GgufFamily(("Gemma3TextModel",), _SLIDING, (6, False), wide_query_scale=()),
+    "gemma2": GgufFamily(("Gemma2ForCausalLM",), _SLIDING, (2, False), wide_query_scale=(46,)),
     "cohere2": GgufFamily(("Cohere2ForCausalLM",), _SLIDING, (4, False)),
     "gpt-oss": GgufFamily(("GptOssForCausalLM",), _SLIDING, (2, False)),
     "modern-bert": GgufFamily(
@@ -147,8 +155,9 @@ class LlamaCppFit:
         architecture (`str`): the GGUF architecture the converter makes of it.
         needs_metadata (`bool`): the kept layers leave llama.cpp's default window period, and the converter writes
             no per-layer array for this family: run `hf-collapse gguf-metadata` on the converted file.
-        unsupported (`tuple[str, ...]`): per-layer kinds llama.cpp derives from a period that the kept layers break
-            and that no key can override (llama.cpp would run the model wrong).
+        unsupported (`tuple[str, ...]`): what llama.cpp derives from a period or the layer count, that the kept
+            layers break and that no key can override (llama.cpp would run the model wrong): per-layer kinds, or
+            Gemma's query scale.
     """
 
     architecture: str
@@ -162,6 +171,30 @@ def _broken_periods(family: GgufFamily, text: dict, values: dict) -> tuple[str, 
         fixed.what for fixed in family.fixed
         if (wanted := fixed.from_config(text)) is not None and list(wanted) != fixed.in_llama_cpp(values, n_layer)
     )
+
+
+def _query_scale(family: GgufFamily, text: dict) -> tuple[float, float] | None:
+    """(the config's query_pre_attn_scalar, the one llama.cpp uses) when they differ, else None."""
+    wanted = text.get("query_pre_attn_scalar")
+    if family.wide_query_scale is None or wanted is None:
+        return None
+    if text["num_hidden_layers"] in family.wide_query_scale:
+        if not (text.get("hidden_size") and text.get("num_attention_heads")):
+            return None  # a nested config written without its defaults: nothing to compare
+        used = text["hidden_size"] // text["num_attention_heads"]
+    else:
+        used = text.get("head_dim", 256)  # the converter's default for key_length
+    return None if float(used) == float(wanted) else (float(wanted), float(used))
+
+
+def _unfixable(family: GgufFamily, text: dict, values: dict) -> tuple[str, ...]:
+    """What llama.cpp derives by a rule no key overrides and gets wrong for this export (see `LlamaCppFit`)."""
+    scale = _query_scale(family, text)
+    if scale is None:
+        return _broken_periods(family, text, values)
+    layers = text["num_hidden_layers"]
+    what = f"query scale (query_pre_attn_scalar {scale[0]:g}; llama.cpp uses {scale[1]:g} at {layers} layers)"
+    return (*_broken_periods(family, text, values), what)
 
 
 def llama_cpp_fit(config: dict) -> LlamaCppFit | None:
@@ -181,7 +214,7 @@ def llama_cpp_fit(config: dict) -> LlamaCppFit | None:
     needs = bool(family.sliding and layer_types) and (
         _period_flags(family, len(layer_types)) != _sliding_flags(family, layer_types)
     )
-    return LlamaCppFit(arch, needs, _broken_periods(family, text, values))
+    return LlamaCppFit(arch, needs, _unfixable(family, text, values))
 
 
 def _period_flags(family: GgufFamily, n_layer: int) -> list[bool]:
@@ -272,9 +305,15 @@ def _plan(reader, gguf_path: Path, out: Path, config: dict) -> tuple[str, dict]:
     arch, family, text = _check_match(reader, gguf_path, out, config)
     n_layer = text["num_hidden_layers"]
     broken = _broken_periods(family, text, _arch_values(reader, arch))
+    removed = _removed_layers(out) if broken or _query_scale(family, text) else None
+    cut = f" after removing layers {removed}" if removed else ""
+    if (scale := _query_scale(family, text)) is not None:
+        raise ValueError(
+            f"llama.cpp's {arch!r} model ignores query_pre_attn_scalar and scales queries by 1/sqrt({scale[1]:g}) "
+            f"for the {n_layer} layers of {out}{cut}, where the model needs 1/sqrt({scale[0]:g}), and GGUF has no key "
+            "to set it: llama.cpp would run this model wrong; run the export in transformers"
+        )
     if broken:
-        removed = _removed_layers(out)
-        cut = f" after removing layers {removed}" if removed else ""
         raise ValueError(
             f"llama.cpp's {arch!r} model gives the {' and the '.join(broken)} by a fixed period that the kept layers "
             f"of {out} no longer follow{cut}, and GGUF has no key to give them layer by layer: llama.cpp would run "

@@ -171,6 +171,44 @@ def test_a_period_llama_cpp_cannot_be_told_is_refused(tmp_path_factory, capsys):
     assert "Run it with transformers" in (out / "README.md").read_text()
 
 
+def test_a_query_scale_llama_cpp_takes_from_the_layer_count_is_refused(tmp_path_factory, capsys):
+    # Gemma-3: llama.cpp ignores query_pre_attn_scalar and uses head_dim (8 here) unless the model has 62 layers
+    out = export(tmp_path_factory, "gemma3", "1", {"query_pre_attn_scalar": 16})
+    source = write_gguf(tmp_path_factory.mktemp("gguf") / "m.gguf", blocks=3)
+    before = tree(source.parent)
+    assert main(["gguf-metadata", str(source), "--from", str(out)]) == EXIT_REFUSED
+    line = one_line(capsys)
+    assert "by 1/sqrt(8) for the 3 layers" in line and "needs 1/sqrt(16)" in line and "removing layers [1]" in line
+    assert tree(source.parent) == before
+    fit = llama_cpp_fit(json.loads((out / "config.json").read_text()))
+    assert fit.unsupported == ("query scale (query_pre_attn_scalar 16; llama.cpp uses 8 at 3 layers)",)
+    card = (out / "README.md").read_text()
+    assert "query_pre_attn_scalar 16" in card and "Run it with transformers" in card
+    assert "hf-collapse gguf-metadata model.gguf --from" not in card
+
+
+@pytest.mark.parametrize(
+    "architecture, hidden, heads, head_dim, scalar, full, kept",
+    [
+        ("Gemma3ForCausalLM", 5376, 32, 128, 168, 62, 61),  # Gemma-3 27B: hidden / heads
+        ("Gemma2ForCausalLM", 4608, 32, 128, 144, 46, 40),  # Gemma-2 27B
+        ("Gemma3ForCausalLM", 2560, 8, 256, 256, 34, 30),  # Gemma-3 4B: head_dim, any layer count
+        ("Gemma3TextModel", 768, 3, 256, 256, 24, 20),  # EmbeddingGemma: always head_dim
+    ],
+)
+def test_gemma_query_scale_in_llama_cpp(architecture, hidden, heads, head_dim, scalar, full, kept):
+    def fit(layers: int):
+        config = {"architectures": [architecture], "num_hidden_layers": layers, "hidden_size": hidden,
+                  "num_attention_heads": heads, "head_dim": head_dim, "query_pre_attn_scalar": scalar}
+        return llama_cpp_fit(config).unsupported
+
+    assert fit(full) == ()
+    # llama.cpp picks hidden / heads by the 27B layer count: fewer layers get 1/sqrt(head_dim)
+    wrong = (f"query scale (query_pre_attn_scalar {scalar}; llama.cpp uses {head_dim} at {kept} layers)",)
+    assert fit(kept) == (() if scalar == head_dim else wrong)
+    assert llama_cpp_fit({"architectures": [architecture], "num_hidden_layers": kept}).unsupported == ()  # no scalar
+
+
 @pytest.mark.parametrize(
     "family, layers, arch, needs, unsupported",
     [
