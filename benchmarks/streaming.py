@@ -207,6 +207,17 @@ def commands(arm: str, source: Path, out: Path, removed: list[int], work: Path, 
     return command + (["--stream"] if arm == "stream" else [])
 
 
+def settle() -> str:
+    """Flush the previous run's writes and, where this process may, empty the page cache, so each run starts alike
+    (a run would otherwise pay for the last one's writeback, or read a source the last one left cached)."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError:
+        return "synced before each run (the page cache could not be emptied here: warm reads)"
+    return "synced and the page cache emptied before each run (every run reads its source cold from disk)"
+
+
 def run_child(command: list[str], log: Path) -> tuple[float, int, int]:
     """Run `command` to completion: (wall seconds, peak RSS in bytes, exit status)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -252,6 +263,7 @@ def measure_model(name: str, work: Path, mergekit: str | None, arms: list[str], 
         order = arms[round_ % len(arms):] + arms[: round_ % len(arms)]
         for arm in order:
             shutil.rmtree(out, ignore_errors=True)
+            result["page_cache"] = settle()
             wall, rss, code = run_child(commands(arm, source, out, removed, work, mergekit, info), work / f"{name}-{arm}.log")
             if code != 0:
                 raise RuntimeError(f"{arm} failed on {name} (exit {code}): see {work / f'{name}-{arm}.log'}")
@@ -379,6 +391,8 @@ def section(results: dict) -> str:
     loads = {name: r.get("load_average") for name, r in results.get("models", {}).items()}
     notes.append("Load average of the machine when each model started (other jobs share it): "
                  + ", ".join(f"{name} {load}" for name, load in loads.items()) + ".")
+    caches = {r.get("page_cache") for r in results.get("models", {}).values()} - {None}
+    notes += [f"Page cache: {cache}." for cache in sorted(caches)]
     lines += [""] + [f"- {note}" for note in notes + results.get("notes", [])]
     lines += ["", f"Machine: {results.get('machine', '?')}. mergekit {results.get('mergekit_version', 'not run')}.", "", SECTION_END]
     return "\n".join(lines) + "\n"

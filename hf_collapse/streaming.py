@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import struct
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -315,49 +315,72 @@ def _finite(values: torch.Tensor) -> bool:
 
 class _ShardWriter:
     """Writes one shard: the header, then each tensor's bytes copied in chunks from its source file, checking that
-    floating-point values are finite and hashing what is written (SHA-256, for the manifest) on a second thread,
-    so the hash costs no extra read of the output and overlaps the disk writes. Two buffers alternate: a buffer is
-    refilled only once its hash is done."""
+    floating-point values are finite. Three threads share the work so the disk never waits on Python: one reads the
+    next chunk ahead (`os.preadv`, positional), this one checks and writes the current one, and one hashes what was
+    written (SHA-256, for the manifest, so the output is never read again). Three buffers rotate: a chunk's buffer is
+    refilled only once that chunk has been written and hashed."""
 
-    def __init__(self, target, hasher: ThreadPoolExecutor):
-        self.target, self.hasher = target, hasher
+    def __init__(self, target, pool: ThreadPoolExecutor, hasher: ThreadPoolExecutor):
+        self.target, self.pool, self.hasher = target, pool, hasher
         self.digest = hashlib.sha256()
-        self.buffers = [bytearray(_CHUNK), bytearray(_CHUNK)]
-        self.pending: list[Future | None] = [None, None]
-        self.turn = 0
+        self.buffers = [bytearray(_CHUNK) for _ in range(3)]
+        self.hashed: list[Future | None] = [None, None, None]
+        self.ahead: Future | None = None
 
     def write(self, data) -> None:
         self.target.write(data)
         self.digest.update(data)
 
-    def copy(self, entry: TensorEntry, source) -> None:
-        source.seek(entry.start)
-        left = entry.end - entry.start
-        dtype = _FLOATS.get(entry.dtype)
-        while left:
-            turn, self.turn = self.turn, 1 - self.turn
-            if self.pending[turn] is not None:
-                self.pending[turn].result()
-            view = memoryview(self.buffers[turn])[: min(left, _CHUNK)]
-            got = source.readinto(view)
-            if got != len(view):
-                raise RecipeError(f"{entry.file} ended while reading {entry.name}: the file is truncated; restore it")
+    def _read(self, number: int, chunk: tuple[TensorEntry, object, int, int]) -> memoryview:
+        entry, source, start, length = chunk
+        view = memoryview(self.buffers[number % 3])[:length]
+        got = os.preadv(source.fileno(), [view], start)
+        if got != length:
+            raise RecipeError(f"{entry.file} ended while reading {entry.name}: the file is truncated; restore it")
+        return view
+
+    def _prefetch(self, chunks: list, number: int) -> Future | None:
+        if number >= len(chunks):
+            return None
+        if self.hashed[number % 3] is not None:  # the buffer's last chunk: written already, its hash must be done
+            self.hashed[number % 3].result()
+        return self.pool.submit(self._read, number, chunks[number])
+
+    def copy(self, chunks: list[tuple[TensorEntry, object, int, int]]) -> None:
+        """Copy `chunks` ((entry, open source file, byte offset, length) in output order) to the target."""
+        self.ahead = self._prefetch(chunks, 0)
+        for number, (entry, _, _, _) in enumerate(chunks):
+            view = self.ahead.result()
+            self.ahead = self._prefetch(chunks, number + 1)
+            dtype = _FLOATS.get(entry.dtype)
             if dtype is not None and not _finite(torch.frombuffer(view, dtype=dtype)):
                 raise RecipeError(f"{entry.file.parent} has non-finite weights (NaN or infinity) in {entry.name}: the "
                                   "checkpoint is broken (a diverged training run, or a bad conversion); collapse a "
                                   "checkpoint with finite weights")
-            self.pending[turn] = self.hasher.submit(self.digest.update, view)  # in order: one hashing thread
+            self.hashed[number % 3] = self.hasher.submit(self.digest.update, view)  # in order: one hashing thread
             self.target.write(view)
-            left -= got
 
     def finish(self) -> str:
-        for future in self.pending:
+        """Wait for every thread's work on this shard (a read ahead of a failed copy included); returns the hash."""
+        wait([f for f in (*self.hashed, self.ahead) if f is not None])
+        for future in self.hashed:
             if future is not None:
                 future.result()
         return self.digest.hexdigest()
 
 
-def _write_shard(path: Path, names: list[str], plan: StreamPlan, hasher: ThreadPoolExecutor) -> ManifestEntry:
+def _chunks(names: list[str], plan: StreamPlan, handles: dict[Path, object]) -> list[tuple[TensorEntry, object, int, int]]:
+    chunks = []
+    for name in names:
+        entry = plan.tensors[name]
+        if entry.file not in handles:
+            handles[entry.file] = entry.file.open("rb")
+        chunks += [(entry, handles[entry.file], start, min(_CHUNK, entry.end - start))
+                   for start in range(entry.start, entry.end, _CHUNK)]
+    return chunks
+
+
+def _write_shard(path: Path, names: list[str], plan: StreamPlan, pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor]) -> ManifestEntry:
     """Write one shard; returns its size and SHA-256."""
     header, offset = {}, 0
     for name in names:
@@ -370,14 +393,12 @@ def _write_shard(path: Path, names: list[str], plan: StreamPlan, hasher: ThreadP
     handles: dict[Path, object] = {}
     try:
         with path.open("wb") as target:
-            writer = _ShardWriter(target, hasher)
+            writer = _ShardWriter(target, *pools)
             writer.write(struct.pack("<Q", len(text)) + text)
-            for name in names:
-                entry = plan.tensors[name]
-                if entry.file not in handles:
-                    handles[entry.file] = entry.file.open("rb")
-                writer.copy(entry, handles[entry.file])
-            sha256 = writer.finish()
+            try:
+                writer.copy(_chunks(names, plan, handles))
+            finally:
+                sha256 = writer.finish()  # no thread may still read a buffer or a handle once this returns
     finally:
         for handle in handles.values():
             handle.close()
@@ -390,14 +411,15 @@ def write_weights(plan: StreamPlan, folder: Path, digests: dict[str, ManifestEnt
     (hashed as it was written), which the export's manifest takes instead of reading the weights again."""
     shards = _shards(plan)
     digests = {} if digests is None else digests
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-collapse-sha256") as hasher:
+    with ThreadPoolExecutor(1, "hf-collapse-read") as reader, ThreadPoolExecutor(1, "hf-collapse-sha256") as hasher:
+        pools = (reader, hasher)
         if len(shards) == 1 and not plan.shard_limit:
-            digests[SINGLE_FILE] = _write_shard(folder / SINGLE_FILE, shards[0], plan, hasher)
+            digests[SINGLE_FILE] = _write_shard(folder / SINGLE_FILE, shards[0], plan, pools)
         else:
             weight_map = {}
             for number, names in enumerate(shards, 1):
                 file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-                digests[file] = _write_shard(folder / file, names, plan, hasher)
+                digests[file] = _write_shard(folder / file, names, plan, pools)
                 weight_map.update(dict.fromkeys(names, file))
             index = {"metadata": {"total_size": plan.size}, "weight_map": dict(sorted(weight_map.items()))}
             (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
