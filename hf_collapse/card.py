@@ -23,11 +23,16 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch
 
 from .gguf_meta import llama_cpp_fit
-from .report import AUTO_CLASS_BY_PIPELINE_TAG, CollapseReport, Measurements, Training, per_stack, redact_tokens
+from .report import (
+    AUTO_CLASS_BY_PIPELINE_TAG,
+    CollapseReport,
+    Measurements,
+    Training,
+    per_stack,
+    redact_tokens,
+)
 from .version import __version__
 
 __all__ = ["plot_layer_scores", "recipe_yaml", "render_card", "write_card"]
@@ -54,6 +59,11 @@ _AUTO_PREPROCESSOR_BY_BASE = (
 
 def plot_layer_scores(report: CollapseReport, path: str | os.PathLike) -> Path:
     """Save a bar chart of the per-layer scores, removed layers highlighted, as a PNG at ``path``."""
+    from matplotlib.figure import (
+        Figure,  # matplotlib loads only when a card has scores to plot
+    )
+    from matplotlib.patches import Patch
+
     # The object-oriented API draws with Agg without selecting a pyplot backend: no display needed and
     # no global matplotlib state changed.
     stacks = report.stacks()

@@ -27,6 +27,7 @@ __all__ = [
     "greedy_bypass",
     "layer_index",
     "removable_layers",
+    "selection_sentence",
 ]
 
 SELECTION_STRATEGIES = ("ranked", "measured")
@@ -275,3 +276,21 @@ def greedy_bypass(
             break
         chosen.append(layer)
     return GreedyResult(layers=tuple(chosen), curve=tuple(curve), trials=tuple(trials))
+
+
+def selection_sentence(choice: LayerChoice | None = None, *, metric_name: str = "metric", targeted: str | None = None) -> str:
+    """How the layers were chosen, as a clause for the card."""
+    if targeted is not None:
+        return f"training targeted the layers it removed ({targeted})"
+    if choice.given:
+        return "the layers to remove were given"
+    pool = f"among the {choice.candidates} lowest-scoring ones" if choice.candidates else "among all"
+    measured = f"each time the remaining layer ({pool}) whose bypass hurt validation {metric_name} least"
+    if choice.num_layers is not None:
+        if choice.strategy == "ranked":
+            return f"the {choice.num_layers} lowest-scoring layers were chosen"
+        return f"{choice.num_layers} layers were chosen one at a time, {measured}"
+    within = f"while validation {metric_name} stayed within {choice.tolerance} of the full model"
+    if choice.strategy == "ranked":
+        return f"layers were chosen in score order {within}"
+    return f"layers were chosen one at a time, {measured}, {within}"

@@ -138,7 +138,6 @@ def _end_processes() -> None:
 
 def _cmd_validate(args) -> int:
     from .models import OFFLINE_MODELS
-
     from .pipeline import preflight
 
     recipe, config, resolved = _load(args.recipe, args.overrides)
@@ -274,7 +273,10 @@ def _collapse(args) -> int:
     overrides += ["--output_dir", str(work)]
     recipe, config, resolved = _load(args.recipe, [*overrides, *args.overrides])
     from .models import resolve_model, task_head_is_new
-    from .pipeline import preflight, run_recipe  # imported here: the no-data path above does not need it
+    from .pipeline import (  # imported here: the no-data path above does not need it
+        preflight,
+        run_recipe,
+    )
 
     preflight(recipe, config, train=False)  # before the work folder exists
     _clear_stale_work(work)
@@ -587,9 +589,8 @@ def run(args: argparse.Namespace) -> int:
         retries.addFilter(_DropHubRetryNoise())
     import pickle
 
-    from .hub import PushError, PushNotStartedError
+    from .errors import PushError, PushNotStartedError, RecipeError
     from .paths import OutputBusyError
-    from .recipe import RecipeError
 
     _Outputs.reset()
     try:

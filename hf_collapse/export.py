@@ -29,8 +29,14 @@ from .card import CARD_FILE, PLOT_FILE, recipe_yaml, write_card
 from .layers import find_layer_stacks, unwrap_model
 from .manifest import ManifestEntry, refresh_manifest, write_manifest
 from .models import check_head_trained
+from .paths import (
+    OutputLock,
+    check_output_folder,
+    check_replaceable,
+    inside_source,
+    sibling_prefix,
+)
 from .peft_state import has_tuner_layers
-from .paths import OutputLock, check_output_folder, check_replaceable, inside_source, sibling_prefix
 from .quantization import is_quantized, refuse_quantized_export
 from .report import AUTO_CLASS_BY_PIPELINE_TAG, CollapseReport
 from .sbert import read_layout, write_layout

@@ -20,20 +20,13 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import get_session, validate_repo_id
 
 from .card import CARD_FILE
+from .errors import PushError, PushNotStartedError
 from .manifest import MANIFEST_FILE, file_sha256, read_manifest
 
 __all__ = [
     "PICKLE_SUFFIXES", "HubPush", "PushError", "PushNotStartedError", "PushResult", "check_hub_reachable",
     "push_folder", "take_hub_push", "upload_plan",
 ]
-
-
-class PushError(RuntimeError):
-    """The upload to the Hub failed; the local folder is unchanged and the same call can be repeated."""
-
-
-class PushNotStartedError(PushError):
-    """The push stopped before anything was sent to the Hub: offline mode, no token, or the Hub cannot be reached."""
 
 
 # The reachability check before a push (see check_hub_reachable): how long one try waits to connect and for the first

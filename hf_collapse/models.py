@@ -5,15 +5,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import transformers
 from transformers.models.auto import modeling_auto
 
 from . import assets
+from .errors import RecipeError
 from .layers import unwrap_model
 from .quantization import prepare_quantized, quantized_loading
-from .recipe import RecipeArguments, RecipeError
 from .sourcecheck import check_loaded_weights, check_weight_files
+
+if TYPE_CHECKING:
+    from .recipe import RecipeArguments
 
 # Parameters that from_pretrained had to create (absent from the checkpoint, or of another shape), with their
 # initial values, kept on the model so that "was this head ever trained?" can be answered later.

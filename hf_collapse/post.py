@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from .choice import LayerChoice, greedy_bypass
+from .choice import LayerChoice, greedy_bypass, selection_sentence
 from .config import MSWArguments
 from .distillation import check_teacher, teacher_layer_map
 from .healing import adjacent_parameter_names, train_only
@@ -30,24 +30,6 @@ from .trainer import CollapseTrainer
 __all__ = ["HealResult", "collapse_model", "heal", "selection_sentence"]
 
 Evaluate = Callable[[nn.Module], float]
-
-
-def selection_sentence(choice: LayerChoice | None = None, *, metric_name: str = "metric", targeted: str | None = None) -> str:
-    """How the layers were chosen, as a clause for the card."""
-    if targeted is not None:
-        return f"training targeted the layers it removed ({targeted})"
-    if choice.given:
-        return "the layers to remove were given"
-    pool = f"among the {choice.candidates} lowest-scoring ones" if choice.candidates else "among all"
-    measured = f"each time the remaining layer ({pool}) whose bypass hurt validation {metric_name} least"
-    if choice.num_layers is not None:
-        if choice.strategy == "ranked":
-            return f"the {choice.num_layers} lowest-scoring layers were chosen"
-        return f"{choice.num_layers} layers were chosen one at a time, {measured}"
-    within = f"while validation {metric_name} stayed within {choice.tolerance} of the full model"
-    if choice.strategy == "ranked":
-        return f"layers were chosen in score order {within}"
-    return f"layers were chosen one at a time, {measured}, {within}"
 
 
 def collapse_model(

@@ -18,10 +18,11 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+from .choice import SELECTION_STRATEGIES, LayerChoice, check_candidates, check_tolerance
 from .config import CollapseConfig, shown
 from .data import OFFLINE_DATASETS, TASKS
+from .errors import RecipeError
 from .launch import precision_overrides
-from .choice import SELECTION_STRATEGIES, LayerChoice, check_candidates, check_tolerance
 from .repair import REPAIRS, check_repair
 from .scoring import SCORING_METHODS
 
@@ -31,10 +32,6 @@ __all__ = [
 
 BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
 BNB_4BIT_COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-class RecipeError(ValueError):
-    """A recipe or command line that cannot be used; the message says what to change."""
 
 
 @dataclass

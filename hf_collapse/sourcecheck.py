@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import RecipeError
 from .layers import find_layer_stacks
-from .recipe import RecipeError
 
 __all__ = ["check_loaded_weights", "check_weight_files"]
 

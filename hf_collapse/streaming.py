@@ -35,12 +35,11 @@ import torch
 import transformers
 from torch import nn
 
-from .choice import LayerChoice
+from .choice import LayerChoice, selection_sentence
+from .errors import RecipeError
 from .export import export_files
 from .layers import find_layer_stacks, resolve_layer_selection
 from .manifest import ManifestEntry
-from .post import selection_sentence
-from .recipe import RecipeError
 from .report import CollapseReport
 from .sourcecheck import check_weight_files
 from .surgery import collapsed_config
@@ -320,10 +319,9 @@ class _ShardWriter:
     written (SHA-256, for the manifest, so the output is never read again). Three buffers rotate: a chunk's buffer is
     refilled only once that chunk has been written and hashed."""
 
-    def __init__(self, target, pool: ThreadPoolExecutor, hasher: ThreadPoolExecutor):
-        self.target, self.pool, self.hasher = target, pool, hasher
+    def __init__(self, target, pool: ThreadPoolExecutor, hasher: ThreadPoolExecutor, buffers: list[bytearray]):
+        self.target, self.pool, self.hasher, self.buffers = target, pool, hasher, buffers
         self.digest = hashlib.sha256()
-        self.buffers = [bytearray(_CHUNK) for _ in range(3)]
         self.hashed: list[Future | None] = [None, None, None]
         self.ahead: Future | None = None
 
@@ -380,8 +378,9 @@ def _chunks(names: list[str], plan: StreamPlan, handles: dict[Path, object]) -> 
     return chunks
 
 
-def _write_shard(path: Path, names: list[str], plan: StreamPlan, pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor]) -> ManifestEntry:
-    """Write one shard; returns its size and SHA-256."""
+def _write_shard(path: Path, names: list[str], plan: StreamPlan, pools: tuple) -> ManifestEntry:
+    """Write one shard with `pools` (the reading and the hashing thread, the three buffers); returns its size and
+    SHA-256."""
     header, offset = {}, 0
     for name in names:
         entry = plan.tensors[name]
@@ -412,7 +411,7 @@ def write_weights(plan: StreamPlan, folder: Path, digests: dict[str, ManifestEnt
     shards = _shards(plan)
     digests = {} if digests is None else digests
     with ThreadPoolExecutor(1, "hf-collapse-read") as reader, ThreadPoolExecutor(1, "hf-collapse-sha256") as hasher:
-        pools = (reader, hasher)
+        pools = (reader, hasher, [bytearray(_CHUNK) for _ in range(3)])  # allocated once: zero-filling costs
         if len(shards) == 1 and not plan.shard_limit:
             digests[SINGLE_FILE] = _write_shard(folder / SINGLE_FILE, shards[0], plan, pools)
         else:

@@ -27,7 +27,12 @@ from ..layers import (
 from ..peft_state import has_tuner_layers, is_peft_model
 from . import rules
 from .rules import DELETE, Apply, Edit, Removal, Rule, Undo, refuse
-from .verify import build_probe, reference_outputs, structure_differences, verify_collapse
+from .verify import (
+    build_probe,
+    reference_outputs,
+    structure_differences,
+    verify_collapse,
+)
 
 __all__ = ["CollapseRecord", "collapse_layers", "collapsed_config"]
 
