@@ -21,6 +21,8 @@ OWNED_SECTIONS = (
     ("<!-- layerwise-scoring:begin (benchmarks/layerwise_scoring.py writes this section) -->", "<!-- layerwise-scoring:end -->"),
     ("<!-- deployment:begin (benchmarks/deployment.py writes this section) -->", "<!-- deployment:end -->"),
     ("<!-- streaming:begin (benchmarks/streaming.py writes this section) -->", "<!-- streaming:end -->"),
+    ("<!-- smollm2-repair:begin (python -m benchmarks.quality smollm2 --output outputs/benchmarks/smollm2-repair writes "
+     "its RESULTS.md; this section carries its tables) -->", "<!-- smollm2-repair:end -->"),
 )
 
 
