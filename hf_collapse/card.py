@@ -498,13 +498,14 @@ def _repair(repair) -> dict[str, Any] | None:
         return None
     spans = [
         {"removed": ", ".join(map(str, span.get("removed", []))), "site": span.get("folded_into"),
-         "before": span.get("error_before"), "after": span.get("error_after")}
+         "before": span.get("error_before"), "after": span.get("error_after"), "rejected": span.get("rejected_error_after")}
         for span in repair.get("spans", [])
     ]
+    unrepaired = [span for span in spans if span["rejected"] is not None]
     worse = [span["removed"] for span in spans if None not in (span["before"], span["after"]) and span["after"] > span["before"]]
     defaults = {"layout": None, "data": None, "shift": False, "verified": False}
     return {**defaults, **dict(repair), "words": _REPAIR_WORDS.get(repair["method"], repair["method"]), "span_rows": spans,
-            "worse": worse}
+            "worse": worse, "unrepaired": unrepaired}
 
 
 def _auto_preprocessor(processing_class: object | None) -> str | None:

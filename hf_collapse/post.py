@@ -156,6 +156,11 @@ def _collapse_and_repair(model, removed: list[int], repair: str, calibration, so
         undo()
         raise
     for fit in plan.fits:
+        if fit.rejected_error is not None:
+            log(f"repair ({repair}) of layers {fit.first}-{fit.last}: left unrepaired, the fitted map would have raised the "
+                f"relative error after the cut from {fit.error_before:.4g} to {fit.rejected_error:.4g} on its own "
+                f"{fit.tokens} calibration tokens")
+            continue
         log(f"repair ({repair}) of layers {fit.first}-{fit.last}, folded into {fit.site}: relative error after the cut "
             f"{fit.error_before:.4g} -> {fit.error_after:.4g} on {fit.tokens} calibration tokens")
     return record, plan.summary(source)

@@ -123,6 +123,9 @@ class SpanFit:
         tokens (`int`): calibration tokens it was fitted on.
         error_before, error_after (`float`): `‖M + Y − Z‖² / ‖Z − Y‖²` without and with the map, on those tokens.
         source_mean, source_cov, target_mean, target_cov (`torch.Tensor`): the moments of `M` and of `Z − Y`.
+        rejected_error (`float`, *optional*): set when the fitted map did not lower the error on its own calibration
+            tokens: the error it would have had. The span is then left unrepaired (`transform` is the identity, the
+            fold changes nothing there) and `error_after` equals `error_before`.
     """
 
     first: int
@@ -137,6 +140,7 @@ class SpanFit:
     source_cov: torch.Tensor
     target_mean: torch.Tensor
     target_cov: torch.Tensor
+    rejected_error: float | None = None
 
 
 class _Stats:
@@ -251,7 +255,8 @@ class RepairPlan:
             "shift": any(fit.shift is not None for fit in self.fits),
             "spans": [
                 {"removed": list(range(fit.first, fit.last + 1)), "folded_into": fit.site,
-                 "error_before": fit.error_before, "error_after": fit.error_after}
+                 "error_before": fit.error_before, "error_after": fit.error_after,
+                 **({"left_unrepaired": True, "rejected_error_after": fit.rejected_error} if fit.rejected_error is not None else {})}
                 for fit in self.fits
             ],
             "verified": True,
@@ -335,6 +340,7 @@ def fit_repair(
     *,
     tokenizer: object | None = None,
     batch_size: int = 8,
+    keep_worse: bool = False,
 ) -> RepairPlan:
     """Fit the repair of every span of `removed` (0-based, before removal) on the full model; changes nothing.
 
@@ -354,6 +360,11 @@ def fit_repair(
             be readable again (a list, a dataset or a DataLoader).
         method (`str`): `"scale"`, `"linear"` or `"transport"`.
         tokenizer (*optional*), batch_size (`int`, defaults to 8): for texts and rows.
+        keep_worse (`bool`, defaults to `False`): keep every fitted map, even one that does not lower the error on
+            its calibration tokens (to study the maps themselves; [`collapse_model`] never sets it).
+
+    A span whose fitted map does not lower that error on the calibration tokens themselves is left unrepaired (the
+    identity, recorded with the rejected map's error): a map worse than none on its own data only hurts.
 
     Returns:
         `RepairPlan`: one `SpanFit` per span (the map, the site it folds into, the relative error after the cut without
@@ -388,10 +399,13 @@ def fit_repair(
         if not bool(torch.isfinite(transform).all()):
             raise ValueError(f"the {method} repair of span {first}-{last} is not finite: the activations hold "
                              "non-finite values (an fp16 overflow?); fit in float32")
-        base = part.error(torch.eye(d, dtype=transform.dtype), None)
+        identity = torch.eye(d, dtype=transform.dtype)
         target = float(torch.trace(part.rr)) or 1.0
-        fits.append(SpanFit(first, last, site, transform, shift, part.n, base / target,
-                            part.error(transform, shift) / target, *part.moments()))
+        before, after, rejected = part.error(identity, None) / target, part.error(transform, shift) / target, None
+        if after >= before and not keep_worse:  # never fold a map that is worse than none on the very data it was fitted on
+            transform, rejected, after = identity, after, before
+            shift = torch.zeros(d, dtype=identity.dtype) if shift is not None else None
+        fits.append(SpanFit(first, last, site, transform, shift, part.n, before, after, *part.moments(), rejected))
     return RepairPlan(method, layout, fits, rows, tokens)
 
 

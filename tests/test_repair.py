@@ -34,6 +34,9 @@ def test_the_repaired_collapsed_model_equals_the_hook_reference(method):
     original, model = LLAMA.build(), LLAMA.build()
     data, probe = calibration(), LLAMA.inputs()
     plan = fit_repair(original, [1, 2], data, method)
+    # on this random model the transport map is worse than none on its own calibration data: it is left unfolded
+    rejected = plan.fits[0].rejected_error is not None
+    assert rejected == (method == "transport")
     with repaired_reference(original, plan, [1, 2]):
         expected = logits(original, probe)
     model, report = collapse_model(model, layers=[1, 2], calibration=data, repair=method, score_method="block_influence")
@@ -41,7 +44,8 @@ def test_the_repaired_collapsed_model_equals_the_hook_reference(method):
     assert len(model.model.layers) == 2
     assert torch.allclose(got, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
     plain = collapse_model(LLAMA.build(), layers=[1, 2])[0]
-    assert not torch.allclose(logits(plain, probe), expected, atol=1e-3)  # the repair did change the model
+    # the repair changed the model, unless it was left unfolded
+    assert torch.allclose(logits(plain, probe), expected, atol=1e-3) == rejected
     assert report.repair["method"] == method and report.repair["tokens"] == 256 and report.repair["rows"] == 16
     assert report.repair["spans"][0]["folded_into"] == "model.layers.0.mlp.down_proj" and report.repair["verified"]
     assert report.repair["shift"] is False  # Llama's down_proj has no bias: no shift is folded
@@ -67,7 +71,7 @@ def test_linear_lowers_the_hidden_state_error_after_the_cut():
 
 def test_transport_matches_the_gaussian_moments_and_scale_is_diagonal():
     data = calibration(rows=32)
-    (fit,) = fit_repair(LLAMA.build(), [2], data, "transport").fits
+    (fit,) = fit_repair(LLAMA.build(), [2], data, "transport", keep_worse=True).fits  # the map itself, folded or not
     source, target, transform = fit.source_cov, fit.target_cov, fit.transform
     shrunk = source + RIDGE * torch.diagonal(source).mean() * torch.eye(len(source), dtype=source.dtype)
     # T maps the (ridge-shrunk) Gaussian fit of M onto that of Z − Y exactly, and the data's own covariance closely
@@ -250,3 +254,30 @@ def test_the_card_warns_when_a_repair_raised_the_error_on_its_own_data():
     warning = "the repair made the hidden state after the cut further from the full model's than no repair (removed layers 1, 2)"
     assert warning in card(0.9) and warning not in card(0.1)
     assert "The repair is fitted to its calibration data" in card(0.1) and "`model.layers.0.mlp.down_proj` | 0.5 → 0.1 |" in card(0.1)
+
+
+def test_a_map_worse_than_none_on_its_own_data_is_not_folded(monkeypatch):
+    from hf_collapse import repair as repair_module
+
+    real = repair_module._solve
+
+    def harmful(stats, method, with_shift):  # a map that sends every channel to zero: worse than the identity
+        transform, shift = real(stats, method, with_shift)
+        return torch.zeros_like(transform), shift
+
+    data, probe = calibration(), LLAMA.inputs()
+    honest = fit_repair(LLAMA.build(), [1, 2], data, "linear").fits[0]
+    monkeypatch.setattr(repair_module, "_solve", harmful)
+    (fit,) = fit_repair(LLAMA.build(), [1, 2], data, "linear").fits
+    assert fit.rejected_error is not None and fit.rejected_error > fit.error_before
+    assert fit.error_after == fit.error_before == pytest.approx(honest.error_before)
+    assert torch.equal(fit.transform, torch.eye(len(fit.transform), dtype=fit.transform.dtype))
+    model, report = collapse_model(LLAMA.build(), layers=[1, 2], calibration=data, repair="linear")
+    plain = collapse_model(LLAMA.build(), layers=[1, 2])[0]
+    assert torch.allclose(logits(model, probe), logits(plain, probe), rtol=0, atol=1e-6)  # nothing was folded
+    (span,) = report.repair["spans"]
+    assert span["left_unrepaired"] is True and span["rejected_error_after"] == pytest.approx(fit.rejected_error)
+    from hf_collapse.card import render_card
+
+    card = render_card(report)
+    assert "nothing (left unrepaired)" in card and "did not lower the error after the cut on its own calibration" in card
