@@ -7,6 +7,7 @@ score the layers (`score_layers`), choose them (`select_by_tolerance`), delete t
 
 import importlib
 from importlib.util import find_spec
+from typing import TYPE_CHECKING
 
 from .version import __version__
 
@@ -43,6 +44,23 @@ _LAZY = {
     "CollapseTrainer": ".trainer",
     "MSWPenaltyMixin": ".trainer",
 }
+
+if TYPE_CHECKING:  # the same names for type checkers and the API docs, which read imports without running them
+    from .adapters import check_adapter_fits, remap_adapter
+    from .config import CollapseConfig, MSWArguments
+    from .export import export_collapsed
+    from .hub import push_folder
+    from .layers import bypass_layers, find_layer_stacks
+    from .models import load_model, load_processor, resolve_model
+    from .msw import DirectionSearch, max_sliced_wasserstein
+    from .healing import adjacent_parameter_names
+    from .post import HealResult, collapse_model, heal
+    from .quantization import merge_dequantized
+    from .repair import fit_repair, repaired_reference
+    from .report import CollapseReport
+    from .scoring import LayerScores, score_layers, select_by_tolerance, select_lowest
+    from .surgery import CollapseRecord, collapse_layers
+    from .trainer import CollapseTrainer, MSWPenaltyMixin
 
 __all__ = [
     "CollapseConfig",
