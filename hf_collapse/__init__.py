@@ -62,37 +62,7 @@ if TYPE_CHECKING:  # the same names for type checkers and the API docs, which re
     from .surgery import CollapseRecord, collapse_layers
     from .trainer import CollapseTrainer, MSWPenaltyMixin
 
-__all__ = [
-    "CollapseConfig",
-    "CollapseRecord",
-    "CollapseReport",
-    "CollapseTrainer",
-    "MSWArguments",
-    "MSWPenaltyMixin",
-    "DirectionSearch",
-    "HealResult",
-    "LayerScores",
-    "adjacent_parameter_names",
-    "bypass_layers",
-    "check_adapter_fits",
-    "collapse_layers",
-    "collapse_model",
-    "export_collapsed",
-    "find_layer_stacks",
-    "fit_repair",
-    "heal",
-    "load_model",
-    "load_processor",
-    "max_sliced_wasserstein",
-    "merge_dequantized",
-    "push_folder",
-    "remap_adapter",
-    "repaired_reference",
-    "resolve_model",
-    "score_layers",
-    "select_by_tolerance",
-    "select_lowest",
-]
+__all__ = sorted(_LAZY)  # every lazily imported name is public
 # TRL and sentence-transformers are optional extras: their trainers are offered when they are installed, and
 # `import hf_collapse` never needs them.
 if find_spec("trl") is not None:
