@@ -577,6 +577,27 @@ class _DropHubRetryNoise(logging.Filter):
         return " thrown while requesting " not in message and not message.startswith("Retrying in ")
 
 
+class _DropOfflineKernelNoise(logging.Filter):
+    """transformers >= 5.25 installs `kernels`; with it, importing bitsandbytes (peft does, for any command) on a CPU
+    with AVX512-BF16 asks the Hub for an optional 4-bit matmul kernel and, offline, logs two lines before it falls
+    back to its own. Nothing is lost offline, so those two lines are not shown; online failures still are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            message.startswith("Skipping publisher trust check for ")
+            or (message.startswith("Failed to load CPU gemm_4bit_forward") and "offline mode" in message)
+        )
+
+
+# logger name -> the filter that trims its noise; installed by `run` before any verb imports the package
+_QUIETED = {
+    "huggingface_hub.utils._http": _DropHubRetryNoise,
+    "kernels._internals.hf_hub": _DropOfflineKernelNoise,
+    "bitsandbytes.backends.cpu.ops": _DropOfflineKernelNoise,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line (see `hf_collapse_entry`, which the `hf-collapse` script calls) and run the verb."""
     return hf_collapse_entry.main(argv)
@@ -584,9 +605,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run a parsed verb: one line on stderr and exit 2 (refused) or 1 (after work began) for what it refuses."""
-    retries = logging.getLogger("huggingface_hub.utils._http")
-    if not any(isinstance(f, _DropHubRetryNoise) for f in retries.filters):
-        retries.addFilter(_DropHubRetryNoise())
+    for name, kind in _QUIETED.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
     import pickle
 
     from .errors import PushError, PushNotStartedError, RecipeError
