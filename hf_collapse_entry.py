@@ -93,7 +93,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     gguf_meta = verbs.add_parser(
         "gguf-metadata", help="Write the per-layer metadata llama.cpp's converter leaves out (e.g. Gemma-3's window "
-        "pattern) into a GGUF converted from an export.",
+        "pattern) into a GGUF converted from an export, and fold a collapsed Gemma 27B's query scale into its weights.",
         epilog="Example: python convert_hf_to_gguf.py OUT --outfile m.gguf && hf-collapse gguf-metadata m.gguf --from OUT",
     )
     gguf_meta.add_argument("file", help="The GGUF file llama.cpp's convert_hf_to_gguf.py wrote from the export.")

@@ -5,7 +5,8 @@ layers, layer 2 removed; SmolLM2's tokenizer), and the same at Gemma-3 27B's sha
 the query scale from the layer count), are exported by `hf-collapse collapse`, converted by llama.cpp's own
 `convert_hf_to_gguf.py` and run by its runtime (`llama-cpp-python`). Parity: f32 GGUF, f32 KV cache, one thread;
 the largest logit difference to transformers over a prompt, the argmax agreement, and greedy generation token for
-token. The collapsed Gemma-3 runs with and without `hf-collapse gguf-metadata`. Speed (SmolLM2, full vs collapsed):
+token. The collapsed Gemma-3 files run with and without `hf-collapse gguf-metadata` (the window pattern; at the
+27B shape, the query scale folded into the query norms). Speed (SmolLM2, full vs collapsed):
 prompt and generation tokens/s with 1 thread, f16 and Q4_0 (llama.cpp's quantize API), repeats interleaved, medians;
 the speed-up is set against the ideal FLOP ratio (`benchmarks.inference_speed.flops_per_token`). Gemma-3's gap:
 `gelu_study` runs transformers with llama.cpp's CPU GELU emulated (`GgmlGelu`: ggml's fp16 table) in float32 and
@@ -398,7 +399,7 @@ def _version(name: str) -> str | None:
 
 
 def _num(value: float) -> str:
-    return f"{value:.1e}" if abs(value) < 0.01 else f"{value:.2f}"
+    return f"{value:.1e}" if abs(value) < 0.1 else f"{value:.2f}"
 
 
 def _deep_gelu(study: dict) -> str:
@@ -408,6 +409,25 @@ def _deep_gelu(study: dict) -> str:
     return (f" The full 62-layer file's gap ({_num(row['llama_vs_exact'])}) is the GELU table again, over more layers: "
             f"transformers with the table is {_num(row['llama_vs_table'])} from llama.cpp, within the table's own "
             f"float32/float64 spread ({_num(row['table_f32_vs_f64'])}).")
+
+
+def _deep_paragraph(results: dict) -> str:
+    """The 27B-shape rows: llama.cpp's query scale after the cut, and what `gguf-metadata` makes of it."""
+    parity, fit = results["parity"], results["llama_cpp_fit"]["gemma3-27b-shape collapsed"]
+    text = ("gemma3-27b-shape: the tiny Gemma-3 at Gemma-3 27B's shape (62 layers, query_pre_attn_scalar hidden / heads "
+            "= 16, head_dim 32), its last layer removed (the window period still holds). llama.cpp ignores "
+            "query_pre_attn_scalar and takes the query scale from the layer count (hidden / heads only at the 27B's "
+            "count: 62 for Gemma-3, 46 for Gemma-2), so the converted collapsed file runs with 1/sqrt(head_dim) "
+            f"({_num(parity['gemma3-27b-shape collapsed']['max_abs_logit_diff'])} off).")
+    fixed = parity.get("gemma3-27b-shape collapsed + gguf-metadata")
+    if fixed is not None and fit.get("query_scale"):
+        wanted, used = fit["query_scale"]
+        text += (f" `hf-collapse gguf-metadata` multiplies each layer's query norm by sqrt({used:g} / {wanted:g}), "
+                 f"so that llama.cpp's scale times it is the model's: {_num(fixed['max_abs_logit_diff'])} off, argmax "
+                 f"{fixed['argmax_agree']}/{fixed['positions']}, greedy generation "
+                 f"{'equal' if fixed['greedy_equal'] else 'different'} (the full 62-layer file: "
+                 f"{_num(parity['gemma3-27b-shape full']['max_abs_logit_diff'])}).")
+    return text + _deep_gelu(results.get("gemma3_gelu", {}))
 
 
 def gelu_paragraph(study: dict) -> str:
@@ -451,14 +471,7 @@ def section(results: dict) -> str:
             lines.append(f"| {name} | {_num(row['max_abs_logit_diff'])} | {row['argmax_agree']}/{row['positions']} | "
                          f"{'yes' if row['greedy_equal'] else 'no'} |")
     if "gemma3-27b-shape collapsed" in results.get("parity", {}):
-        unsupported = results["llama_cpp_fit"]["gemma3-27b-shape collapsed"]["unsupported"]
-        lines += ["", "gemma3-27b-shape: the tiny Gemma-3 at Gemma-3 27B's shape (62 layers, query_pre_attn_scalar "
-                  "hidden / heads = 16, head_dim 32), its last layer removed (the window period still holds). llama.cpp "
-                  "ignores query_pre_attn_scalar and takes the query scale from the layer count (hidden / heads only "
-                  "at the 27B's count: 62 for Gemma-3, 46 for Gemma-2), so the collapsed file runs with "
-                  "1/sqrt(head_dim). `llama_cpp_fit` "
-                  f"reports it ({'; '.join(unsupported) or 'nothing'}), `hf-collapse gguf-metadata` refuses the file "
-                  "and the card says to run the export in transformers." + _deep_gelu(results.get("gemma3_gelu", {}))]
+        lines += ["", _deep_paragraph(results)]
     if "gemma3_gelu" in results:
         lines += ["", gelu_paragraph(results["gemma3_gelu"])]
     if "speed" in results:

@@ -550,8 +550,13 @@ def _cmd_gguf_metadata(args) -> int:
     if result.path is None:
         print(f"{args.file} already holds the per-layer metadata llama.cpp needs for {args.export}; nothing written")
         return 0
-    for key, flags in result.written.items():
-        print(f"{key} = [{', '.join('sliding' if f else 'full' for f in flags)}]")
+    for key, value in result.written.items():
+        shown = value if isinstance(value, float) else f"[{', '.join('sliding' if f else 'full' for f in value)}]"
+        print(f"{key} = {shown}")
+    if result.rescaled:
+        names, factor = sorted(result.rescaled), next(iter(result.rescaled.values()))
+        print(f"multiplied {len(names)} query tensors ({names[0]}, ...) by {factor:.6g}: llama.cpp's query scale "
+              "times that is the model's query_pre_attn_scalar")
     print(f"wrote {result.path}")
     return 0
 

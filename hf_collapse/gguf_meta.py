@@ -8,17 +8,25 @@ period converts without error and runs with the wrong window (and, for Gemma-3, 
 layers. `write_layer_metadata` copies the GGUF with the array built from the export's `layer_types`.
 
 Some per-layer kinds llama.cpp derives from a period it cannot be told otherwise (Llama-4 and SmolLM3: the layers
-without RoPE; Llama-4: the MoE layers). Gemma-2/3 ignore `query_pre_attn_scalar` and take the query scale from the
-layer count (1/sqrt(hidden / heads) at the 27B models' counts, 1/sqrt(head_dim) otherwise), so a collapsed 27B gets
-the wrong one. When the kept layers break such a rule, no metadata can fix the file and it is refused. The `gguf`
-package is imported only when a file is read or written.
+without RoPE; Llama-4: the MoE layers). When the kept layers break such a rule, no metadata can fix the file and it
+is refused.
+
+Gemma-2/3 ignore `query_pre_attn_scalar` and take the query scale from the layer count (1/sqrt(hidden / heads) at the
+27B models' counts, 1/sqrt(head_dim) otherwise), so a collapsed 27B gets the wrong one. No key sets it, but the
+queries are linear in one tensor per layer ahead of that scale: Gemma-3's query norm (RMS norm, then its weight),
+Gemma-2's query projection. `write_layer_metadata` multiplies that tensor by sqrt(llama.cpp's / the model's scalar),
+so that llama.cpp's scale times it is the model's (RoPE is linear, so the order does not matter), and records the
+factor under `hf_collapse.query_scale_folded` so that a second run does not apply it twice. The `gguf` package is
+imported only when a file is read or written.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,6 +34,8 @@ from typing import Callable
 __all__ = ["FAMILIES", "GgufFamily", "LayerMetadataResult", "LlamaCppFit", "llama_cpp_fit", "write_layer_metadata"]
 
 SWA_KEY = "{arch}.attention.sliding_window_pattern"
+# the factor folded into the query tensors (a float); llama.cpp ignores keys it does not know
+QUERY_SCALE_KEY = "hf_collapse.query_scale_folded"
 
 
 def _rope_every_4(values: dict, n_layer: int) -> list[bool]:
@@ -87,6 +97,8 @@ class GgufFamily:
         wide_query_scale (`tuple[int, ...] | None`): for families that ignore the config's `query_pre_attn_scalar`,
             the layer counts at which llama.cpp scales queries by 1/sqrt(hidden_size / heads) instead of
             1/sqrt(head_dim) (its 27B sizes); None for families without that scalar.
+        query_tensor (`str | None`): for those families, the GGUF tensor of layer `{}` that the queries are linear
+            in just before llama.cpp's scale, where `gguf-metadata` folds the scale the model needs.
     """
 
     architectures: tuple[str, ...]
@@ -94,19 +106,23 @@ class GgufFamily:
     period: tuple[int, bool] = (0, False)
     fixed: tuple[FixedPeriod, ...] = ()
     wide_query_scale: tuple[int, ...] | None = None
+    query_tensor: str | None = None
 
 
 _SLIDING = ("sliding_attention",)
+# Gemma-3's query norm (the converter stores 1 + weight) and Gemma-2's query projection (it has no query norm)
+_Q_NORM, _Q_PROJ = "blk.{}.attn_q_norm.weight", "blk.{}.attn_q.weight"
 _NO_ROPE = "layers without RoPE (no_rope_layers)"
 
 # Keyed by the GGUF architecture name (`general.architecture`). Checked against llama.cpp as vendored in
 # llama-cpp-python 0.3.36 (src/models/*.cpp: load_swa_pattern, n_no_rope_layer_step, n_moe_layer_step).
 FAMILIES: dict[str, GgufFamily] = {
     "gemma3": GgufFamily(
-        ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"), _SLIDING, (6, False), wide_query_scale=(62,)
+        ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"), _SLIDING, (6, False), wide_query_scale=(62,),
+        query_tensor=_Q_NORM,
     ),
-    "gemma-embedding": GgufFamily(("Gemma3TextModel",), _SLIDING, (6, False), wide_query_scale=()),
-    "gemma2": GgufFamily(("Gemma2ForCausalLM",), _SLIDING, (2, False), wide_query_scale=(46,)),
+    "gemma-embedding": GgufFamily(("Gemma3TextModel",), _SLIDING, (6, False), wide_query_scale=(), query_tensor=_Q_NORM),
+    "gemma2": GgufFamily(("Gemma2ForCausalLM",), _SLIDING, (2, False), wide_query_scale=(46,), query_tensor=_Q_PROJ),
     "cohere2": GgufFamily(("Cohere2ForCausalLM",), _SLIDING, (4, False)),
     "gpt-oss": GgufFamily(("GptOssForCausalLM",), _SLIDING, (2, False)),
     "modern-bert": GgufFamily(
@@ -135,12 +151,14 @@ class LayerMetadataResult:
     Attributes:
         path (`Path | None`): the file written, or None when the GGUF already held the right metadata.
         architecture (`str`): the GGUF architecture.
-        written (`dict[str, list[bool]]`): the keys written, with their values.
+        written (`dict[str, list[bool] | float]`): the keys written, with their values.
+        rescaled (`dict[str, float]`): the tensors multiplied by a factor (the query scale, see the module), by name.
     """
 
     path: Path | None
     architecture: str
-    written: dict[str, list[bool]]
+    written: dict[str, list[bool] | float]
+    rescaled: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _text_config(config: dict) -> dict:
@@ -153,16 +171,23 @@ class LlamaCppFit:
 
     Attributes:
         architecture (`str`): the GGUF architecture the converter makes of it.
-        needs_metadata (`bool`): the kept layers leave llama.cpp's default window period, and the converter writes
-            no per-layer array for this family: run `hf-collapse gguf-metadata` on the converted file.
-        unsupported (`tuple[str, ...]`): what llama.cpp derives from a period or the layer count, that the kept
-            layers break and that no key can override (llama.cpp would run the model wrong): per-layer kinds, or
-            Gemma's query scale.
+        needs_metadata (`bool`): run `hf-collapse gguf-metadata` on the converted file: the kept layers leave
+            llama.cpp's default window period and the converter writes no per-layer array for this family, or
+            llama.cpp's query scale is not the model's (`query_scale`).
+        unsupported (`tuple[str, ...]`): per-layer kinds llama.cpp derives from a period, that the kept layers break
+            and that no key can override (llama.cpp would run the model wrong).
+        query_scale (`tuple[float, float] | None`): (the model's query_pre_attn_scalar, the one llama.cpp would use)
+            when they differ; `gguf-metadata` folds the difference into `query_tensor`.
+        query_tensor (`str | None`): that tensor, as llama.cpp names it (layer `{}`).
+        window_pattern (`bool`): the window pattern is among what `gguf-metadata` writes.
     """
 
     architecture: str
     needs_metadata: bool
     unsupported: tuple[str, ...]
+    query_scale: tuple[float, float] | None = None
+    query_tensor: str | None = None
+    window_pattern: bool = False
 
 
 def _broken_periods(family: GgufFamily, text: dict, values: dict) -> tuple[str, ...]:
@@ -187,16 +212,6 @@ def _query_scale(family: GgufFamily, text: dict) -> tuple[float, float] | None:
     return None if float(used) == float(wanted) else (float(wanted), float(used))
 
 
-def _unfixable(family: GgufFamily, text: dict, values: dict) -> tuple[str, ...]:
-    """What llama.cpp derives by a rule no key overrides and gets wrong for this export (see `LlamaCppFit`)."""
-    scale = _query_scale(family, text)
-    if scale is None:
-        return _broken_periods(family, text, values)
-    layers = text["num_hidden_layers"]
-    what = f"query scale (query_pre_attn_scalar {scale[0]:g}; llama.cpp uses {scale[1]:g} at {layers} layers)"
-    return (*_broken_periods(family, text, values), what)
-
-
 def llama_cpp_fit(config: dict) -> LlamaCppFit | None:
     """What converting this export (its `config.json` as a dict) to llama.cpp needs, or None for a family hf-collapse
     has no llama.cpp table for. A model whose layers follow llama.cpp's periods (a full one, say) needs nothing."""
@@ -214,7 +229,11 @@ def llama_cpp_fit(config: dict) -> LlamaCppFit | None:
     needs = bool(family.sliding and layer_types) and (
         _period_flags(family, len(layer_types)) != _sliding_flags(family, layer_types)
     )
-    return LlamaCppFit(arch, needs, _unfixable(family, text, values))
+    scale = _query_scale(family, text)
+    return LlamaCppFit(
+        arch, needs or scale is not None, _broken_periods(family, text, values), scale,
+        family.query_tensor if scale is not None else None, needs,
+    )
 
 
 def _period_flags(family: GgufFamily, n_layer: int) -> list[bool]:
@@ -300,27 +319,63 @@ def _check_match(reader, gguf_path: Path, out: Path, config: dict) -> tuple[str,
     return arch, family, text
 
 
-def _plan(reader, gguf_path: Path, out: Path, config: dict) -> tuple[str, dict]:
-    """The keys to write (name → bool list), after refusing a mismatch or a period llama.cpp cannot be told."""
+def _plan(reader, gguf_path: Path, out: Path, config: dict) -> tuple[str, dict, dict[str, float]]:
+    """The keys to write (name → bool list, or the folded query factor) and the tensors to rescale (name → factor),
+    after refusing a mismatch or a period llama.cpp cannot be told."""
     arch, family, text = _check_match(reader, gguf_path, out, config)
-    n_layer = text["num_hidden_layers"]
     broken = _broken_periods(family, text, _arch_values(reader, arch))
-    removed = _removed_layers(out) if broken or _query_scale(family, text) else None
-    cut = f" after removing layers {removed}" if removed else ""
-    if (scale := _query_scale(family, text)) is not None:
-        raise ValueError(
-            f"llama.cpp's {arch!r} model ignores query_pre_attn_scalar and scales queries by 1/sqrt({scale[1]:g}) "
-            f"for the {n_layer} layers of {out}{cut}, where the model needs 1/sqrt({scale[0]:g}), and GGUF has no key "
-            "to set it: llama.cpp would run this model wrong; run the export in transformers"
-        )
     if broken:
+        removed = _removed_layers(out)
+        cut = f" after removing layers {removed}" if removed else ""
         raise ValueError(
             f"llama.cpp's {arch!r} model gives the {' and the '.join(broken)} by a fixed period that the kept layers "
             f"of {out} no longer follow{cut}, and GGUF has no key to give them layer by layer: llama.cpp would run "
             "this model wrong; remove other layers (keeping the period), or run the export in transformers"
         )
+    keys, rescale = _query_plan(reader, gguf_path, family, text)
+    return arch, {**_window_keys(reader, arch, family, text, out), **keys}, rescale
+
+
+def _query_plan(reader, gguf_path: Path, family: GgufFamily, text: dict) -> tuple[dict, dict[str, float]]:
+    """The query tensors to multiply so that llama.cpp's query scale becomes the model's (see the module), and the
+    key recording it; nothing when the scales agree or the file holds the factor already."""
+    import gguf
+
+    scale = _query_scale(family, text)
+    if scale is None:
+        return {}, {}
+    factor = math.sqrt(scale[1] / scale[0])  # llama.cpp multiplies by 1/sqrt(used); the model needs 1/sqrt(wanted)
+    done = _field_value(reader, QUERY_SCALE_KEY)
+    if done is not None:
+        if math.isclose(float(done), factor, rel_tol=1e-6):
+            return {}, {}
+        raise ValueError(
+            f"{gguf_path} already has its queries multiplied by {float(done):g} ({QUERY_SCALE_KEY}) where this export "
+            f"needs {factor:g}: it was fixed for another export; convert this export again and run gguf-metadata on that"
+        )
+    names = [family.query_tensor.format(i) for i in range(text["num_hidden_layers"])]
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    if missing := [name for name in names if name not in tensors]:
+        raise ValueError(
+            f"{gguf_path} has no tensor {missing[0]}, where llama.cpp's converter puts the query weights the query scale "
+            "is folded into: convert the export again with llama.cpp's convert_hf_to_gguf.py"
+        )
+    unquantized = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+    if quantized := [name for name in names if tensors[name].tensor_type not in unquantized]:
+        kind = gguf.GGMLQuantizationType(tensors[quantized[0]].tensor_type).name
+        raise ValueError(
+            f"{gguf_path}'s {quantized[0]} is {kind}, and the query scale is folded into it only unquantized: convert "
+            "with --outtype bf16 (or f16, f32), run gguf-metadata on that file, then quantize the result with "
+            "llama-quantize"
+        )
+    return {QUERY_SCALE_KEY: factor}, {name: factor for name in names}
+
+
+def _window_keys(reader, arch: str, family: GgufFamily, text: dict, out: Path) -> dict:
+    """The window-pattern key to write (name → bool list), or nothing when the family has none or the file has it."""
+    n_layer = text["num_hidden_layers"]
     if not family.sliding:
-        return arch, {}
+        return {}
     layer_types = text.get("layer_types")
     if not layer_types or len(layer_types) != n_layer:
         raise ValueError(
@@ -331,8 +386,8 @@ def _plan(reader, gguf_path: Path, out: Path, config: dict) -> tuple[str, dict]:
     flags = _sliding_flags(family, layer_types)
     current = _field_value(reader, key)
     if isinstance(current, list) and [bool(v) for v in current] == flags:
-        return arch, {}
-    return arch, {key: flags}
+        return {}
+    return {key: flags}
 
 
 def _target(gguf_path: Path, output: str | os.PathLike | None, in_place: bool) -> Path:
@@ -350,8 +405,32 @@ def _target(gguf_path: Path, output: str | os.PathLike | None, in_place: bool) -
     return target
 
 
-def _copy_with(reader, arch: str, new: dict, target: Path) -> None:
-    """Write ``reader``'s keys and tensors to ``target`` atomically, with ``new`` (key → bool list) set."""
+def _scaled(tensor, factor: float):
+    """``tensor``'s data (F32, F16 or BF16, as `_query_plan` checked) multiplied by ``factor``, in its own type."""
+    import gguf
+    import numpy as np
+
+    if tensor.tensor_type == gguf.GGMLQuantizationType.BF16:  # the reader gives BF16 as raw bytes
+        raw = np.ascontiguousarray(tensor.data).view(np.uint16)
+        values = (raw.astype(np.uint32) << 16).view(np.float32) * np.float32(factor)
+        bits = values.view(np.uint32)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest even, as torch does
+        return rounded.astype(np.uint16).view(np.uint8).reshape(tensor.data.shape)
+    return (tensor.data.astype(np.float64) * factor).astype(tensor.data.dtype)
+
+
+def _add_key(writer, name: str, value) -> None:
+    import gguf
+
+    if isinstance(value, float):
+        writer.add_key_value(name, value, gguf.GGUFValueType.FLOAT32)
+    else:  # a window pattern (a period written as an integer before becomes the array)
+        writer.add_key_value(name, value, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL)
+
+
+def _copy_with(reader, arch: str, new: dict, target: Path, rescale: dict[str, float]) -> None:
+    """Write ``reader``'s keys and tensors to ``target`` atomically, with ``new`` (key → bool list or float) set and
+    the tensors of ``rescale`` multiplied by their factor."""
     import gguf
     from .paths import sibling_prefix
 
@@ -364,20 +443,21 @@ def _copy_with(reader, arch: str, new: dict, target: Path) -> None:
         for field in reader.fields.values():
             if field.name == "general.architecture" or field.name.startswith("GGUF."):
                 continue
-            if field.name in pending:  # replace in place (a period written as an integer becomes the array)
-                writer.add_key_value(field.name, pending.pop(field.name), gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL)
+            if field.name in pending:  # replaced where it was
+                _add_key(writer, field.name, pending.pop(field.name))
                 continue
             sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
-        for key, flags in pending.items():
-            writer.add_key_value(key, flags, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL)
+        for key, value in pending.items():
+            _add_key(writer, key, value)
         for tensor in reader.tensors:
             writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for tensor in reader.tensors:
-            writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
+            data = _scaled(tensor, rescale[tensor.name]) if tensor.name in rescale else tensor.data
+            writer.write_tensor_data(data, tensor_endianess=reader.endianess)
         writer.close()
         with open(staging, "rb") as done:
             os.fsync(done.fileno())
@@ -394,7 +474,8 @@ def write_layer_metadata(
     gguf_path: str | os.PathLike, export: str | os.PathLike, output: str | os.PathLike | None = None,
     *, in_place: bool = False,
 ) -> LayerMetadataResult:
-    """Write the per-layer metadata llama.cpp needs into a GGUF converted from the export ``export``.
+    """Write the per-layer metadata llama.cpp needs into a GGUF converted from the export ``export``: the window
+    pattern, and for Gemma-2/3 the query scale folded into the query tensors when llama.cpp's is not the model's.
 
     Args:
         gguf_path: the GGUF file `convert_hf_to_gguf.py` wrote from ``export``; read, never changed unless
@@ -407,16 +488,17 @@ def write_layer_metadata(
         A [`LayerMetadataResult`]; its `path` is None when the file already held what llama.cpp needs.
 
     Raises:
-        `ValueError`: the GGUF's architecture or layer count does not match the export, or llama.cpp derives a
-            per-layer kind the kept layers break from a period no key can override.
+        `ValueError`: the GGUF's architecture or layer count does not match the export, llama.cpp derives a
+            per-layer kind the kept layers break from a period no key can override, or the query tensors a scale
+            must be folded into are quantized (convert unquantized, fix, then quantize).
         `FileNotFoundError` / `FileExistsError`: a missing input, or an output that exists already.
     """
     gguf_path, export = Path(gguf_path), Path(export)
     target = _target(gguf_path, output, in_place)
     config = _read_export(export)
     reader = _open_gguf(gguf_path)
-    arch, new = _plan(reader, gguf_path, export, config)
+    arch, new, rescale = _plan(reader, gguf_path, export, config)
     if not new:
         return LayerMetadataResult(None, arch, {})
-    _copy_with(reader, arch, new, target)
-    return LayerMetadataResult(target, arch, new)
+    _copy_with(reader, arch, new, target, rescale)
+    return LayerMetadataResult(target, arch, new, rescale)

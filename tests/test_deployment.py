@@ -66,16 +66,19 @@ def test_ggml_gelu_rounds_input_and_output_to_fp16():
 
 
 def test_section_tables_carry_the_figures():
-    wrong_scale = "query scale (query_pre_attn_scalar 16; llama.cpp uses 32 at 61 layers)"
     speed = {"tokens_per_s": {"full": {"prompt": 100.0, "generation": 20.0}, "collapsed": {"prompt": 140.0, "generation": 25.0}},
              "speedup": {"prompt": 1.4, "generation": 1.25}, "ideal": {"prompt": 1.36, "generation": 1.27},
              "of_ideal": {"prompt": 1.4 / 1.36, "generation": 1.25 / 1.27}}
     results = {
         "quick": False, "removed": {"smollm2": [20, 21]}, "versions": {"gguf": "0.19.0"},
         "parity": {"smollm2 collapsed": {"max_abs_logit_diff": 1e-4, "argmax_agree": 40, "positions": 41, "greedy_equal": True},
+                   "gemma3-27b-shape full": {"max_abs_logit_diff": 9.6e-3, "argmax_agree": 41, "positions": 41,
+                                             "greedy_equal": True},
                    "gemma3-27b-shape collapsed": {"max_abs_logit_diff": 5.13, "argmax_agree": 16, "positions": 41,
-                                                  "greedy_equal": False}},
-        "llama_cpp_fit": {"gemma3-27b-shape collapsed": {"unsupported": [wrong_scale]}},
+                                                  "greedy_equal": False},
+                   "gemma3-27b-shape collapsed + gguf-metadata": {"max_abs_logit_diff": 1.13e-2, "argmax_agree": 41,
+                                                                  "positions": 41, "greedy_equal": True}},
+        "llama_cpp_fit": {"gemma3-27b-shape collapsed": {"unsupported": [], "query_scale": [16.0, 32.0]}},
         "speed": {"Q4_0": speed},
         "onnx": {"tokens": 64, "full_max_abs_diff": 3e-6, "collapsed_max_abs_diff": 2e-6,
                  "median_ms": {"full": 20.0, "collapsed": 13.3}, "speedup": 1.5, "ideal": 1.5},
@@ -91,7 +94,9 @@ def test_section_tables_carry_the_figures():
         assert figure in gelu, figure
     assert "| smollm2 collapsed | 1.0e-04 | 40/41 | yes |" in text
     assert "| gemma3-27b-shape collapsed | 5.13 | 16/41 | no |" in text
-    assert f"({wrong_scale})" in text
+    assert "runs with 1/sqrt(head_dim) (5.13 off)" in text
+    assert "multiplies each layer's query norm by sqrt(32 / 16)" in text
+    assert "1.1e-02 off, argmax 41/41, greedy generation equal (the full 62-layer file: 9.6e-03)" in text
     assert "file's gap (9.8e-03)" in text and "is 1.9e-03 from llama.cpp" in text
     assert "| Q4_0 | prompt | 100.0 | 140.0 | ×1.40 | ×1.36 | 1.03 |" in text
     assert "| Q4_0 | generation | 20.0 | 25.0 | ×1.25 | ×1.27 | 0.98 |" in text

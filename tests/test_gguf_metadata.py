@@ -43,8 +43,11 @@ def gemma3_out(tmp_path_factory) -> Path:
     return export(tmp_path_factory, "gemma3", "1")
 
 
-def write_gguf(path: Path, arch: str = "gemma3", blocks: int = 3, extra: dict | None = None) -> Path:
-    """A small GGUF as llama.cpp's converter writes one: architecture keys, a tokenizer list, f32/f16/Q8_0 tensors."""
+def write_gguf(
+    path: Path, arch: str = "gemma3", blocks: int = 3, extra: dict | None = None, more: dict | None = None
+) -> Path:
+    """A small GGUF as llama.cpp's converter writes one: architecture keys, a tokenizer list, f32/f16/Q8_0 tensors
+    (and ``more``: name -> array, or (array, quantization type))."""
     writer = gguf.GGUFWriter(path, arch)
     writer.add_name("tiny")
     writer.add_block_count(blocks)
@@ -57,9 +60,13 @@ def write_gguf(path: Path, arch: str = "gemma3", blocks: int = 3, extra: dict | 
     writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
     rng = np.random.default_rng(0)
     writer.add_tensor("token_embd.weight", rng.standard_normal((4, 32), dtype=np.float32))
-    writer.add_tensor("blk.0.attn_q.weight", rng.standard_normal((32, 32)).astype(np.float16))
+    if "blk.0.attn_q.weight" not in (more or {}):
+        writer.add_tensor("blk.0.attn_q.weight", rng.standard_normal((32, 32)).astype(np.float16))
     q8 = gguf.quants.quantize(rng.standard_normal((8, 64), dtype=np.float32), gguf.GGMLQuantizationType.Q8_0)
     writer.add_tensor("blk.1.ffn_up.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    for name, data in (more or {}).items():
+        data, raw = data if isinstance(data, tuple) else (data, None)
+        writer.add_tensor(name, data, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -171,20 +178,129 @@ def test_a_period_llama_cpp_cannot_be_told_is_refused(tmp_path_factory, capsys):
     assert "Run it with transformers" in (out / "README.md").read_text()
 
 
-def test_a_query_scale_llama_cpp_takes_from_the_layer_count_is_refused(tmp_path_factory, capsys):
+QUERY_KEY = "hf_collapse.query_scale_folded"
+
+
+def q_norms(blocks: int = 3, dtype=np.float32) -> dict:
+    # the converter stores Gemma-3's norms as 1 + weight, in F32
+    rng = np.random.default_rng(1)
+    return {f"blk.{i}.attn_q_norm.weight": (1 + rng.standard_normal(8)).astype(dtype) for i in range(blocks)}
+
+
+@pytest.fixture(scope="module")
+def wide_query_out(tmp_path_factory) -> Path:
     # Gemma-3: llama.cpp ignores query_pre_attn_scalar and uses head_dim (8 here) unless the model has 62 layers
-    out = export(tmp_path_factory, "gemma3", "1", {"query_pre_attn_scalar": 16})
-    source = write_gguf(tmp_path_factory.mktemp("gguf") / "m.gguf", blocks=3)
-    before = tree(source.parent)
-    assert main(["gguf-metadata", str(source), "--from", str(out)]) == EXIT_REFUSED
+    return export(tmp_path_factory, "gemma3", "1", {"query_pre_attn_scalar": 16})
+
+
+def test_the_query_scale_llama_cpp_takes_from_the_layer_count_is_folded_into_the_query_norms(
+    tmp_path, wide_query_out, capsys
+):
+    norms = q_norms()
+    source = write_gguf(tmp_path / "m.gguf", more=norms)
+    before = tree(source)
+    assert main(["gguf-metadata", str(source), "--from", str(wide_query_out)]) == 0
+    out = capsys.readouterr().out
+    assert "multiplied 3 query tensors (blk.0.attn_q_norm.weight, ...) by 0.707107" in out
+    new = tmp_path / "m-layers.gguf"
+    factor = np.sqrt(8 / 16)  # llama.cpp's 1/sqrt(8) times it is the model's 1/sqrt(16)
+    written = {t.name: t for t in gguf.GGUFReader(new).tensors}
+    for name, values in norms.items():
+        assert written[name].tensor_type == gguf.GGMLQuantizationType.F32
+        np.testing.assert_array_equal(written[name].data, (values.astype(np.float64) * factor).astype(np.float32))
+        assert not np.array_equal(written[name].data, values)
+    others = [row for row in tensors(source) if row[0] not in norms]
+    assert [row for row in tensors(new) if row[0] not in norms] == others  # every other tensor byte for byte
+    keys = dict((n, v) for n, _, v in fields(new))
+    assert keys[QUERY_KEY] == pytest.approx(factor, rel=1e-7) and keys[SWA] == [True, True, False]
+    assert tree(source) == before
+    # the factor is recorded: a second run finds nothing to do instead of scaling twice
+    assert main(["gguf-metadata", str(new), "--from", str(wide_query_out), "--in-place"]) == 0
+    assert "nothing written" in capsys.readouterr().out
+    fit = llama_cpp_fit(json.loads((wide_query_out / "config.json").read_text()))
+    assert (fit.needs_metadata, fit.unsupported, fit.query_scale) == (True, (), (16.0, 8.0))
+    assert fit.query_tensor == "blk.{}.attn_q_norm.weight" and fit.window_pattern
+    card = " ".join((wide_query_out / "README.md").read_text().split())
+    assert "ignores `query_pre_attn_scalar` (16 here)" in card and "gives 1/sqrt(8):" in card
+    assert "multiplies each layer's `blk.N.attn_q_norm.weight` by sqrt(8 / 16)" in card
+    assert "hf-collapse gguf-metadata model.gguf --from" in card and "Run it with transformers" not in card
+
+
+def test_a_bf16_query_norm_is_scaled_in_bf16(tmp_path, wide_query_out):
+    norms = {name: value.astype(np.float32) for name, value in q_norms().items()}
+    bits = {name: (value.view(np.uint32) >> 16).astype(np.uint16) for name, value in norms.items()}  # truncated to bf16
+    more = {name: (b.view(np.uint8).reshape(8, 2), gguf.GGMLQuantizationType.BF16) for name, b in bits.items()}
+    new = tmp_path / "new.gguf"
+    assert main(["gguf-metadata", str(write_gguf(tmp_path / "m.gguf", more=more)), "--from", str(wide_query_out),
+                 "--output", str(new)]) == 0
+    import torch
+
+    scaled = {t.name: t for t in gguf.GGUFReader(new).tensors if t.name in bits}
+    assert sorted(scaled) == sorted(bits)
+    for name, tensor in scaled.items():
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.BF16
+        got = torch.from_numpy(np.array(tensor.data).view(np.int16).reshape(-1)).view(torch.bfloat16)
+        start = torch.from_numpy(bits[name].view(np.int16)).view(torch.bfloat16)
+        expected = (start.float() * float(np.sqrt(0.5))).to(torch.bfloat16)  # torch rounds to nearest even
+        assert torch.equal(got, expected) and not torch.equal(got, start), name
+
+
+def test_gemma2_folds_the_query_scale_into_its_unquantized_query_projection(tmp_path_factory):
+    out = export(tmp_path_factory, "gemma2", "0", {"query_pre_attn_scalar": 64})
+    config = json.loads((out / "config.json").read_text())
+    head_dim, blocks = config["head_dim"], config["num_hidden_layers"]
+    assert head_dim != 64
+    rng = np.random.default_rng(2)
+    projections = {f"blk.{i}.attn_q.weight": rng.standard_normal((8, 16)).astype(np.float16) for i in range(blocks)}
+    folder = tmp_path_factory.mktemp("gguf2")
+    source = write_gguf(folder / "m.gguf", arch="gemma2", blocks=blocks, more=projections)
+    assert main(["gguf-metadata", str(source), "--from", str(out)]) == 0
+    scaled = {t.name: t.data for t in gguf.GGUFReader(folder / "m-layers.gguf").tensors if t.name in projections}
+    factor = np.sqrt(head_dim / 64)
+    assert sorted(scaled) == sorted(projections)
+    for name, values in projections.items():
+        np.testing.assert_array_equal(scaled[name], (values.astype(np.float64) * factor).astype(np.float16))
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", r"has no tensor blk\.0\.attn_q_norm\.weight, where llama\.cpp's converter puts"),
+        ("quantized", r"blk\.0\.attn_q_norm\.weight is Q8_0, and the query scale is folded into it only unquantized: "
+                      r"convert with --outtype bf16"),
+        ("other-factor", r"already has its queries multiplied by 0\.5 \(hf_collapse\.query_scale_folded\) where this "
+                         r"export needs 0\.707107"),
+    ],
+)
+def test_a_query_scale_that_cannot_be_folded_is_refused(tmp_path, wide_query_out, capsys, case, message):
+    more, extra = q_norms(), None
+    if case == "missing":
+        more.pop("blk.0.attn_q_norm.weight")
+    if case == "quantized":
+        q8 = gguf.quants.quantize(np.ones((1, 32), dtype=np.float32), gguf.GGMLQuantizationType.Q8_0)
+        more["blk.0.attn_q_norm.weight"] = (q8, gguf.GGMLQuantizationType.Q8_0)
+    source = write_gguf(tmp_path / "m.gguf", more=more)
+    if case == "other-factor":
+        fixed = tmp_path / "fixed.gguf"
+        writer = gguf.GGUFWriter(fixed, "gemma3")
+        for field in gguf.GGUFReader(source).fields.values():
+            if field.name != "general.architecture" and not field.name.startswith("GGUF."):
+                sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+                writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
+        writer.add_float32(QUERY_KEY, 0.5)
+        for tensor in gguf.GGUFReader(source).tensors:
+            writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        source.unlink()
+        source = fixed
+    before = tree(tmp_path)
+    assert main(["gguf-metadata", str(source), "--from", str(wide_query_out)]) == EXIT_REFUSED
     line = one_line(capsys)
-    assert "by 1/sqrt(8) for the 3 layers" in line and "needs 1/sqrt(16)" in line and "removing layers [1]" in line
-    assert tree(source.parent) == before
-    fit = llama_cpp_fit(json.loads((out / "config.json").read_text()))
-    assert fit.unsupported == ("query scale (query_pre_attn_scalar 16; llama.cpp uses 8 at 3 layers)",)
-    card = (out / "README.md").read_text()
-    assert "query_pre_attn_scalar 16" in card and "Run it with transformers" in card
-    assert "hf-collapse gguf-metadata model.gguf --from" not in card
+    assert re.search(message, line), line
+    assert tree(tmp_path) == before
 
 
 @pytest.mark.parametrize(
@@ -200,13 +316,15 @@ def test_gemma_query_scale_in_llama_cpp(architecture, hidden, heads, head_dim, s
     def fit(layers: int):
         config = {"architectures": [architecture], "num_hidden_layers": layers, "hidden_size": hidden,
                   "num_attention_heads": heads, "head_dim": head_dim, "query_pre_attn_scalar": scalar}
-        return llama_cpp_fit(config).unsupported
+        result = llama_cpp_fit(config)
+        assert result.needs_metadata == (result.query_scale is not None)
+        return result.query_scale, result.unsupported
 
-    assert fit(full) == ()
-    # llama.cpp picks hidden / heads by the 27B layer count: fewer layers get 1/sqrt(head_dim)
-    wrong = (f"query scale (query_pre_attn_scalar {scalar}; llama.cpp uses {head_dim} at {kept} layers)",)
-    assert fit(kept) == (() if scalar == head_dim else wrong)
-    assert llama_cpp_fit({"architectures": [architecture], "num_hidden_layers": kept}).unsupported == ()  # no scalar
+    assert fit(full) == (None, ())
+    # llama.cpp picks hidden / heads by the 27B layer count: fewer layers get 1/sqrt(head_dim), which gguf-metadata
+    # corrects by rescaling the query norm (Gemma-3) or projection (Gemma-2); nothing is unsupported
+    assert fit(kept) == (None if scalar == head_dim else (float(scalar), float(head_dim)), ())
+    assert llama_cpp_fit({"architectures": [architecture], "num_hidden_layers": kept}).query_scale is None  # no scalar
 
 
 @pytest.mark.parametrize(
