@@ -23,6 +23,9 @@ OWNED_SECTIONS = (
     ("<!-- streaming:begin (benchmarks/streaming.py writes this section) -->", "<!-- streaming:end -->"),
     ("<!-- smollm2-repair:begin (python -m benchmarks.quality smollm2 --output outputs/benchmarks/smollm2-repair writes "
      "its RESULTS.md; this section carries its tables) -->", "<!-- smollm2-repair:end -->"),
+    ("<!-- minilm-repair:begin (python -m benchmarks.quality minilm --output outputs/benchmarks/minilm-repair writes "
+     "its RESULTS.md; this section carries its tables) -->", "<!-- minilm-repair:end -->"),
+    ("<!-- minilm-budget:begin (python -m benchmarks.quality budget writes this section) -->", "<!-- minilm-budget:end -->"),
 )
 
 

@@ -24,9 +24,27 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _budget(args) -> int:
+    from .budget import run_budgets
+
+    if args.arms or args.ks:
+        print("error: the budget sweep has its own arms and k (see benchmarks/quality/budget.py)", file=sys.stderr)
+        return 2
+    budgets = args.budgets or ([2, 4] if args.quick else [200, 2000])
+    try:
+        path = run_budgets(budgets, args.output or ROOT, quick=args.quick, seeds=args.seeds, results_md=args.results)
+    except (StudyError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}" if path else "budget sweep done")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__)
-    parser.add_argument("command", help=f"a study ({', '.join(STUDIES)}), 'report' or 'arms'")
+    parser.add_argument("command", help=f"a study ({', '.join(STUDIES)}), 'budget' (the budget sweep, see "
+                        "benchmarks/quality/budget.py), 'report' or 'arms'")
+    parser.add_argument("--budgets", type=_ints, help="budget: comma-separated optimizer steps (default 200,2000)")
     parser.add_argument("--quick", action="store_true", help="a minutes-long smoke run (tiny schedule and splits)")
     parser.add_argument("--output", type=Path, help="result folder (default outputs/benchmarks/<study>[-quick])")
     parser.add_argument("--arms", help="comma-separated arms (default: the study's)")
@@ -40,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, entry in ARMS.items():
             print(f"{name:26s} {entry.family:9s} {entry.description}")
         return 0
+    if args.command == "budget":
+        return _budget(args)
     if args.command == "report":
         dirs = [ROOT / name for name in STUDIES]
         path = write_report(dirs, args.results or RESULTS_MD, PLOTS, str(ROOT))

@@ -1,0 +1,79 @@
+"""The penalty-against-budget sweep (issue 21, part 2) in its quick mode on the real MiniLM: one study folder per
+budget, the table and the paired differences taken from those results, the plot; bad budgets refused first."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from benchmarks.quality.__main__ import main
+from benchmarks.quality.budget import BUDGET_ARMS, BUDGET_BEGIN, BUDGET_END, budget_study
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("budget")
+    assert main(["budget", "--quick", "--output", str(root)]) == 0
+    return root
+
+
+def _accuracy(root, budget: int, arm: str, seed: int = 0) -> dict:
+    k = 0 if arm in ("vanilla", "penalty") else 2
+    return json.loads((root / f"minilm-budget-{budget}-quick" / arm / f"seed{seed}_k{k}.json").read_text())
+
+
+def test_each_budget_trains_every_arm_for_its_own_steps(sweep):
+    for budget in (2, 4):
+        study = json.loads((sweep / f"minilm-budget-{budget}-quick" / "study.json").read_text())["study"]
+        assert (study["steps"], study["ks"], study["arms"]) == (budget, [2], list(BUDGET_ARMS))
+        for arm in BUDGET_ARMS:
+            result = _accuracy(sweep, budget, arm)
+            assert result["train_steps"] == budget
+            assert len(result["layers"]) == (0 if arm in ("vanilla", "penalty") else 2)
+
+
+def test_the_section_carries_the_results_and_the_plot(sweep):
+    text = (sweep / "section.md").read_text()
+    assert text.startswith(BUDGET_BEGIN) and text.rstrip().endswith(BUDGET_END)
+    assert "| arm | 2 steps | 4 steps |" in text
+    for arm in BUDGET_ARMS:
+        label = arm + (" (full depth)" if arm in ("vanilla", "penalty") else "")
+        cells = [f"{_accuracy(sweep, b, arm)['test']['accuracy']:.3f} ± 0.000 [1 seed]" for b in (2, 4)]
+        assert f"| {label} | {' | '.join(cells)} |" in text, arm
+    # paired against the best post-hoc rule on the vanilla fine-tune, seed by seed
+    for arm in ("penalty_msw", "score_fade", "prune_then_finetune"):
+        cells = []
+        for b in (2, 4):
+            mine, theirs = _accuracy(sweep, b, arm), _accuracy(sweep, b, "vanilla_measured")
+            diff = [100 * (mine[s]["accuracy"] - theirs[s]["accuracy"]) for s in ("test", "ood")]
+            cells.append(f"{diff[0]:+.1f} / {diff[1]:+.1f}")
+        assert f"| {arm} | {' | '.join(cells)} |" in text, arm
+    plot = re.search(r"!\[accuracy after removal against budget\]\((.+)\)", text).group(1)
+    assert (sweep / "plots" / "quality_minilm_budget.png").stat().st_size > 1000 and plot.endswith("quality_minilm_budget.png")
+
+
+def test_a_resumed_sweep_trains_nothing_again(sweep):
+    before = {p: p.stat().st_mtime_ns for p in sweep.glob("minilm-budget-*-quick/*/seed*_k*.json")}
+    assert len(before) == 2 * len(BUDGET_ARMS)
+    assert main(["budget", "--quick", "--output", str(sweep)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in sweep.glob("minilm-budget-*-quick/*/seed*_k*.json")} == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budgets", "200,0"], "a budget is a positive number of optimizer steps, got 0"),
+    (["--budgets", "-5"], "got -5"),
+    (["--arms", "vanilla"], "the budget sweep has its own arms and k"),
+])
+def test_bad_budgets_are_refused_before_anything_is_written(tmp_path, capsys, argv, message):
+    assert main(["budget", "--output", str(tmp_path / "out"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_full_sweep_uses_the_whole_train_split_and_scaled_warm_ups():
+    study = budget_study(2000)
+    assert (study.train_rows, study.steps, study.warmup_steps, study.msw_warmup_steps, study.heal_steps) == (
+        None, 2000, 200, 200, 500)
+    assert study.batch_size * study.steps >= 10 * 200 * 16  # at least ten times the quickstart's rows
