@@ -69,7 +69,7 @@ class RecipeArguments:
             removal hurts the validation metric least.
         collapse_repair (`str`, defaults to `"none"`): after the layers are chosen, fit a map for each removed span on
             the calibration rows and fold it into the weights before the cut (`scale`, `linear`, `transport`; see
-            [`fit_repair`]).
+            [`fit_repair`]). Refused after a fade (`fade_steps`): the network already trained without those layers.
         export_dir (`str`, *optional*): where the collapsed model goes; defaults to `<output_dir>/collapsed`.
         trust_remote_code (`bool`, defaults to `False`): load a checkpoint whose architecture is its own Python code
             (an `auto_map` in its config), which runs that code. Without it such a checkpoint is refused before
@@ -488,6 +488,13 @@ def check_choice(recipe: RecipeArguments, config: CollapseConfig) -> None:
             raise RecipeError(f"{what} needs collapse: true (the layers are removed after training)")
         return
     check_healing(recipe, config)
+    if recipe.collapse_repair != "none" and config.has_target and config.fade_steps:
+        raise RecipeError(
+            f"collapse_repair: {recipe.collapse_repair} after a fade has nothing to repair: the rest of the network "
+            "trained without the faded layers, and a map fitted to their own output puts back what it learned to do "
+            "without (MiniLM, 2 layers: test accuracy 0.772 -> 0.578, one class for every row). Use collapse_repair: "
+            "none with fade_steps, or fade_steps: 0 to repair a cut made after training"
+        )
     layer_choice(recipe, config)
 
 
