@@ -634,7 +634,9 @@ def run(args: argparse.Namespace) -> int:
             removed = _Outputs.remove_empty_new()
             kept = [p for p in written if p not in removed]
             message += " [work had begun" + (f"; kept: {', '.join(map(str, kept))}" if kept else "; nothing was left") + "]"
-        print(f"hf-collapse {args.verb}: error: {message}", file=sys.stderr)
+        # one write of the whole line, so that the ranks of a multi-process launch do not interleave inside it
+        sys.stderr.write(f"hf-collapse {args.verb}: error: {message}\n")
+        sys.stderr.flush()
         # a push that got past its checks may have created the repo or branch on the Hub: work had begun there
         began = written or (isinstance(error, PushError) and not isinstance(error, PushNotStartedError))
         began = began or getattr(error, "work_began", False)  # e.g. an export that failed while being written

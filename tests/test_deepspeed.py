@@ -118,7 +118,9 @@ def _recipe(world: Path, tmp_path: Path, extra: str = "", *, name: str = "recipe
 
 
 def _errors(result) -> list[str]:
-    return sorted({line for line in result.stderr.splitlines() if line.startswith("hf-collapse train: error:")})
+    # every rank reports the refusal; through the launcher their lines can reach stderr glued together
+    text = result.stderr.replace("hf-collapse train: error:", "\nhf-collapse train: error:")
+    return sorted({line for line in text.splitlines() if line.startswith("hf-collapse train: error:")})
 
 
 def test_zero2_recipe_trains_collapses_and_exports_in_one_go(shm_op, world, tmp_path):
