@@ -416,6 +416,7 @@ def _context(
         "dequantized_dtype": training.dequantized_dtype,
         "limitations": list(provenance.limitations),
         "repair": _repair(removal.repair),
+        "repair_declined": _repair_declined(removal.repair),
         "earlier_removed": (
             None if removal.earlier_removed is None else _by_stack(removal.earlier_removed, "earlier_removed")
         ),
@@ -498,7 +499,7 @@ _REPAIR_WORDS = {
 
 def _repair(repair) -> dict[str, Any] | None:
     """The repair record as the card shows it (None when no repair was folded in)."""
-    if not repair:
+    if not repair or repair.get("folded") is False:
         return None
     spans = [
         {"removed": ", ".join(map(str, span.get("removed", []))), "site": span.get("folded_into"),
@@ -507,9 +508,16 @@ def _repair(repair) -> dict[str, Any] | None:
     ]
     unrepaired = [span for span in spans if span["rejected"] is not None]
     worse = [span["removed"] for span in spans if None not in (span["before"], span["after"]) and span["after"] > span["before"]]
-    defaults = {"layout": None, "data": None, "shift": False, "verified": False}
+    defaults = {"layout": None, "data": None, "shift": False, "verified": False, "validation": None}
     return {**defaults, **dict(repair), "words": _REPAIR_WORDS.get(repair["method"], repair["method"]), "span_rows": spans,
             "worse": worse, "unrepaired": unrepaired}
+
+
+def _repair_declined(repair) -> dict[str, Any] | None:
+    """A repair fitted and then not folded because the validation rows scored it worse (None otherwise)."""
+    if not repair or repair.get("folded") is not False:
+        return None
+    return {**dict(repair["validation"]), "method": repair["method"], "words": _REPAIR_WORDS.get(repair["method"], repair["method"])}
 
 
 def _auto_preprocessor(processing_class: object | None) -> str | None:

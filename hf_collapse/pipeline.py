@@ -354,7 +354,7 @@ class RecipeRun:
         self.stage(f"scoring, choosing ({'training targets' if self.targeted else recipe.collapse_strategy}) and collapsing")
         self.model, self.report = collapse_model(
             self.model, layer_choice(recipe, config, layers=targets), calibration=batches, scores=self.layerwise_scores(batches),
-            repair=recipe.collapse_repair, calibration_source=self.calibration_source(),
+            repair=recipe.collapse_repair, repair_check=recipe.collapse_repair_check, calibration_source=self.calibration_source(),
             score_method=recipe.collapse_score_method, choose_on=task.evaluator(self, choice_rows),
             evaluate=self.evaluate, metric_name=task.metric_name, higher_is_better=task.higher_is_better,
             base_model=self.resolved.base_model,

@@ -39,6 +39,7 @@ def collapse_model(
     calibration: Any = None,
     scores: LayerScores | None = None,
     repair: str = "none",
+    repair_check: bool = True,
     calibration_source: str | None = None,
     score_method: str = "msw",
     choose_on: Evaluate | None = None,
@@ -71,10 +72,14 @@ def collapse_model(
         repair (`str`, defaults to `"none"`): after the layers are chosen, fit a map for each removed span on the
             calibration activations of the full model and fold it into the weights of the last kept layer before
             it: `"scale"`, `"linear"` or `"transport"` (see [`fit_repair`]); `"none"` removes layers only.
+        repair_check (`bool`, defaults to `True`): with `choose_on`, fold the repair only if it scores no worse there
+            (see `choose_on`); `False` folds it whatever that metric says.
         calibration_source (`str`, *optional*): what the calibration data is, in words, for the report's repair record.
         score_method (`str`, defaults to `"msw"`): the score of [`score_layers`].
         choose_on (`Callable[[model], float]`, *optional*): the metric that measured selection evaluates
-            (validation rows). Needed by `"measured"` and by `tolerance`.
+            (validation rows). Needed by `"measured"` and by `tolerance`. With a `repair`, it also decides whether
+            the fitted maps are kept: they are folded only if the chosen layers bypassed with the maps score no worse
+            on it than without (else the cut is left unrepaired and the report's repair record says `folded: false`).
         evaluate (`Callable[[model], float]`, *optional*): the metric reported before and after, on rows that
             did not choose the layers (a test split); without it the card says nothing was measured.
         metric_name (`str`, *optional*): the name of those metrics (e.g. `"accuracy"`).
@@ -121,7 +126,9 @@ def collapse_model(
         log(f"{metric_name} of the full model: {metric_before:.4f}")
     removed, curve = _choose(model, stack, choice, removable, scores, choose_on, higher_is_better, log)
     earlier_removed = copy.deepcopy(getattr(model.config, "collapsed_layers", None))
-    record, repaired = _collapse_and_repair(model, removed, repair, calibration, calibration_source, log)
+    check = _RepairCheck(partial(bypassed_metric, model, choose_on, stack.name, removed), metric_name or "metric",
+                         higher_is_better) if choose_on is not None and repair != "none" and repair_check else None
+    record, repaired = _collapse_and_repair(model, removed, repair, calibration, calibration_source, log, check)
     log(f"removed layers {removed}: {depth} -> {depth - len(removed)} layers")
     report = CollapseReport(
         base_model=base_model or getattr(model.config, "name_or_path", "") or type(model).__name__,
@@ -143,13 +150,39 @@ def collapse_model(
     return model, report
 
 
-def _collapse_and_repair(model, removed: list[int], repair: str, calibration, source: str | None, log):
+@dataclasses.dataclass
+class _RepairCheck:
+    """The validation metric of the model with the chosen layers bypassed (`measure`), before and after a fold."""
+
+    measure: Callable[[], float]
+    metric: str
+    higher_is_better: bool
+
+    def keeps(self, unrepaired: float, repaired: float) -> bool:
+        return repaired >= unrepaired if self.higher_is_better else repaired <= unrepaired
+
+
+def _collapse_and_repair(model, removed: list[int], repair: str, calibration, source: str | None, log,
+                         check: _RepairCheck | None = None):
     """Fit the repair on the full model (refusing before any change), fold it (verified), then remove the layers;
-    a failed removal puts the weights back. Returns the collapse record and the repair's report record (or None)."""
+    a failed removal puts the weights back. With `check` (the rows that chose the layers), a fold that makes their
+    metric worse than the unrepaired cut is undone and recorded as not folded. Returns the collapse record and the
+    repair's report record (or None)."""
     if repair == "none":
         return collapse_layers(model, removed), None
     plan = fit_repair(model, removed, calibration, repair)
+    unrepaired = check.measure() if check is not None else None
     undo = fold_verified(model, plan, removed)
+    summary = plan.summary(source)
+    if check is not None:
+        repaired = check.measure()
+        folded = check.keeps(unrepaired, repaired)
+        summary.update(folded=folded, validation={"metric": check.metric, "unrepaired": unrepaired, "repaired": repaired})
+        if not folded:
+            undo()
+            log(f"repair ({repair}): not folded, it made the {check.metric} of the rows that chose the layers worse "
+                f"({unrepaired:.4g} with the cut unrepaired, {repaired:.4g} repaired)")
+            return collapse_layers(model, removed), summary
     try:
         record = collapse_layers(model, removed)
     except BaseException:
@@ -163,7 +196,7 @@ def _collapse_and_repair(model, removed: list[int], repair: str, calibration, so
             continue
         log(f"repair ({repair}) of layers {fit.first}-{fit.last}, folded into {fit.site}: relative error after the cut "
             f"{fit.error_before:.4g} -> {fit.error_after:.4g} on {fit.tokens} calibration tokens")
-    return record, plan.summary(source)
+    return record, summary
 
 
 def _the_choice(choice: LayerChoice | None, fields: Mapping[str, Any]) -> LayerChoice:

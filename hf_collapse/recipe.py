@@ -70,6 +70,9 @@ class RecipeArguments:
         collapse_repair (`str`, defaults to `"none"`): after the layers are chosen, fit a map for each removed span on
             the calibration rows and fold it into the weights before the cut (`scale`, `linear`, `transport`; see
             [`fit_repair`]). Refused after a fade (`fade_steps`): the network already trained without those layers.
+        collapse_repair_check (`bool`, defaults to `True`): fold the repair only if the validation rows that chose the
+            layers score the repaired cut no worse than the unrepaired one (else it is recorded as not folded);
+            `false` folds it regardless.
         export_dir (`str`, *optional*): where the collapsed model goes; defaults to `<output_dir>/collapsed`.
         trust_remote_code (`bool`, defaults to `False`): load a checkpoint whose architecture is its own Python code
             (an `auto_map` in its config), which runs that code. Without it such a checkpoint is refused before
@@ -157,6 +160,11 @@ class RecipeArguments:
         default="none",
         metadata={"help": "Repair the cut, fitted on the calibration rows and folded into the weights: none, scale, "
                   "linear or transport.", "choices": list(REPAIRS)},
+    )
+    collapse_repair_check: bool = field(
+        default=True,
+        metadata={"help": "Fold the repair only if the validation rows that chose the layers score it no worse than "
+                  "the unrepaired cut; false folds it regardless."},
     )
     calibration_samples: int = field(default=256, metadata={"help": "Training rows used to score the layers (and fit a repair)."})
     layerwise_scoring: bool = field(

@@ -164,23 +164,35 @@ def saved_llama(tmp_path_factory):
     return root
 
 
-def test_cli_collapse_with_a_linear_repair_end_to_end(saved_llama, tmp_path, capsys):
+@pytest.mark.parametrize("check", [True, False], ids=["judged on validation", "folded regardless"])
+def test_cli_collapse_with_a_linear_repair_end_to_end(saved_llama, tmp_path, capsys, check):
     from safetensors.torch import load_file
 
     src, out = saved_llama / "src", tmp_path / "out"
     code = main(["collapse", str(src), str(out), "--layers", "1,2", "--repair", "linear", "--data", str(saved_llama / "rows.csv"),
                  "--task", "causal-lm", "--max_length", "32", "--calibration_samples", "8", "--latency_repeats", "0",
-                 "--use_cpu", "true", "--max_eval_samples", "8", "--per_device_eval_batch_size", "4"])
+                 "--use_cpu", "true", "--max_eval_samples", "8", "--per_device_eval_batch_size", "4",
+                 "--collapse_repair_check", str(check).lower()])
     assert code == 0, capsys.readouterr().err[-2000:]
     report = json.loads((out / "collapse_report.json").read_text())["report"]
     assert report["repair"]["method"] == "linear" and report["repair"]["rows"] == 8 and report["repair"]["tokens"] == 256
     assert "rows.csv" in report["repair"]["data"]
     card = (out / "README.md").read_text()
-    assert "## Repair at the cut" in card and "The repair is fitted to its calibration data" in card
     before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
-    assert not torch.equal(before["model.layers.0.mlp.down_proj.weight"], after["model.layers.0.mlp.down_proj.weight"])
+    folded = not torch.equal(before["model.layers.0.mlp.down_proj.weight"], after["model.layers.0.mlp.down_proj.weight"])
     assert torch.equal(before["model.layers.3.mlp.down_proj.weight"], after["model.layers.1.mlp.down_proj.weight"])
     assert torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])
+    if not check:
+        assert folded and "validation" not in report["repair"] and "folded" not in report["repair"]
+        assert "## Repair at the cut" in card and "The repair is fitted to its calibration data" in card
+        return
+    # on this random model the map lowers the hidden-state error on the calibration rows yet raises the perplexity
+    # of the validation rows that chose the layers: it is fitted, judged, and left out
+    validation = report["repair"]["validation"]
+    assert validation["metric"] == "perplexity" and validation["repaired"] > validation["unrepaired"] > 1
+    assert report["repair"]["folded"] is False and not folded
+    assert "## Repair at the cut" not in card and "was fitted and not folded" in card
+    assert "(`linear`: a least-squares linear map (ridge-regularised)) was fitted and not folded" in card
 
 
 @pytest.mark.parametrize("extra,pattern", [
@@ -283,3 +295,47 @@ def test_a_map_worse_than_none_on_its_own_data_is_not_folded(monkeypatch):
 
     card = render_card(report)
     assert "nothing (left unrepaired)" in card and "did not lower the error after the cut on its own calibration" in card
+
+
+def _distance_to(reference: torch.Tensor, probe):
+    """A validation metric (higher is better): minus the largest logit difference from `reference` on `probe`."""
+    return lambda model: -float((logits(model, probe) - reference).abs().max())
+
+
+@pytest.mark.parametrize("judge", ["plain", "repaired"])
+def test_the_rows_that_chose_the_layers_decide_whether_the_repair_is_folded(judge):
+    """With choose_on, the maps are folded only if the layers bypassed with them score no worse than without."""
+    from hf_collapse.card import render_card
+
+    data, probe = calibration(), LLAMA.inputs()
+    plan = fit_repair(LLAMA.build(), [1, 2], data, "linear")
+    plain = logits(collapse_model(LLAMA.build(), layers=[1, 2])[0], probe)
+    with repaired_reference(reference_model := LLAMA.build(), plan, [1, 2]):
+        repaired = logits(reference_model, probe)
+    assert (plain - repaired).abs().max() > 1e-3  # the two judges disagree
+    # a judge that prefers the unrepaired cut declines the map; one that prefers the repaired model keeps it
+    target = plain if judge == "plain" else repaired
+    model, report = collapse_model(LLAMA.build(), layers=[1, 2], calibration=data, repair="linear",
+                                   choose_on=_distance_to(target, probe), metric_name="closeness")
+    got = logits(model, probe)
+    assert torch.allclose(got, target, rtol=0, atol=1e-5 * float(target.abs().max()))
+    validation = report.repair["validation"]
+    assert validation["metric"] == "closeness" and report.repair["folded"] is (judge == "repaired")
+    best, worst = (validation["unrepaired"], validation["repaired"])[:: 1 if judge == "plain" else -1]
+    assert best == pytest.approx(0.0, abs=1e-4) and worst < -1e-3
+    card = render_card(report)
+    declined = "was fitted and not folded: on the validation rows that chose the layers it made closeness worse"
+    assert (declined in card) is (judge == "plain")
+    assert ("## Repair at the cut" in card) is (judge == "repaired")
+    if judge == "repaired":
+        assert "It was kept because the validation rows that chose the layers scored it no worse" in card
+
+
+def test_a_lower_is_better_metric_declines_a_repair_that_raises_it():
+    data, probe = calibration(), LLAMA.inputs()
+    plain = logits(collapse_model(LLAMA.build(), layers=[1, 2])[0], probe)
+    distance = _distance_to(plain, probe)
+    model, report = collapse_model(LLAMA.build(), layers=[1, 2], calibration=data, repair="linear",
+                                   choose_on=lambda m: -distance(m), higher_is_better=False, metric_name="gap")
+    assert report.repair["folded"] is False and report.repair["validation"]["repaired"] > report.repair["validation"]["unrepaired"]
+    assert torch.allclose(logits(model, probe), plain, rtol=0, atol=1e-5 * float(plain.abs().max()))
