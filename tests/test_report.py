@@ -84,7 +84,7 @@ def test_a_report_from_whole_sections_and_dataclasses_replace_with_flat_names():
 def test_a_card_of_the_uniform_penalty_says_where_it_has_been_measured_to_pay():
     stored = json.loads((FIXTURES / "collapse_report_causal_lm.json").read_text(encoding="utf-8"))
     report = CollapseReport.from_dict(stored["report"])
-    line = "fine-tuned with the paper's uniform MSW penalty, which in hf-collapse's own measurements has not yet"
+    line = "fine-tuned with the paper's uniform MSW penalty, which in hf-collapse's own measurements has not clearly"
     assert line not in render_card(report)  # a target schedule, not the uniform penalty
     uniform = report.updated(penalty_schedule=None, recipe={**report.training.recipe, "msw_weight": 0.03})
     assert uniform.training.msw_penalty_used and line in render_card(uniform)
