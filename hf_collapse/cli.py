@@ -112,28 +112,23 @@ def _load(recipe_path: str | None, overrides: list[str], *, check_collapse: bool
 
 
 def _cmd_train(args) -> int:
+    from .launch import end_processes, leave
     from .pipeline import run_recipe
 
     recipe, config, resolved = _load(args.recipe, args.overrides)
     try:
         summary = run_recipe(recipe, config, resolved, train=True)
-    finally:
-        _end_processes()
+    except BaseException:
+        end_processes()
+        raise
+    # every rank destroys its own group as soon as it is finished (rank 0 may still collapse and export long after
+    # the others), then a rank of a multi-process launch leaves without the interpreter's shutdown (see `leave`)
+    distributed = end_processes()
     if summary is not None:
         print("\n" + summary.table())
+    if distributed:
+        leave(0)
     return 0
-
-
-def _end_processes() -> None:
-    """Tear down the process group of a multi-process launch before the interpreter exits.
-
-    A group left to the interpreter's shutdown can abort the process ("terminate called without an active
-    exception") after all the work is done; every rank destroys its own group as soon as it is finished.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _cmd_validate(args) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-__all__ = ["launch_problem", "precision_overrides", "sharded_launch"]
+__all__ = ["end_processes", "launch_problem", "leave", "precision_overrides", "sharded_launch"]
 
 
 def _true(value: str | None) -> bool:
@@ -76,3 +76,32 @@ def launch_problem(recipe, config, environ: Mapping[str, str] = os.environ) -> s
             f"to save the whole fine-tuned model in {out}, then run: hf-collapse collapse {out} SLIM {choice}"
         )
     return None
+
+
+def end_processes(*, wait: bool = False) -> bool:
+    """Tear down the process group of a multi-process launch, if one was set up (after a barrier with `wait`: only
+    where every rank reaches this point soon, gloo's barrier times out after 30 minutes). Returns whether there was one.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
+    return True
+
+
+def leave(code: int) -> None:
+    """End a rank of a multi-process launch whose work is done and whose group is torn down ([`end_processes`]),
+    without the interpreter's shutdown: there gloo's leftover worker state can abort the process ("terminate called
+    without an active exception", SIGABRT) after all the work succeeded, which the launcher reports as a failure and
+    answers by killing the other ranks. Logs and the standard streams are flushed first."""
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_trainer import FixedDirection, SequentialCollapseTrainer, config, lm_dataset, tiny_llama  # noqa: E402
 
 import datasets  # noqa: E402
+from hf_collapse.launch import end_processes, leave  # noqa: E402
 
 
 class Recording(SequentialCollapseTrainer):
@@ -43,10 +44,9 @@ def main(out_dir: str, batch: int) -> None:
         torch.save({n: p.detach().cpu() for n, p in model.named_parameters()}, out / "params.pt")
         (out / "logs.json").write_text(json.dumps(trainer.state.log_history))
         (out / "world.json").write_text(json.dumps(trainer.args.world_size))
-    # both ranks leave together and tear the group down themselves, not in the interpreter's shutdown
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    # both ranks leave together, tear the group down themselves and skip the interpreter's shutdown
+    if end_processes(wait=True):
+        leave(0)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from ddp_step import Recording  # noqa: E402  (keeps each rank's own metric mean
 from test_trainer import FixedDirection, config, lm_dataset, tiny_llama  # noqa: E402
 
 import datasets  # noqa: E402
+from hf_collapse.launch import end_processes, leave  # noqa: E402
 
 
 def main(out_dir: str, batch: int) -> None:
@@ -42,9 +43,8 @@ def main(out_dir: str, batch: int) -> None:
     if rank == 0:
         torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, out / "params.pt")
         (out / "logs.json").write_text(json.dumps(trainer.state.log_history))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    if end_processes(wait=True):
+        leave(0)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_trainer import FixedDirection, config, lm_dataset, tiny_llama  # noqa: E402
 
 from hf_collapse import CollapseTrainer  # noqa: E402
+from hf_collapse.launch import end_processes, leave  # noqa: E402
 
 
 def main(out_dir: str, weight: float) -> None:
@@ -54,9 +55,8 @@ def main(out_dir: str, weight: float) -> None:
     full = {n: (p.full_tensor() if type(p).__name__ == "DTensor" else p).detach() for n, p in model.named_parameters()}
     if rank == 0:
         torch.save(full, out / "params.pt")
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+    if distributed and end_processes(wait=True):
+        leave(0)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from ddp_step import Recording  # noqa: E402  (the DDP step's trainer, which kee
 from test_trainer import FixedDirection, config, lm_dataset, tiny_llama  # noqa: E402
 
 import datasets  # noqa: E402
+from hf_collapse.launch import end_processes, leave  # noqa: E402
 
 
 def main(out_dir: str) -> None:
@@ -33,9 +34,8 @@ def main(out_dir: str) -> None:
     }))
     if rank == 0:
         (out / "logs.json").write_text(json.dumps(trainer.state.log_history))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    if end_processes(wait=True):
+        leave(0)
 
 
 if __name__ == "__main__":
