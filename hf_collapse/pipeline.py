@@ -303,8 +303,8 @@ class RecipeRun:
     def save_trained(self) -> None:
         """`collapse: false`: save the fine-tuned model (every rank: FSDP and DeepSpeed gather collectively)."""
         self.trainer.save_model(self.config.output_dir)
-        # the main process writes the gathered weights alone; the others wait for it here instead of tearing their
-        # process group down while it writes (a rank that did so aborted once at exit under ZeRO-3 on gloo)
+        # the main process writes the gathered weights alone; the others wait for it, so that every rank tears down
+        # after the last collective work (the exit itself is `launch.leave`: finalization aborted even after a barrier)
         self.trainer.accelerator.wait_for_everyone()
         if self.trainer.is_world_process_zero():
             self.stage(f"saved the fine-tuned model to {self.config.output_dir} (collapse: false)")

@@ -126,8 +126,8 @@ def collapse_model(
         log(f"{metric_name} of the full model: {metric_before:.4f}")
     removed, curve = _choose(model, stack, choice, removable, scores, choose_on, higher_is_better, log)
     earlier_removed = copy.deepcopy(getattr(model.config, "collapsed_layers", None))
-    check = _RepairCheck(partial(bypassed_metric, model, choose_on, stack.name, removed), metric_name or "metric",
-                         higher_is_better) if choose_on is not None and repair != "none" and repair_check else None
+    check = _RepairCheck(model, partial(bypassed_metric, model, choose_on, stack.name), removed, metric_name or "metric",
+                         higher_is_better, curve) if choose_on is not None and repair != "none" and repair_check else None
     record, repaired = _collapse_and_repair(model, removed, repair, calibration, calibration_source, log, check)
     log(f"removed layers {removed}: {depth} -> {depth - len(removed)} layers")
     report = CollapseReport(
@@ -152,11 +152,23 @@ def collapse_model(
 
 @dataclasses.dataclass
 class _RepairCheck:
-    """The validation metric of the model with the chosen layers bypassed (`measure`), before and after a fold."""
+    """The validation metric of the model with the chosen `layers` bypassed, before and after a fold: measured in eval
+    mode as `_choose` measures, and taken from the selection curve where that already measured those layers."""
 
-    measure: Callable[[], float]
+    model: nn.Module
+    bypassed: Callable[[list[int]], float]  # bypassed_metric bound to the model, choose_on and the stack
+    layers: list[int]
     metric: str
     higher_is_better: bool
+    curve: list
+
+    def measure(self, *, folded: bool) -> float:
+        if not folded:
+            known = [value for bypassed, value in self.curve if sorted(bypassed) == self.layers]
+            if known:
+                return known[-1]
+        with eval_mode(self.model):
+            return self.bypassed(self.layers)
 
     def keeps(self, unrepaired: float, repaired: float) -> bool:
         return repaired >= unrepaired if self.higher_is_better else repaired <= unrepaired
@@ -171,11 +183,11 @@ def _collapse_and_repair(model, removed: list[int], repair: str, calibration, so
     if repair == "none":
         return collapse_layers(model, removed), None
     plan = fit_repair(model, removed, calibration, repair)
-    unrepaired = check.measure() if check is not None else None
+    unrepaired = check.measure(folded=False) if check is not None else None
     undo = fold_verified(model, plan, removed)
     summary = plan.summary(source)
     if check is not None:
-        repaired = check.measure()
+        repaired = check.measure(folded=True)
         folded = check.keeps(unrepaired, repaired)
         summary.update(folded=folded, validation={"metric": check.metric, "unrepaired": unrepaired, "repaired": repaired})
         if not folded:

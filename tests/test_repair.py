@@ -339,3 +339,25 @@ def test_a_lower_is_better_metric_declines_a_repair_that_raises_it():
                                    choose_on=lambda m: -distance(m), higher_is_better=False, metric_name="gap")
     assert report.repair["folded"] is False and report.repair["validation"]["repaired"] > report.repair["validation"]["unrepaired"]
     assert torch.allclose(logits(model, probe), plain, rtol=0, atol=1e-5 * float(plain.abs().max()))
+
+
+def test_the_judgement_reuses_the_selection_curve_and_measures_in_eval_mode():
+    data, probe = calibration(), LLAMA.inputs()
+
+    def run(repair):
+        modes = []
+
+        def judge(model):
+            modes.append(model.training)
+            return -float(logits(model, probe).abs().mean())
+
+        _, report = collapse_model(LLAMA.build().train(), num_layers=1, strategy="measured", protect_first=1, calibration=data,
+                                   repair=repair, choose_on=judge, score_method="block_influence")
+        return modes, report
+
+    plain_modes, _ = run("none")
+    modes, report = run("linear")
+    assert not any(modes)  # every measurement with dropout and the like off, the judgement's too
+    assert len(modes) == len(plain_modes) + 1  # the unrepaired cut was measured while choosing: only the fold is new
+    chosen = [value for bypassed, value in report.selection_curve if sorted(bypassed) == report.removed_layers]
+    assert report.repair["validation"]["unrepaired"] == chosen[-1]
