@@ -77,3 +77,31 @@ def test_the_full_sweep_uses_the_whole_train_split_and_scaled_warm_ups():
     assert (study.train_rows, study.steps, study.warmup_steps, study.msw_warmup_steps, study.heal_steps) == (
         None, 2000, 200, 200, 500)
     assert study.batch_size * study.steps >= 10 * 200 * 16  # at least ten times the quickstart's rows
+
+
+def test_full_runs_record_in_the_repository_and_quick_runs_in_outputs(monkeypatch):
+    """Hours of CPU must survive a new checkout: a full run's per-run JSON records go to benchmarks/records (in git,
+    its shared fine-tunes ignored), a smoke run's to outputs/ (ignored)."""
+    import subprocess
+    from pathlib import Path
+
+    from benchmarks.quality import __main__ as cli
+
+    seen = []
+    monkeypatch.setattr("benchmarks.quality.budget.run_budgets", lambda budgets, root, **kw: seen.append(root))
+    monkeypatch.setattr(cli, "run_study", lambda study, out, log=print: seen.append(out))
+    monkeypatch.setattr(cli, "write_report", lambda *a, **kw: "report")
+    for argv in (["budget"], ["budget", "--quick"], ["minilm"], ["minilm", "--quick"]):
+        assert main([*argv, "--no-report"] if argv[0] == "minilm" else argv) == 0
+    assert seen == [Path("benchmarks/records"), Path("outputs/benchmarks"), Path("benchmarks/records/minilm"),
+                    Path("outputs/benchmarks/minilm-quick")]
+    repo = Path(__file__).resolve().parents[1]
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", "benchmarks/records/minilm-budget-2000/cache/model.safetensors",
+         "benchmarks/records/minilm-budget-2000/vanilla/seed0_k0.json.tmp",
+         "benchmarks/records/minilm-budget-2000/vanilla/seed0_k0.json", "outputs/benchmarks/minilm-quick/study.json"],
+        cwd=repo, capture_output=True, text=True,
+    ).stdout.split()
+    assert ignored == ["benchmarks/records/minilm-budget-2000/cache/model.safetensors",
+                       "benchmarks/records/minilm-budget-2000/vanilla/seed0_k0.json.tmp",
+                       "outputs/benchmarks/minilm-quick/study.json"]

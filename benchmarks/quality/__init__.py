@@ -6,9 +6,11 @@
     python -m benchmarks.quality report            # regenerate benchmarks/RESULTS.md and the plots from the JSON
     python -m benchmarks.quality arms              # list the arms
 
-Results go to `outputs/benchmarks/<study>/<arm>/seed<S>_k<K>.json`; a rerun skips what is there (a killed
-study loses at most the arm in progress). Arms live in `arms.py` (a registry: one function per arm), studies in
-`studies.py`, the shared fine-tunes and measurements in `context.py`, the tables and plots in `report.py`.
+Results go to `benchmarks/records/<study>/<arm>/seed<S>_k<K>.json`, kept in git (the shared fine-tunes under
+`<study>/cache` are not), so a new checkout resumes a study where an earlier session stopped; a rerun skips what
+is there (a killed study loses at most the arm in progress). `--quick` runs go to `outputs/benchmarks/<study>-quick`.
+Arms live in `arms.py` (a registry: one function per arm), studies in `studies.py`, the shared fine-tunes and
+measurements in `context.py`, the tables and plots in `report.py`.
 """
 
 from .arms import ARMS, arm, result

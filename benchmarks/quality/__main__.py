@@ -12,7 +12,10 @@ from .report import write_report
 from .runner import StudyError, run_study
 from .studies import STUDIES, get_study
 
-ROOT = Path("outputs/benchmarks")
+# full runs keep their per-run JSON records in the repository (a new checkout keeps what hours of CPU measured; the
+# shared fine-tunes under <study>/cache stay git-ignored); --quick smoke runs go to outputs/
+ROOT = Path("benchmarks/records")
+QUICK_ROOT = Path("outputs/benchmarks")
 RESULTS_MD = Path("benchmarks/RESULTS.md")
 PLOTS = Path("benchmarks/plots")
 
@@ -32,7 +35,7 @@ def _budget(args) -> int:
         return 2
     budgets = args.budgets or ([2, 4] if args.quick else [200, 2000])
     try:
-        path = run_budgets(budgets, args.output or ROOT, quick=args.quick, seeds=args.seeds, results_md=args.results)
+        path = run_budgets(budgets, args.output or (QUICK_ROOT if args.quick else ROOT), quick=args.quick, seeds=args.seeds, results_md=args.results)
     except (StudyError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -46,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                         "benchmarks/quality/budget.py), 'report' or 'arms'")
     parser.add_argument("--budgets", type=_ints, help="budget: comma-separated optimizer steps (default 200,2000)")
     parser.add_argument("--quick", action="store_true", help="a minutes-long smoke run (tiny schedule and splits)")
-    parser.add_argument("--output", type=Path, help="result folder (default outputs/benchmarks/<study>[-quick])")
+    parser.add_argument("--output", type=Path, help="result folder (default benchmarks/records/<study>, outputs/benchmarks/<study>-quick with --quick)")
     parser.add_argument("--arms", help="comma-separated arms (default: the study's)")
     parser.add_argument("--seeds", type=_ints, help="comma-separated seeds (default: the study's)")
     parser.add_argument("--ks", type=_ints, help="comma-separated numbers of layers to remove (default: the study's)")
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         study = get_study(
             args.command, quick=args.quick, arms=args.arms.split(",") if args.arms else None, seeds=args.seeds, ks=args.ks
         )
-        out = args.output or ROOT / (study.name + ("-quick" if args.quick else ""))
+        out = args.output or (QUICK_ROOT / f"{study.name}-quick" if args.quick else ROOT / study.name)
         start = time.perf_counter()
         run_study(study, out)
         print(f"{study.name}: done in {time.perf_counter() - start:.0f} s")

@@ -4,8 +4,8 @@ MiniLM on the whole Rotten Tomatoes train split (8,530 rows, not the 3,200 of th
 protocol as every quality study (layers chosen on validation rows, figures on the test split and the out-of-domain
 tweets), at several budgets: 200 optimizer steps of 16 rows (the quickstart's, under one epoch) up to 2,000 (about
 3.75 epochs, 10x). Warm-up (learning rate and penalty) is a tenth of the budget, prune-then-heal heals its last
-quarter. One study folder per budget, `outputs/benchmarks/minilm-budget-<steps>`; results are cached there per arm,
-seed and k, so an interrupted sweep resumes where it stopped.
+quarter. One study folder per budget, `benchmarks/records/minilm-budget-<steps>`; results are recorded there per arm,
+seed and k (in git), so an interrupted sweep resumes where it stopped, in this checkout or a new one.
 
     python -m benchmarks.quality budget                       # budgets 200 and 2000, k = 2, seeds 0-2
     python -m benchmarks.quality budget --budgets 200,600,2000 --seeds 0
