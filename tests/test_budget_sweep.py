@@ -105,3 +105,19 @@ def test_full_runs_record_in_the_repository_and_quick_runs_in_outputs(monkeypatc
     assert ignored == ["benchmarks/records/minilm-budget-2000/cache/model.safetensors",
                        "benchmarks/records/minilm-budget-2000/vanilla/seed0_k0.json.tmp",
                        "outputs/benchmarks/minilm-quick/study.json"]
+
+
+def test_the_plot_labels_only_the_budgets_on_its_log_axis(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from benchmarks.quality.budget import _plot
+
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    entry = {"test": {"mean": 0.8, "std": 0.01}}
+    _plot({200: {("vanilla", 0): entry, ("score_fade", 2): entry}, 2000: {("vanilla", 0): entry, ("score_fade", 2): entry}},
+          [200, 2000], 2, tmp_path / "plot.png")
+    axes = kept[0].axes[0]
+    axes.figure.canvas.draw()
+    assert [t.get_text() for t in axes.get_xticklabels()] == ["200", "2000"]
+    assert [t.get_text() for t in axes.get_xticklabels(minor=True) if t.get_text()] == []
