@@ -319,3 +319,20 @@ def test_the_report_cache_keeps_apart_models_that_lack_other_layers(monkeypatch)
     # a seed's reports go when the runner moves on (string keys ending in "/without[1]" never did)
     ctx.forget(0)
     assert {key[0].seed for key in ctx._reports} == {1} and len(ctx._reports) == 2
+
+
+def test_a_report_without_records_keeps_the_published_study_sections(tmp_path):
+    """A new checkout has no per-run records of a study run in an earlier one: the report keeps what was published
+    instead of dropping the study's tables (and still carries the owned sections once)."""
+    from benchmarks.gpu_recipe import SECTION_BEGIN, SECTION_END
+    from benchmarks.quality.report import write_report
+
+    minilm = "## minilm: offline:all-MiniLM-L6-v2 on offline:rotten_tomatoes\n\n### k = 2\n\n| arm | test |\n|---|---:|\n| x | 0.8 |\n"
+    smollm2 = "## smollm2: offline:SmolLM2-135M-Instruct on offline:shakespeare\n\n| arm | ppl |\n|---|---:|\n| y | 38.8 |\n"
+    gpu = f"{SECTION_BEGIN}\nH200 figures\n{SECTION_END}"
+    results = tmp_path / "RESULTS.md"
+    results.write_text(f"# Quality benchmark results\n\nold header\n\n{minilm}\n{smollm2}\n{gpu}\n")
+    write_report([tmp_path / "records" / "minilm", tmp_path / "records" / "smollm2"], results, tmp_path / "plots", "records")
+    text = results.read_text()
+    assert minilm in text and smollm2 in text and text.count(gpu) == 1
+    assert text.index(minilm) < text.index(smollm2) < text.index(gpu) and "old header" not in text

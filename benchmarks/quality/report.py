@@ -395,6 +395,15 @@ def _plots(name: str, table: dict, arms: list[str], ks: list[int], metric: str, 
     return paths
 
 
+def _published_section(text: str, name: str) -> str | None:
+    """The section `## <name>: ...` of a published RESULTS.md, up to the next section or owned-section marker."""
+    start = text.find(f"\n## {name}: ")
+    if start < 0:
+        return None
+    ends = [i for i in (text.find("\n## ", start + 1), text.find("\n<!-- ", start + 1)) if i >= 0]
+    return text[start + 1 : min(ends) if ends else len(text)].rstrip("\n") + "\n"
+
+
 def write_report(study_dirs: list[Path], results_md: Path, plot_dir: Path, root_label: str) -> Path:
     """Write `results_md` (one section per study folder holding results) and the plots into `plot_dir`."""
     results_md = Path(results_md)
@@ -404,17 +413,20 @@ def write_report(study_dirs: list[Path], results_md: Path, plot_dir: Path, root_
         prefix = "" if prefix == "./" else prefix
     except ValueError:
         prefix = str(Path(plot_dir).resolve()) + "/"
+    old = results_md.read_text() if results_md.is_file() else ""
     sections = [HEADER.format(root=root_label)]
     for directory in study_dirs:
-        if not (Path(directory) / "study.json").is_file():
-            continue
-        config, results = load_results(directory)
+        config, results = load_results(directory) if (Path(directory) / "study.json").is_file() else ({}, [])
         if results:
             sections.append(_study_section(config["study"]["name"], config, results, Path(plot_dir), prefix))
+        elif (published := _published_section(old, Path(directory).name)) is not None:
+            # no records here (a new checkout, a study never run into this folder): what was published stays, rather
+            # than a report that silently drops a study's tables
+            sections.append(published)
     results_md.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(sections)
     # the sections other scripts write (the GPU run, the default penalty) are carried over unchanged
-    if results_md.is_file():
-        text = carry_sections(results_md.read_text(), text, results_md)
+    if old:
+        text = carry_sections(old, text, results_md)
     results_md.write_text(text)
     return results_md
