@@ -23,7 +23,7 @@ batch 1 × 64 tokens (1 thread, interleaved medians) against the ideal FLOP rati
 llama-cpp-python==0.3.36`), whose `vendor/llama.cpp` holds the converter and `gguf-py`; the runtime is the wheel
 built from the same package. `--quick` needs neither runtime: it makes the exports, the transformers references and
 the FLOP ratios on tiny models, checks what each export needs in llama.cpp, and runs a runtime only if it is installed.
-Results go to `outputs/benchmarks/deployment[-quick]/results.json`; the full run replaces its section of
+Results go to `benchmarks/records/deployment/results.json` (`outputs/benchmarks/deployment-quick` with --quick); the full run replaces its section of
 `benchmarks/RESULTS.md`.
 """
 
@@ -44,6 +44,7 @@ import torch
 import transformers
 
 from benchmarks.inference_speed import flops_per_token
+from benchmarks.outputs import WORK, default_output
 from benchmarks.sections import OWNED_SECTIONS, publish_section
 from hf_collapse import assets
 from hf_collapse.cli import main as hf_collapse
@@ -358,7 +359,7 @@ def llama_speed(exports: dict, work: Path, llama_cpp_dir: Path, args) -> dict:
 
 
 def run(args) -> dict:
-    work = args.output / "work"
+    work = args.work
     work.mkdir(parents=True, exist_ok=True)
     exports = make_exports(work, args.quick)
     results = {"quick": args.quick, "removed": {name: case["removed"] for name, case in exports.items()}}
@@ -512,7 +513,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--new-tokens", type=int, default=32, help="generated tokens (greedy check and timing)")
     parser.add_argument("--onnx-tokens", type=int, default=64, help="sequence length for ONNX Runtime")
     parser.add_argument("--onnx-repeats", type=int, default=200, help="timed ONNX Runtime rounds (interleaved)")
-    parser.add_argument("--output", type=Path, help="result folder (default outputs/benchmarks/deployment[-quick])")
+    parser.add_argument("--output", type=Path, help="result folder (default benchmarks/records/deployment; outputs/benchmarks/deployment-quick with --quick)")
     parser.add_argument("--results", type=Path, help=f"markdown file whose section is replaced (default {RESULTS_MD}; none with --quick)")
     return parser
 
@@ -540,7 +541,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick and (reason := _missing(args)) is not None:
         print(f"error: {reason}", file=sys.stderr)
         return 2
-    args.output = args.output or Path("outputs/benchmarks") / ("deployment" + ("-quick" if args.quick else ""))
+    # exported models are working files: inside a folder the caller named, else under outputs/ (never recorded)
+    args.work = args.output / "work" if args.output else WORK / ("deployment-work" + ("-quick" if args.quick else ""))
+    args.output = args.output or default_output("deployment", args.quick)
+    args.output.mkdir(parents=True, exist_ok=True)
     results = run(args)
     (args.output / "results.json").write_text(json.dumps(results, indent=1))
     text = section(results)

@@ -14,7 +14,7 @@ calibration rows are random token ids (the memory does not depend on the text).
     python -m benchmarks.layerwise_scoring            # both cases, about 5 min on 2 CPU cores; replaces the section
     python -m benchmarks.layerwise_scoring --quick    # a tiny synthetic checkpoint: checks the machinery (tests)
 
-Results go to `outputs/benchmarks/layerwise_scoring[-quick]/results.json`; the full run also replaces its section of
+Results go to `benchmarks/records/layerwise_scoring/results.json` (`outputs/benchmarks/layerwise_scoring-quick` with --quick); the full run also replaces its section of
 `benchmarks/RESULTS.md` (between the layerwise-scoring markers).
 """
 
@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.outputs import default_output
 from benchmarks.sections import OWNED_SECTIONS, RESULTS_MD, publish_section
 
 SECTION_BEGIN, SECTION_END = next(pair for pair in OWNED_SECTIONS if pair[0].startswith("<!-- layerwise-scoring:"))
@@ -189,7 +190,7 @@ def section(results: dict, notes: str) -> str:
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.layerwise_scoring", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny synthetic checkpoint: checks the machinery only")
-    parser.add_argument("--output", type=Path, help="result folder (default outputs/benchmarks/layerwise_scoring[-quick])")
+    parser.add_argument("--output", type=Path, help="result folder (default benchmarks/records/layerwise_scoring; outputs/benchmarks/layerwise_scoring-quick with --quick)")
     parser.add_argument("--results", type=Path, help=f"markdown file whose section is replaced (default {RESULTS_MD}; none with --quick)")
     parser.add_argument("--arm", choices=["floor", "inmemory", "layerwise"], help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.arm:
         print(json.dumps(run_arm(args.arm, args.model, args.rows, args.length, args.method)))
         return 0
-    out = args.output or Path("outputs/benchmarks") / ("layerwise_scoring" + ("-quick" if args.quick else ""))
+    out = args.output or default_output("layerwise_scoring", args.quick)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {}

@@ -15,7 +15,7 @@ reported, the chosen one marked, and the script says whether the chosen one also
     python -m benchmarks.penalty_default            # about 25 min on 2 CPU cores
     python -m benchmarks.penalty_default --quick    # a smoke run of the machinery (tests); says nothing about quality
 
-Results go to `outputs/benchmarks/penalty_default[-quick]/results.json` (a rerun skips the runs already there);
+Results go to `benchmarks/records/penalty_default/results.json` (`outputs/benchmarks/penalty_default-quick` with --quick) (a rerun skips the runs already there);
 the full run also replaces its section of `benchmarks/RESULTS.md` (between the penalty-default markers).
 """
 
@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.outputs import default_output
 from benchmarks.quality.context import Context
 from benchmarks.quality.studies import get_study
 from benchmarks.sections import OWNED_SECTIONS, RESULTS_MD, publish_section
@@ -113,7 +114,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="tiny schedule and splits: checks the machinery only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget", type=float, default=0.10, help="allowed validation perplexity increase (0.10 = 10%%)")
-    parser.add_argument("--output", type=Path, help="result folder (default outputs/benchmarks/penalty_default[-quick])")
+    parser.add_argument("--output", type=Path, help="result folder (default benchmarks/records/penalty_default; outputs/benchmarks/penalty_default-quick with --quick)")
     parser.add_argument("--results", type=Path, help=f"markdown file whose section is replaced (default {RESULTS_MD}; none with --quick)")
     return parser
 
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --budget must be in (0, 10), got {args.budget}", file=sys.stderr)
         return 2
     study = get_study("smollm2", quick=args.quick)
-    out = args.output or Path("outputs/benchmarks") / ("penalty_default" + ("-quick" if args.quick else ""))
+    out = args.output or default_output("penalty_default", args.quick)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.is_file() else {}

@@ -21,9 +21,9 @@ OWNED_SECTIONS = (
     ("<!-- layerwise-scoring:begin (benchmarks/layerwise_scoring.py writes this section) -->", "<!-- layerwise-scoring:end -->"),
     ("<!-- deployment:begin (benchmarks/deployment.py writes this section) -->", "<!-- deployment:end -->"),
     ("<!-- streaming:begin (benchmarks/streaming.py writes this section) -->", "<!-- streaming:end -->"),
-    ("<!-- smollm2-repair:begin (python -m benchmarks.quality smollm2 --output outputs/benchmarks/smollm2-repair writes "
+    ("<!-- smollm2-repair:begin (python -m benchmarks.quality smollm2 --output benchmarks/records/smollm2-repair writes "
      "its RESULTS.md; this section carries its tables) -->", "<!-- smollm2-repair:end -->"),
-    ("<!-- minilm-repair:begin (python -m benchmarks.quality minilm --output outputs/benchmarks/minilm-repair writes "
+    ("<!-- minilm-repair:begin (python -m benchmarks.quality minilm --output benchmarks/records/minilm-repair writes "
      "its RESULTS.md; this section carries its tables) -->", "<!-- minilm-repair:end -->"),
     ("<!-- minilm-budget:begin (python -m benchmarks.quality budget writes this section) -->", "<!-- minilm-budget:end -->"),
 )

@@ -24,7 +24,7 @@ as the Hub has them; ~16 GB, written in chunks, deleted afterwards unless --keep
     python -m benchmarks.streaming --sizes 8b --repeats 2   # ~16 GB of disk for the source, ~12 GB for one output
 
 mergekit is looked for as `mergekit-yaml` on PATH, else in /work/venvs/mergekit (see `--mergekit`). Results go to
-`outputs/benchmarks/streaming[-quick]/results.json` (merged with the sizes already there); a run without --quick also
+`benchmarks/records/streaming/results.json` (`outputs/benchmarks/streaming-quick` with --quick; merged with the sizes already there); a run without --quick also
 replaces the streaming section of `benchmarks/RESULTS.md`.
 """
 
@@ -42,6 +42,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.outputs import WORK, default_output
 from benchmarks.sections import OWNED_SECTIONS, RESULTS_MD, publish_section
 
 SECTION_BEGIN, SECTION_END = next(pair for pair in OWNED_SECTIONS if pair[0].startswith("<!-- streaming:"))
@@ -414,8 +415,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per model")
     parser.add_argument("--in-memory-limit", type=float, default=4.0,
                         help="run the in-memory arm only on weights up to this many GiB (it needs ~2x the model)")
-    parser.add_argument("--work", type=Path, help="folder for sources and outputs (default outputs/benchmarks/streaming-work)")
-    parser.add_argument("--output", type=Path, help="result folder (default outputs/benchmarks/streaming[-quick])")
+    parser.add_argument("--work", type=Path, help="folder for sources and outputs (default outputs/benchmarks/streaming-work[-quick])")
+    parser.add_argument("--output", type=Path, help="result folder (default benchmarks/records/streaming; outputs/benchmarks/streaming-quick with --quick)")
     parser.add_argument("--results", type=Path, help=f"markdown file whose section is replaced (default {RESULTS_MD}; none with --quick)")
     parser.add_argument("--mergekit", help="path of mergekit-yaml")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints (they are deleted otherwise)")
@@ -429,8 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not arms or set(arms) - set(ARMS):
         raise SystemExit(f"--arms takes some of {', '.join(ARMS)}; got {args.arms!r}")
-    output = args.output or Path("outputs/benchmarks/streaming" + ("-quick" if args.quick else ""))
-    work = args.work or output.with_name(output.name + "-work")
+    output = args.output or default_output("streaming", args.quick)
+    work = args.work or WORK / ("streaming-work" + ("-quick" if args.quick else ""))
     work.mkdir(parents=True, exist_ok=True)
     output.mkdir(parents=True, exist_ok=True)
     mergekit = find_mergekit(args.mergekit) if "mergekit" in arms else None

@@ -12,10 +12,9 @@ from .report import write_report
 from .runner import StudyError, run_study
 from .studies import STUDIES, get_study
 
-# full runs keep their per-run JSON records in the repository (a new checkout keeps what hours of CPU measured; the
-# shared fine-tunes under <study>/cache stay git-ignored); --quick smoke runs go to outputs/
-ROOT = Path("benchmarks/records")
-QUICK_ROOT = Path("outputs/benchmarks")
+from ..outputs import RECORDS as ROOT
+from ..outputs import SMOKE as QUICK_ROOT
+from ..outputs import default_output
 RESULTS_MD = Path("benchmarks/RESULTS.md")
 PLOTS = Path("benchmarks/plots")
 
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         study = get_study(
             args.command, quick=args.quick, arms=args.arms.split(",") if args.arms else None, seeds=args.seeds, ks=args.ks
         )
-        out = args.output or (QUICK_ROOT / f"{study.name}-quick" if args.quick else ROOT / study.name)
+        out = args.output or default_output(study.name, args.quick)
         start = time.perf_counter()
         run_study(study, out)
         print(f"{study.name}: done in {time.perf_counter() - start:.0f} s")

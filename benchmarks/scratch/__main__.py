@@ -8,13 +8,13 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.outputs import default_output
 from benchmarks.sections import publish_section
 
 from .report import load_results, section, section_markers, write_plots
 from .runner import run_study
 from .studies import STUDIES, ScratchError, check_config_source, get_study
 
-ROOT = Path("outputs/benchmarks")
 PLOTS = Path("benchmarks/plots")
 
 
@@ -34,7 +34,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scratch", description=__doc__)
     parser.add_argument("study", choices=list(STUDIES), help="the model family to train from scratch")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny model and schedule)")
-    parser.add_argument("--output", type=Path, help="result folder (default outputs/benchmarks/scratch-<study>[-quick])")
+    parser.add_argument("--output", type=Path, help="result folder (default benchmarks/records/scratch-<study>; outputs/benchmarks/scratch-<study>-quick with --quick)")
     parser.add_argument("--seeds", type=_numbers, help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--steps", type=float, help="optimizer steps of every arm (the training budget)")
     parser.add_argument("--lambdas", type=_numbers, help="λ of the raw-distance arms (default 0.1,1,5: the paper's range)")
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         study = build_study(args)
-        out = args.output or ROOT / f"scratch-{study.name}{'-quick' if study.quick else ''}"
+        out = args.output or default_output(f"scratch-{study.name}", study.quick)
         start = time.perf_counter()
         run_study(study, out, log=lambda line: print(line, flush=True))
     except ScratchError as error:
