@@ -415,7 +415,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per model")
     parser.add_argument("--in-memory-limit", type=float, default=4.0,
                         help="run the in-memory arm only on weights up to this many GiB (it needs ~2x the model)")
-    parser.add_argument("--work", type=Path, help="folder for sources and outputs (default outputs/benchmarks/streaming-work[-quick])")
+    parser.add_argument("--work", type=Path, help="folder for sources and outputs (default: beside --output, else outputs/benchmarks/streaming-work[-quick])")
     parser.add_argument("--output", type=Path, help="result folder (default benchmarks/records/streaming; outputs/benchmarks/streaming-quick with --quick)")
     parser.add_argument("--results", type=Path, help=f"markdown file whose section is replaced (default {RESULTS_MD}; none with --quick)")
     parser.add_argument("--mergekit", help="path of mergekit-yaml")
@@ -430,8 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not arms or set(arms) - set(ARMS):
         raise SystemExit(f"--arms takes some of {', '.join(ARMS)}; got {args.arms!r}")
+    # sources and collapsed models are working files: beside a folder the caller named, else under outputs/
+    work = args.work or (args.output.with_name(args.output.name + "-work") if args.output
+                         else WORK / ("streaming-work" + ("-quick" if args.quick else "")))
     output = args.output or default_output("streaming", args.quick)
-    work = args.work or WORK / ("streaming-work" + ("-quick" if args.quick else ""))
     work.mkdir(parents=True, exist_ok=True)
     output.mkdir(parents=True, exist_ok=True)
     mergekit = find_mergekit(args.mergekit) if "mergekit" in arms else None

@@ -67,3 +67,20 @@ def test_deployment_exports_its_models_outside_the_records(monkeypatch, tmp_path
     assert seen == {"work": Path("outputs/benchmarks/deployment-work-quick"), "output": Path("outputs/benchmarks/deployment-quick")}
     assert deployment.main(["--quick", "--no-runtimes", "--output", str(tmp_path / "o")]) == 0
     assert seen == {"work": tmp_path / "o" / "work", "output": tmp_path / "o"}
+
+
+@pytest.mark.parametrize(("argv", "work", "output"), [
+    (["--quick"], "outputs/benchmarks/streaming-work-quick", "outputs/benchmarks/streaming-quick"),
+    ([], "outputs/benchmarks/streaming-work", "benchmarks/records/streaming"),
+    (["--quick", "--output", "o"], "o-work", "o"),
+])
+def test_streaming_keeps_its_models_beside_a_named_output_else_under_outputs(monkeypatch, tmp_path, argv, work, output):
+    def stop(*args, **kwargs):
+        raise _Asked
+
+    monkeypatch.setattr(streaming, "find_mergekit", stop)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(_Asked):
+        streaming.main(argv)
+    made = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert work in made and output in made
