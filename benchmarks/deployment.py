@@ -23,8 +23,8 @@ batch 1 × 64 tokens (1 thread, interleaved medians) against the ideal FLOP rati
 llama-cpp-python==0.3.36`), whose `vendor/llama.cpp` holds the converter and `gguf-py`; the runtime is the wheel
 built from the same package. `--quick` needs neither runtime: it makes the exports, the transformers references and
 the FLOP ratios on tiny models, checks what each export needs in llama.cpp, and runs a runtime only if it is installed.
-Results go to `benchmarks/records/deployment/results.json` (`outputs/benchmarks/deployment-quick` with --quick); the full run replaces its section of
-`benchmarks/RESULTS.md`.
+Results go to `benchmarks/records/deployment/results.json` (`outputs/benchmarks/deployment-quick` with --quick);
+the full run replaces its section of `benchmarks/RESULTS.md`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import torch
 import transformers
 
 from benchmarks.inference_speed import flops_per_token
-from benchmarks.outputs import WORK, default_output
+from benchmarks.outputs import default_output, default_work
 from benchmarks.sections import OWNED_SECTIONS, publish_section
 from hf_collapse import assets
 from hf_collapse.cli import main as hf_collapse
@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {reason}", file=sys.stderr)
         return 2
     # exported models are working files: inside a folder the caller named, else under outputs/ (never recorded)
-    args.work = args.output / "work" if args.output else WORK / ("deployment-work" + ("-quick" if args.quick else ""))
+    args.work = args.output / "work" if args.output else default_work("deployment", args.quick)
     args.output = args.output or default_output("deployment", args.quick)
     args.output.mkdir(parents=True, exist_ok=True)
     results = run(args)

@@ -14,8 +14,8 @@ calibration rows are random token ids (the memory does not depend on the text).
     python -m benchmarks.layerwise_scoring            # both cases, about 5 min on 2 CPU cores; replaces the section
     python -m benchmarks.layerwise_scoring --quick    # a tiny synthetic checkpoint: checks the machinery (tests)
 
-Results go to `benchmarks/records/layerwise_scoring/results.json` (`outputs/benchmarks/layerwise_scoring-quick` with --quick); the full run also replaces its section of
-`benchmarks/RESULTS.md` (between the layerwise-scoring markers).
+Results go to `benchmarks/records/layerwise_scoring/results.json` (`outputs/benchmarks/layerwise_scoring-quick` with
+--quick); the full run also replaces its section of `benchmarks/RESULTS.md` (between the layerwise-scoring markers).
 """
 
 from __future__ import annotations

@@ -13,10 +13,13 @@ from pathlib import Path
 
 RECORDS = Path("benchmarks/records")
 SMOKE = Path("outputs/benchmarks")
-# folders for models and other large working files, never recorded
-WORK = Path("outputs/benchmarks")
 
 
 def default_output(name: str, quick: bool) -> Path:
     """The result folder of benchmark `name` when the command line names none."""
     return SMOKE / f"{name}-quick" if quick else RECORDS / name
+
+
+def default_work(name: str, quick: bool) -> Path:
+    """The folder for benchmark `name`'s models and other large working files (ignored, never recorded)."""
+    return SMOKE / f"{name}-work{'-quick' if quick else ''}"

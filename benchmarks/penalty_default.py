@@ -15,8 +15,8 @@ reported, the chosen one marked, and the script says whether the chosen one also
     python -m benchmarks.penalty_default            # about 25 min on 2 CPU cores
     python -m benchmarks.penalty_default --quick    # a smoke run of the machinery (tests); says nothing about quality
 
-Results go to `benchmarks/records/penalty_default/results.json` (`outputs/benchmarks/penalty_default-quick` with --quick) (a rerun skips the runs already there);
-the full run also replaces its section of `benchmarks/RESULTS.md` (between the penalty-default markers).
+Results go to `benchmarks/records/penalty_default/results.json` (`outputs/benchmarks/penalty_default-quick` with
+--quick; a rerun skips the runs already there); the full run also replaces its section of `benchmarks/RESULTS.md` (between the penalty-default markers).
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ as the Hub has them; ~16 GB, written in chunks, deleted afterwards unless --keep
     python -m benchmarks.streaming --sizes 8b --repeats 2   # ~16 GB of disk for the source, ~12 GB for one output
 
 mergekit is looked for as `mergekit-yaml` on PATH, else in /work/venvs/mergekit (see `--mergekit`). Results go to
-`benchmarks/records/streaming/results.json` (`outputs/benchmarks/streaming-quick` with --quick; merged with the sizes already there); a run without --quick also
-replaces the streaming section of `benchmarks/RESULTS.md`.
+`benchmarks/records/streaming/results.json` (`outputs/benchmarks/streaming-quick` with --quick; merged with the sizes
+already there); a run without --quick also replaces the streaming section of `benchmarks/RESULTS.md`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.outputs import WORK, default_output
+from benchmarks.outputs import default_output, default_work
 from benchmarks.sections import OWNED_SECTIONS, RESULTS_MD, publish_section
 
 SECTION_BEGIN, SECTION_END = next(pair for pair in OWNED_SECTIONS if pair[0].startswith("<!-- streaming:"))
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--arms takes some of {', '.join(ARMS)}; got {args.arms!r}")
     # sources and collapsed models are working files: beside a folder the caller named, else under outputs/
     work = args.work or (args.output.with_name(args.output.name + "-work") if args.output
-                         else WORK / ("streaming-work" + ("-quick" if args.quick else "")))
+                         else default_work("streaming", args.quick))
     output = args.output or default_output("streaming", args.quick)
     work.mkdir(parents=True, exist_ok=True)
     output.mkdir(parents=True, exist_ok=True)

@@ -12,9 +12,7 @@ from .report import write_report
 from .runner import StudyError, run_study
 from .studies import STUDIES, get_study
 
-from ..outputs import RECORDS as ROOT
-from ..outputs import SMOKE as QUICK_ROOT
-from ..outputs import default_output
+from ..outputs import RECORDS as ROOT, SMOKE as QUICK_ROOT, default_output
 RESULTS_MD = Path("benchmarks/RESULTS.md")
 PLOTS = Path("benchmarks/plots")
 
