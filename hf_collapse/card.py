@@ -492,7 +492,7 @@ def _before(training: Training) -> dict[str, str]:
 
 _REPAIR_WORDS = {
     "scale": "a per-channel scale",
-    "linear": "a least-squares linear map (ridge-regularised)",
+    "linear": "a least-squares linear map (its ridge cross-validated on the calibration rows)",
     "transport": "the linear optimal-transport (Monge) map between Gaussian fits",
 }
 

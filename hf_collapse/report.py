@@ -123,9 +123,9 @@ class Removal:
             the source checkpoint.
         repair (`Mapping`, *optional*):
             The repair at the cut ([`fit_repair`]), when one was folded in: `method` (`scale`, `linear`,
-            `transport`), the calibration `rows` and `tokens` it was fitted on, the `data` they came from, the `ridge`,
-            whether a `shift` was folded, the `spans` (removed layers, the module folded into, the relative error after
-            the cut without and with the map) and whether the fold was `verified`. When the rows that chose the layers
+            `transport`), the calibration `rows` and `tokens` it was fitted on, the `data` they came from, how the
+            ridge was set (`ridge_choice`, and `ridge` when fixed), whether a `shift` was folded, the `spans` (removed
+            layers, the module folded into, its `ridge`, the relative error after the cut without and with the map) and whether the fold was `verified`. When the rows that chose the layers
             judged it (`collapse_model(choose_on=...)`, every recipe): `validation` (the `metric`, `unrepaired` and
             `repaired` values with the layers bypassed) and `folded`, false when the maps made that metric worse and
             were undone (the cut is then unrepaired). Reports written before it load without it.

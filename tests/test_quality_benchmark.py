@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,23 @@ def test_rerun_resumes_and_a_changed_protocol_is_refused(quick_run: Path, capsys
     assert json.loads((quick_run / "vanilla_last_k" / "seed0_k3.json").read_text())["layers"] == [2, 3, 4]
     with pytest.raises(StudyError, match="different configuration.*steps"):
         check_study(dataclasses.replace(study, steps=5), quick_run)
+
+
+def test_a_repair_calibration_set_of_its_own(quick_run: Path, tmp_path):
+    """`repair_rows` fits the maps on more (or other) training rows than the scores use; the layers chosen stay the
+    same, and the field is part of the protocol once set (unset, older folders still match)."""
+    study = dataclasses.replace(get_study("minilm", quick=True), arms=("vanilla_block_influence_scale",), ks=(2,), repair_rows=12)
+    assert "repair_rows" not in get_study("minilm", quick=True).protocol() and study.protocol()["repair_rows"] == 12
+    with pytest.raises(StudyError, match="different configuration.*repair_rows"):
+        check_study(study, quick_run)
+    out = tmp_path / "minilm"
+    shutil.copytree(quick_run / "cache", out / "cache")  # the shared fine-tune, not trained again
+    run_study(study, out, log=print)
+    r = json.loads((out / "vanilla_block_influence_scale" / "seed0_k2.json").read_text())
+    before = json.loads((quick_run / "vanilla_block_influence_scale" / "seed0_k2.json").read_text())
+    assert (r["repair"]["rows"], r["repair"]["forward_passes"]) == (12, 12) != (before["repair"]["rows"], before["repair"]["forward_passes"])
+    assert r["repair"]["data"] == f"12 training rows of {study.dataset}"
+    assert r["layers"] == before["layers"]  # chosen on the calibration rows, as before
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_collapse import collapse_model
 from hf_collapse.cli import EXIT_REFUSED, main
-from hf_collapse.repair import RIDGE, fit_repair, repaired_reference
+from hf_collapse.repair import RIDGE, RIDGES, fit_repair, repaired_reference
 
 LLAMA = TINY_MODELS["llama"]
 
@@ -67,6 +67,70 @@ def test_linear_lowers_the_hidden_state_error_after_the_cut():
     error_plain, error_repaired = (plain - target).pow(2).sum(), (repaired - target).pow(2).sum()
     assert error_repaired < 0.9 * error_plain
     assert abs(float(error_repaired / error_plain) - fit.error_after / fit.error_before) < 1e-3  # the sums were right
+
+
+def _ridge_fit(gram, cross, ridge):
+    """Reference: plain ridge least squares, `(G + ρ·mean diag(G)·I)⁻¹ C` by a direct solve."""
+    d = len(gram)
+    return torch.linalg.solve(gram + ridge * torch.diagonal(gram).mean() * torch.eye(d, dtype=gram.dtype), cross)
+
+
+def test_the_linear_ridge_is_the_one_with_the_least_held_out_error():
+    data = calibration(rows=32)
+    model = LLAMA.build()
+    (fit,) = fit_repair(model, [1, 2], data, "linear").fits
+    assert fit.ridge in RIDGES
+    # recompute the held-out error of every candidate by brute force: tokens of rows 0, 4, 8, ... form fold 0, etc.
+    inner, captured = model.model, {"m": [], "out": [], "z": []}
+    hooks = [inner.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, o: captured["m"].append(o)),
+             inner.layers[0].register_forward_hook(lambda m, a, o: captured["out"].append(o if isinstance(o, torch.Tensor) else o[0])),
+             inner.layers[2].register_forward_hook(lambda m, a, o: captured["z"].append(o if isinstance(o, torch.Tensor) else o[0]))]
+    with torch.no_grad():
+        for batch in data:
+            model(**batch)
+    for hook in hooks:
+        hook.remove()
+    m, out, z = (torch.cat(captured[k]).double() for k in ("m", "out", "z"))  # (rows, length, d)
+    r = z - (out - m)
+    folds = torch.arange(len(m)) % 4
+    held_out = {}
+    for ridge in RIDGES:
+        total = 0.0
+        for f in range(4):
+            train_m, train_r = m[folds != f].flatten(0, 1), r[folds != f].flatten(0, 1)
+            transform = _ridge_fit(train_m.T @ train_m, train_m.T @ train_r, ridge)
+            total += float((m[folds == f].flatten(0, 1) @ transform - r[folds == f].flatten(0, 1)).pow(2).sum())
+        held_out[ridge] = total
+    assert fit.ridge == min(RIDGES, key=lambda ridge: (held_out[ridge], -ridge))
+    flat_m, flat_r = m.flatten(0, 1), r.flatten(0, 1)  # refitted on every row with the chosen weight
+    expected = _ridge_fit(flat_m.T @ flat_m, flat_m.T @ flat_r, fit.ridge)
+    assert torch.allclose(fit.transform, expected, rtol=0, atol=1e-6 * float(expected.abs().max()))
+    # the held-out errors differ across the grid, so the choice is a real one
+    assert max(held_out.values()) > 1.01 * min(held_out.values())
+
+
+def test_the_chosen_ridge_follows_the_amount_of_data():
+    from hf_collapse.repair import _Stats
+
+    # R = M T* + noise, with M's channels on scales from 1 to 1e-3: few rows call for a large weight, many for a small
+    generator = torch.Generator().manual_seed(0)
+    d, truth = 32, torch.randn(32, 32, generator=generator, dtype=torch.float64)
+    scales = torch.logspace(0, -3, d, dtype=torch.float64)
+
+    def chosen(rows: int) -> float:
+        stats = _Stats(folds=4)
+        for row in range(rows):
+            m = torch.randn(8, d, generator=generator, dtype=torch.float64) * scales
+            stats.add(m, m @ truth + 0.05 * torch.randn(8, d, generator=generator, dtype=torch.float64), row % 4)
+        return stats.cross_validated_ridge(with_shift=False)
+
+    few, many = chosen(8), chosen(2000)
+    assert few > many and many <= 1e-4, (few, many)
+    plan = fit_repair(LLAMA.build(), [1, 2], calibration(rows=8, length=8), "scale")
+    assert plan.fits[0].ridge == RIDGE and plan.summary()["ridge_choice"] == "fixed"
+    single = [{"input_ids": torch.randint(3, 128, (1, 64)), "attention_mask": torch.ones(1, 64, dtype=torch.long)}]
+    (fit,) = fit_repair(LLAMA.build(), [1, 2], single, "linear").fits  # one row: no folds to compare
+    assert fit.ridge == RIDGE
 
 
 def test_transport_matches_the_gaussian_moments_and_scale_is_diagonal():
@@ -192,7 +256,7 @@ def test_cli_collapse_with_a_linear_repair_end_to_end(saved_llama, tmp_path, cap
     assert validation["metric"] == "perplexity" and validation["repaired"] > validation["unrepaired"] > 1
     assert report["repair"]["folded"] is False and not folded
     assert "## Repair at the cut" not in card and "was fitted and not folded" in card
-    assert "(`linear`: a least-squares linear map (ridge-regularised)) was fitted and not folded" in card
+    assert "(`linear`: a least-squares linear map (its ridge cross-validated on the calibration rows)) was fitted and not folded" in card
 
 
 @pytest.mark.parametrize("extra,pattern", [
@@ -276,8 +340,8 @@ def test_a_map_worse_than_none_on_its_own_data_is_not_folded(monkeypatch):
     real = repair_module._solve
 
     def harmful(stats, method, with_shift):  # a map that sends every channel to zero: worse than the identity
-        transform, shift = real(stats, method, with_shift)
-        return torch.zeros_like(transform), shift
+        transform, shift, ridge = real(stats, method, with_shift)
+        return torch.zeros_like(transform), shift, ridge
 
     data, probe = calibration(), LLAMA.inputs()
     honest = fit_repair(LLAMA.build(), [1, 2], data, "linear").fits[0]

@@ -106,6 +106,8 @@ class Context:
         self.test = self._cap(self.data.test, study.test_rows)
         self.cheap_validation = self.validation.select(range(min(study.cheap_rows, len(self.validation))))
         self.calibration = self.train.select(range(min(study.calibration_rows, len(self.train))))
+        repair_rows = study.calibration_rows if study.repair_rows is None else study.repair_rows
+        self.repair_calibration = self.train.select(range(min(repair_rows, len(self.train))))
         self.ood = self._ood()
         self.num_layers = self._num_layers()
         self.classification = study.task == "text-classification"
@@ -435,22 +437,23 @@ class Context:
     # ------------------------------------------------------------------ repair at the cut
 
     def repaired(self, model, layers: list[int], repair: str) -> tuple[torch.nn.Module | None, dict]:
-        """A copy of `model` with `layers` removed by hf_collapse.collapse_model and `repair` fitted on the calibration
-        rows (training data) and folded, with the repair's record (what it was fitted on, its errors, and the rows
+        """A copy of `model` with `layers` removed by hf_collapse.collapse_model and `repair` fitted on the repair
+        calibration rows (training data, `Study.repair_rows`) and folded, with the repair's record (what it was fitted on, its errors, and the rows
         and seconds of the fit). `(None, {"method", "refused"})` when the library refuses that repair for this model
         or these layers (a family where it does not fold, a span at layer 0): nothing is approximated."""
         collapsed = copy.deepcopy(model)
         start = time.perf_counter()
         try:
             collapsed, report = hf_collapse.collapse_model(
-                collapsed, layers=sorted(layers), calibration=self.calibration, repair=repair, score_method="block_influence",
-                calibration_source=f"{len(self.calibration)} training rows of {self.study.dataset}",
+                collapsed, layers=sorted(layers), calibration=self.repair_calibration, repair=repair,
+                score_method="block_influence",
+                calibration_source=f"{len(self.repair_calibration)} training rows of {self.study.dataset}",
             )
         except ValueError as error:
             del collapsed
             return None, {"method": repair, "refused": str(error)}
         collapsed.eval()
-        record = dict(report.repair, forward_passes=len(self.calibration), seconds=round(time.perf_counter() - start, 3))
+        record = dict(report.repair, forward_passes=len(self.repair_calibration), seconds=round(time.perf_counter() - start, 3))
         return collapsed, record
 
     def best_repair(self, model, layers: list[int], key: ModelKey) -> tuple[torch.nn.Module | None, dict]:

@@ -40,6 +40,7 @@ class Study:
     ood_rows: int = 2000
     ood_max_length: int = 64
     calibration_rows: int = 256  # training rows the scores are computed on
+    repair_rows: int | None = None  # training rows a repair at the cut is fitted on (None: the calibration rows)
     cheap_rows: int = 128  # validation rows of the cheap measured selection
     cheap_candidates: int = 3  # lowest-Block-Influence candidates the cheap selection measures per step
     msw_weight: float = 0.3
@@ -55,6 +56,8 @@ class Study:
         values = dataclasses.asdict(self)
         for name in PROTOCOL_EXEMPT:
             values.pop(name)
+        if values["repair_rows"] is None:  # unset, as before the field existed: folders made then still match
+            values.pop("repair_rows")
         return values
 
     def to_dict(self) -> dict:
@@ -130,6 +133,9 @@ STUDIES: dict[str, Study] = {
         test_rows=96,
         ood_rows=200,
         calibration_rows=32,
+        # the least-squares map has 576 x 576 coefficients per span: 32 rows (4,096 tokens) fitted it with a ridge
+        # so strong it left SmolLM2 at 2.1x full depth; a wider calibration set lets cross-validation pick a weaker one
+        repair_rows=256,
         cheap_rows=16,
         cheap_candidates=4,
         msw_warmup_steps=4,
@@ -148,6 +154,7 @@ QUICK_OVERRIDES = dict(
     test_rows=64,
     ood_rows=32,
     calibration_rows=16,
+    repair_rows=None,
     cheap_rows=16,
     heal_steps=2,
     msw_warmup_steps=1,
