@@ -161,6 +161,7 @@ class _Stats:
         self.grams, self.crosses = [None] * folds, [None] * folds
         self.traces, self.counts = [0.0] * folds, [0] * folds
         self.rr, self.n = None, 0
+        self._totals = None  # (gram, cross) over every fold, summed once after the last `add`
 
     def add(self, m: torch.Tensor, r: torch.Tensor, fold: int = 0) -> None:
         m, r = m.double().cpu(), r.double().cpu()
@@ -174,14 +175,20 @@ class _Stats:
         self.traces[fold] += float(torch.trace(rr))
         self.counts[fold] += len(m)
         self.n += len(m)
+        self._totals = None
+
+    def _total(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._totals is None:
+            self._totals = (sum(g for g in self.grams if g is not None), sum(c for c in self.crosses if c is not None))
+        return self._totals
 
     @property
     def gram(self) -> torch.Tensor:
-        return sum(g for g in self.grams if g is not None)
+        return self._total()[0]
 
     @property
     def cross(self) -> torch.Tensor:
-        return sum(c for c in self.crosses if c is not None)
+        return self._total()[1]
 
     def error(self, transform: torch.Tensor, shift: torch.Tensor | None) -> float:
         """`‖[M, 1] [T; c] − R‖²` from the sums."""
@@ -218,19 +225,23 @@ def _error(gram: torch.Tensor, cross: torch.Tensor, trace_rr: float, transform: 
     return float(torch.trace(full.T @ gram @ full) - 2 * torch.trace(full.T @ cross) + trace_rr)
 
 
+def _normal_equations(gram: torch.Tensor, cross: torch.Tensor, n: int, with_shift: bool):
+    """`(MᵀM, MᵀR, mean M, mean R)` from the sums over `[M, 1]` of `n` tokens; centred when a shift is fitted (the
+    shift then takes the means)."""
+    d = gram.shape[0] - 1
+    mean_m, mean_r = gram[:d, d] / n, cross[d] / n
+    if with_shift:
+        return gram[:d, :d] - n * torch.outer(mean_m, mean_m), cross[:d] - n * torch.outer(mean_m, mean_r), mean_m, mean_r
+    return gram[:d, :d], cross[:d], mean_m, mean_r
+
+
 class _LeastSquares:
     """The ridge least-squares problem of sums `[M, 1]ᵀ[M, 1]`, `[M, 1]ᵀR` over `n` tokens (centred when a shift is
     fitted), diagonalised once so that each ridge weight costs two matrix products."""
 
     def __init__(self, gram: torch.Tensor, cross: torch.Tensor, n: int, with_shift: bool):
-        d = gram.shape[0] - 1
         self.with_shift = with_shift
-        self.mean_m, self.mean_r = gram[:d, d] / n, cross[d] / n
-        if with_shift:  # centred sums: the shift takes the means
-            g = gram[:d, :d] - n * torch.outer(self.mean_m, self.mean_m)
-            c = cross[:d] - n * torch.outer(self.mean_m, self.mean_r)
-        else:
-            g, c = gram[:d, :d], cross[:d]
+        g, c, self.mean_m, self.mean_r = _normal_equations(gram, cross, n, with_shift)
         self.scale = float(torch.diagonal(g).mean())
         self.values, self.vectors = torch.linalg.eigh((g + g.T) / 2)
         self.projected = self.vectors.T @ c
@@ -264,8 +275,7 @@ def _solve(stats: _Stats, method: str, with_shift: bool) -> tuple[torch.Tensor, 
         root, inverse_root = _sqrt_psd(shrunk), _sqrt_psd(shrunk, inverse=True)
         transform = inverse_root @ _sqrt_psd(root @ cov_r @ root) @ inverse_root
     else:  # scale: one coefficient per channel, on centred sums when a shift is fitted
-        gram = cov_m * stats.n if with_shift else stats.gram[:d, :d]
-        cross = (stats.cross[:d] / stats.n - torch.outer(mean_m, mean_r)) * stats.n if with_shift else stats.cross[:d]
+        gram, cross, _, _ = _normal_equations(stats.gram, stats.cross, stats.n, with_shift)
         ridge = RIDGE * float(torch.diagonal(gram).mean())
         transform = torch.diag(torch.diagonal(cross) / (torch.diagonal(gram) + ridge))
     shift = mean_r - mean_m @ transform if with_shift else None

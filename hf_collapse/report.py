@@ -125,10 +125,11 @@ class Removal:
             The repair at the cut ([`fit_repair`]), when one was folded in: `method` (`scale`, `linear`,
             `transport`), the calibration `rows` and `tokens` it was fitted on, the `data` they came from, how the
             ridge was set (`ridge_choice`, and `ridge` when fixed), whether a `shift` was folded, the `spans` (removed
-            layers, the module folded into, its `ridge`, the relative error after the cut without and with the map) and whether the fold was `verified`. When the rows that chose the layers
-            judged it (`collapse_model(choose_on=...)`, every recipe): `validation` (the `metric`, `unrepaired` and
-            `repaired` values with the layers bypassed) and `folded`, false when the maps made that metric worse and
-            were undone (the cut is then unrepaired). Reports written before it load without it.
+            layers, the module folded into, its `ridge`, the relative error after the cut without and with the map)
+            and whether the fold was `verified`. When the rows that chose the layers judged it
+            (`collapse_model(choose_on=...)`, every recipe): `validation` (the `metric`, `unrepaired` and `repaired`
+            values with the layers bypassed) and `folded`, false when the maps made that metric worse and were undone
+            (the cut is then unrepaired). Reports written before it load without it.
         collapse_path (`Mapping`, *optional*):
             How the checkpoint was rewritten, when `hf-collapse collapse --stream` was asked for: `path` is
             `"streaming"` (tensor by tensor from the source files, see `hf_collapse.streaming`) or `"in-memory"`

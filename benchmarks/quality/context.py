@@ -438,8 +438,8 @@ class Context:
 
     def repaired(self, model, layers: list[int], repair: str) -> tuple[torch.nn.Module | None, dict]:
         """A copy of `model` with `layers` removed by hf_collapse.collapse_model and `repair` fitted on the repair
-        calibration rows (training data, `Study.repair_rows`) and folded, with the repair's record (what it was fitted on, its errors, and the rows
-        and seconds of the fit). `(None, {"method", "refused"})` when the library refuses that repair for this model
+        calibration rows (training data, `Study.repair_rows`) and folded, with the repair's record (what it was fitted
+        on, its errors, and the rows and seconds of the fit). `(None, {"method", "refused"})` when the library refuses that repair for this model
         or these layers (a family where it does not fold, a span at layer 0): nothing is approximated."""
         collapsed = copy.deepcopy(model)
         start = time.perf_counter()
