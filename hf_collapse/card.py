@@ -497,6 +497,10 @@ _REPAIR_WORDS = {
 }
 
 
+def _repair_words(method: str) -> str:
+    return _REPAIR_WORDS.get(method, method)
+
+
 def _repair(repair) -> dict[str, Any] | None:
     """The repair record as the card shows it (None when no repair was folded in)."""
     if not repair or repair.get("folded") is False:
@@ -508,8 +512,9 @@ def _repair(repair) -> dict[str, Any] | None:
     ]
     unrepaired = [span for span in spans if span["rejected"] is not None]
     worse = [span["removed"] for span in spans if None not in (span["before"], span["after"]) and span["after"] > span["before"]]
-    defaults = {"layout": None, "data": None, "shift": False, "verified": False, "validation": None}
-    return {**defaults, **dict(repair), "words": _REPAIR_WORDS.get(repair["method"], repair["method"]), "span_rows": spans,
+    # `step`: the repair was fitted at the target choice of training and fine-tuned around (`target_repair`)
+    defaults = {"layout": None, "data": None, "shift": False, "verified": False, "validation": None, "step": None}
+    return {**defaults, **dict(repair), "words": _repair_words(repair["method"]), "span_rows": spans,
             "worse": worse, "unrepaired": unrepaired}
 
 
@@ -517,7 +522,8 @@ def _repair_declined(repair) -> dict[str, Any] | None:
     """A repair fitted and then not folded because the validation rows scored it worse (None otherwise)."""
     if not repair or repair.get("folded") is not False:
         return None
-    return {**dict(repair["validation"]), "method": repair["method"], "words": _REPAIR_WORDS.get(repair["method"], repair["method"])}
+    return {**dict(repair["validation"]), "method": repair["method"], "words": _repair_words(repair["method"]),
+            "step": repair.get("step")}
 
 
 def _auto_preprocessor(processing_class: object | None) -> str | None:

@@ -9,6 +9,7 @@ from transformers import TrainingArguments
 
 from .choice import LayerChoice, check_layer_list, check_num_layers, check_protect
 from .msw import NORMALIZATIONS, SEARCH_MODES
+from .repair import REPAIRS
 from .scoring import SCORING_METHODS
 
 __all__ = ["MSW_WEIGHT_MAX", "CollapseConfig", "MSWArguments", "shown", "steps_of"]
@@ -121,6 +122,17 @@ class MSWArguments:
             Fade the targets' residual update `out - in` linearly to exactly zero over this many optimizer steps
             (or fraction of training) starting at the target choice, so the rest of the network learns to work
             without them inside the budget; 0 does not fade. Must end by the last training step.
+        target_repair (`str`, *optional*, defaults to `"none"`):
+            Repair the cut at the target choice, then fine-tune without the targets (prune, repair, fine-tune):
+            fit a map for each targeted span on `target_repair_samples` training rows (`"scale"`, `"linear"` or
+            `"transport"`, see [`fit_repair`]), fold it into the last kept layer before the span (verified on a probe),
+            and bypass the targets from the choice step itself; the collapse after training removes them without a
+            second repair. Needs `fade_steps=1` (the cut is immediate). The map is folded only if the choice rows
+            score the repaired cut no worse than the unrepaired one (else it is undone and recorded as declined).
+            Refused for quantized weights, DeepSpeed and FSDP (the fold edits full-precision weights in place).
+        target_repair_samples (`int`, *optional*, defaults to `256`):
+            Training rows the repair at the choice is fitted on (a `linear` or `transport` map needs at least one
+            token per hidden channel).
         distill_weight (`float`, *optional*, defaults to `0`):
             Weight of a logit distillation term (KL with temperature) from a frozen teacher: the model as it was
             at the target choice (or the `teacher_model` given to the trainer). Costs one frozen copy of the
@@ -231,6 +243,17 @@ class MSWArguments:
         default=0,
         metadata={"help": "Fade the targets to zero over this many steps (or fraction) after the choice; 0: no fade."},
     )
+    target_repair: str = field(
+        default="none",
+        metadata={
+            "help": "Repair the cut at the target choice and fine-tune without the targets (needs fade_steps 1): "
+            "none, scale, linear or transport.",
+            "choices": list(REPAIRS),
+        },
+    )
+    target_repair_samples: int = field(
+        default=256, metadata={"help": "Training rows the repair at the target choice is fitted on; at least 1."}
+    )
     distill_weight: float = field(
         default=0.0, metadata={"help": "Weight of logit distillation from the frozen teacher; 0: none."}
     )
@@ -287,7 +310,7 @@ class MSWArguments:
         for name in ("msw_refine_steps", "msw_warmup_steps", "heal_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        for name in ("msw_adapt_steps", "target_choice_samples", "target_choice_candidates"):
+        for name in ("msw_adapt_steps", "target_choice_samples", "target_choice_candidates", "target_repair_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.msw_normalization not in NORMALIZATIONS:
@@ -321,10 +344,35 @@ class MSWArguments:
                     "fade_steps fades targeted layers: set collapse_num_layers or collapse_layers (with target_choice "
                     "measured or score), or leave fade_steps at 0"
                 )
+        self._check_target_repair()
         if hasattr(super(), "__post_init__"):
             super().__post_init__()
         if self.has_target and getattr(self, "max_steps", 0) > 0:
             self.check_schedule(self.max_steps)
+
+    def _check_target_repair(self) -> None:
+        """`target_repair` acts only as the immediate cut of prune, repair, fine-tune."""
+        if self.target_repair not in REPAIRS:
+            raise ValueError(f"target_repair must be one of {', '.join(REPAIRS)}; got {shown(self.target_repair)}")
+        if self.target_repair == "none":
+            return
+        if not self.has_target:
+            raise ValueError(
+                f"target_repair: {self.target_repair} repairs the cut of targeted layers: set collapse_num_layers or "
+                "collapse_layers (with target_choice measured or score), or leave target_repair at none"
+            )
+        if (0 in self.collapse_layers) if self.collapse_layers is not None else self.collapse_protect_first < 1:
+            raise ValueError(
+                f"target_repair: {self.target_repair} folds each map into the last kept layer before its span, and layer 0 "
+                "could be targeted, with no layer before it: set collapse_protect_first: 1 or more (or leave layer 0 out "
+                "of collapse_layers)"
+            )
+        if self.fade_steps != 1:
+            raise ValueError(
+                f"target_repair: {self.target_repair} replaces the targets by a fitted map at the choice, so they are cut "
+                f"at once, and fade_steps is {shown(self.fade_steps)}: set fade_steps: 1 (a gradual fade would keep part "
+                "of the layers on top of the map; with fade_steps: 0 and collapse_repair the cut is repaired after training)"
+            )
 
     def _check_training_numbers(self) -> None:
         """The `TrainingArguments` numbers the library relies on (when the class mixes them in), refused before any

@@ -361,6 +361,9 @@ class RecipeRun:
             selection=selection_sentence(targeted=self.trainer.msw_schedule[0].clause()) if self.targeted else None,
             log=self.stage,
         )
+        repaired_at_choice = self.trainer.training_record().repair if self.targeted else None
+        if repaired_at_choice is not None:  # target_repair: fitted and folded at the choice, before the fine-tune
+            self.report = self.report.updated(repair=repaired_at_choice)
         self.metric_after = self.report.metric_after
         task.after_collapse(self)
 

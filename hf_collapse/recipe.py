@@ -69,7 +69,8 @@ class RecipeArguments:
             removal hurts the validation metric least.
         collapse_repair (`str`, defaults to `"none"`): after the layers are chosen, fit a map for each removed span on
             the calibration rows and fold it into the weights before the cut (`scale`, `linear`, `transport`; see
-            [`fit_repair`]). Refused after a fade (`fade_steps`): the network already trained without those layers.
+            [`fit_repair`]). Refused after a fade (`fade_steps`): the network already trained without those layers (to
+            repair at the choice and fine-tune after it, see `target_repair` in [`MSWArguments`]).
         collapse_repair_check (`bool`, defaults to `True`): fold the repair only if the validation rows that chose the
             layers score the repaired cut no worse than the unrepaired one (else it is recorded as not folded);
             `false` folds it regardless.
@@ -500,8 +501,9 @@ def check_choice(recipe: RecipeArguments, config: CollapseConfig) -> None:
         raise RecipeError(
             f"collapse_repair: {recipe.collapse_repair} after a fade has nothing to repair: the rest of the network "
             "trained without the faded layers, and a map fitted to their own output puts back what it learned to do "
-            "without (MiniLM, 2 layers: test accuracy 0.772 -> 0.578, one class for every row). Use collapse_repair: "
-            "none with fade_steps, or fade_steps: 0 to repair a cut made after training"
+            "without (MiniLM, 2 layers: test accuracy 0.772 -> 0.578, one class for every row). To repair the cut "
+            f"at the choice and fine-tune after it (prune, repair, fine-tune), use target_repair: {recipe.collapse_repair} "
+            "with fade_steps: 1 and collapse_repair: none; or fade_steps: 0 to repair a cut made after training"
         )
     layer_choice(recipe, config)
 

@@ -335,7 +335,8 @@ class RepairPlan:
             "ridge_choice": f"{FOLDS}-fold cross-validation on the calibration rows, per span" if self.method == "linear" else "fixed",
             "shift": any(fit.shift is not None for fit in self.fits),
             "spans": [
-                {"removed": list(range(fit.first, fit.last + 1)), "folded_into": fit.site, "ridge": fit.ridge,
+                {"removed": list(range(fit.first, fit.last + 1)), "folded_into": fit.site.removesuffix(".base_layer"),
+                 "ridge": fit.ridge,
                  "error_before": fit.error_before, "error_after": fit.error_after,
                  **({"left_unrepaired": True, "rejected_error_after": fit.rejected_error} if fit.rejected_error is not None else {})}
                 for fit in self.fits
@@ -367,6 +368,8 @@ def _plan_spans(model: nn.Module, removed: Sequence[int], method: str) -> tuple[
         site = _site_path(stack.path, first - 1, layout)
         module = unwrap_model(model).get_submodule(site)
         expected = nn.Linear if layout == "pre_norm" else nn.LayerNorm
+        if not isinstance(module, expected) and isinstance(getattr(module, "base_layer", None), expected):
+            site, module = f"{site}.base_layer", module.base_layer  # a PEFT adapter layer: fold into its base weights
         if not isinstance(module, expected):
             raise ValueError(f"repair={method!r}: {site} is a {type(module).__name__}, not the {expected.__name__} the "
                              "fold is exact for; use repair='none'")

@@ -115,6 +115,8 @@ class TargetSchedule:
         score (`str`, *optional*): the score of a `"score"` choice.
         choice_steps (`float`): the choice step, as a count (>= 1) or a fraction of the training steps.
         fade_steps (`float`): the length of the fade, likewise (0: no fade).
+        cut_at_choice (`bool`): the targets are replaced by a repair at the choice (`target_repair`): their residual
+            update is gone from the choice step itself, not faded over `fade_steps`.
         adaptive (`bool`): whether λ adapts, every `adapt_steps` steps after the choice.
         adapt_steps (`int`), adapt_tolerance (`float`): see [`MSWArguments`].
     """
@@ -130,6 +132,7 @@ class TargetSchedule:
         score: str | None = None,
         choice_steps: float = 0.0,
         fade_steps: float = 0.0,
+        cut_at_choice: bool = False,
         adaptive: bool = False,
         adapt_steps: int = 20,
         adapt_tolerance: float = 0.02,
@@ -138,11 +141,13 @@ class TargetSchedule:
         self.given = targets is not None
         self.choice, self.score, self.choice_steps, self.fade_steps = choice, score, choice_steps, fade_steps
         self.adaptive, self.adapt_steps, self.adapt_tolerance = adaptive, adapt_steps, adapt_tolerance
+        self.cut_at_choice = cut_at_choice
         self.targets: list[int] | None = list(targets) if targets is not None else None
         self.weight = weight  # λ on the targets now
         self.start: int | None = None  # the step targeting started
         self.reference_loss: float | None = None  # the task loss at the choice, for the drift
         self.prepared_step = -1  # the last optimizer step the schedule was advanced for
+        self.repair: dict | None = None  # the record of a repair fitted and folded at the choice (`target_repair`)
         self.entries: list[ScheduleEntry] = []
 
     @classmethod
@@ -152,7 +157,7 @@ class TargetSchedule:
             args.msw_weight, warmup_steps=args.msw_warmup_steps, targeted=args.has_target,
             targets=list(args.collapse_layers) if args.collapse_layers else None, choice=args.target_choice,
             score=args.target_score, choice_steps=args.target_choice_steps, fade_steps=args.fade_steps,
-            adaptive=args.msw_adaptive, adapt_steps=args.msw_adapt_steps, adapt_tolerance=args.msw_adapt_tolerance,
+            cut_at_choice=args.target_repair != "none", adaptive=args.msw_adaptive, adapt_steps=args.msw_adapt_steps, adapt_tolerance=args.msw_adapt_tolerance,
         )
 
     @property
@@ -176,12 +181,16 @@ class TargetSchedule:
         """How much of the targets' residual update is kept at `step`: 1 before the fade, 0 once it is over."""
         if not (self.targeting and self.fade_steps):
             return 1.0
+        if self.cut_at_choice:
+            return 0.0
         return max(0.0, 1.0 - (step - self.start) / steps_of(self.fade_steps, max_steps))
 
     def fade_window(self, max_steps: int) -> tuple[int, int] | None:
         """The (first, last) step of the fade; None without a fade or before targeting."""
         if not (self.targeting and self.fade_steps):
             return None
+        if self.cut_at_choice:
+            return self.start, self.start
         return self.start, self.start + steps_of(self.fade_steps, max_steps)
 
     def acting_targets(self, step: int, max_steps: int) -> list[int]:
@@ -258,6 +267,7 @@ class TargetSchedule:
             "reference_loss": self.reference_loss,
             "msw_schedule": [entry.to_dict() for entry in self.entries],
             "prepared_step": self.prepared_step,
+            "repair": self.repair,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -268,6 +278,7 @@ class TargetSchedule:
         self.reference_loss = state["reference_loss"]
         self.entries = [entry_from_dict(entry) for entry in state["msw_schedule"]]
         self.prepared_step = state["prepared_step"]
+        self.repair = state.get("repair")  # checkpoints written before target_repair have none
 
 
 @dataclass
@@ -280,6 +291,8 @@ class TrainingRecord:
         choice ([`TargetChoice`], *optional*): how and when they were chosen.
         penalty_schedule (`list[tuple[int, float]]`): (step, λ) from the choice and each adaptation.
         fade_window (`tuple[int, int]`, *optional*): the first and last step of the fade.
+        repair (`dict`, *optional*): the repair fitted at the choice (`target_repair`): the record
+            `collapse_report.json` keeps as its `repair`, with the `step` it was folded at.
         distillation_weight (`float`, *optional*), distillation_temperature (`float`, *optional*): the
             distillation term, when there was one.
         healing_steps (`int`), healing_lora (`bool`, *optional*): healing after the collapse, filled in by
@@ -292,6 +305,7 @@ class TrainingRecord:
     choice: TargetChoice | None = None
     penalty_schedule: list[tuple[int, float]] = field(default_factory=list)
     fade_window: tuple[int, int] | None = None
+    repair: dict | None = None
     distillation_weight: float | None = None
     distillation_temperature: float | None = None
     healing_steps: int = 0

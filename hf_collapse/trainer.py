@@ -14,6 +14,7 @@ import contextlib
 import copy
 import math
 import os
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,12 +22,12 @@ from pathlib import Path
 import torch
 from accelerate.utils import broadcast_object_list
 from huggingface_hub import ModelCard
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .quantization import disable_cpu_repacking
+from .quantization import disable_cpu_repacking, is_quantized
 from .checkpoints import PenaltyState, load_penalty_state, load_teacher, penalty_settings, resolve_resume, save_penalty_state
 from .choice import greedy_bypass
 from .config import CollapseConfig, MSWArguments
@@ -36,6 +37,7 @@ from .layers import (
     unwrap_model,
 )
 from .msw import DirectionSearch, max_sliced_wasserstein
+from .repair import check_foldable, fit_repair, fold_verified
 from .schedule import ScheduleEntry, TargetSchedule, TrainingRecord
 from .scoring import score_layers
 
@@ -66,7 +68,8 @@ class MSWPenaltyMixin:
     With a target depth (`collapse_num_layers` / `collapse_layers`, see [`MSWArguments`]), at
     `target_choice_steps` the targets are chosen (unless given), the penalty starts on them alone (nothing is
     penalised before), λ adapts to
-    their measured bypass cost (`msw_adaptive`), their residual update fades to zero (`fade_steps`), and a
+    their measured bypass cost (`msw_adaptive`), their residual update fades to zero (`fade_steps`) or, with
+    `target_repair`, is replaced at once by a map fitted on training rows and folded into the weights, and a
     frozen teacher (the model at that step, or `teacher_model`) is distilled into the student
     (`distill_weight`). `collapse_targets` and `msw_schedule` record what was applied, `target_schedule` holds the
     schedule's state and [`training_record`] sums it up.
@@ -102,6 +105,7 @@ class MSWPenaltyMixin:
         if self.args.has_target:
             self._check_target_request(stacks)
             self._check_choice_rows()
+            self._check_target_repair()
         self._init_teacher(teacher_model)
 
     def _init_penalty_state(self) -> None:
@@ -132,6 +136,32 @@ class MSWPenaltyMixin:
                 f"{what} measures the model on evaluation rows: pass eval_dataset (validation data) to the trainer, "
                 "or give collapse_layers with msw_adaptive: false"
             )
+
+    def _check_target_repair(self) -> None:
+        """Refuse, before training, a `target_repair` that could not be folded at the choice."""
+        method = self.args.target_repair
+        if method == "none":
+            return
+        check_foldable(self.model, method)
+        engine = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP" if self.is_fsdp_enabled else None
+        if is_quantized(unwrap_model(self.model)) or engine:
+            what = f"under {engine} the weights are sharded or mirrored in the optimizer" if engine else "the weights are quantized"
+            raise ValueError(
+                f"target_repair: {method} folds a fitted map into full-precision weights in place at the choice, and "
+                f"{what}: train without target_repair here, or repair a full-precision model before training "
+                "(`hf-collapse collapse --repair`)"
+            )
+        if hasattr(self.model, "peft_config") and self.args.target_choice_steps != 0:
+            raise ValueError(
+                f"target_repair: {method} with LoRA adapters folds into the base weights, which is exact only while the "
+                "adapters are still zero: set target_choice_steps: 0 (prune, repair, then fine-tune)"
+            )
+        if self.eval_dataset is None:
+            raise ValueError(f"target_repair: {method} is folded only if the choice rows score the repaired cut no worse "
+                             "than the unrepaired one: pass eval_dataset (validation data) to the trainer")
+        if not hasattr(self.train_dataset, "select"):
+            raise ValueError(f"target_repair: {method} is fitted on the first target_repair_samples training rows: give a "
+                             "map-style dataset (datasets.Dataset), not an iterable one")
 
     def _init_teacher(self, teacher_model: torch.nn.Module | None) -> None:
         self.teacher_forward_passes = 0  # forward passes of the teacher, and the rows they ran (outside the budget)
@@ -281,6 +311,38 @@ class MSWPenaltyMixin:
             self.teacher_model = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
             self._teacher_taken = True
         logger.info(f"step {step}: targeting layers {entry.targets} ({entry.choice})")
+        if self.args.target_repair != "none":
+            self.target_schedule.repair = self._repair_at_choice(model, step)
+
+    def _repair_at_choice(self, model: torch.nn.Module, step: int) -> dict:
+        """Prune, repair, fine-tune: fit `target_repair` for the targets on training rows, fold it (verified), and keep
+        it only if the choice rows' loss with the targets bypassed is no worse than without it. Every process fits on
+        the same rows; the main process's folded weights are then sent to all, so they stay identical."""
+        args, targets, inner = self.args, list(self.collapse_targets), unwrap_model(model)
+        started = time.perf_counter()
+        rows = self._remove_unused_columns(self.train_dataset, description="repair")
+        rows = rows.select(range(min(args.target_repair_samples, len(rows))))
+        loader = DataLoader(rows, batch_size=args.per_device_eval_batch_size, collate_fn=self.data_collator)
+        batches = [{k: v for k, v in self._prepare_inputs(b).items() if k != "labels"} for b in loader]
+        plan = fit_repair(inner, targets, batches, args.target_repair)
+        unrepaired = self._bypass_loss(model, targets)
+        undo = fold_verified(inner, plan, targets)
+        repaired = self._bypass_loss(model, targets)
+        folded = repaired <= unrepaired
+        if not folded:
+            undo()
+        if self.accelerator.num_processes > 1:
+            for module, _ in plan.sites(inner):
+                for tensor in (module.weight, module.bias):
+                    if tensor is not None:
+                        torch.distributed.broadcast(tensor.data, src=0)
+        logger.info(f"step {step}: {args.target_repair} repair of the cut {'folded' if folded else 'declined'} "
+                    f"(choice-row loss {unrepaired:.4g} unrepaired, {repaired:.4g} repaired)")
+        return dict(
+            plan.summary(data=f"{len(rows)} training rows"), folded=folded, step=step,
+            validation={"metric": "loss", "unrepaired": unrepaired, "repaired": repaired},
+            seconds=round(time.perf_counter() - started, 3),
+        )
 
     def _adapt_weight(self, model: torch.nn.Module, step: int) -> None:
         self.target_schedule.adapt(step, bypass_loss=lambda layers, fade: self._bypass_loss(model, layers, fade))
@@ -296,6 +358,7 @@ class MSWPenaltyMixin:
         record.choice = schedule.entries[0]
         record.penalty_schedule = [(entry.step, entry.weight) for entry in schedule.entries]
         record.fade_window = schedule.fade_window(self.state.max_steps)
+        record.repair = schedule.repair
         if args.distill_weight:
             record.distillation_weight, record.distillation_temperature = args.distill_weight, args.distill_temperature
         return record

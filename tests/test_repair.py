@@ -304,7 +304,7 @@ def test_two_spans_each_fold_into_their_own_layer_and_match_the_reference():
     (["--collapse_repair", "bogus"], r"repair must be one of none, scale, linear, transport|invalid choice"),
     (["--collapse", "false", "--collapse_layers", "1", "--collapse_repair", "linear"], r"collapse_repair: linear .*needs collapse: true"),
     (["--collapse_num_layers", "1", "--target_choice", "score", "--fade_steps", "0.3", "--collapse_repair", "scale"],
-     r"collapse_repair: scale after a fade has nothing to repair: .*Use collapse_repair: none with fade_steps"),
+     r"collapse_repair: scale after a fade has nothing to repair: .*use target_repair: scale with fade_steps: 1 and collapse_repair: none"),
 ], ids=["unknown", "without collapse", "after a fade"])
 def test_recipes_check_the_repair_field(tmp_path, overrides, pattern):
     from hf_collapse.recipe import RecipeError, load_recipe
