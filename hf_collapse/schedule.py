@@ -157,7 +157,8 @@ class TargetSchedule:
             args.msw_weight, warmup_steps=args.msw_warmup_steps, targeted=args.has_target,
             targets=list(args.collapse_layers) if args.collapse_layers else None, choice=args.target_choice,
             score=args.target_score, choice_steps=args.target_choice_steps, fade_steps=args.fade_steps,
-            cut_at_choice=args.target_repair != "none", adaptive=args.msw_adaptive, adapt_steps=args.msw_adapt_steps, adapt_tolerance=args.msw_adapt_tolerance,
+            cut_at_choice=args.target_repair != "none", adaptive=args.msw_adaptive, adapt_steps=args.msw_adapt_steps,
+            adapt_tolerance=args.msw_adapt_tolerance,
         )
 
     @property

@@ -320,10 +320,9 @@ class MSWPenaltyMixin:
         the same rows; the main process's folded weights are then sent to all, so they stay identical."""
         args, targets, inner = self.args, list(self.collapse_targets), unwrap_model(model)
         started = time.perf_counter()
-        rows = self._remove_unused_columns(self.train_dataset, description="repair")
-        rows = rows.select(range(min(args.target_repair_samples, len(rows))))
-        loader = DataLoader(rows, batch_size=args.per_device_eval_batch_size, collate_fn=self.data_collator)
-        batches = [{k: v for k, v in self._prepare_inputs(b).items() if k != "labels"} for b in loader]
+        rows = self.train_dataset.select(range(min(args.target_repair_samples, len(self.train_dataset))))
+        rows = self._remove_unused_columns(rows, description="repair")
+        batches = self._model_inputs(DataLoader(rows, batch_size=args.per_device_eval_batch_size, collate_fn=self.data_collator))
         plan = fit_repair(inner, targets, batches, args.target_repair)
         unrepaired = self._bypass_loss(model, targets)
         undo = fold_verified(inner, plan, targets)
@@ -374,6 +373,10 @@ class MSWPenaltyMixin:
         subset = dataset.select(range(n)) if hasattr(dataset, "select") else Subset(dataset, range(n))
         return self.get_eval_dataloader(subset)
 
+    def _model_inputs(self, loader) -> list[dict]:
+        """The loader's batches on the trainer's device, without labels (what scoring and fitting a repair read)."""
+        return [{k: v for k, v in self._prepare_inputs(b).items() if k != "labels"} for b in loader]
+
     def _bypass_loss(self, model: torch.nn.Module, layers: list[int], fade: bool = False) -> float:
         """The mean task loss on the choice rows with `layers` bypassed (and the current fade, if asked)."""
         total = torch.zeros(2, device=self.args.device)
@@ -404,7 +407,7 @@ class MSWPenaltyMixin:
         return sorted(result.layers), result.evaluations
 
     def _choose_by_score(self, model: torch.nn.Module) -> tuple[list[int], int]:
-        batches = [{k: v for k, v in self._prepare_inputs(b).items() if k != "labels"} for b in self._choice_loader()]
+        batches = self._model_inputs(self._choice_loader())
         scores = score_layers(
             unwrap_model(model), batches, method=self.args.target_score, normalization=self.args.msw_normalization,
             progress=False,
