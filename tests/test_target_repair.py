@@ -155,6 +155,7 @@ def test_a_recipe_runs_prune_repair_finetune_and_the_card_says_when_the_map_was_
     if repair["folded"]:
         assert "## Repair at the cut" in card and "At training step 0, when the layers to remove were chosen" in card
         assert "prune, repair, fine-tune" in card
+        assert "the repair folded at step 0 is in them, fine-tuned since" in card and "except the" not in card
     else:
         assert "was fitted at training step 0 and not folded" in card
     from transformers import AutoModelForCausalLM
