@@ -254,6 +254,38 @@ def test_healing_variants_share_the_choice_and_budget(quick_run: Path):
     assert fade["repair"]["method"] == "scale" and fade["train_steps"] == study.steps
 
 
+def test_mixed_repair_rows_take_half_from_a_third_domain():
+    """The mixed-calibration arm fits on half the study's own training blocks and half Rotten Tomatoes blocks, packed
+    the same way (block length, labels = inputs); a classification study is refused it."""
+    from benchmarks.quality.context import Context
+
+    ctx = Context(get_study("smollm2", quick=True, arms=["vanilla_block_influence_linear_mixed"]))
+    own, mixed = ctx.repair_calibration, ctx.mixed_repair_calibration()
+    half = len(own) // 2
+    assert len(mixed) == len(own) >= 2 and mixed.column_names == own.column_names
+    assert mixed[: len(own) - half]["input_ids"] == own[: len(own) - half]["input_ids"]
+    block = ctx.study.max_length
+    for row in mixed.select(range(len(own) - half, len(own))):
+        assert len(row["input_ids"]) == block and row["labels"] == row["input_ids"]
+        assert row["input_ids"] not in own["input_ids"]
+    text = ctx.processor.decode(mixed[len(mixed) - 1]["input_ids"])
+    assert "Shakespeare" not in text and ctx.processor.eos_token in text  # snippets, one per eos
+    minilm = Context(get_study("minilm", quick=True))
+    with pytest.raises(ValueError, match="causal-LM studies"):
+        minilm.mixed_repair_calibration()
+
+
+def test_the_target_repair_arm_is_a_valid_recipe(tmp_path):
+    """The trainer arm of prune, repair, fine-tune: its fields pass CollapseConfig's checks as a recipe's would, with
+    the immediate cut and layer 0 protected."""
+    import hf_collapse
+
+    fields = ARMS["target_repair"].fn.fields
+    config = hf_collapse.CollapseConfig(output_dir=str(tmp_path), collapse_num_layers=8, **fields)
+    assert (config.target_repair, config.fade_steps, config.target_choice_steps) == ("linear", 1, 0.0)
+    assert config.collapse_protect_first == 1 and ARMS["target_repair"].family == "ours"
+
+
 def test_the_report_has_the_training_free_retention_table(quick_run: Path):
     text = (quick_run / "RESULTS.md").read_text()
     assert "### Training-free: retention of the full model's score per rule and repair" in text

@@ -145,20 +145,21 @@ def collapsed_result(ctx: Context, key: ModelKey, model, layers: list[int], *, t
     return out
 
 
-def _posthoc_repair(rule: str, repair: str):
+def _posthoc_repair(rule: str, repair: str, *, mixed: bool = False):
     """A post-hoc rule on the vanilla fine-tune, then `repair` fitted on the calibration rows after the choice and
     folded, through hf_collapse.collapse_model(..., repair=...). No training after the fine-tune. Where the library
     refuses the repair (a family where it does not fold, a span at layer 0), the result is the unrepaired cut with
-    the refusal recorded under `repair`."""
+    the refusal recorded under `repair`. With `mixed`, half the repair rows come from a third domain
+    (Context.mixed_repair_calibration)."""
 
     def run(ctx: Context, seed: int, k: int) -> dict:
         model, key = ctx.finetuned("vanilla", seed), ModelKey("vanilla", seed)
         selection = _rule_selection(ctx, key, model, rule, k)
-        repaired, record = ctx.repaired(model, selection.layers, repair)
+        repaired, record = ctx.repaired(model, selection.layers, repair, mixed=mixed)
         if repaired is None:
             ctx.log(f"  {rule} + {repair} k={k} seed {seed}: repair refused ({record['refused']}); reporting the plain cut")
             return result(ctx, key, model, selection, train_steps=ctx.study.steps, repair=record)
-        repaired_key = ModelKey(f"vanilla/{rule}+{repair}", seed)
+        repaired_key = ModelKey(f"vanilla/{rule}+{repair}{'-mixed' if mixed else ''}", seed)
         out = collapsed_result(ctx, repaired_key, repaired, selection.layers, train_steps=ctx.study.steps, repair=record)
         cost = selection.cost()  # choosing, then one calibration pass to fit the map
         cost.update(forward_passes=cost["forward_passes"] + record["forward_passes"],
@@ -176,6 +177,12 @@ for _rule, _what in RULES.items():
             f"vanilla fine-tune, {_what} removed, then a {_repair} repair fitted on the calibration rows and folded "
             "into the last kept layer before each cut (training-free)",
         )(_posthoc_repair(_rule, _repair))
+arm(
+    "vanilla_block_influence_linear_mixed",
+    "as vanilla_block_influence_linear, with half the repair rows from a third domain (Rotten Tomatoes critic "
+    "snippets, packed into the study's blocks; causal-LM studies only): does a map fitted off the fine-tuning domain "
+    "keep the out-of-domain score",
+)(_posthoc_repair("block_influence", "linear", mixed=True))
 
 
 @arm("vanilla_random", "vanilla fine-tune, k random layers removed (mean of the draws)")
@@ -408,6 +415,7 @@ def _targeted(name: str, fields: dict, *, heal: bool = False, repair: bool = Fal
             teacher_forward_rows=teacher_rows,
             schedule=[entry.to_dict() for entry in trainer.msw_schedule],
             **({"repair": fixed_record} if repair else {}),
+            **({"target_repair": trainer.target_schedule.repair} if fields.get("target_repair", "none") != "none" else {}),
             selection={"method": rule, "forward_passes": passes, "evaluations": evaluations, "seconds": spent},
         )
         return out
@@ -440,6 +448,13 @@ arm(
     "as target_fade, but chosen at 50 % of training on all validation rows and faded over the next 30 %",
     family="ours",
 )(_targeted("target_fade_late", dict(_TARGET, target_choice_steps=0.5, target_choice_samples=100_000, fade_steps=0.3)))
+arm(
+    "target_repair",
+    "prune, repair, fine-tune through the trainer (what recipes run with target_repair: linear): targets = the k lowest "
+    "Block Influence layers of the pretrained model at step 0, the linear repair fitted on target_repair_samples "
+    "training rows and folded at the choice, the targets bypassed from that step, removed at the end",
+    family="ours",
+)(_targeted("target_repair", dict(target_choice="score", target_score="block_influence", target_choice_steps=0.0, fade_steps=1, target_repair="linear", collapse_protect_first=1, msw_adaptive=False, msw_weight=0.0)))
 arm(
     "score_fade_repair",
     "as score_fade, then the repair (scale, linear or transport) best on validation fitted at the end on the "

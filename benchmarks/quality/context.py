@@ -117,6 +117,7 @@ class Context:
         self._greedy: dict[tuple, object] = {}
         self._reports: dict[tuple, dict] = {}
         self._validations: dict[tuple, float] = {}
+        self._mixed = None  # mixed-domain repair rows, built on first use
 
     # ------------------------------------------------------------------ data
 
@@ -436,24 +437,51 @@ class Context:
 
     # ------------------------------------------------------------------ repair at the cut
 
-    def repaired(self, model, layers: list[int], repair: str) -> tuple[torch.nn.Module | None, dict]:
+    MIXED_DOMAIN = "offline:rotten_tomatoes"
+
+    def mixed_repair_calibration(self):
+        """The repair rows with half of them from a third domain: the first half of `repair_calibration` (training
+        blocks of the study's dataset) and as many blocks of Rotten Tomatoes critic snippets, tokenized and packed
+        the way the study packs its own text. Neither the test nor the out-of-domain rows are touched. Causal-LM
+        studies only (the snippets have no labels of the study's task)."""
+        if self.study.task != "causal-lm":
+            raise ValueError(f"mixed-domain repair rows are built for causal-LM studies; {self.study.name} is {self.study.task}")
+        if self._mixed is None:
+            from datasets import concatenate_datasets
+
+            half = len(self.repair_calibration) // 2
+            other = RecipeArguments(model_name_or_path=self.study.model, task="causal-lm", dataset_name=self.MIXED_DOMAIN,
+                                    max_length=self.study.max_length, max_train_samples=half, max_eval_samples=1, collapse=False)
+            blocks = load_task_data(other, self.processor).train
+            if len(blocks) < half:
+                raise ValueError(f"{self.MIXED_DOMAIN} gave {len(blocks)} blocks of {self.study.max_length} tokens, not {half}")
+            own = self.repair_calibration.select(range(len(self.repair_calibration) - half))
+            self._mixed = concatenate_datasets([own, blocks.select(range(half))])
+        return self._mixed
+
+    def repaired(self, model, layers: list[int], repair: str, *, mixed: bool = False) -> tuple[torch.nn.Module | None, dict]:
         """A copy of `model` with `layers` removed by hf_collapse.collapse_model and `repair` fitted on the repair
-        calibration rows (training data, `Study.repair_rows`) and folded, with the repair's record (what it was fitted
-        on, its errors, and the rows and seconds of the fit). `(None, {"method", "refused"})` when the library refuses that repair for this model
-        or these layers (a family where it does not fold, a span at layer 0): nothing is approximated."""
+        calibration rows (training data, `Study.repair_rows`; with `mixed`, half of them from a third domain, see
+        `mixed_repair_calibration`) and folded, with the repair's record (what it was fitted on, its errors, and the
+        rows and seconds of the fit). `(None, {"method", "refused"})` when the library refuses that repair for this
+        model or these layers (a family where it does not fold, a span at layer 0): nothing is approximated."""
+        rows = self.mixed_repair_calibration() if mixed else self.repair_calibration
+        source = f"{len(rows)} training rows of {self.study.dataset}"
+        if mixed:
+            half = len(rows) // 2
+            source = f"{len(rows) - half} training rows of {self.study.dataset} and {half} of {self.MIXED_DOMAIN}"
         collapsed = copy.deepcopy(model)
         start = time.perf_counter()
         try:
             collapsed, report = hf_collapse.collapse_model(
-                collapsed, layers=sorted(layers), calibration=self.repair_calibration, repair=repair,
-                score_method="block_influence",
-                calibration_source=f"{len(self.repair_calibration)} training rows of {self.study.dataset}",
+                collapsed, layers=sorted(layers), calibration=rows, repair=repair,
+                score_method="block_influence", calibration_source=source,
             )
         except ValueError as error:
             del collapsed
             return None, {"method": repair, "refused": str(error)}
         collapsed.eval()
-        record = dict(report.repair, forward_passes=len(self.repair_calibration), seconds=round(time.perf_counter() - start, 3))
+        record = dict(report.repair, forward_passes=len(rows), seconds=round(time.perf_counter() - start, 3))
         return collapsed, record
 
     def best_repair(self, model, layers: list[int], key: ModelKey) -> tuple[torch.nn.Module | None, dict]:
