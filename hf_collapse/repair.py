@@ -415,6 +415,9 @@ def _capture(model: nn.Module, planned, layout: str, batches, folds: int = 1) ->
                         real = mask.reshape(-1).bool()
                         m, out, z, where = m[real], out[real], z[real], fold[real.cpu()]
                     r = z - (torch.zeros_like(m) if layout == "post_norm" else out - m)
+                    if folds == 1:  # every token in the one fold: no masked copy
+                        part.add(m, r, 0)
+                        continue
                     for f in range(folds):
                         chosen = (where == f).to(m.device)
                         if bool(chosen.any()):
