@@ -117,7 +117,7 @@ class Context:
         self._greedy: dict[tuple, object] = {}
         self._reports: dict[tuple, dict] = {}
         self._validations: dict[tuple, float] = {}
-        self._mixed = None  # mixed-domain repair rows, built on first use
+        self._mixed = None  # mixed-domain repair rows and their description, built on first use
 
     # ------------------------------------------------------------------ data
 
@@ -443,7 +443,7 @@ class Context:
         """The repair rows with half of them from a third domain: the first half of `repair_calibration` (training
         blocks of the study's dataset) and as many blocks of Rotten Tomatoes critic snippets, tokenized and packed
         the way the study packs its own text. Neither the test nor the out-of-domain rows are touched. Causal-LM
-        studies only (the snippets have no labels of the study's task)."""
+        studies only (the snippets have no labels of the study's task). `mixed_repair_source` says what they are."""
         if self.study.task != "causal-lm":
             raise ValueError(f"mixed-domain repair rows are built for causal-LM studies; {self.study.name} is {self.study.task}")
         if self._mixed is None:
@@ -456,8 +456,15 @@ class Context:
             if len(blocks) < half:
                 raise ValueError(f"{self.MIXED_DOMAIN} gave {len(blocks)} blocks of {self.study.max_length} tokens, not {half}")
             own = self.repair_calibration.select(range(len(self.repair_calibration) - half))
-            self._mixed = concatenate_datasets([own, blocks.select(range(half))])
-        return self._mixed
+            self._mixed = (concatenate_datasets([own, blocks.select(range(half))]),
+                           f"{len(own)} training rows of {self.study.dataset} and {half} of {self.MIXED_DOMAIN}")
+        return self._mixed[0]
+
+    @property
+    def mixed_repair_source(self) -> str:
+        """What `mixed_repair_calibration` holds, in words (for the repair record)."""
+        self.mixed_repair_calibration()
+        return self._mixed[1]
 
     def repaired(self, model, layers: list[int], repair: str, *, mixed: bool = False) -> tuple[torch.nn.Module | None, dict]:
         """A copy of `model` with `layers` removed by hf_collapse.collapse_model and `repair` fitted on the repair
@@ -465,11 +472,10 @@ class Context:
         `mixed_repair_calibration`) and folded, with the repair's record (what it was fitted on, its errors, and the
         rows and seconds of the fit). `(None, {"method", "refused"})` when the library refuses that repair for this
         model or these layers (a family where it does not fold, a span at layer 0): nothing is approximated."""
-        rows = self.mixed_repair_calibration() if mixed else self.repair_calibration
-        source = f"{len(rows)} training rows of {self.study.dataset}"
         if mixed:
-            half = len(rows) // 2
-            source = f"{len(rows) - half} training rows of {self.study.dataset} and {half} of {self.MIXED_DOMAIN}"
+            rows, source = self.mixed_repair_calibration(), self.mixed_repair_source
+        else:
+            rows, source = self.repair_calibration, f"{len(self.repair_calibration)} training rows of {self.study.dataset}"
         collapsed = copy.deepcopy(model)
         start = time.perf_counter()
         try:
