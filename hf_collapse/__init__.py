@@ -33,6 +33,7 @@ _LAZY = {
     "heal": ".post",
     "merge_dequantized": ".quantization",
     "fit_repair": ".repair",
+    "fit_repairs": ".repair",
     "repaired_reference": ".repair",
     "CollapseReport": ".report",
     "LayerScores": ".scoring",
@@ -56,7 +57,7 @@ if TYPE_CHECKING:  # the same names for type checkers and the API docs, which re
     from .healing import adjacent_parameter_names
     from .post import HealResult, collapse_model, heal
     from .quantization import merge_dequantized
-    from .repair import fit_repair, repaired_reference
+    from .repair import fit_repair, fit_repairs, repaired_reference
     from .report import CollapseReport
     from .scoring import LayerScores, score_layers, select_by_tolerance, select_lowest
     from .surgery import CollapseRecord, collapse_layers

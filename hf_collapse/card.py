@@ -389,6 +389,8 @@ def _context(
         "selection": removal.selection,
         "task_metric": measured.task_metric,
         "selection_curve": [(list(layers), float(value)) for layers, value in removal.selection_curve or []],
+        # a block choice's curve (no full-model row first) was measured with the repair applied, when there was one
+        "curve_repair": (removal.repair or {}).get("method"),
         "plot_file": PLOT_FILE,
         "metrics": _metrics(measured),
         "latency": _latency(measured),

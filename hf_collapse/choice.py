@@ -9,7 +9,9 @@ module, and the checks against a model's depth (layers that exist, the protected
 
 [`greedy_bypass`] is the measured choice: bypass one more layer at a time and keep the one whose bypass hurts a
 measurement least. The trainer's target choice (on the evaluation loss) and the post-training choice (on a
-validation metric, with or without a tolerance) both run it.
+validation metric, with or without a tolerance) both run it. The `block` strategy instead measures every run of
+`num_layers` consecutive removable layers ([`contiguous_blocks`]) at once, with the repair applied when there is one
+(ReplaceMe's setting: one span, one map), and removes the best.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ __all__ = [
     "GreedyResult",
     "LayerChoice",
     "check_layer_list",
+    "contiguous_blocks",
     "greedy_bypass",
     "layer_index",
     "removable_layers",
     "selection_sentence",
 ]
 
-SELECTION_STRATEGIES = ("ranked", "measured")
+SELECTION_STRATEGIES = ("ranked", "measured", "block")
 
 
 def layer_index(value: object) -> int:
@@ -100,6 +103,13 @@ def removable_layers(depth: int, protect_first: int = 0, protect_last: int = 0) 
     return removable
 
 
+def contiguous_blocks(removable: Sequence[int], size: int) -> list[list[int]]:
+    """Every run of `size` consecutive layers that are all in `removable`, in index order."""
+    allowed = set(removable)
+    return [list(range(first, first + size)) for first in sorted(allowed)
+            if all(layer in allowed for layer in range(first, first + size))]
+
+
 @dataclass(frozen=True)
 class LayerChoice:
     """Which layers to remove, in one validated object.
@@ -116,7 +126,9 @@ class LayerChoice:
         candidates (`int`, *optional*): with `strategy="measured"`, each step measures only this many of the
             lowest-scoring remaining layers (default: all of them).
         strategy (`str`, defaults to `"measured"`): `"ranked"` removes layers in score order; `"measured"` removes,
-            one at a time, the candidate whose bypass hurts the validation metric least.
+            one at a time, the candidate whose bypass hurts the validation metric least; `"block"` (with
+            `num_layers`) measures every run of `num_layers` consecutive removable layers bypassed, with the repair
+            fitted and applied when [`collapse_model`] has one, and removes the best run.
 
     Raises:
         `ValueError`: not exactly one of `layers`, `num_layers` and `tolerance`, or a value out of range.
@@ -147,6 +159,9 @@ class LayerChoice:
         check_strategy(self.strategy)
         if self.candidates is not None and self.strategy != "measured":
             raise ValueError("collapse_candidates only applies to strategy='measured': drop it or switch strategy")
+        if self.strategy == "block" and self.num_layers is None and self.layers is None:
+            raise ValueError("collapse_strategy 'block' removes one run of collapse_num_layers consecutive layers: set "
+                             "collapse_num_layers instead of collapse_tolerance, or use strategy 'measured'")
 
     @property
     def given(self) -> bool:
@@ -156,7 +171,7 @@ class LayerChoice:
     @property
     def needs_metric(self) -> bool:
         """Whether choosing evaluates the model with layers bypassed (a measured choice or a tolerance)."""
-        return not self.given and (self.strategy == "measured" or self.tolerance is not None)
+        return not self.given and (self.strategy in ("measured", "block") or self.tolerance is not None)
 
     def removable(self, depth: int) -> list[int]:
         """The layers of a `depth`-layer stack that the protection leaves removable (see [`removable_layers`])."""
@@ -278,12 +293,17 @@ def greedy_bypass(
     return GreedyResult(layers=tuple(chosen), curve=tuple(curve), trials=tuple(trials))
 
 
-def selection_sentence(choice: LayerChoice | None = None, *, metric_name: str = "metric", targeted: str | None = None) -> str:
-    """How the layers were chosen, as a clause for the card."""
+def selection_sentence(choice: LayerChoice | None = None, *, metric_name: str = "metric", targeted: str | None = None,
+                       repair: str = "none") -> str:
+    """How the layers were chosen, as a clause for the card (`repair`: the repair a `block` choice measured with)."""
     if targeted is not None:
         return f"training targeted the layers it removed ({targeted})"
     if choice.given:
         return "the layers to remove were given"
+    if choice.strategy == "block":
+        applied = f", its {repair} repair fitted and applied," if repair != "none" else ""
+        return (f"every run of {choice.num_layers} consecutive removable layers was bypassed{applied} and measured on "
+                f"validation {metric_name}, and the best run was chosen")
     pool = f"among the {choice.candidates} lowest-scoring ones" if choice.candidates else "among all"
     measured = f"each time the remaining layer ({pool}) whose bypass hurt validation {metric_name} least"
     if choice.num_layers is not None:

@@ -16,12 +16,12 @@ from typing import Any
 
 from torch import nn
 
-from .choice import LayerChoice, greedy_bypass, selection_sentence
+from .choice import LayerChoice, contiguous_blocks, greedy_bypass, selection_sentence
 from .config import MSWArguments
 from .distillation import check_teacher, teacher_layer_map
 from .healing import adjacent_parameter_names, train_only
 from .layers import eval_mode, find_layer_stacks, unwrap_model
-from .repair import check_foldable, fit_repair, fold_verified
+from .repair import RepairPlan, check_foldable, fit_repair, fit_repairs, fold_verified, repaired_reference
 from .report import CollapseReport
 from .scoring import LayerScores, bypassed_metric, score_layers
 from .surgery import collapse_layers
@@ -77,7 +77,7 @@ def collapse_model(
         calibration_source (`str`, *optional*): what the calibration data is, in words, for the report's repair record.
         score_method (`str`, defaults to `"msw"`): the score of [`score_layers`].
         choose_on (`Callable[[model], float]`, *optional*): the metric that measured selection evaluates
-            (validation rows). Needed by `"measured"` and by `tolerance`. With a `repair`, it also decides whether
+            (validation rows). Needed by `"measured"`, `"block"` and by `tolerance`. With a `repair`, it also decides whether
             the fitted maps are kept: they are folded only if the chosen layers bypassed with the maps score no worse
             on it than without (else the cut is left unrepaired and the report's repair record says `folded: false`).
         evaluate (`Callable[[model], float]`, *optional*): the metric reported before and after, on rows that
@@ -113,7 +113,7 @@ def collapse_model(
         raise ValueError("choosing layers by score needs calibration data: pass calibration=, or give layers=")
     if choice.needs_metric and choose_on is None:
         raise ValueError(
-            "measured selection and a tolerance evaluate the model with layers bypassed: pass choose_on "
+            "measured and block selection and a tolerance evaluate the model with layers bypassed: pass choose_on "
             "(a function model -> metric on validation rows), or use strategy='ranked' / layers="
         )
     log = log or (lambda text: None)
@@ -124,11 +124,17 @@ def collapse_model(
     metric_before = evaluate(model) if evaluate is not None else None
     if metric_before is not None:
         log(f"{metric_name} of the full model: {metric_before:.4f}")
-    removed, curve = _choose(model, stack, choice, removable, scores, choose_on, higher_is_better, log)
+    if choice.strategy == "block" and not choice.given:
+        removed, curve, plan = _choose_block(model, stack, choice, removable, choose_on, higher_is_better, repair,
+                                             calibration, log)
+    else:
+        (removed, curve), plan = _choose(model, stack, choice, removable, scores, choose_on, higher_is_better, log), None
     earlier_removed = copy.deepcopy(getattr(model.config, "collapsed_layers", None))
+    # a block's curve holds its metric with the repair applied: the check measures the unrepaired cut itself
+    known = [] if plan is not None else curve
     check = _RepairCheck(model, partial(bypassed_metric, model, choose_on, stack.name), removed, metric_name or "metric",
-                         higher_is_better, curve) if choose_on is not None and repair != "none" and repair_check else None
-    record, repaired = _collapse_and_repair(model, removed, repair, calibration, calibration_source, log, check)
+                         higher_is_better, known) if choose_on is not None and repair != "none" and repair_check else None
+    record, repaired = _collapse_and_repair(model, removed, repair, calibration, calibration_source, log, check, plan)
     log(f"removed layers {removed}: {depth} -> {depth - len(removed)} layers")
     report = CollapseReport(
         base_model=base_model or getattr(model.config, "name_or_path", "") or type(model).__name__,
@@ -142,7 +148,7 @@ def collapse_model(
         metric_before=metric_before,
         metric_after=evaluate(model) if evaluate is not None else None,
         earlier_removed=earlier_removed,
-        selection=selection or selection_sentence(choice, metric_name=metric_name or "metric"),
+        selection=selection or selection_sentence(choice, metric_name=metric_name or "metric", repair=repair),
         selection_curve=curve or None,
         repair=repaired,
         **dict(report_fields or {}),
@@ -175,14 +181,14 @@ class _RepairCheck:
 
 
 def _collapse_and_repair(model, removed: list[int], repair: str, calibration, source: str | None, log,
-                         check: _RepairCheck | None = None):
-    """Fit the repair on the full model (refusing before any change), fold it (verified), then remove the layers;
-    a failed removal puts the weights back. With `check` (the rows that chose the layers), a fold that makes their
-    metric worse than the unrepaired cut is undone and recorded as not folded. Returns the collapse record and the
-    repair's report record (or None)."""
+                         check: _RepairCheck | None = None, plan: RepairPlan | None = None):
+    """Fit the repair on the full model (refusing before any change; `plan` when the choice fitted it already),
+    fold it (verified), then remove the layers; a failed removal puts the weights back. With `check` (the rows that
+    chose the layers), a fold that makes their metric worse than the unrepaired cut is undone and recorded as not
+    folded. Returns the collapse record and the repair's report record (or None)."""
     if repair == "none":
         return collapse_layers(model, removed), None
-    plan = fit_repair(model, removed, calibration, repair)
+    plan = plan if plan is not None else fit_repair(model, removed, calibration, repair)
     unrepaired = check.measure(folded=False) if check is not None else None
     undo = fold_verified(model, plan, removed)
     summary = plan.summary(source)
@@ -242,6 +248,39 @@ def _choose(model, stack, choice: LayerChoice, removable: list[int], scores: Lay
     for bypassed, value in curve:
         log(f"    bypassed {bypassed or 'none'}: {value:.4f}")
     return sorted(result.layers), curve
+
+
+def _choose_block(model, stack, choice: LayerChoice, removable: list[int], choose_on, higher_is_better: bool,
+                  repair: str, calibration, log) -> tuple[list[int], list, RepairPlan | None]:
+    """The `block` strategy: every run of `num_layers` consecutive removable layers (with a repair, not one starting
+    at layer 0, which has no kept layer to fold into), each measured on `choose_on` bypassed, its repair applied by
+    hooks (all fitted in one calibration pass); the best run, the `[run, metric]` of every run, and the best run's
+    plan (None without a repair)."""
+    blocks = contiguous_blocks(removable, choice.num_layers)
+    if repair != "none":
+        blocks = [block for block in blocks if block[0] > 0]
+    if not blocks:
+        raise ValueError(
+            f"collapse_strategy 'block' found no run of {choice.num_layers} consecutive removable layers"
+            + (" after layer 0 (a repair folds into the kept layer before the run)" if repair != "none" else "")
+            + ": lower collapse_num_layers or the protection, or use strategy 'measured'"
+        )
+    plans = fit_repairs(model, blocks, calibration, repair) if repair != "none" else [None] * len(blocks)
+    curve = []
+    with eval_mode(model):
+        for block, plan in zip(blocks, plans):
+            if plan is None:
+                value = bypassed_metric(model, choose_on, stack.name, block)
+            else:
+                with repaired_reference(model, plan, block):
+                    value = float(choose_on(model))
+                if not math.isfinite(value):
+                    raise ValueError(f"choose_on returned {value} with layers {block} bypassed and repaired: it must return a finite number")
+            curve.append([block, value])
+            log(f"    bypassed {block}{' with its ' + repair + ' repair' if plan is not None else ''}: {value:.4f}")
+    sign = 1 if higher_is_better else -1
+    best = max(range(len(blocks)), key=lambda i: sign * curve[i][1])  # the first of equals
+    return blocks[best], curve, plans[best]
 
 
 class HealResult(tuple):

@@ -66,7 +66,8 @@ class RecipeArguments:
             (an explicit list) and `collapse_num_layers` (a target depth) is set.
         collapse_strategy (`str`, defaults to `"measured"`): with a budget or a tolerance, `ranked` removes
             layers in score order; `measured` tries the lowest-scoring candidates and removes the one whose
-            removal hurts the validation metric least.
+            removal hurts the validation metric least; `block` (with `collapse_num_layers`) measures every run of
+            that many consecutive layers, with `collapse_repair` fitted and applied, and removes the best run.
         collapse_repair (`str`, defaults to `"none"`): after the layers are chosen, fit a map for each removed span on
             the calibration rows and fold it into the weights before the cut (`scale`, `linear`, `transport`; see
             [`fit_repair`]). Refused after a fade (`fade_steps`): the network already trained without those layers (to
@@ -152,7 +153,9 @@ class RecipeArguments:
     )
     collapse_strategy: str = field(
         default="measured",
-        metadata={"help": "ranked: score order; measured: least harmful candidate first.", "choices": list(SELECTION_STRATEGIES)},
+        metadata={"help": "ranked: score order; measured: least harmful candidate first; block: the best run of "
+                          "collapse_num_layers consecutive layers, repaired when collapse_repair is set.",
+                  "choices": list(SELECTION_STRATEGIES)},
     )
     collapse_candidates: int | None = field(
         default=None, metadata={"help": "With measured selection, try only this many lowest-scoring layers per step."}

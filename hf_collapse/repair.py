@@ -47,7 +47,7 @@ from .scoring import calibration_batches
 from .surgery.verify import build_probe
 
 __all__ = [
-    "REPAIRS", "RepairPlan", "SpanFit", "check_foldable", "check_repair", "fit_repair", "fold_verified",
+    "REPAIRS", "RepairPlan", "SpanFit", "check_foldable", "check_repair", "fit_repair", "fit_repairs", "fold_verified",
     "repaired_reference",
 ]
 
@@ -472,12 +472,35 @@ def fit_repair(
             calibration data, or fewer calibration tokens than the fit needs (the hidden size for `linear` and
             `transport`, 2 for `scale`).
     """
+    (plan,) = fit_repairs(model, [removed], calibration, method, tokenizer=tokenizer, batch_size=batch_size,
+                          keep_worse=keep_worse)
+    return plan
+
+
+def fit_repairs(
+    model: nn.Module,
+    candidates: Sequence[Sequence[int]],
+    calibration: object,
+    method: str,
+    *,
+    tokenizer: object | None = None,
+    batch_size: int = 8,
+    keep_worse: bool = False,
+) -> list[RepairPlan]:
+    """[`fit_repair`] for several candidate removals at once, in one calibration pass: one `RepairPlan` per candidate
+    (each a list of layers), a span shared by two candidates fitted once. To compare where to cut with the repair
+    applied (every contiguous block of `k` layers, say) without a calibration pass per candidate; the same
+    arguments, checks and errors as [`fit_repair`], each candidate checked before anything runs."""
     check_repair(method)
     if method == "none":
         raise ValueError("repair='none' fits nothing")
     if calibration is None:
         raise ValueError(f"repair={method!r} is fitted on calibration data: pass calibration= (rows, texts or batches)")
-    layout, planned = _plan_spans(model, removed, method)
+    if not candidates:
+        raise ValueError("fit_repairs needs at least one candidate list of layers to remove")
+    layouts, per_candidate = zip(*(_plan_spans(model, removed, method) for removed in candidates))
+    layout = layouts[0]
+    planned = list(dict.fromkeys(span for spans_ in per_candidate for span in spans_))  # each span once, in order
     batches = calibration_batches(calibration, tokenizer, batch_size)
     stats, rows = _capture(model, planned, layout, batches, FOLDS if method == "linear" else 1)
     tokens = stats[0].n
@@ -491,21 +514,27 @@ def fit_repair(
             + (f" (one per hidden channel: it fits a {d}×{d} matrix per span)" if method != "scale" else "")
             + f", and the calibration data gave {tokens}: give more rows (calibration_samples), or use repair='scale'"
         )
-    fits = []
-    for (first, last, site), part in zip(planned, stats):
-        with_shift = getattr(unwrap_model(model).get_submodule(site), "bias", None) is not None
-        transform, shift, ridge = _solve(part, method, with_shift)
-        if not bool(torch.isfinite(transform).all()):
-            raise ValueError(f"the {method} repair of span {first}-{last} is not finite: the activations hold "
-                             "non-finite values (an fp16 overflow?); fit in float32")
-        identity = torch.eye(d, dtype=transform.dtype)
-        target = float(torch.trace(part.rr)) or 1.0
-        before, after, rejected = part.error(identity, None) / target, part.error(transform, shift) / target, None
-        if after >= before and not keep_worse:  # never fold a map that is worse than none on the very data it was fitted on
-            transform, rejected, after = identity, after, before
-            shift = torch.zeros(d, dtype=identity.dtype) if shift is not None else None
-        fits.append(SpanFit(first, last, site, transform, shift, part.n, before, after, *part.moments(), rejected, ridge))
-    return RepairPlan(method, layout, fits, rows, tokens)
+    fitted = {span: _fit_span(model, span, part, method, keep_worse) for span, part in zip(planned, stats)}
+    return [RepairPlan(method, layout, [fitted[span] for span in spans_], rows, tokens) for spans_ in per_candidate]
+
+
+def _fit_span(model: nn.Module, span: tuple[int, int, str], part: _Stats, method: str, keep_worse: bool) -> SpanFit:
+    """The map of one span from its sums; the identity (with the rejected map's error) when the map does not lower
+    the error on its own calibration tokens, unless `keep_worse`."""
+    first, last, site = span
+    d = part.gram.shape[0] - 1
+    with_shift = getattr(unwrap_model(model).get_submodule(site), "bias", None) is not None
+    transform, shift, ridge = _solve(part, method, with_shift)
+    if not bool(torch.isfinite(transform).all()):
+        raise ValueError(f"the {method} repair of span {first}-{last} is not finite: the activations hold "
+                         "non-finite values (an fp16 overflow?); fit in float32")
+    identity = torch.eye(d, dtype=transform.dtype)
+    target = float(torch.trace(part.rr)) or 1.0
+    before, after, rejected = part.error(identity, None) / target, part.error(transform, shift) / target, None
+    if after >= before and not keep_worse:  # never fold a map that is worse than none on the very data it was fitted on
+        transform, rejected, after = identity, after, before
+        shift = torch.zeros(d, dtype=identity.dtype) if shift is not None else None
+    return SpanFit(first, last, site, transform, shift, part.n, before, after, *part.moments(), rejected, ridge)
 
 
 @contextlib.contextmanager

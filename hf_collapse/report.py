@@ -116,7 +116,8 @@ class Removal:
             How the layers were chosen from the scores, in one sentence (e.g. "the 2 lowest-scoring layers").
         selection_curve (`list[tuple[list[int], float]]`, *optional*):
             The validation metric after each step of a tolerance or measured selection: (layers bypassed so
-            far, metric), starting with the full model.
+            far, metric), starting with the full model; for a `block` selection, every candidate run bypassed (with
+            its repair applied, when there is one) and its metric, with no full-model row.
         earlier_removed (`Sequence[int]` or `Mapping[str, Sequence[int]]`, *optional*):
             When the source checkpoint was itself collapsed: the layers it had already lost, in the numbering
             of the original model (its `config.collapsed_layers`). `removed_layers` stays in the numbering of

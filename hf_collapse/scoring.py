@@ -520,6 +520,9 @@ def select_by_tolerance(
         )
     if strategy not in SELECTION_STRATEGIES:
         raise ValueError(f"unknown selection strategy {strategy!r}: choose one of {', '.join(SELECTION_STRATEGIES)}")
+    if strategy == "block":
+        raise ValueError("a tolerance removes layers one at a time ('ranked' or 'measured'); strategy 'block' removes "
+                         "one run of a given number of layers: use collapse_model(num_layers=..., strategy='block')")
     if num_candidates is not None:
         if strategy != "measured":
             raise ValueError("num_candidates only applies to strategy='measured': drop it or switch strategy")

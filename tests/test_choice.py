@@ -98,6 +98,8 @@ def test_the_trainer_refuses_a_bad_target_with_the_same_message(tmp_path, keywor
         (dict(num_layers=1, candidates=0), "collapse_candidates must be at least 1"),
         (dict(num_layers=1, strategy="greedy"), "collapse_strategy must be one of ranked, measured"),
         (dict(num_layers=1, strategy="ranked", candidates=2), "collapse_candidates only applies to strategy='measured'"),
+        (dict(tolerance=0.1, strategy="block"), "collapse_strategy 'block' removes one run of collapse_num_layers"),
+        (dict(num_layers=2, strategy="block", candidates=2), "collapse_candidates only applies to strategy='measured'"),
         (dict(layers=[1, 1]), r"collapse_layers names a layer twice"),
         (dict(layers=[-1]), "cannot be negative"),
         (dict(layers=[1.5]), "is not an integer"),
@@ -157,3 +159,11 @@ def test_greedy_bypass_reranks_by_single_layer_costs_when_asked():
 def test_greedy_bypass_refuses_a_non_finite_measurement():
     with pytest.raises(ValueError, match=r"returned nan with layers \[\] bypassed"):
         greedy_bypass(lambda layers: math.nan, [0, 1], 1)
+
+
+def test_contiguous_blocks_are_the_runs_of_removable_layers():
+    from hf_collapse.choice import contiguous_blocks
+
+    assert contiguous_blocks([1, 2, 3, 4], 2) == [[1, 2], [2, 3], [3, 4]]
+    assert contiguous_blocks([0, 1, 3, 4, 5], 3) == [[3, 4, 5]]  # 0-1 is too short, 1-3 skips 2
+    assert contiguous_blocks([1, 2], 3) == []

@@ -425,3 +425,108 @@ def test_the_judgement_reuses_the_selection_curve_and_measures_in_eval_mode():
     assert len(modes) == len(plain_modes) + 1  # the unrepaired cut was measured while choosing: only the fold is new
     chosen = [value for bypassed, value in report.selection_curve if sorted(bypassed) == report.removed_layers]
     assert report.repair["validation"]["unrepaired"] == chosen[-1]
+
+
+def test_several_candidate_cuts_are_fitted_in_one_calibration_pass():
+    """fit_repairs gives, for each candidate, the plan fit_repair gives for it alone, from one pass over the
+    calibration batches (a span two candidates share is fitted once); a candidate it cannot repair is refused before
+    any forward pass."""
+    from hf_collapse.repair import fit_repairs
+
+    model, data = LLAMA.build(), calibration()
+    calls = []
+    handle = model.register_forward_hook(lambda module, args, output: calls.append(1))
+    candidates = [[1], [1, 3], [2, 3]]  # spans 1-1 | 1-1 and 3-3 | 2-3
+    plans = fit_repairs(model, candidates, data, "linear")
+    assert len(calls) == len(data)  # one pass for the three candidates
+    for layers, plan in zip(candidates, plans):
+        alone = fit_repair(model, layers, data, "linear")
+        assert [(f.first, f.last) for f in plan.fits] == [(f.first, f.last) for f in alone.fits]
+        for shared, single in zip(plan.fits, alone.fits):
+            assert torch.allclose(shared.transform, single.transform, atol=1e-10) and shared.ridge == single.ridge
+            assert shared.error_after == pytest.approx(single.error_after)
+        assert (plan.rows, plan.tokens) == (alone.rows, alone.tokens) == (16, 256)
+    assert plans[0].fits[0] is plans[1].fits[0]  # span 1-1, fitted once for both
+    calls.clear()
+    with pytest.raises(ValueError, match="starts at layer 0"):
+        fit_repairs(model, [[1, 2], [0, 1]], data, "linear")
+    with pytest.raises(ValueError, match="at least one candidate"):
+        fit_repairs(model, [], data, "linear")
+    assert not calls
+    handle.remove()
+
+
+@pytest.mark.parametrize("repair", ["none", "linear"])
+def test_the_block_strategy_removes_the_best_run_measured_with_its_repair(repair):
+    """strategy='block': every run of num_layers consecutive layers (after layer 0 with a repair) measured on
+    choose_on bypassed, with its own map applied; the best run goes, folded with the very map it was measured with,
+    and the card says how it was chosen."""
+    from hf_collapse.card import render_card
+    from hf_collapse.scoring import bypassed_metric
+
+    data, probe = calibration(), LLAMA.inputs()
+    reference = logits(LLAMA.build(), probe)
+    closeness = _distance_to(reference, probe)  # how close to the full model's logits: the validation metric here
+    model, report = collapse_model(LLAMA.build(), num_layers=2, strategy="block", calibration=data, repair=repair,
+                                   choose_on=closeness, metric_name="closeness", score_method="block_influence")
+    runs = [[1, 2], [2, 3]] if repair == "linear" else [[0, 1], [1, 2], [2, 3]]
+    assert [run for run, _ in report.selection_curve] == runs
+    expected = {}
+    for run in runs:  # each run measured independently: bypassed, with its own map fitted alone
+        original = LLAMA.build()
+        if repair == "none":
+            expected[tuple(run)] = bypassed_metric(original, closeness, "", run)
+            continue
+        with repaired_reference(original, fit_repair(original, run, data, repair), run):
+            expected[tuple(run)] = closeness(original)
+    for run, value in report.selection_curve:
+        assert value == pytest.approx(expected[tuple(run)], abs=1e-6)
+    best = max(expected, key=expected.get)
+    assert report.removed_layers == list(best) and len(model.model.layers) == 2
+    exported = expected[best]
+    if repair == "linear":  # the check measures the run unrepaired too, and folds the map only if it is no worse
+        validation = report.repair["validation"]
+        assert validation["repaired"] == pytest.approx(expected[best], abs=1e-6)
+        assert report.repair["folded"] is (validation["repaired"] >= validation["unrepaired"])
+        exported = validation["repaired"] if report.repair["folded"] else validation["unrepaired"]
+    assert closeness(model) == pytest.approx(exported, abs=1e-5)  # the export is what was measured
+    assert "every run of 2 consecutive removable layers was bypassed" in report.selection
+    card = render_card(report)
+    intro = "of every candidate run of consecutive layers, bypassed" + (" with its linear repair applied" if repair == "linear" else " (no")
+    assert intro in card and "one step at a time" not in card
+
+
+def test_the_block_strategy_refuses_what_it_cannot_measure():
+    data, calls = calibration(), []
+    model = LLAMA.build()
+    handle = model.register_forward_hook(lambda module, args, output: calls.append(1))
+    with pytest.raises(ValueError, match="pass choose_on"):
+        collapse_model(model, num_layers=2, strategy="block", calibration=data)
+    # layers 0-2 are the only run of 3 the protection leaves, and a repair cannot fold before layer 0
+    with pytest.raises(ValueError, match="no run of 3 consecutive removable layers after layer 0"):
+        collapse_model(model, num_layers=3, protect_last=1, strategy="block", calibration=data, repair="linear",
+                       choose_on=lambda m: 0.0, score_method="block_influence")
+    handle.remove()
+    assert len(model.model.layers) == 4
+
+
+def test_cli_collapse_chooses_a_block_with_its_repair(saved_llama, tmp_path, capsys):
+    """`hf-collapse collapse --num-layers 2 --collapse_strategy block --repair linear`: the runs after layer 0
+    measured on the validation rows with their maps, the best removed; report and card say how."""
+    src, out = saved_llama / "src", tmp_path / "out"
+    code = main(["collapse", str(src), str(out), "--num-layers", "2", "--collapse_strategy", "block", "--repair", "linear",
+                 "--data", str(saved_llama / "rows.csv"), "--task", "causal-lm", "--max_length", "32",
+                 "--calibration_samples", "8", "--latency_repeats", "0", "--use_cpu", "true", "--max_eval_samples", "8",
+                 "--per_device_eval_batch_size", "4", "--collapse_repair_check", "false"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    report = json.loads((out / "collapse_report.json").read_text())["report"]
+    curve = report["selection_curve"]
+    assert [run for run, _ in curve] == [[1, 2], [2, 3]]
+    assert report["removed_layers"] == min(curve, key=lambda entry: entry[1])[0]  # perplexity: lower is better
+    assert report["repair"]["method"] == "linear" and report["repair"]["rows"] == 8
+    assert [span["removed"] for span in report["repair"]["spans"]] == [report["removed_layers"]]
+    card = (out / "README.md").read_text()
+    assert "every run of 2 consecutive removable layers was bypassed, its linear repair fitted and applied," in card
+    assert "bypassed with its linear repair applied (no surgery yet); the best run was removed" in card
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_hidden_layers == 2
