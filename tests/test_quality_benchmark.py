@@ -387,3 +387,25 @@ def test_a_report_without_records_keeps_the_published_study_sections(tmp_path):
     text = results.read_text()
     assert minilm in text and smollm2 in text and text.count(gpu) == 1
     assert text.index(minilm) < text.index(smollm2) < text.index(gpu) and "old header" not in text
+
+
+def test_the_contiguous_repaired_block_is_the_best_on_validation():
+    """vanilla_contiguous_linear's choice: every block of k consecutive layers after layer 0, each with its linear map
+    (one calibration pass for all), measured on validation with the map applied by hooks; the best block is kept,
+    and the folded, collapsed copy of it measures what its trial measured."""
+    from benchmarks.quality.context import Context, ModelKey
+
+    study = dataclasses.replace(get_study("smollm2", quick=True, arms=["vanilla_contiguous_linear"]), repair_rows=24)
+    ctx = Context(study)
+    model, k = ctx.pretrained(0), ctx.num_layers - 3
+    selection = ctx.repaired_block(ModelKey("pretrained", 0), model, k, "linear")
+    assert [trial[1] for trial in selection.trials] == [list(range(a, a + k)) for a in (1, 2, 3)]
+    assert selection.validation == min(trial[2] for trial in selection.trials)
+    assert selection.layers == next(t[1] for t in selection.trials if t[2] == selection.validation)
+    assert selection.forward_passes == 24 + 3 * len(ctx.validation) and selection.evaluations == 3
+    plain = ctx.validation_metric(model, selection.layers)
+    assert selection.validation != pytest.approx(plain, rel=1e-3)  # the map was applied
+    repaired, record = ctx.repaired(model, selection.layers, "linear")
+    assert record["verified"] and record["rows"] == 24
+    assert ctx.metric(repaired, ctx.validation) == pytest.approx(selection.validation, rel=1e-4)
+    assert ARMS["vanilla_contiguous_linear"].family == "post-hoc"

@@ -134,6 +134,13 @@ def _rule_selection(ctx: Context, key: ModelKey, model, rule: str, k: int) -> Se
     return ctx.ranked(key, model, rule, k)
 
 
+def _block_selection(repair: str):
+    def choose(ctx: Context, key: ModelKey, model, rule: str, k: int) -> Selection:
+        return ctx.repaired_block(key, model, k, repair)
+
+    return choose
+
+
 def collapsed_result(ctx: Context, key: ModelKey, model, layers: list[int], *, train_steps: int, **extra) -> dict:
     """The standard result of a model whose `layers` (original numbering) are already removed (`key` is the model
     before they were)."""
@@ -145,7 +152,7 @@ def collapsed_result(ctx: Context, key: ModelKey, model, layers: list[int], *, t
     return out
 
 
-def _posthoc_repair(rule: str, repair: str, *, mixed: bool = False):
+def _posthoc_repair(rule: str, repair: str, *, mixed: bool = False, choose=_rule_selection):
     """A post-hoc rule on the vanilla fine-tune, then `repair` fitted on the calibration rows after the choice and
     folded, through hf_collapse.collapse_model(..., repair=...). No training after the fine-tune. Where the library
     refuses the repair (a family where it does not fold, a span at layer 0), the result is the unrepaired cut with
@@ -154,7 +161,7 @@ def _posthoc_repair(rule: str, repair: str, *, mixed: bool = False):
 
     def run(ctx: Context, seed: int, k: int) -> dict:
         model, key = ctx.finetuned("vanilla", seed), ModelKey("vanilla", seed)
-        selection = _rule_selection(ctx, key, model, rule, k)
+        selection = choose(ctx, key, model, rule, k)
         repaired, record = ctx.repaired(model, selection.layers, repair, mixed=mixed)
         if repaired is None:
             ctx.log(f"  {rule} + {repair} k={k} seed {seed}: repair refused ({record['refused']}); reporting the plain cut")
@@ -164,7 +171,7 @@ def _posthoc_repair(rule: str, repair: str, *, mixed: bool = False):
         cost = selection.cost()  # choosing, then one calibration pass to fit the map
         cost.update(forward_passes=cost["forward_passes"] + record["forward_passes"],
                     seconds=round(cost["seconds"] + record["seconds"], 3), method=f"{cost['method']}, then {repair} repair")
-        out.update(selection=cost, validation=selection.validation)
+        out.update(selection=cost, validation=selection.validation, trials=selection.trials)
         return out
 
     return run
@@ -183,6 +190,14 @@ arm(
     "snippets, packed into the study's blocks; causal-LM studies only): does a map fitted off the fine-tuning domain "
     "keep the out-of-domain score",
 )(_posthoc_repair("block_influence", "linear", mixed=True))
+
+
+arm(
+    "vanilla_contiguous_linear",
+    "vanilla fine-tune, the contiguous block of k layers (layer 0 kept) whose linear repair, fitted on the repair "
+    "rows and applied, gives the best validation metric; removed and the map folded (ReplaceMe's setting, "
+    "training-free)",
+)(_posthoc_repair("contiguous", "linear", choose=_block_selection("linear")))
 
 
 @arm("vanilla_random", "vanilla fine-tune, k random layers removed (mean of the draws)")

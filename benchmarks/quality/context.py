@@ -490,6 +490,32 @@ class Context:
         record = dict(report.repair, forward_passes=len(rows), seconds=round(time.perf_counter() - start, 3))
         return collapsed, record
 
+    def repaired_block(self, key: ModelKey, model, k: int, repair: str) -> Selection:
+        """Where to cut with the repair in view (ReplaceMe's setting: one contiguous block): every block of `k`
+        consecutive layers that keeps layer 0, each with `repair` fitted on the repair rows (one calibration pass for
+        all of them, hf_collapse.fit_repairs) and applied by hooks to the unchanged model
+        (hf_collapse.repaired_reference); the block with the best validation metric. Each candidate's figure is in
+        `trials` as `[0, layers, metric]`. Cached per (model, k, repair)."""
+        cache_key = (key, "repaired_block", k, repair)
+        if cache_key not in self._greedy:
+            start = time.perf_counter()
+            blocks = [list(range(first, first + k)) for first in range(1, self.num_layers - k + 1)]
+            plans = hf_collapse.fit_repairs(model, blocks, self.repair_calibration, repair, tokenizer=self.processor,
+                                            batch_size=self.study.eval_batch_size)
+            trials = []
+            for layers, plan in zip(blocks, plans):
+                with hf_collapse.repaired_reference(model, plan, layers):
+                    trials.append([0, layers, self.metric(model, self.validation)])
+            sign = 1 if self.higher_is_better else -1
+            _, best, value = max(trials, key=lambda trial: sign * trial[2])
+            self._greedy[cache_key] = Selection(
+                best, f"contiguous block of {k} with the best validation metric under a {repair} repair "
+                f"({len(blocks)} blocks, fitted on {len(self.repair_calibration)} rows)",
+                forward_passes=len(self.repair_calibration) + len(blocks) * len(self.validation), evaluations=len(blocks),
+                seconds=time.perf_counter() - start, validation=value, trials=trials,
+            )
+        return self._greedy[cache_key]
+
     def best_repair(self, model, layers: list[int], key: ModelKey) -> tuple[torch.nn.Module | None, dict]:
         """Every repair fitted for `layers` (see `repaired`), the one with the best validation metric kept: the
         collapsed, repaired copy and a record of the candidates (validation metric or refusal) and their cost.
