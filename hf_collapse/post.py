@@ -23,7 +23,7 @@ from .healing import adjacent_parameter_names, train_only
 from .layers import eval_mode, find_layer_stacks, unwrap_model
 from .repair import RepairPlan, check_foldable, fit_repair, fit_repairs, fold_verified, repaired_reference
 from .report import CollapseReport
-from .scoring import LayerScores, bypassed_metric, score_layers
+from .scoring import LayerScores, bypassed_metric, finite_metric, score_layers
 from .surgery import collapse_layers
 from .trainer import CollapseTrainer
 
@@ -273,9 +273,7 @@ def _choose_block(model, stack, choice: LayerChoice, removable: list[int], choos
                 value = bypassed_metric(model, choose_on, stack.name, block)
             else:
                 with repaired_reference(model, plan, block):
-                    value = float(choose_on(model))
-                if not math.isfinite(value):
-                    raise ValueError(f"choose_on returned {value} with layers {block} bypassed and repaired: it must return a finite number")
+                    value = finite_metric(choose_on, model, f"layers {block} bypassed and repaired")
             curve.append([block, value])
             log(f"    bypassed {block}{' with its ' + repair + ' repair' if plan is not None else ''}: {value:.4f}")
     sign = 1 if higher_is_better else -1

@@ -47,6 +47,7 @@ __all__ = [
     "ScoreSums",
     "ToleranceSelection",
     "bypassed_metric",
+    "finite_metric",
     "score_layers",
     "select_by_tolerance",
     "select_explicit",
@@ -444,9 +445,15 @@ def select_lowest(scores: LayerScores, k: int, *, protect_first: int = 0, protec
 def bypassed_metric(model: nn.Module, evaluate_fn: Callable[[nn.Module], float], stack: str, layers: Sequence[int]) -> float:
     """`evaluate_fn(model)` with `layers` of the named stack bypassed; refuses a non-finite value."""
     with bypass_layers(model, {stack: list(layers)}):
-        value = float(evaluate_fn(model))
+        return finite_metric(evaluate_fn, model, f"layers {list(layers)} bypassed")
+
+
+def finite_metric(evaluate_fn: Callable[[nn.Module], float], model: nn.Module, state: str) -> float:
+    """`evaluate_fn(model)` as a float; a non-finite value is refused, naming the model's `state` (what was done to
+    it for this measure)."""
+    value = float(evaluate_fn(model))
     if not math.isfinite(value):
-        raise ValueError(f"evaluate_fn returned {value} with layers {list(layers)} bypassed: it must return a finite number")
+        raise ValueError(f"evaluate_fn returned {value} with {state}: it must return a finite number")
     return value
 
 

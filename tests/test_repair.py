@@ -506,8 +506,14 @@ def test_the_block_strategy_refuses_what_it_cannot_measure():
     with pytest.raises(ValueError, match="no run of 3 consecutive removable layers after layer 0"):
         collapse_model(model, num_layers=3, protect_last=1, strategy="block", calibration=data, repair="linear",
                        choose_on=lambda m: 0.0, score_method="block_influence")
+    # a metric that goes non-finite once a run is bypassed and repaired: refused, naming the run, nothing removed
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"returned nan with layers \[1, 2\] bypassed and repaired"):
+        collapse_model(model, num_layers=2, strategy="block", calibration=data, repair="linear",
+                       choose_on=lambda m: float("nan"), score_method="block_influence")
     handle.remove()
     assert len(model.model.layers) == 4
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
 
 
 def test_cli_collapse_chooses_a_block_with_its_repair(saved_llama, tmp_path, capsys):
