@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.quality import ARMS, StudyError, check_study, get_study, run_study
 from benchmarks.quality.__main__ import main
@@ -236,6 +237,26 @@ def test_prune_repair_finetune_keeps_the_repair_best_on_validation(quick_run: Pa
     assert r["repair"]["method"] == "scale" and r["repair"]["validation"] == candidates["scale"]["validation"]
 
 
+def test_prune_then_distill_is_prune_then_finetune_with_a_teacher(quick_run: Path):
+    """The same Block Influence cut of the pretrained model and the same budget as prune-then-fine-tune, trained
+    with the vanilla full-depth fine-tune as teacher: one teacher row per training row, and its fine-tune counted."""
+    study = json.loads((quick_run / "study.json").read_text())["protocol"]
+    r = json.loads((quick_run / "prune_then_distill" / "seed0_k1.json").read_text())
+    ptf = json.loads((quick_run / "prune_then_finetune" / "seed0_k1.json").read_text())
+    assert r["layers"] == ptf["layers"] and r["train_steps"] == ptf["train_steps"] == study["steps"]
+    assert r["teacher"] == "vanilla" and r["teacher_training_steps"] == study["steps"]
+    assert r["teacher_forward_rows"] == study["steps"] * study["batch_size"]
+    assert r["selection"]["forward_passes"] == ptf["selection"]["forward_passes"]
+
+
+def test_a_pretrained_teacher_is_refused_for_classification():
+    from benchmarks.quality.context import Context
+
+    ctx = Context(get_study("minilm", quick=True))
+    with pytest.raises(ValueError, match="untrained classification head"):
+        ARMS["prune_block_repair_distill_pretrained"].fn(ctx, 0, 1)
+
+
 def test_healing_variants_share_the_choice_and_budget(quick_run: Path):
     """Distilled and adjacent healing heal exactly what plain prune-then-heal chose, for the same steps; the
     teacher's rows are reported apart, and the adjacent scope trains a fraction of the parameters."""
@@ -389,23 +410,39 @@ def test_a_report_without_records_keeps_the_published_study_sections(tmp_path):
     assert text.index(minilm) < text.index(smollm2) < text.index(gpu) and "old header" not in text
 
 
-def test_the_contiguous_repaired_block_is_the_best_on_validation():
-    """vanilla_contiguous_linear's choice: every block of k consecutive layers after layer 0, each with its linear map
-    (one calibration pass for all), measured on validation with the map applied by hooks; the best block is kept,
-    and the folded, collapsed copy of it measures what its trial measured."""
+def test_the_contiguous_repaired_block_is_the_libraries_block_choice():
+    """vanilla_contiguous_linear's choice is hf_collapse's `block` strategy: every block of k consecutive layers after
+    layer 0, each with its linear map (one calibration pass for all), measured on validation with the map applied by
+    hooks; the best block is removed from a copy and its map folded, and that copy measures what its trial measured.
+    The trained arm takes the same choice on the pretrained model, then fine-tunes the cut, folded model."""
+    from benchmarks.quality.arms import prune_block_repair_finetune
     from benchmarks.quality.context import Context, ModelKey
 
     study = dataclasses.replace(get_study("smollm2", quick=True, arms=["vanilla_contiguous_linear"]), repair_rows=24)
     ctx = Context(study)
     model, k = ctx.pretrained(0), ctx.num_layers - 3
-    selection = ctx.repaired_block(ModelKey("pretrained", 0), model, k, "linear")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    repaired, record, selection = ctx.block_repaired(ModelKey("pretrained", 0), model, k, "linear")
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())  # a copy was cut
     assert [trial[1] for trial in selection.trials] == [list(range(a, a + k)) for a in (1, 2, 3)]
     assert selection.validation == min(trial[2] for trial in selection.trials)
     assert selection.layers == next(t[1] for t in selection.trials if t[2] == selection.validation)
     assert selection.forward_passes == 24 + 3 * len(ctx.validation) and selection.evaluations == 3
     plain = ctx.validation_metric(model, selection.layers)
     assert selection.validation != pytest.approx(plain, rel=1e-3)  # the map was applied
-    repaired, record = ctx.repaired(model, selection.layers, "linear")
-    assert record["verified"] and record["rows"] == 24
+    assert record["verified"] and record["rows"] == 24 and record["forward_passes"] == 24
+    assert repaired.config.num_hidden_layers == 3
     assert ctx.metric(repaired, ctx.validation) == pytest.approx(selection.validation, rel=1e-4)
     assert ARMS["vanilla_contiguous_linear"].family == "post-hoc"
+
+    trained = prune_block_repair_finetune(ctx, 0, k)  # the same choice on a fresh pretrained copy, then the fine-tune
+    assert trained["layers"] == selection.layers and trained["num_layers"] == 3
+    assert trained["train_steps"] == study.steps and trained["repair"]["verified"]
+    assert trained["test"]["perplexity"] != pytest.approx(
+        ctx.metric(repaired, ctx.test), rel=1e-3)  # it trained after the fold
+    assert ARMS["prune_block_repair_finetune"].family == "baseline"
+
+    distilled = ARMS["prune_block_repair_distill_pretrained"].fn(ctx, 0, k)  # the same cut, the pretrained teacher
+    assert distilled["layers"] == selection.layers and distilled["teacher"] == "pretrained"
+    assert distilled["teacher_forward_rows"] == study.steps * study.batch_size and distilled["teacher_training_steps"] == 0
+    assert distilled["test"]["perplexity"] != pytest.approx(trained["test"]["perplexity"], rel=1e-4)

@@ -134,13 +134,6 @@ def _rule_selection(ctx: Context, key: ModelKey, model, rule: str, k: int) -> Se
     return ctx.ranked(key, model, rule, k)
 
 
-def _block_selection(repair: str):
-    def choose(ctx: Context, key: ModelKey, model, rule: str, k: int) -> Selection:
-        return ctx.repaired_block(key, model, k, repair)
-
-    return choose
-
-
 def collapsed_result(ctx: Context, key: ModelKey, model, layers: list[int], *, train_steps: int, **extra) -> dict:
     """The standard result of a model whose `layers` (original numbering) are already removed (`key` is the model
     before they were)."""
@@ -152,7 +145,7 @@ def collapsed_result(ctx: Context, key: ModelKey, model, layers: list[int], *, t
     return out
 
 
-def _posthoc_repair(rule: str, repair: str, *, mixed: bool = False, choose=_rule_selection):
+def _posthoc_repair(rule: str, repair: str, *, mixed: bool = False):
     """A post-hoc rule on the vanilla fine-tune, then `repair` fitted on the calibration rows after the choice and
     folded, through hf_collapse.collapse_model(..., repair=...). No training after the fine-tune. Where the library
     refuses the repair (a family where it does not fold, a span at layer 0), the result is the unrepaired cut with
@@ -161,7 +154,7 @@ def _posthoc_repair(rule: str, repair: str, *, mixed: bool = False, choose=_rule
 
     def run(ctx: Context, seed: int, k: int) -> dict:
         model, key = ctx.finetuned("vanilla", seed), ModelKey("vanilla", seed)
-        selection = choose(ctx, key, model, rule, k)
+        selection = _rule_selection(ctx, key, model, rule, k)
         repaired, record = ctx.repaired(model, selection.layers, repair, mixed=mixed)
         if repaired is None:
             ctx.log(f"  {rule} + {repair} k={k} seed {seed}: repair refused ({record['refused']}); reporting the plain cut")
@@ -192,12 +185,23 @@ arm(
 )(_posthoc_repair("block_influence", "linear", mixed=True))
 
 
-arm(
+def _block_cost(selection: Selection, repair: str) -> dict:
+    return dict(selection.cost(), method=f"{selection.method}, its {repair} map folded")
+
+
+@arm(
     "vanilla_contiguous_linear",
     "vanilla fine-tune, the contiguous block of k layers (layer 0 kept) whose linear repair, fitted on the repair "
     "rows and applied, gives the best validation metric; removed and the map folded (ReplaceMe's setting, "
-    "training-free)",
-)(_posthoc_repair("contiguous", "linear", choose=_block_selection("linear")))
+    "training-free; hf_collapse's collapse_strategy 'block')",
+)
+def vanilla_contiguous_linear(ctx: Context, seed: int, k: int) -> dict:
+    model, key = ctx.finetuned("vanilla", seed), ModelKey("vanilla", seed)
+    repaired, record, selection = ctx.block_repaired(key, model, k, "linear")
+    out = collapsed_result(ctx, ModelKey("vanilla/contiguous+linear", seed), repaired, selection.layers,
+                           train_steps=ctx.study.steps, repair=record)
+    out.update(selection=_block_cost(selection, "linear"), validation=selection.validation, trials=selection.trials)
+    return out
 
 
 @arm("vanilla_random", "vanilla fine-tune, k random layers removed (mean of the draws)")
@@ -294,6 +298,79 @@ def prune_repair_finetune(ctx: Context, seed: int, k: int) -> dict:
                 seconds=round(cost["seconds"] + record["seconds"], 3), method=f"{cost['method']}, repair best on validation")
     return collapsed_result(ctx, ModelKey(f"prf-{k}", seed), repaired, selection.layers, train_steps=ctx.study.steps,
                             repair=record, selection=cost)
+
+
+@arm(
+    "prune_block_repair_finetune",
+    "as prune_then_finetune, with the layers chosen as vanilla_contiguous_linear chooses them on the pretrained model "
+    "(the contiguous block whose linear map gives the best validation metric), the map folded, then the same "
+    "fine-tune",
+    family="baseline",
+)
+def prune_block_repair_finetune(ctx: Context, seed: int, k: int) -> dict:
+    model = ctx.pretrained(seed)
+    repaired, record, selection = ctx.block_repaired(ModelKey("pretrained", seed), model, k, "linear")
+    del model
+    seconds = ctx.fit(repaired, seed, ctx.study.steps)
+    repaired.eval()
+    ctx.log(f"  prune-block-repair-fine-tune k={k} seed {seed}: removed {selection.layers}, trained in {seconds:.0f} s")
+    out = collapsed_result(ctx, ModelKey(f"pbrf-{k}", seed), repaired, selection.layers, train_steps=ctx.study.steps,
+                           repair=record)
+    out.update(selection=_block_cost(selection, "linear"), validation=selection.validation, trials=selection.trials)
+    return out
+
+
+def _distilled_cut(name: str, *, block: bool, teacher: str):
+    """A cut of the pretrained model trained for the whole budget through hf_collapse.heal with logit distillation
+    (weight 1, T 2) added to the task loss: the layers by Block Influence (`block=False`, as prune_then_finetune) or
+    the contiguous block with its linear map folded (`block=True`, as prune_block_repair_finetune). The teacher is
+    the vanilla full-depth fine-tune of the same seed (`teacher="vanilla"`: its own training is extra compute, said
+    in the record) or the untouched pretrained model (`teacher="pretrained"`, causal-LM studies: no extra training).
+    The teacher's forward passes are reported apart (`teacher_forward_rows`)."""
+
+    def run(ctx: Context, seed: int, k: int) -> dict:
+        if teacher == "pretrained" and ctx.classification:
+            raise ValueError(f"{name}: the pretrained model has an untrained classification head and cannot teach; "
+                             "use a teacher='vanilla' arm (prune_then_distill) for classification studies")
+        teacher_model = ctx.finetuned("vanilla", seed) if teacher == "vanilla" else ctx.pretrained(seed).eval()
+        model, key = ctx.pretrained(seed), ModelKey("pretrained", seed)
+        if block:
+            student, record, selection = ctx.block_repaired(key, model, k, "linear")
+            del model
+            cost, extra = _block_cost(selection, "linear"), dict(repair=record, validation=selection.validation,
+                                                                 trials=selection.trials)
+        else:
+            selection = ctx.ranked(key, model, "block_influence", k)
+            hf_collapse.collapse_layers(model, selection.layers)
+            student = model
+            cost, extra = selection.cost(), {}
+        student, seconds, teacher_rows = ctx.heal(student, seed, teacher=teacher_model, whole_budget=True)
+        if teacher == "pretrained":
+            del teacher_model
+        ctx.log(f"  {name} k={k} seed {seed}: removed {selection.layers}, trained {ctx.study.steps} steps distilled "
+                f"from the {teacher} model in {seconds:.0f} s")
+        out = collapsed_result(ctx, ModelKey(f"{name}-{k}", seed), student, selection.layers,
+                               train_steps=ctx.study.steps, selection=cost, teacher=teacher,
+                               teacher_forward_rows=teacher_rows,
+                               teacher_training_steps=ctx.study.steps if teacher == "vanilla" else 0, **extra)
+        return out
+
+    return run
+
+
+arm(
+    "prune_then_distill",
+    "as prune_then_finetune, trained with logit distillation (weight 1, T 2) from the vanilla full-depth fine-tune of "
+    "the same seed added to the task loss (the teacher's fine-tune is extra training; its forward passes reported "
+    "apart)",
+    family="baseline",
+)(_distilled_cut("ptd", block=False, teacher="vanilla"))
+arm(
+    "prune_block_repair_distill_pretrained",
+    "as prune_block_repair_finetune, trained with logit distillation (weight 1, T 2) from the untouched pretrained "
+    "model added to the task loss (no extra training; the teacher's forward passes reported apart; causal-LM only)",
+    family="baseline",
+)(_distilled_cut("pbrd-pretrained", block=True, teacher="pretrained"))
 
 
 def _heal_choice(ctx: Context, seed: int, k: int):

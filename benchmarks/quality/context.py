@@ -269,15 +269,17 @@ class Context:
         factor = min(1.0, (study.steps - cut) / decay) if cut >= study.warmup_steps else 1.0
         return {"learning_rate": study.learning_rate * factor, "warmup_steps": 0}
 
-    def heal(self, model, seed: int, *, teacher=None, scope: str = "full") -> tuple[torch.nn.Module, float, int]:
+    def heal(self, model, seed: int, *, teacher=None, scope: str = "full", whole_budget: bool = False) -> tuple[torch.nn.Module, float, int]:
         """Heal the collapsed `model` for `heal_steps` steps (the vanilla schedule continued, `heal_schedule`) with
         hf_collapse.heal: with a `teacher`, logit distillation from it (weight 1, temperature 2) is added to the loss;
-        `scope="adjacent"` trains only the layers next to each removed span and the head. Returns the healed model,
-        the wall time and the rows the teacher ran (its forward passes, counted apart from the budget)."""
-        steps = self.study.heal_steps
+        `scope="adjacent"` trains only the layers next to each removed span and the head. With `whole_budget`, it
+        trains for the study's whole `steps` on the vanilla schedule instead (a model cut before any fine-tuning).
+        Returns the healed model, the wall time and the rows the teacher ran (its forward passes, counted apart from
+        the budget)."""
+        steps = self.study.steps if whole_budget else self.study.heal_steps
         fields = dict(heal_steps=steps, msw_weight=0.0, distill_weight=1.0 if teacher is not None else 0.0,
                       distill_temperature=2.0, heal_scope=scope)
-        args = self._collapse_config(seed, steps, self.heal_schedule(), **fields)
+        args = self._collapse_config(seed, steps, None if whole_budget else self.heal_schedule(), **fields)
         start = time.perf_counter()
         healed = hf_collapse.heal(model, args, self.train, data_collator=self.data.collator, teacher=teacher)
         model, done = healed
@@ -490,31 +492,36 @@ class Context:
         record = dict(report.repair, forward_passes=len(rows), seconds=round(time.perf_counter() - start, 3))
         return collapsed, record
 
-    def repaired_block(self, key: ModelKey, model, k: int, repair: str) -> Selection:
-        """Where to cut with the repair in view (ReplaceMe's setting: one contiguous block): every block of `k`
-        consecutive layers that keeps layer 0, each with `repair` fitted on the repair rows (one calibration pass for
-        all of them, hf_collapse.fit_repairs) and applied by hooks to the unchanged model
-        (hf_collapse.repaired_reference); the block with the best validation metric. Each candidate's figure is in
-        `trials` as `[0, layers, metric]`. Cached per (model, k, repair)."""
-        cache_key = (key, "repaired_block", k, repair)
-        if cache_key not in self._greedy:
-            start = time.perf_counter()
-            blocks = [list(range(first, first + k)) for first in range(1, self.num_layers - k + 1)]
-            plans = hf_collapse.fit_repairs(model, blocks, self.repair_calibration, repair, tokenizer=self.processor,
-                                            batch_size=self.study.eval_batch_size)
-            trials = []
-            for layers, plan in zip(blocks, plans):
-                with hf_collapse.repaired_reference(model, plan, layers):
-                    trials.append([0, layers, self.metric(model, self.validation)])
-            sign = 1 if self.higher_is_better else -1
-            _, best, value = max(trials, key=lambda trial: sign * trial[2])
-            self._greedy[cache_key] = Selection(
-                best, f"contiguous block of {k} with the best validation metric under a {repair} repair "
-                f"({len(blocks)} blocks, fitted on {len(self.repair_calibration)} rows)",
-                forward_passes=len(self.repair_calibration) + len(blocks) * len(self.validation), evaluations=len(blocks),
-                seconds=time.perf_counter() - start, validation=value, trials=trials,
-            )
-        return self._greedy[cache_key]
+    def block_repaired(self, key: ModelKey, model, k: int, repair: str) -> tuple[torch.nn.Module, dict, Selection]:
+        """Where to cut with the repair in view, the library's own path (`hf_collapse.collapse_model` with
+        `strategy="block"`, ReplaceMe's setting of one contiguous run): every run of `k` consecutive layers after
+        layer 0 gets `repair` fitted on the repair rows (one calibration pass for all of them), is measured on the
+        validation rows with its map applied by hooks, and the best run is removed from a copy of `model` and its map
+        folded. Returns the copy, the repair's record (as `repaired` gives it) and the choice as a `Selection` whose
+        `trials` hold every run's figure as `[0, layers, metric]`. The fold is not re-checked against the unrepaired
+        cut (`repair_check=False`, as the other post-hoc repair arms)."""
+        scores, _ = self.scores(key, model, "block_influence")  # for the report only; the run is chosen by measuring
+        collapsed = copy.deepcopy(model)
+        start = time.perf_counter()
+        collapsed, report = hf_collapse.collapse_model(
+            collapsed, num_layers=k, strategy="block", calibration=self.repair_calibration, scores=scores,
+            repair=repair, repair_check=False, choose_on=lambda candidate: self.metric(candidate, self.validation),
+            higher_is_better=self.higher_is_better,
+            calibration_source=f"{len(self.repair_calibration)} training rows of {self.study.dataset}",
+        )
+        seconds = time.perf_counter() - start
+        collapsed.eval()
+        curve = report.selection_curve
+        value = next(metric for layers, metric in curve if layers == report.removed_layers)
+        passes = len(self.repair_calibration) + len(curve) * len(self.validation)
+        selection = Selection(
+            report.removed_layers, f"contiguous block of {k} with the best validation metric under a {repair} repair "
+            f"({len(curve)} blocks, fitted on {len(self.repair_calibration)} rows; hf_collapse strategy 'block')",
+            forward_passes=passes, evaluations=len(curve), seconds=seconds, validation=value,
+            trials=[[0, list(layers), metric] for layers, metric in curve],
+        )
+        record = dict(report.repair, forward_passes=len(self.repair_calibration), seconds=round(seconds, 3))
+        return collapsed, record, selection
 
     def best_repair(self, model, layers: list[int], key: ModelKey) -> tuple[torch.nn.Module | None, dict]:
         """Every repair fitted for `layers` (see `repaired`), the one with the best validation metric kept: the

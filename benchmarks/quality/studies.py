@@ -92,6 +92,7 @@ MINILM_ARMS = (
     "score_fade_repair",
     "prune_then_heal_distill",
     "prune_then_heal_adjacent",
+    "prune_then_distill",
 )
 # training-free repairs of every post-hoc rule: a post-norm encoder (MiniLM) folds only the per-channel scale, the
 # pre-norm decoder (SmolLM2) all three (hf_collapse.repair.check_foldable)
