@@ -18,7 +18,7 @@ __all__ = ["MSW_WEIGHT_MAX", "CollapseConfig", "MSWArguments", "shown", "steps_o
 # above this bound the penalty swamps the task loss and λ · penalty can overflow the loss's float type.
 MSW_WEIGHT_MAX = 1e4
 SHOWN_MAX = 80
-TARGET_CHOICES = ("measured", "score", "post_hoc")
+TARGET_CHOICES = ("measured", "score", "block", "post_hoc")
 HEAL_SCOPES = ("full", "lora", "adjacent")
 
 
@@ -96,8 +96,12 @@ class MSWArguments:
         target_choice (`str`, *optional*, defaults to `"measured"`):
             How targets are chosen when only their number is given: `"measured"` (greedily, the layer whose
             bypass raises the task loss least on `target_choice_samples` evaluation rows), `"score"` (the lowest
-            MSW distances on those rows) or `"post_hoc"` (no targeting: uniform penalty, layers chosen after
-            training, as in the paper).
+            MSW distances on those rows), `"block"` (every run of `collapse_num_layers` consecutive allowed layers,
+            measured by the task loss on those rows with the run bypassed and, with `target_repair`, its map, fitted
+            for every run in one pass over the repair rows, applied; the best run is targeted and, with a repair,
+            folded with the very map it was measured with: ReplaceMe's setting, `collapse_strategy: block` at the
+            choice step) or `"post_hoc"` (no targeting: uniform penalty, layers chosen after training, as in the
+            paper).
         target_score (`str`, *optional*, defaults to `"msw"`):
             The score that `target_choice="score"` ranks by: `"msw"`, `"block_influence"` (ShortGPT) or `"angular"`.
             With `target_choice_steps=0` and `fade_steps=1` this is prune-then-fine-tune: the lowest-scoring layers
@@ -214,8 +218,9 @@ class MSWArguments:
     target_choice: str = field(
         default="measured",
         metadata={
-            "help": "How targets are chosen: measured (least bypass cost), score (lowest MSW), or post_hoc "
-            "(no targeting; choose after training).",
+            "help": "How targets are chosen: measured (least bypass cost), score (lowest MSW), block (the run of "
+            "consecutive layers with the least bypass cost, its target_repair applied), or post_hoc (no targeting; "
+            "choose after training).",
             "choices": list(TARGET_CHOICES),
         },
     )

@@ -31,10 +31,11 @@ class TargetChoice:
         step (`int`): the optimizer step of the choice.
         targets (`list[int]`): the 0-based layers targeted.
         weight (`float`): λ on the targets from this step.
-        choice (`str`): `"given"`, `"measured"` or `"score"`.
+        choice (`str`): `"given"`, `"measured"`, `"score"` or `"block"`.
         evaluations (`int`): passes over the choice rows it took (the reference loss of the adaptation included).
         seconds (`float`): the wall time of the choice.
         score (`str`, *optional*): the layer score of a `"score"` choice.
+        candidates (`list`, *optional*): a `"block"` choice's `[run, loss]` for every run it measured.
     """
 
     event: ClassVar[str] = "targets"
@@ -46,6 +47,7 @@ class TargetChoice:
     evaluations: int
     seconds: float
     score: str | None = None
+    candidates: list | None = None  # a "block" choice: [run, choice-row loss] of every run it measured
 
     def rule(self) -> str:
         """How and when the targets were chosen, in words."""
@@ -54,6 +56,8 @@ class TargetChoice:
         when = "at step 0, on the pretrained model" if self.step == 0 else f"at step {self.step}"
         if self.choice == "measured":
             return f"by measured bypass cost {when}"
+        if self.choice == "block":
+            return f"as the run of consecutive layers with the least measured bypass cost {when}"
         return f"as the lowest {self.score} scores {when}"
 
     def clause(self) -> str:
@@ -62,8 +66,9 @@ class TargetChoice:
 
     def to_dict(self) -> dict:
         entry = {"step": self.step, "event": self.event, **asdict(self)}
-        if self.score is None:
-            del entry["score"]
+        for optional in ("score", "candidates"):
+            if entry[optional] is None:
+                del entry[optional]
         return entry
 
 

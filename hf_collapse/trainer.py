@@ -29,7 +29,7 @@ from transformers.utils import logging
 
 from .quantization import disable_cpu_repacking, is_quantized
 from .checkpoints import PenaltyState, load_penalty_state, load_teacher, penalty_settings, resolve_resume, save_penalty_state
-from .choice import greedy_bypass
+from .choice import contiguous_blocks, greedy_bypass
 from .config import CollapseConfig, MSWArguments
 from .distillation import check_teacher, distillation_loss, hidden_state_loss, layer_outputs, teacher_layer_map
 from .layers import (
@@ -37,7 +37,7 @@ from .layers import (
     unwrap_model,
 )
 from .msw import DirectionSearch, max_sliced_wasserstein
-from .repair import check_foldable, fit_repair, fold_verified
+from .repair import check_foldable, fit_repair, fit_repairs, fold_verified, repaired_reference
 from .schedule import ScheduleEntry, TargetSchedule, TrainingRecord
 from .scoring import score_layers
 
@@ -126,6 +126,7 @@ class MSWPenaltyMixin:
         self._layers_seen = 0  # layer passes of the current compute_loss, with or without real tokens
         self._recording_training = False
         self._teacher_taken = False  # the teacher is a copy taken at the target choice (saved in checkpoints)
+        self._block_choice: tuple[list, object] | None = None  # target_choice block: (curve, plan of the best run)
 
     def _check_choice_rows(self) -> None:
         args = self.args
@@ -303,10 +304,13 @@ class MSWPenaltyMixin:
             self._adapt_weight(model, step)
 
     def _start_targeting(self, model: torch.nn.Module, step: int) -> None:
-        chooser = self._choose_measured if self.args.target_choice == "measured" else self._choose_by_score
+        choosers = {"measured": self._choose_measured, "block": self._choose_block}
+        chooser = choosers.get(self.args.target_choice, self._choose_by_score)
         entry = self.target_schedule.begin(
             step, choose=lambda: chooser(model), bypass_loss=lambda layers, fade: self._bypass_loss(model, layers, fade)
         )
+        if self._block_choice is not None and not self.target_schedule.given:
+            entry.candidates = self._block_choice[0]
         if self.args.distill_weight > 0 and self.teacher_model is None:  # a given teacher was frozen at construction
             self.teacher_model = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
             self._teacher_taken = True
@@ -320,10 +324,11 @@ class MSWPenaltyMixin:
         the same rows; the main process's folded weights are then sent to all, so they stay identical."""
         args, targets, inner = self.args, list(self.collapse_targets), unwrap_model(model)
         started = time.perf_counter()
-        rows = self.train_dataset.select(range(min(args.target_repair_samples, len(self.train_dataset))))
-        rows = self._remove_unused_columns(rows, description="repair")
-        batches = self._model_inputs(DataLoader(rows, batch_size=args.per_device_eval_batch_size, collate_fn=self.data_collator))
-        plan = fit_repair(inner, targets, batches, args.target_repair)
+        if self._block_choice is not None and self._block_choice[1] is not None:  # the map the block was measured with
+            plan, rows = self._block_choice[1], self._repair_rows()
+        else:
+            rows = self._repair_rows()
+            plan = fit_repair(inner, targets, self._repair_batches(rows), args.target_repair)
         unrepaired = self._bypass_loss(model, targets)
         undo = fold_verified(inner, plan, targets)
         repaired = self._bypass_loss(model, targets)
@@ -337,11 +342,22 @@ class MSWPenaltyMixin:
                         torch.distributed.broadcast(tensor.data, src=0)
         logger.info(f"step {step}: {args.target_repair} repair of the cut {'folded' if folded else 'declined'} "
                     f"(choice-row loss {unrepaired:.4g} unrepaired, {repaired:.4g} repaired)")
-        return dict(
+        record = dict(
             plan.summary(data=f"{len(rows)} training rows"), folded=folded, step=step,
             validation={"metric": "loss", "unrepaired": unrepaired, "repaired": repaired},
             seconds=round(time.perf_counter() - started, 3),
         )
+        if self._block_choice is not None:  # target_choice block: every run's choice-row loss with its own map
+            record["candidates"] = [[list(run), loss] for run, loss in self._block_choice[0]]
+        return record
+
+    def _repair_rows(self):
+        rows = self.train_dataset.select(range(min(self.args.target_repair_samples, len(self.train_dataset))))
+        return self._remove_unused_columns(rows, description="repair")
+
+    def _repair_batches(self, rows) -> list[dict]:
+        loader = DataLoader(rows, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator)
+        return self._model_inputs(loader)
 
     def _adapt_weight(self, model: torch.nn.Module, step: int) -> None:
         self.target_schedule.adapt(step, bypass_loss=lambda layers, fade: self._bypass_loss(model, layers, fade))
@@ -405,6 +421,34 @@ class MSWPenaltyMixin:
             pool=choice.candidates, rerank=True, higher_is_better=False, baseline=False,
         )
         return sorted(result.layers), result.evaluations
+
+    def _choose_block(self, model: torch.nn.Module) -> tuple[list[int], int]:
+        """ReplaceMe's setting at the choice step: every run of `collapse_num_layers` consecutive allowed layers,
+        measured by the choice-row loss with the run bypassed and, with `target_repair`, its map (all fitted in one
+        pass over the repair rows) applied by hooks; the best run (the first of equals). Its curve and plan are kept
+        for the record and for the fold, so the map folded is the one that was measured."""
+        (stack,) = self._capture.stacks
+        choice, method, inner = self.args.target_choice_of(), self.args.target_repair, unwrap_model(model)
+        runs = contiguous_blocks(choice.removable(len(stack)), choice.num_layers)  # never empty: the removable
+        # layers are one range (protection cuts its ends) and target_choice_of refused a depth longer than it
+        plans = [None] * len(runs)
+        if method != "none":
+            plans = fit_repairs(inner, runs, self._repair_batches(self._repair_rows()), method)
+        curve = []
+        for run, plan in zip(runs, plans):
+            if plan is None:
+                loss = self._bypass_loss(model, run)
+            else:
+                with repaired_reference(inner, plan, run):
+                    loss = self._bypass_loss(model, [])
+            if not math.isfinite(loss):
+                raise ValueError(f"target_choice: block measured a non-finite choice-row loss ({loss}) with layers {run} "
+                                 "bypassed: check the evaluation rows and the model's numerics before training")
+            curve.append([run, loss])
+            logger.info(f"  bypassed {run}{' with its ' + method + ' map' if plan is not None else ''}: loss {loss:.4f}")
+        best = min(range(len(runs)), key=lambda i: curve[i][1])
+        self._block_choice = (curve, plans[best])
+        return list(runs[best]), len(runs)
 
     def _choose_by_score(self, model: torch.nn.Module) -> tuple[list[int], int]:
         batches = self._model_inputs(self._choice_loader())

@@ -170,3 +170,80 @@ def test_a_recipe_that_repairs_after_a_fade_is_pointed_to_target_repair(tmp_path
     extra = PRUNE_REPAIR.replace("target_repair: linear\ntarget_repair_samples: 8\n", "collapse_repair: linear\n")
     with pytest.raises(RecipeError, match="use target_repair: linear with fade_steps: 1 and collapse_repair: none"):
         load_recipe(tiny_recipe(tmp_path, extra))
+
+
+def test_the_block_choice_targets_the_best_run_and_folds_the_map_it_was_measured_with(tmp_path, trained_state):
+    """target_choice: block at step 0 with a repair: every run of consecutive allowed layers (layer 0 protected) gets
+    its map from one pass over the repair rows and is measured on the choice rows with the map applied by hooks; the
+    best run is targeted, and the map folded is that run's: the choice rows score the folded model as its trial did."""
+    data = lm_dataset(ROWS)
+    args = repair_config(tmp_path / "t", max_steps=1, collapse_layers=None, collapse_num_layers=2, collapse_protect_first=1,
+                         target_choice="block")
+    trainer = CollapseTrainer(model=trained(trained_state), args=args, train_dataset=data, eval_dataset=data.select(range(8)))
+    trainer.train()
+    record = trainer.training_record()
+    choice = record.choice
+    assert choice.choice == "block" and choice.step == 0 and choice.evaluations == 2
+    assert [run for run, _ in choice.candidates] == [[1, 2], [2, 3]]
+    best_run, best_loss = min(choice.candidates, key=lambda c: c[1])
+    assert record.targets == best_run and "consecutive layers" in choice.rule()
+    assert record.repair["folded"] is True and [s["removed"] for s in record.repair["spans"]] == [best_run]
+    assert record.repair["validation"]["repaired"] == pytest.approx(best_loss, rel=1e-4)
+    assert record.repair["candidates"] == [list(c) for c in choice.candidates]
+    assert record.repair["validation"]["unrepaired"] != pytest.approx(best_loss, rel=1e-3)  # the trial had its map
+    # the same maps fitted apart, on the same rows, give the same curve
+    reference = trained(trained_state)
+    batches = [{k: torch.tensor(v) for k, v in data[i:i + 8].items() if k != "labels"} for i in (0, 8)]
+    for run, loss in choice.candidates:
+        plan = fit_repair(reference, run, batches, "linear")
+        folded = trained(trained_state)
+        plan.fold(folded)
+        collapse_layers(folded, run)
+        with torch.no_grad():
+            rows = data.select(range(8))
+            got = folded(**{k: torch.tensor(rows[k]) for k in ("input_ids", "attention_mask", "labels")}).loss.item()
+        assert got == pytest.approx(loss, rel=1e-3)
+    assert json.loads(json.dumps(choice.to_dict()))["candidates"] == [list(c) for c in choice.candidates]
+
+
+def test_the_block_choice_without_a_repair_measures_each_run_bypassed(tmp_path, trained_state):
+    data = lm_dataset(ROWS)
+    args = repair_config(tmp_path / "t", max_steps=1, collapse_layers=None, collapse_num_layers=3, target_repair="none")
+    args.target_choice = "block"
+    trainer = CollapseTrainer(model=trained(trained_state), args=args, train_dataset=data, eval_dataset=data.select(range(8)))
+    trainer.train()
+    record = trainer.training_record()
+    assert [run for run, _ in record.choice.candidates] == [[0, 1, 2], [1, 2, 3]] and record.repair is None
+    assert record.targets == min(record.choice.candidates, key=lambda c: c[1])[0]
+
+
+
+def test_a_recipe_runs_the_block_choice_and_its_report_keeps_every_run(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_collapse.pipeline import run_recipe
+    from hf_collapse.recipe import load_recipe
+
+    block = PRUNE_REPAIR.replace("collapse_num_layers: 1\ntarget_choice: score\ntarget_score: block_influence\n",
+                                 "collapse_num_layers: 2\ntarget_choice: block\n")
+    recipe, config_, resolved = load_recipe(tiny_recipe(tmp_path, block))
+    summary = run_recipe(recipe, config_, resolved, log=lambda text: None)
+    report = json.loads((tmp_path / "out" / "collapse_report.json").read_text())["report"]
+    candidates = report["repair"]["candidates"]
+    assert [run for run, _ in candidates] == [[1, 2], [2, 3]]
+    assert summary.removed == min(candidates, key=lambda c: c[1])[0]
+    assert [span["removed"] for span in report["repair"]["spans"]] == [summary.removed]
+    assert "as the run of consecutive layers with the least measured bypass cost at step 0" in (tmp_path / "out" / "README.md").read_text()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_hidden_layers == 2
+
+
+def test_the_block_choice_refuses_a_loss_it_cannot_compare(tmp_path, trained_state, monkeypatch):
+    data = lm_dataset(ROWS)
+    args = repair_config(tmp_path / "t", max_steps=1, collapse_layers=None, collapse_num_layers=2, collapse_protect_first=1,
+                         target_choice="block")
+    trainer = CollapseTrainer(model=trained(trained_state), args=args, train_dataset=data, eval_dataset=data.select(range(8)))
+    monkeypatch.setattr(CollapseTrainer, "_bypass_loss", lambda self, model, layers, fade=False: float("nan"))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"non-finite choice-row loss \(nan\) with layers \[1, 2\] bypassed"):
+        trainer.train()
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
