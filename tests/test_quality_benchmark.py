@@ -446,3 +446,12 @@ def test_the_contiguous_repaired_block_is_the_libraries_block_choice():
     assert distilled["layers"] == selection.layers and distilled["teacher"] == "pretrained"
     assert distilled["teacher_forward_rows"] == study.steps * study.batch_size and distilled["teacher_training_steps"] == 0
     assert distilled["test"]["perplexity"] != pytest.approx(trained["test"]["perplexity"], rel=1e-4)
+
+    # the recipe path (target_choice: block): the same runs, measured by the trainer's choice-row loss with their maps
+    recipe = ARMS["target_block_repair"].fn(ctx, 0, k)
+    curve = recipe["target_repair"]["candidates"]
+    assert [run for run, _ in curve] == [list(range(a, a + k)) for a in (1, 2, 3)]
+    assert recipe["layers"] == min(curve, key=lambda c: c[1])[0] and recipe["num_layers"] == 3
+    rows = min(128, len(ctx.validation))
+    assert recipe["selection"]["forward_passes"] == 3 * rows + recipe["target_repair"]["rows"]
+    assert recipe["schedule"][0]["choice"] == "block" and ARMS["target_block_repair"].family == "ours"

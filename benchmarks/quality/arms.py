@@ -493,9 +493,12 @@ def _targeted(name: str, fields: dict, *, heal: bool = False, repair: bool = Fal
         out = result(ctx, ModelKey(f"{name}-{k}", seed, targets), model, None, train_steps=study.steps)
         rows = min(fields.get("target_choice_samples", 128), len(ctx.validation))
         teacher_rows = (study.steps - heal_steps - choice.step) * study.batch_size if fields.get("distill_weight") else 0
-        how = f"{choice.score} ranking" if choice.choice == "score" else "measured bypass"
+        how = {"score": f"{choice.score} ranking", "block": "contiguous run with the least measured bypass cost, its map "
+               "applied"}.get(choice.choice, "measured bypass")
         rule = f"{how} during training (step {choice.step}, {rows} validation rows)"
         passes, evaluations, spent = choice.evaluations * rows, choice.evaluations, choice.seconds
+        if trainer.target_schedule.repair is not None:  # the maps' fit: one pass over the repair rows
+            passes += trainer.target_schedule.repair["rows"]
         if repair:  # fitting the candidate maps and choosing one on validation
             passes, spent = passes + fixed_record["forward_passes"], spent + fixed_record["seconds"]
             evaluations += len(fixed_record["candidates"])
@@ -547,6 +550,14 @@ arm(
     "training rows and folded at the choice, the targets bypassed from that step, removed at the end",
     family="ours",
 )(_targeted("target_repair", dict(target_choice="score", target_score="block_influence", target_choice_steps=0.0, fade_steps=1, target_repair="linear", collapse_protect_first=1, msw_adaptive=False, msw_weight=0.0)))
+arm(
+    "target_block_repair",
+    "as target_repair, but the targets are the run of k consecutive layers (layer 0 kept) whose linear map, fitted on "
+    "target_repair_samples training rows and applied by hooks, gives the least choice-row loss at step 0 (what recipes "
+    "run with target_choice: block); that map folded, the run bypassed from that step, removed at the end",
+    family="ours",
+)(_targeted("target_block_repair", dict(target_choice="block", target_choice_steps=0.0, fade_steps=1, target_repair="linear",
+                                       collapse_protect_first=1, msw_adaptive=False, msw_weight=0.0)))
 arm(
     "score_fade_repair",
     "as score_fade, then the repair (scale, linear or transport) best on validation fitted at the end on the "
