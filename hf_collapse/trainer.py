@@ -309,7 +309,7 @@ class MSWPenaltyMixin:
         entry = self.target_schedule.begin(
             step, choose=lambda: chooser(model), bypass_loss=lambda layers, fade: self._bypass_loss(model, layers, fade)
         )
-        if self._block_choice is not None and not self.target_schedule.given:
+        if self._block_choice is not None:  # set only by _choose_block, which given targets never call
             entry.candidates = self._block_choice[0]
         if self.args.distill_weight > 0 and self.teacher_model is None:  # a given teacher was frozen at construction
             self.teacher_model = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
@@ -324,10 +324,10 @@ class MSWPenaltyMixin:
         the same rows; the main process's folded weights are then sent to all, so they stay identical."""
         args, targets, inner = self.args, list(self.collapse_targets), unwrap_model(model)
         started = time.perf_counter()
+        rows = self._repair_rows()
         if self._block_choice is not None and self._block_choice[1] is not None:  # the map the block was measured with
-            plan, rows = self._block_choice[1], self._repair_rows()
+            plan = self._block_choice[1]
         else:
-            rows = self._repair_rows()
             plan = fit_repair(inner, targets, self._repair_batches(rows), args.target_repair)
         unrepaired = self._bypass_loss(model, targets)
         undo = fold_verified(inner, plan, targets)

@@ -185,8 +185,11 @@ arm(
 )(_posthoc_repair("block_influence", "linear", mixed=True))
 
 
-def _block_cost(selection: Selection, repair: str) -> dict:
-    return dict(selection.cost(), method=f"{selection.method}, its {repair} map folded")
+def _block_fields(selection: Selection, record: dict, repair: str = "linear") -> dict:
+    """What an arm that removes a `block` choice records beside the standard result: the repair, the choice's cost,
+    its validation figure and every run's trial."""
+    cost = dict(selection.cost(), method=f"{selection.method}, its {repair} map folded")
+    return dict(repair=record, selection=cost, validation=selection.validation, trials=selection.trials)
 
 
 @arm(
@@ -198,10 +201,8 @@ def _block_cost(selection: Selection, repair: str) -> dict:
 def vanilla_contiguous_linear(ctx: Context, seed: int, k: int) -> dict:
     model, key = ctx.finetuned("vanilla", seed), ModelKey("vanilla", seed)
     repaired, record, selection = ctx.block_repaired(key, model, k, "linear")
-    out = collapsed_result(ctx, ModelKey("vanilla/contiguous+linear", seed), repaired, selection.layers,
-                           train_steps=ctx.study.steps, repair=record)
-    out.update(selection=_block_cost(selection, "linear"), validation=selection.validation, trials=selection.trials)
-    return out
+    return collapsed_result(ctx, ModelKey("vanilla/contiguous+linear", seed), repaired, selection.layers,
+                            train_steps=ctx.study.steps, **_block_fields(selection, record))
 
 
 @arm("vanilla_random", "vanilla fine-tune, k random layers removed (mean of the draws)")
@@ -314,10 +315,8 @@ def prune_block_repair_finetune(ctx: Context, seed: int, k: int) -> dict:
     seconds = ctx.fit(repaired, seed, ctx.study.steps)
     repaired.eval()
     ctx.log(f"  prune-block-repair-fine-tune k={k} seed {seed}: removed {selection.layers}, trained in {seconds:.0f} s")
-    out = collapsed_result(ctx, ModelKey(f"pbrf-{k}", seed), repaired, selection.layers, train_steps=ctx.study.steps,
-                           repair=record)
-    out.update(selection=_block_cost(selection, "linear"), validation=selection.validation, trials=selection.trials)
-    return out
+    return collapsed_result(ctx, ModelKey(f"pbrf-{k}", seed), repaired, selection.layers, train_steps=ctx.study.steps,
+                            **_block_fields(selection, record))
 
 
 def _distilled_cut(name: str, *, block: bool, teacher: str):
@@ -337,23 +336,20 @@ def _distilled_cut(name: str, *, block: bool, teacher: str):
         if block:
             student, record, selection = ctx.block_repaired(key, model, k, "linear")
             del model
-            cost, extra = _block_cost(selection, "linear"), dict(repair=record, validation=selection.validation,
-                                                                 trials=selection.trials)
+            fields = _block_fields(selection, record)
         else:
             selection = ctx.ranked(key, model, "block_influence", k)
             hf_collapse.collapse_layers(model, selection.layers)
             student = model
-            cost, extra = selection.cost(), {}
+            fields = dict(selection=selection.cost())
         student, seconds, teacher_rows = ctx.heal(student, seed, teacher=teacher_model, whole_budget=True)
         if teacher == "pretrained":
             del teacher_model
         ctx.log(f"  {name} k={k} seed {seed}: removed {selection.layers}, trained {ctx.study.steps} steps distilled "
                 f"from the {teacher} model in {seconds:.0f} s")
-        out = collapsed_result(ctx, ModelKey(f"{name}-{k}", seed), student, selection.layers,
-                               train_steps=ctx.study.steps, selection=cost, teacher=teacher,
-                               teacher_forward_rows=teacher_rows,
-                               teacher_training_steps=ctx.study.steps if teacher == "vanilla" else 0, **extra)
-        return out
+        return collapsed_result(ctx, ModelKey(f"{name}-{k}", seed), student, selection.layers,
+                                train_steps=ctx.study.steps, teacher=teacher, teacher_forward_rows=teacher_rows,
+                                teacher_training_steps=ctx.study.steps if teacher == "vanilla" else 0, **fields)
 
     return run
 
