@@ -21,7 +21,7 @@ from .config import MSWArguments
 from .distillation import check_teacher, teacher_layer_map
 from .healing import adjacent_parameter_names, train_only
 from .layers import eval_mode, find_layer_stacks, unwrap_model
-from .repair import RepairPlan, check_foldable, fit_repair, fit_repairs, fold_verified, repaired_reference
+from .repair import RepairPlan, check_foldable, fit_repair, fold_verified, measure_runs
 from .report import CollapseReport
 from .scoring import LayerScores, bypassed_metric, finite_metric, score_layers
 from .surgery import collapse_layers
@@ -265,17 +265,14 @@ def _choose_block(model, stack, choice: LayerChoice, removable: list[int], choos
             + (" after layer 0 (a repair folds into the kept layer before the run)" if repair != "none" else "")
             + ": lower collapse_num_layers or the protection, or use strategy 'measured'"
         )
-    plans = fit_repairs(model, blocks, calibration, repair) if repair != "none" else [None] * len(blocks)
-    curve = []
+
+    def measure(block: list[int], repaired: bool) -> float:
+        if not repaired:
+            return bypassed_metric(model, choose_on, stack.name, block)
+        return finite_metric(choose_on, model, f"layers {block} bypassed and repaired")
+
     with eval_mode(model):
-        for block, plan in zip(blocks, plans):
-            if plan is None:
-                value = bypassed_metric(model, choose_on, stack.name, block)
-            else:
-                with repaired_reference(model, plan, block):
-                    value = finite_metric(choose_on, model, f"layers {block} bypassed and repaired")
-            curve.append([block, value])
-            log(f"    bypassed {block}{' with its ' + repair + ' repair' if plan is not None else ''}: {value:.4f}")
+        curve, plans = measure_runs(model, blocks, repair, calibration, measure, log=lambda line: log("    " + line))
     sign = 1 if higher_is_better else -1
     best = max(range(len(blocks)), key=lambda i: sign * curve[i][1])  # the first of equals
     return blocks[best], curve, plans[best]

@@ -560,6 +560,36 @@ def repaired_reference(model: nn.Module, plan: RepairPlan, removed: Sequence[int
             handle.remove()
 
 
+def measure_runs(
+    model: nn.Module,
+    runs: Sequence[Sequence[int]],
+    method: str,
+    calibration: object,
+    measure: Callable[[list[int], bool], float],
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[list], list[RepairPlan | None]]:
+    """Measure each candidate run of layers for removal, as the `block` choices do: with a repair, every run's map is
+    fitted in one pass over `calibration` ([`fit_repairs`]) and `measure(run, True)` is called inside
+    [`repaired_reference`] (the run bypassed, its map applied by hooks); with `method="none"`, `measure(run, False)`
+    must bypass the run itself. Returns the `[run, value]` curve in the order of `runs` and each run's plan (None
+    without a repair), so the map folded can be the very one that was measured. `measure` refuses what it cannot use."""
+    plans: list[RepairPlan | None] = [None] * len(runs)
+    if method != "none":
+        plans = list(fit_repairs(model, runs, calibration, method))
+    curve = []
+    for run, plan in zip(runs, plans):
+        run = list(run)
+        if plan is None:
+            value = measure(run, False)
+        else:
+            with repaired_reference(model, plan, run):
+                value = measure(run, True)
+        curve.append([run, value])
+        if log is not None:
+            log(f"bypassed {run}{' with its ' + method + ' map' if plan is not None else ''}: {value:.4f}")
+    return curve, plans
+
+
 def _logits(model: nn.Module, probe: Mapping) -> torch.Tensor:
     with torch.no_grad(), eval_mode(model):
         output = model(**probe)

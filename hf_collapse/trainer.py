@@ -37,7 +37,7 @@ from .layers import (
     unwrap_model,
 )
 from .msw import DirectionSearch, max_sliced_wasserstein
-from .repair import check_foldable, fit_repair, fit_repairs, fold_verified, repaired_reference
+from .repair import check_foldable, fit_repair, fold_verified, measure_runs
 from .schedule import ScheduleEntry, TargetSchedule, TrainingRecord
 from .scoring import score_layers
 
@@ -431,21 +431,15 @@ class MSWPenaltyMixin:
         choice, method, inner = self.args.target_choice_of(), self.args.target_repair, unwrap_model(model)
         runs = contiguous_blocks(choice.removable(len(stack)), choice.num_layers)  # never empty: the removable
         # layers are one range (protection cuts its ends) and target_choice_of refused a depth longer than it
-        plans = [None] * len(runs)
-        if method != "none":
-            plans = fit_repairs(inner, runs, self._repair_batches(self._repair_rows()), method)
-        curve = []
-        for run, plan in zip(runs, plans):
-            if plan is None:
-                loss = self._bypass_loss(model, run)
-            else:
-                with repaired_reference(inner, plan, run):
-                    loss = self._bypass_loss(model, [])
+        def measure(run: list[int], repaired: bool) -> float:
+            loss = self._bypass_loss(model, [] if repaired else run)  # repaired: measure_runs bypassed it already
             if not math.isfinite(loss):
                 raise ValueError(f"target_choice: block measured a non-finite choice-row loss ({loss}) with layers {run} "
                                  "bypassed: check the evaluation rows and the model's numerics before training")
-            curve.append([run, loss])
-            logger.info(f"  bypassed {run}{' with its ' + method + ' map' if plan is not None else ''}: loss {loss:.4f}")
+            return loss
+
+        rows = self._repair_batches(self._repair_rows()) if method != "none" else None
+        curve, plans = measure_runs(inner, runs, method, rows, measure, log=lambda line: logger.info("  " + line))
         best = min(range(len(runs)), key=lambda i: curve[i][1])
         self._block_choice = (curve, plans[best])
         return list(runs[best]), len(runs)
