@@ -442,6 +442,12 @@ def test_the_contiguous_repaired_block_is_the_libraries_block_choice():
         ctx.metric(repaired, ctx.test), rel=1e-3)  # it trained after the fold
     assert ARMS["prune_block_repair_finetune"].family == "baseline"
 
+    mixed = ARMS["prune_block_repair_mixed_finetune"].fn(ctx, 0, k)  # every run's map fitted on the mixed rows
+    assert mixed["repair"]["data"] == ctx.mixed_repair_source and mixed["repair"]["rows"] == 24
+    assert ctx.mixed_repair_source in mixed["selection"]["method"] and len(mixed["trials"]) == 3
+    assert [t[1] for t in mixed["trials"]] == [t[1] for t in selection.trials]
+    assert [t[2] for t in mixed["trials"]] != pytest.approx([t[2] for t in selection.trials], rel=1e-4)
+
     distilled = ARMS["prune_block_repair_distill_pretrained"].fn(ctx, 0, k)  # the same cut, the pretrained teacher
     assert distilled["layers"] == selection.layers and distilled["teacher"] == "pretrained"
     assert distilled["teacher_forward_rows"] == study.steps * study.batch_size and distilled["teacher_training_steps"] == 0

@@ -301,22 +301,36 @@ def prune_repair_finetune(ctx: Context, seed: int, k: int) -> dict:
                             repair=record, selection=cost)
 
 
-@arm(
+def _block_cut_finetune(name: str, *, mixed: bool):
+    """The `block` cut of the pretrained model with its linear map folded (fitted on the study's repair rows, or with
+    `mixed` on half of them and as many rows of a third domain), then the whole fine-tune budget."""
+
+    def run(ctx: Context, seed: int, k: int) -> dict:
+        model = ctx.pretrained(seed)
+        repaired, record, selection = ctx.block_repaired(ModelKey("pretrained", seed), model, k, "linear", mixed=mixed)
+        del model
+        seconds = ctx.fit(repaired, seed, ctx.study.steps)
+        repaired.eval()
+        ctx.log(f"  {name} k={k} seed {seed}: removed {selection.layers}, trained in {seconds:.0f} s")
+        return collapsed_result(ctx, ModelKey(f"{name}-{k}", seed), repaired, selection.layers,
+                                train_steps=ctx.study.steps, **_block_fields(selection, record))
+
+    return run
+
+
+prune_block_repair_finetune = arm(
     "prune_block_repair_finetune",
     "as prune_then_finetune, with the layers chosen as vanilla_contiguous_linear chooses them on the pretrained model "
     "(the contiguous block whose linear map gives the best validation metric), the map folded, then the same "
     "fine-tune",
     family="baseline",
-)
-def prune_block_repair_finetune(ctx: Context, seed: int, k: int) -> dict:
-    model = ctx.pretrained(seed)
-    repaired, record, selection = ctx.block_repaired(ModelKey("pretrained", seed), model, k, "linear")
-    del model
-    seconds = ctx.fit(repaired, seed, ctx.study.steps)
-    repaired.eval()
-    ctx.log(f"  prune-block-repair-fine-tune k={k} seed {seed}: removed {selection.layers}, trained in {seconds:.0f} s")
-    return collapsed_result(ctx, ModelKey(f"pbrf-{k}", seed), repaired, selection.layers, train_steps=ctx.study.steps,
-                            **_block_fields(selection, record))
+)(_block_cut_finetune("pbrf", mixed=False))
+arm(
+    "prune_block_repair_mixed_finetune",
+    "as prune_block_repair_finetune, every run's linear map fitted on half the repair rows and as many rows of a third "
+    "domain (vanilla_block_influence_linear_mixed's calibration; causal-LM only); chosen on the study's validation rows",
+    family="baseline",
+)(_block_cut_finetune("pbrmf", mixed=True))
 
 
 def _distilled_cut(name: str, *, block: bool, teacher: str):

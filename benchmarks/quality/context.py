@@ -492,35 +492,41 @@ class Context:
         record = dict(report.repair, forward_passes=len(rows), seconds=round(time.perf_counter() - start, 3))
         return collapsed, record
 
-    def block_repaired(self, key: ModelKey, model, k: int, repair: str) -> tuple[torch.nn.Module, dict, Selection]:
+    def block_repaired(self, key: ModelKey, model, k: int, repair: str, *,
+                       mixed: bool = False) -> tuple[torch.nn.Module, dict, Selection]:
         """Where to cut with the repair in view, the library's own path (`hf_collapse.collapse_model` with
         `strategy="block"`, ReplaceMe's setting of one contiguous run): every run of `k` consecutive layers after
         layer 0 gets `repair` fitted on the repair rows (one calibration pass for all of them), is measured on the
         validation rows with its map applied by hooks, and the best run is removed from a copy of `model` and its map
         folded. Returns the copy, the repair's record (as `repaired` gives it) and the choice as a `Selection` whose
         `trials` hold every run's figure as `[0, layers, metric]`. The fold is not re-checked against the unrepaired
-        cut (`repair_check=False`, as the other post-hoc repair arms)."""
+        cut (`repair_check=False`, as the other post-hoc repair arms). With `mixed`, every run's map is fitted on
+        `mixed_repair_calibration` (half the rows from a third domain); the runs are still measured on the study's
+        own validation rows."""
         scores, _ = self.scores(key, model, "block_influence")  # for the report only; the run is chosen by measuring
+        if mixed:
+            rows, source = self.mixed_repair_calibration(), self.mixed_repair_source
+        else:
+            rows, source = self.repair_calibration, f"{len(self.repair_calibration)} training rows of {self.study.dataset}"
         collapsed = copy.deepcopy(model)
         start = time.perf_counter()
         collapsed, report = hf_collapse.collapse_model(
-            collapsed, num_layers=k, strategy="block", calibration=self.repair_calibration, scores=scores,
+            collapsed, num_layers=k, strategy="block", calibration=rows, scores=scores,
             repair=repair, repair_check=False, choose_on=lambda candidate: self.metric(candidate, self.validation),
-            higher_is_better=self.higher_is_better,
-            calibration_source=f"{len(self.repair_calibration)} training rows of {self.study.dataset}",
+            higher_is_better=self.higher_is_better, calibration_source=source,
         )
         seconds = time.perf_counter() - start
         collapsed.eval()
         curve = report.selection_curve
         value = next(metric for layers, metric in curve if layers == report.removed_layers)
-        passes = len(self.repair_calibration) + len(curve) * len(self.validation)
+        passes = len(rows) + len(curve) * len(self.validation)
         selection = Selection(
             report.removed_layers, f"contiguous block of {k} with the best validation metric under a {repair} repair "
-            f"({len(curve)} blocks, fitted on {len(self.repair_calibration)} rows; hf_collapse strategy 'block')",
+            f"({len(curve)} blocks, fitted on {source}; hf_collapse strategy 'block')",
             forward_passes=passes, evaluations=len(curve), seconds=seconds, validation=value,
             trials=[[0, list(layers), metric] for layers, metric in curve],
         )
-        record = dict(report.repair, forward_passes=len(self.repair_calibration), seconds=round(seconds, 3))
+        record = dict(report.repair, forward_passes=len(rows), seconds=round(seconds, 3))
         return collapsed, record, selection
 
     def best_repair(self, model, layers: list[int], key: ModelKey) -> tuple[torch.nn.Module | None, dict]:
