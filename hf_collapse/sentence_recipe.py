@@ -55,6 +55,11 @@ def check_sentence_recipe(recipe: RecipeArguments, config: CollapseConfig, sourc
             "task sentence-embedding chooses targets by measured bypass (the loss on validation rows) or takes "
             "collapse_layers: set target_choice: measured"
         )
+    if config.target_repair != "none":
+        raise RecipeError(
+            f"task sentence-embedding cannot fit target_repair: {config.target_repair} (the map is fitted on the "
+            "transformer's own inputs, which sentence-transformers batches are not): set target_repair: none"
+        )
     from sentence_transformers.sentence_transformer import losses
 
     if not isinstance(getattr(losses, recipe.sentence_loss, None), type):

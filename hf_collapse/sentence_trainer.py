@@ -26,9 +26,10 @@ class CollapseSentenceTransformerConfig(MSWArguments, SentenceTransformerTrainin
     r"""sentence-transformers' [`~sentence_transformers.SentenceTransformerTrainingArguments`] plus the
     [`MSWArguments`] fields (penalty, target depth, fading).
 
-    Distillation (`distill_weight`) and score-based target choice (`target_choice: score`) need task inputs of the
-    transformer itself, which a sentence-transformers batch is not: keep `distill_weight` 0 (distil with a
-    sentence-transformers loss such as `MSELoss` instead) and choose targets by measured bypass or give them.
+    Distillation (`distill_weight`), score-based target choice (`target_choice: score`) and a repair fitted at the
+    choice (`target_repair`) need task inputs of the transformer itself, which a sentence-transformers batch is not:
+    keep `distill_weight` 0 (distil with a sentence-transformers loss such as `MSELoss` instead), choose targets by
+    measured bypass, by `block` or give them, and keep `target_repair` at `none`.
     """
 
 
@@ -54,4 +55,9 @@ class CollapseSentenceTransformerTrainer(MSWPenaltyMixin, SentenceTransformerTra
                 "target_choice: score scores the layers on transformer inputs, which sentence-transformers batches are "
                 "not: use target_choice: measured (the loss on eval_dataset rows with each layer bypassed), or give "
                 "collapse_layers"
+            )
+        if self.args.target_repair != "none":
+            raise ValueError(
+                f"target_repair: {self.args.target_repair} fits its map on the transformer's own inputs, which "
+                "sentence-transformers batches are not: set target_repair: none (prune, then fine-tune the cut model)"
             )

@@ -180,9 +180,37 @@ def test_a_measured_target_is_chosen_by_the_trainers_own_loss_and_exports_as_sen
     assert torch.all(cosine > 1 - 1e-5), cosine
 
 
+def test_a_block_target_is_the_run_with_the_least_loss_of_the_trainers_own_eval(source, tmp_path):
+    """target_choice: block on a sentence-transformers pipeline: every run of two consecutive layers after layer 0
+    is measured by the trainer's own loss on eval_dataset with the run bypassed; the least costly run is targeted,
+    and each run's figure is what Trainer.evaluate gives on an untouched copy with that run bypassed."""
+    args = dict(max_steps=2, learning_rate=1e-3, collapse_num_layers=2, target_choice="block", target_choice_steps=0,
+                fade_steps=1, msw_weight=0.0, msw_adaptive=False, collapse_protect_first=1)
+    model = load(source)
+    trainer = CollapseSentenceTransformerTrainer(
+        model=model, args=config(tmp_path / "t", **args), train_dataset=pairs(), eval_dataset=pairs(),
+        loss=losses.MultipleNegativesRankingLoss(model),
+    )
+    trainer.train()
+    choice = trainer.msw_schedule[0]
+    assert choice.choice == "block" and choice.step == 0 and choice.evaluations == 2
+    assert [run for run, _ in choice.candidates] == [[1, 2], [2, 3]]
+    assert trainer.collapse_targets == min(choice.candidates, key=lambda c: c[1])[0]
+    fresh = load(source)
+    reference = CollapseSentenceTransformerTrainer(
+        model=fresh, args=config(tmp_path / "r", **args), train_dataset=pairs(), eval_dataset=pairs(),
+        loss=losses.MultipleNegativesRankingLoss(fresh),
+    )
+    for run, loss in choice.candidates:
+        with torch.no_grad(), bypass_layers(fresh, run):
+            assert reference.evaluate()["eval_loss"] == pytest.approx(loss, rel=1e-5), run
+
+
 @pytest.mark.parametrize(("fields", "message"), [
     (dict(distill_weight=1.0, collapse_num_layers=1), "distill_weight > 0 needs the student's logits"),
     (dict(collapse_num_layers=1, target_choice="score"), "target_choice: score scores the layers"),
+    (dict(collapse_num_layers=1, target_choice="block", target_repair="scale", collapse_protect_first=1, fade_steps=1),
+     "target_repair: scale fits its map on the transformer's own inputs"),
 ])
 def test_what_a_sentence_transformers_batch_cannot_feed_is_refused_at_construction(source, tmp_path, fields, message):
     model = load(source)
@@ -264,6 +292,7 @@ def test_the_sentence_embedding_recipe_trains_collapses_and_exports_a_sentence_t
     (dict(use_peft=True), "does not support use_peft"),
     (dict(heal_steps=2), "does not support heal_steps"),
     (dict(target_choice="score"), "set target_choice: measured"),
+    (dict(target_repair="scale", collapse_protect_first=1, fade_steps=1), "cannot fit target_repair: scale"),
 ])
 def test_sentence_embedding_refusals_come_before_anything_is_written(source, tmp_path, fields, message):
     result = _cli("train", _recipe(tmp_path, source, **fields))
