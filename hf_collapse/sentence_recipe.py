@@ -58,7 +58,8 @@ def check_sentence_recipe(recipe: RecipeArguments, config: CollapseConfig, sourc
     if config.target_repair != "none":
         raise RecipeError(
             f"task sentence-embedding cannot fit target_repair: {config.target_repair} (the map is fitted on the "
-            "transformer's own inputs, which sentence-transformers batches are not): set target_repair: none"
+            "transformer's own inputs, which sentence-transformers batches are not): set target_repair: none, or "
+            "repair after training with collapse_repair and fade_steps: 0"
         )
     from sentence_transformers.sentence_transformer import losses
 

@@ -59,5 +59,6 @@ class CollapseSentenceTransformerTrainer(MSWPenaltyMixin, SentenceTransformerTra
         if self.args.target_repair != "none":
             raise ValueError(
                 f"target_repair: {self.args.target_repair} fits its map on the transformer's own inputs, which "
-                "sentence-transformers batches are not: set target_repair: none (prune, then fine-tune the cut model)"
+                "sentence-transformers batches are not: set target_repair: none (the recipe task sentence-embedding can "
+                "fit collapse_repair on its tokenized rows after training, with fade_steps: 0)"
             )

@@ -302,6 +302,25 @@ def test_sentence_embedding_refusals_come_before_anything_is_written(source, tmp
     assert not (tmp_path / "run").exists() and not (tmp_path / "model").exists()
 
 
+def test_a_sentence_embedding_recipe_repairs_its_cut_after_training(source, tmp_path):
+    """What the target_repair refusal points to: collapse_repair is fitted after training on the recipe's tokenized
+    calibration rows and folded into the LayerNorm before the cut (a post-norm encoder), and the export still loads
+    as a sentence-transformers pipeline of one layer fewer."""
+    import json
+
+    result = _cli("train", _recipe(tmp_path, source, collapse_repair="scale", collapse_protect_first=1, fade_steps=0,
+                                   target_choice_steps=0))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "model" / "collapse_report.json").read_text())["report"]
+    (span,) = report["repair"]["spans"]
+    assert report["repair"]["method"] == "scale" and report["repair"]["verified"] and report["repair"]["folded"]
+    assert span["removed"] == report["removed_layers"] and report["repair"]["data"].endswith("offline:rotten_tomatoes")
+    assert span["folded_into"] == f"encoder.layer.{span['removed'][0] - 1}.output.LayerNorm"
+    assert span["error_after"] < span["error_before"]
+    loaded = st.SentenceTransformer(str(tmp_path / "model"), device="cpu")
+    assert len(loaded[0].auto_model.encoder.layer) == 3
+
+
 def test_sentence_embedding_needs_a_sentence_transformers_checkpoint(source, tmp_path):
     plain = source.parent / "bert"  # the tiny BERT folder, without modules.json
     result = _cli("train", _recipe(tmp_path, plain))
