@@ -468,16 +468,20 @@ class Context:
         self.mixed_repair_calibration()
         return self._mixed[1]
 
+    def repair_rows_for(self, mixed: bool):
+        """The rows a repair is fitted on and what they are, in words: the study's repair rows, or with `mixed` the
+        half-and-half set of `mixed_repair_calibration`."""
+        if mixed:
+            return self.mixed_repair_calibration(), self.mixed_repair_source
+        return self.repair_calibration, f"{len(self.repair_calibration)} training rows of {self.study.dataset}"
+
     def repaired(self, model, layers: list[int], repair: str, *, mixed: bool = False) -> tuple[torch.nn.Module | None, dict]:
         """A copy of `model` with `layers` removed by hf_collapse.collapse_model and `repair` fitted on the repair
         calibration rows (training data, `Study.repair_rows`; with `mixed`, half of them from a third domain, see
         `mixed_repair_calibration`) and folded, with the repair's record (what it was fitted on, its errors, and the
         rows and seconds of the fit). `(None, {"method", "refused"})` when the library refuses that repair for this
         model or these layers (a family where it does not fold, a span at layer 0): nothing is approximated."""
-        if mixed:
-            rows, source = self.mixed_repair_calibration(), self.mixed_repair_source
-        else:
-            rows, source = self.repair_calibration, f"{len(self.repair_calibration)} training rows of {self.study.dataset}"
+        rows, source = self.repair_rows_for(mixed)
         collapsed = copy.deepcopy(model)
         start = time.perf_counter()
         try:
@@ -504,10 +508,7 @@ class Context:
         `mixed_repair_calibration` (half the rows from a third domain); the runs are still measured on the study's
         own validation rows."""
         scores, _ = self.scores(key, model, "block_influence")  # for the report only; the run is chosen by measuring
-        if mixed:
-            rows, source = self.mixed_repair_calibration(), self.mixed_repair_source
-        else:
-            rows, source = self.repair_calibration, f"{len(self.repair_calibration)} training rows of {self.study.dataset}"
+        rows, source = self.repair_rows_for(mixed)
         collapsed = copy.deepcopy(model)
         start = time.perf_counter()
         collapsed, report = hf_collapse.collapse_model(
