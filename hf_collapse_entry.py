@@ -55,6 +55,10 @@ def make_parser() -> argparse.ArgumentParser:
     collapse.add_argument(
         "--repair", help="Repair the cut on the --data calibration rows, folded into the weights: none, scale, linear or transport.",
     )
+    collapse.add_argument(
+        "--repair-data", help="causal-lm: fit the --repair on rows half from this dataset's text (a Hub id or offline:...) "
+        "and half from --data's (recipe fields repair_dataset_name, repair_mix).",
+    )
     collapse.add_argument("--overwrite", action="store_true", help="Replace OUT when it holds a previous hf-collapse export.")
     collapse.add_argument(
         "--stream", action="store_true",

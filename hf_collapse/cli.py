@@ -6,6 +6,7 @@
     hf-collapse collapse SRC OUT --layers 1,2             remove explicit layers, export OUT
     hf-collapse collapse SRC OUT --num-layers K --data D  remove the K layers chosen on data D
                     [--repair linear]                    ... and repair the cut, fitted on D's rows
+                    [--repair-data G]                    ... half of them from dataset G's text (causal-lm)
     hf-collapse evaluate RECIPE.yaml [--compare MODEL]    metric, perplexity and latency (before/after)
     hf-collapse push OUT --repo-id NAMESPACE/NAME         upload an export in one commit
     hf-collapse recipes [NAME PATH]                       list the shipped recipes, or copy one to PATH
@@ -227,7 +228,8 @@ def _cmd_collapse(args) -> int:
 
 def _collapse(args) -> int:
     overrides = ["--model_name_or_path", args.src, "--export_dir", args.out, "--collapse", "true"]
-    if args.stream and (args.layers is None or args.data or args.recipe is not None or args.repair not in (None, "none")):
+    if args.stream and (args.layers is None or args.data or args.recipe is not None or args.repair not in (None, "none")
+                        or args.repair_data):
         raise CliError("--stream rewrites a checkpoint for an explicit --layers list without data: drop --data, --recipe "
                        "and --repair, or drop --stream")
     if args.layers is not None:
@@ -260,6 +262,11 @@ def _collapse(args) -> int:
         overrides += ["--layerwise_scoring", "true"]
     if args.repair:
         overrides += ["--collapse_repair", args.repair]
+    if args.repair_data:
+        if args.repair in (None, "none") and args.recipe is None:
+            raise CliError(f"--repair-data {args.repair_data} gives rows to fit a repair on: add --repair linear (or scale, "
+                           "transport), or drop --repair-data")
+        overrides += ["--repair_dataset_name", args.repair_data]
     if args.overwrite:
         overrides += ["--overwrite_export", "true"]
     if args.trust_remote_code:
@@ -314,8 +321,9 @@ def _collapse_without_data(args, layers: list[int]) -> int:
     """Remove given layers from a checkpoint as it was saved: no data, no scores, no metric (the card says so)."""
     from .models import load_as_saved, load_saved_processor, resolve_model
 
-    if args.overrides or args.task or args.method or args.layerwise:
-        raise CliError("recipe fields, --task, --method and --layerwise need data: add --data or --recipe, or drop them")
+    if args.overrides or args.task or args.method or args.layerwise or args.repair_data:
+        raise CliError("recipe fields, --task, --method, --layerwise and --repair-data need data: add --data or --recipe, "
+                       "or drop them")
     source = resolve_model(args.src)
     trust = args.trust_remote_code
     fields = None
@@ -359,7 +367,7 @@ def _collapse_as_saved(recipe, config, source) -> int:
     users a silently wrong classifier. The layers are scored on the data's text, chosen by name or by score, and the
     export is the checkpoint's own class (with a sentence-transformers pipeline when the source has one).
     """
-    from .data import load_task_data
+    from .data import load_task_data, repair_rows
     from .models import load_as_saved, load_processor, saved_architecture
     from .tasks import label_free_batches
 
@@ -377,14 +385,18 @@ def _collapse_as_saved(recipe, config, source) -> int:
     calibration = label_free_batches(
         data.train, data.collator, config.per_device_eval_batch_size, limit=recipe.calibration_samples
     )
+    fit_rows, fit_source = None, (f"the {recipe.train_split} split of "
+                                  f"{recipe.dataset_name or ', '.join(Path(f).name for f in recipe.dataset_files or [])}")
+    if recipe.repair_dataset_name and recipe.collapse_repair != "none":
+        fit_rows, fit_source = repair_rows(recipe, processor, data.train, recipe.calibration_samples)
+        fit_rows = label_free_batches(fit_rows, data.collator, config.per_device_eval_batch_size)
     return _collapse_and_export(
         model, source, processor, recipe.export_dir, overwrite=recipe.overwrite_export, repo_id=recipe.export_repo_id,
         layers=config.collapse_layers, num_layers=None if config.collapse_layers else config.collapse_num_layers,
         strategy="ranked", score_method=recipe.collapse_score_method,
-        calibration=calibration, repair=recipe.collapse_repair,
+        calibration=calibration, repair=recipe.collapse_repair, repair_calibration=fit_rows,
         scores=_score_layerwise(source, calibration, recipe.collapse_score_method) if recipe.layerwise_scoring else None,
-        calibration_source=f"the {recipe.train_split} split of "
-        f"{recipe.dataset_name or ', '.join(Path(f).name for f in recipe.dataset_files or [])}",
+        calibration_source=fit_source,
         protect_first=config.collapse_protect_first, protect_last=config.collapse_protect_last,
         report_fields=dict(
             datasets=list(data.dataset_ids), pipeline_tag="feature-extraction",

@@ -27,7 +27,7 @@ from transformers import DataCollatorWithPadding, default_data_collator
 
 from . import assets
 
-__all__ = ["SHAKESPEARE_SPLITS", "TASKS", "TaskData", "load_task_data", "shakespeare_split"]
+__all__ = ["SHAKESPEARE_SPLITS", "TASKS", "TaskData", "load_task_data", "repair_rows", "shakespeare_split"]
 
 TASKS = ("text-classification", "causal-lm", "image-classification", "sentence-embedding")
 OFFLINE_DATASETS = {
@@ -245,6 +245,42 @@ def load_task_data(recipe, processing_class) -> TaskData:
         _require_rows(train, evaluation, recipe)
     dataset_ids = [recipe.dataset_name] if recipe.dataset_name else [str(f) for f in recipe.dataset_files]
     return build(recipe, processing_class, (train, evaluation, test), dataset_ids)
+
+
+def repair_rows(recipe, processing_class, train, count: int) -> tuple[Any, str]:
+    """The `count` rows a repair is fitted on, and what they are in words (for its record and the card).
+
+    Without `recipe.repair_dataset_name`, the first `count` rows of `train`. With it (causal-lm), a share
+    `recipe.repair_mix` of them are the first blocks of that dataset's `repair_dataset_split`, read from the recipe's
+    `text_column` and packed into blocks of `max_length` tokens as the recipe's own text is, after the first of
+    `train`'s. Its other splits are never read for anything else.
+
+    Raises:
+        `ValueError`: the second dataset gives fewer blocks than its share needs (or what [`load_task_data`] raises).
+    """
+    own_name = recipe.dataset_name or ", ".join(Path(f).name for f in recipe.dataset_files or []) or "the recipe's data"
+    if not recipe.repair_dataset_name:
+        rows = train.select(range(min(count, len(train))))
+        return rows, f"{len(rows)} rows of the {recipe.train_split} split of {own_name}"
+    other = max(1, round(count * recipe.repair_mix))
+    own = min(count - other, len(train))
+    spec = type(recipe)(
+        model_name_or_path=recipe.model_name_or_path, task=recipe.task, dataset_name=recipe.repair_dataset_name,
+        dataset_config=recipe.repair_dataset_config, train_split=recipe.repair_dataset_split,
+        text_column=recipe.text_column, max_length=recipe.max_length, max_train_samples=other, max_eval_samples=1,
+        split_seed=recipe.split_seed, eval_fraction=recipe.eval_fraction, collapse=False,
+    )
+    blocks = load_task_data(spec, processing_class).train
+    if len(blocks) < other:
+        raise ValueError(
+            f"repair_dataset_name {recipe.repair_dataset_name} gave {len(blocks)} blocks of {recipe.max_length} tokens "
+            f"from its {recipe.repair_dataset_split} split, and repair_mix {recipe.repair_mix} of {count} repair rows "
+            f"needs {other}: lower repair_mix or the repair rows, or give a dataset with more text"
+        )
+    parts = [train.select(range(own)), blocks.select(range(other))] if own else [blocks.select(range(other))]
+    source = (f"{own} rows of the {recipe.train_split} split of {own_name} and " if own else "") + (
+        f"{other} of the {recipe.repair_dataset_split} split of {recipe.repair_dataset_name}")
+    return datasets.concatenate_datasets(parts), source
 
 
 def _classification_data(recipe, tokenizer, splits, dataset_ids) -> TaskData:

@@ -12,6 +12,7 @@ from transformers import AutoConfig, set_seed
 
 from .checkpoints import resolve_resume
 from .config import CollapseConfig
+from .data import repair_rows
 from .evaluation import compare_latency
 from .launch import launch_problem
 from .export import export_collapsed
@@ -262,6 +263,7 @@ class RecipeRun:
         self.heal_steps = 0
         self.healing: dict = {}  # what healing records besides its steps (scope, the teacher's passes)
         self.teacher = self.full = None
+        self.collapse_repair_rows = None  # (rows, what they are): collapse_repair's rows with repair_dataset_name
         self.lm_eval_before, self.benchmarks, self.latency, self.speedup = None, [], {}, None
 
     def stage(self, text: str) -> None:
@@ -290,6 +292,8 @@ class RecipeRun:
         set_seed(self.config.seed)
         self.task = strategy_for(self.recipe)
         self.task.load(self)
+        if self.recipe.repair_dataset_name and self.recipe.collapse_repair != "none":  # read now: a failure costs no training
+            self.collapse_repair_rows = self.repair_fit_rows(self.recipe.calibration_samples)
         sentence = self.recipe.task == "sentence-embedding"
         # push the collapsed export, not the full model
         self.hub_push = take_hub_push(self.config) if self.recipe.collapse or sentence else None
@@ -327,6 +331,11 @@ class RecipeRun:
         self.stage("scoring layer by layer from the checkpoint's shards (one layer's weights in memory at a time)")
         return score_layers_layerwise(self.resolved.path, batches, method=self.recipe.collapse_score_method, progress=False)
 
+    def repair_fit_rows(self, count: int):
+        """With `repair_dataset_name`, the `count` rows a repair is fitted on (the first training rows and that
+        dataset's blocks, `repair_mix` of them) and what they are in words; see [`repair_rows`]."""
+        return repair_rows(self.recipe, self.processor, self.data.train, count)
+
     def calibration_source(self) -> str:
         """The calibration rows in words, for the repair's record."""
         recipe = self.recipe
@@ -351,10 +360,15 @@ class RecipeRun:
             self.stage(f"lm-eval on the full-depth model: {', '.join(recipe.lm_eval_tasks)}")
             self.lm_eval_before = _lm_eval_run(recipe, self.model, self.processor)
         targets = self.trainer.collapse_targets if self.targeted else None
+        fit_rows, fit_source = (None, self.calibration_source())
+        if self.collapse_repair_rows is not None:
+            fit_rows, fit_source = self.collapse_repair_rows
+            fit_rows = task.batches(self, fit_rows)
         self.stage(f"scoring, choosing ({'training targets' if self.targeted else recipe.collapse_strategy}) and collapsing")
         self.model, self.report = collapse_model(
             self.model, layer_choice(recipe, config, layers=targets), calibration=batches, scores=self.layerwise_scores(batches),
-            repair=recipe.collapse_repair, repair_check=recipe.collapse_repair_check, calibration_source=self.calibration_source(),
+            repair=recipe.collapse_repair, repair_check=recipe.collapse_repair_check, repair_calibration=fit_rows,
+            calibration_source=fit_source,
             score_method=recipe.collapse_score_method, choose_on=task.evaluator(self, choice_rows),
             evaluate=self.evaluate, metric_name=task.metric_name, higher_is_better=task.higher_is_better,
             base_model=self.resolved.base_model,

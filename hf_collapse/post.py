@@ -40,6 +40,7 @@ def collapse_model(
     scores: LayerScores | None = None,
     repair: str = "none",
     repair_check: bool = True,
+    repair_calibration: Any = None,
     calibration_source: str | None = None,
     score_method: str = "msw",
     choose_on: Evaluate | None = None,
@@ -74,7 +75,10 @@ def collapse_model(
             it: `"scale"`, `"linear"` or `"transport"` (see [`fit_repair`]); `"none"` removes layers only.
         repair_check (`bool`, defaults to `True`): with `choose_on`, fold the repair only if it scores no worse there
             (see `choose_on`); `False` folds it whatever that metric says.
-        calibration_source (`str`, *optional*): what the calibration data is, in words, for the report's repair record.
+        repair_calibration (*optional*): data to fit the repair on instead of `calibration` (same forms), e.g. rows
+            of the fine-tuning domain mixed with general text: a map fitted on one domain alone can cost a lot outside
+            it. `calibration` still gives the scores. With the `block` strategy every run's map is fitted on it.
+        calibration_source (`str`, *optional*): what the repair's data is, in words, for the report's repair record.
         score_method (`str`, defaults to `"msw"`): the score of [`score_layers`].
         choose_on (`Callable[[model], float]`, *optional*): the metric that measured selection evaluates
             (validation rows). Needed by `"measured"`, `"block"` and by `tolerance`. With a `repair`, it also decides whether
@@ -96,12 +100,7 @@ def collapse_model(
             or with fewer calibration tokens than its fit needs (all before anything changes).
     """
     choice = _the_choice(choice, choice_fields)
-    check_foldable(model, repair)
-    if repair != "none" and calibration is None:
-        raise ValueError(f"repair={repair!r} is fitted on calibration data: pass calibration= (rows, texts or batches)")
-    if repair != "none" and iter(calibration) is calibration:
-        raise ValueError(f"repair={repair!r} reads the calibration data after the scoring pass: give a list, a dataset "
-                         "or a DataLoader, not a one-shot iterator")
+    fit_rows = _repair_data(model, repair, calibration, repair_calibration)
     (stack, *rest) = find_layer_stacks(model)
     if rest:
         raise ValueError("collapse_model handles one-stack models; for encoder-decoder models call collapse_layers per stack")
@@ -126,7 +125,7 @@ def collapse_model(
         log(f"{metric_name} of the full model: {metric_before:.4f}")
     if choice.strategy == "block" and not choice.given:
         removed, curve, plan = _choose_block(model, stack, choice, removable, choose_on, higher_is_better, repair,
-                                             calibration, log)
+                                             fit_rows, log)
     else:
         (removed, curve), plan = _choose(model, stack, choice, removable, scores, choose_on, higher_is_better, log), None
     earlier_removed = copy.deepcopy(getattr(model.config, "collapsed_layers", None))
@@ -134,7 +133,7 @@ def collapse_model(
     known = [] if plan is not None else curve
     check = _RepairCheck(model, partial(bypassed_metric, model, choose_on, stack.name), removed, metric_name or "metric",
                          higher_is_better, known) if choose_on is not None and repair != "none" and repair_check else None
-    record, repaired = _collapse_and_repair(model, removed, repair, calibration, calibration_source, log, check, plan)
+    record, repaired = _collapse_and_repair(model, removed, repair, fit_rows, calibration_source, log, check, plan)
     log(f"removed layers {removed}: {depth} -> {depth - len(removed)} layers")
     report = CollapseReport(
         base_model=base_model or getattr(model.config, "name_or_path", "") or type(model).__name__,
@@ -154,6 +153,25 @@ def collapse_model(
         **dict(report_fields or {}),
     )
     return model, report
+
+
+def _repair_data(model: nn.Module, repair: str, calibration, repair_calibration):
+    """The data a `repair` is fitted on (`repair_calibration`, else `calibration`), refused before anything runs when
+    the family cannot fold that repair, when there is none, or when it is a one-shot iterator."""
+    check_foldable(model, repair)
+    if repair == "none":
+        if repair_calibration is not None:
+            raise ValueError("repair_calibration= is the data a repair is fitted on, and repair is 'none': pass "
+                             "repair='scale', 'linear' or 'transport', or leave repair_calibration out")
+        return None
+    rows, name = (repair_calibration, "repair_calibration") if repair_calibration is not None else (calibration, "calibration")
+    if rows is None:
+        raise ValueError(f"repair={repair!r} is fitted on calibration data: pass calibration= or repair_calibration= "
+                         "(rows, texts or batches)")
+    if iter(rows) is rows:
+        raise ValueError(f"repair={repair!r} reads {name} after the scoring pass: give a list, a dataset or a "
+                         "DataLoader, not a one-shot iterator")
+    return rows
 
 
 @dataclasses.dataclass

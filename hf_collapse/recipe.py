@@ -75,6 +75,12 @@ class RecipeArguments:
         collapse_repair_check (`bool`, defaults to `True`): fold the repair only if the validation rows that chose the
             layers score the repaired cut no worse than the unrepaired one (else it is recorded as not folded);
             `false` folds it regardless.
+        repair_dataset_name (`str`, *optional*), repair_dataset_config (`str`, *optional*), repair_dataset_split
+            (`str`, defaults to `"train"`), repair_mix (`float`, defaults to 0.5): causal-lm: fit the repair
+            (`collapse_repair` on `calibration_samples` rows, `target_repair` on `target_repair_samples`) on rows of
+            which `repair_mix` are blocks of this second dataset's text (its `text_column`, packed as the recipe's
+            own) and the rest the first training rows. A map fitted on the fine-tuning domain alone costs a lot
+            outside it; general text in the fit gives part of that back (`benchmarks/RESULTS.md`). The card names both.
         export_dir (`str`, *optional*): where the collapsed model goes; defaults to `<output_dir>/collapsed`.
         trust_remote_code (`bool`, defaults to `False`): load a checkpoint whose architecture is its own Python code
             (an `auto_map` in its config), which runs that code. Without it such a checkpoint is refused before
@@ -171,6 +177,16 @@ class RecipeArguments:
                   "the unrepaired cut; false folds it regardless."},
     )
     calibration_samples: int = field(default=256, metadata={"help": "Training rows used to score the layers (and fit a repair)."})
+    repair_dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "causal-lm: a second dataset (Hub id or offline:...) whose text makes up repair_mix of the rows "
+                  "a repair (collapse_repair, target_repair) is fitted on; the rest are the first training rows."},
+    )
+    repair_dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of repair_dataset_name."})
+    repair_dataset_split: str = field(default="train", metadata={"help": "The split of repair_dataset_name to read."})
+    repair_mix: float = field(
+        default=0.5, metadata={"help": "The share (above 0, at most 1) of the repair rows taken from repair_dataset_name."}
+    )
     layerwise_scoring: bool = field(
         default=False,
         metadata={"help": "Score the saved checkpoint's layers one at a time from its safetensors shards (one layer's "
@@ -231,6 +247,7 @@ class RecipeArguments:
                 raise RecipeError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.calibration_samples < 1:
             raise RecipeError(f"calibration_samples must be at least 1, got {self.calibration_samples}")
+        self._check_repair_dataset()
         try:
             check_candidates(self.collapse_candidates)
             check_tolerance(self.collapse_tolerance)
@@ -250,6 +267,28 @@ class RecipeArguments:
             if self.lm_eval_batch_size < 1:
                 raise RecipeError(f"lm_eval_batch_size must be at least 1, got {self.lm_eval_batch_size}")
         self._check_quantization()
+
+    def _check_repair_dataset(self) -> None:
+        if not 0 < self.repair_mix <= 1:
+            raise RecipeError(f"repair_mix is the share of the repair rows taken from repair_dataset_name: above 0 and at "
+                              f"most 1, got {self.repair_mix}")
+        if not self.repair_dataset_name:
+            unused = [name for name, value, default in (("repair_dataset_config", self.repair_dataset_config, None),
+                                                        ("repair_dataset_split", self.repair_dataset_split, "train"),
+                                                        ("repair_mix", self.repair_mix, 0.5)) if value != default]
+            if unused:
+                raise RecipeError(f"{unused[0]} says how repair_dataset_name is read, and repair_dataset_name is not set: "
+                                  f"set repair_dataset_name, or remove {unused[0]}")
+            return
+        if self.task != "causal-lm":
+            raise RecipeError(
+                f"repair_dataset_name mixes blocks of a second dataset's text into the repair rows of a causal-lm recipe, "
+                f"and this recipe's task is {self.task}: remove repair_dataset_name (the repair is then fitted on the "
+                "first training rows)"
+            )
+        if self.repair_dataset_name.startswith("offline:") and self.repair_dataset_name not in OFFLINE_DATASETS:
+            raise RecipeError(f"unknown offline dataset {self.repair_dataset_name!r} in repair_dataset_name: the offline "
+                              f"datasets are {', '.join(OFFLINE_DATASETS)}")
 
     @property
     def quantized(self) -> bool:
@@ -491,6 +530,9 @@ def load_recipe(
 
 def check_choice(recipe: RecipeArguments, config: CollapseConfig) -> None:
     """With `collapse: true`, a valid [`LayerChoice`] (see [`layer_choice`]); healing and targets need a collapse."""
+    if recipe.repair_dataset_name and recipe.collapse_repair == "none" and config.target_repair == "none":
+        raise RecipeError(f"repair_dataset_name: {recipe.repair_dataset_name} gives rows to fit a repair on, and the recipe "
+                          "asks for none: set collapse_repair or target_repair (scale, linear, transport), or remove it")
     if not recipe.collapse:
         if recipe.collapse_repair != "none":
             raise RecipeError(f"collapse_repair: {recipe.collapse_repair} repairs the cut left by removed layers, so it "

@@ -147,9 +147,11 @@ class TransformersTask(TaskStrategy):
         run.model = peft.get_peft_model(run.model, self.lora)
 
     def make_trainer(self, run: RecipeRun):
+        mixed = run.training and run.config.target_repair != "none" and run.recipe.repair_dataset_name
+        rows, source = run.repair_fit_rows(run.config.target_repair_samples) if mixed else (None, None)
         return CollapseTrainer(
             model=run.model, args=run.config, train_dataset=run.data.train, eval_dataset=run.data.eval,
-            data_collator=run.data.collator, processing_class=run.processor,
+            data_collator=run.data.collator, processing_class=run.processor, repair_dataset=rows, repair_source=source,
         )
 
     def training_line(self, run: RecipeRun) -> str:

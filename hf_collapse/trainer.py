@@ -82,14 +82,21 @@ class MSWPenaltyMixin:
         teacher_model (`PreTrainedModel`, *optional*):
             The frozen teacher of the distillation term (same architecture and output width as the model);
             default: a frozen copy of the model taken when targeting starts.
+        repair_dataset (`datasets.Dataset`, *optional*):
+            The rows `target_repair` is fitted on (its first `target_repair_samples`), in the form the data collator
+            takes (tokenized as `train_dataset` is); default: the first rows of `train_dataset`. Mixing general text
+            into them keeps a map fitted on the fine-tuning domain alone from costing as much outside it.
+        repair_source (`str`, *optional*): what `repair_dataset` holds, in words, for the repair's record and card.
         *args, **kwargs: those of the trainer the mixin is combined with; `args` must carry the `msw_*` fields.
     """
 
     _msw_tag_names = ("hf-collapse", "lacoot")
 
-    def __init__(self, *args, teacher_model: torch.nn.Module | None = None, **kwargs):
+    def __init__(self, *args, teacher_model: torch.nn.Module | None = None, repair_dataset=None,
+                 repair_source: str | None = None, **kwargs):
         _check_training_arguments(type(self).__name__, kwargs.get("args", args[1] if len(args) > 1 else None))
         super().__init__(*args, **kwargs)
+        self.repair_dataset, self.repair_source = repair_dataset, repair_source
         if self.args.n_gpu > 1:
             raise ValueError(
                 f"{type(self).__name__} does not support torch.nn.DataParallel (several GPUs in one process): "
@@ -106,6 +113,8 @@ class MSWPenaltyMixin:
             self._check_target_request(stacks)
             self._check_choice_rows()
             self._check_target_repair()
+        if repair_dataset is not None:
+            self._check_repair_dataset()
         self._init_teacher(teacher_model)
 
     def _init_penalty_state(self) -> None:
@@ -160,9 +169,23 @@ class MSWPenaltyMixin:
         if self.eval_dataset is None:
             raise ValueError(f"target_repair: {method} is folded only if the choice rows score the repaired cut no worse "
                              "than the unrepaired one: pass eval_dataset (validation data) to the trainer")
-        if not hasattr(self.train_dataset, "select"):
+        if self.repair_dataset is None and not hasattr(self.train_dataset, "select"):
             raise ValueError(f"target_repair: {method} is fitted on the first target_repair_samples training rows: give a "
-                             "map-style dataset (datasets.Dataset), not an iterable one")
+                             "map-style dataset (datasets.Dataset), not an iterable one, or pass repair_dataset")
+
+    def _check_repair_dataset(self) -> None:
+        """Refuse, before training, a `repair_dataset` that nothing reads or that the model cannot take."""
+        if self.args.target_repair == "none" or not self.args.has_target:
+            raise ValueError("repair_dataset holds the rows target_repair is fitted on, and this run has no target_repair: "
+                             "set target_repair (with a target depth), or leave repair_dataset out")
+        if not hasattr(self.repair_dataset, "select") or len(self.repair_dataset) == 0:
+            raise ValueError("repair_dataset must be a non-empty map-style dataset (datasets.Dataset) of tokenized rows")
+        try:
+            self._remove_unused_columns(self.repair_dataset.select(range(1)), description="repair")
+        except ValueError as error:
+            raise ValueError(f"repair_dataset has none of the columns {type(unwrap_model(self.model)).__name__} takes "
+                             f"(it has {', '.join(self.repair_dataset.column_names)}): tokenize it as train_dataset is "
+                             f"({error})") from None
 
     def _init_teacher(self, teacher_model: torch.nn.Module | None) -> None:
         self.teacher_forward_passes = 0  # forward passes of the teacher, and the rows they ran (outside the budget)
@@ -343,7 +366,7 @@ class MSWPenaltyMixin:
         logger.info(f"step {step}: {args.target_repair} repair of the cut {'folded' if folded else 'declined'} "
                     f"(choice-row loss {unrepaired:.4g} unrepaired, {repaired:.4g} repaired)")
         record = dict(
-            plan.summary(data=f"{len(rows)} training rows"), folded=folded, step=step,
+            plan.summary(data=self._repair_description(rows)), folded=folded, step=step,
             validation={"metric": "loss", "unrepaired": unrepaired, "repaired": repaired},
             seconds=round(time.perf_counter() - started, 3),
         )
@@ -352,8 +375,14 @@ class MSWPenaltyMixin:
         return record
 
     def _repair_rows(self):
-        rows = self.train_dataset.select(range(min(self.args.target_repair_samples, len(self.train_dataset))))
+        source = self.repair_dataset if self.repair_dataset is not None else self.train_dataset
+        rows = source.select(range(min(self.args.target_repair_samples, len(source))))
         return self._remove_unused_columns(rows, description="repair")
+
+    def _repair_description(self, rows) -> str:
+        if self.repair_dataset is None:
+            return f"{len(rows)} training rows"
+        return self.repair_source or f"{len(rows)} rows of the trainer's repair_dataset"
 
     def _repair_batches(self, rows) -> list[dict]:
         loader = DataLoader(rows, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator)
