@@ -291,7 +291,8 @@ def test_mixed_repair_rows_take_half_from_a_third_domain():
         assert row["input_ids"] not in own["input_ids"]
     text = ctx.processor.decode(mixed[len(mixed) - 1]["input_ids"])
     assert "Shakespeare" not in text and ctx.processor.eos_token in text  # snippets, one per eos
-    assert ctx.mixed_repair_source == f"{len(own) - half} training rows of {ctx.study.dataset} and {half} of offline:rotten_tomatoes"
+    assert ctx.mixed_repair_source == (f"{len(own) - half} rows of the train split of {ctx.study.dataset} and {half} of "
+                                       "the train split of offline:rotten_tomatoes")
     minilm = Context(get_study("minilm", quick=True))
     with pytest.raises(ValueError, match="causal-LM studies"):
         minilm.mixed_repair_calibration()
@@ -441,6 +442,10 @@ def test_the_contiguous_repaired_block_is_the_libraries_block_choice():
     assert trained["test"]["perplexity"] != pytest.approx(
         ctx.metric(repaired, ctx.test), rel=1e-3)  # it trained after the fold
     assert ARMS["prune_block_repair_finetune"].family == "baseline"
+    bare = ARMS["prune_block_finetune_unrepaired"].fn(ctx, 0, k)  # the same layers, removed without the map
+    assert bare["layers"] == selection.layers and bare["repair"]["folded"] is False
+    assert "map left out" in bare["selection"]["method"] and bare["train_steps"] == study.steps
+    assert bare["test"]["perplexity"] != pytest.approx(trained["test"]["perplexity"], rel=1e-4)
 
     mixed = ARMS["prune_block_repair_mixed_finetune"].fn(ctx, 0, k)  # every run's map fitted on the mixed rows
     assert mixed["repair"]["data"] == ctx.mixed_repair_source and mixed["repair"]["rows"] == 24
@@ -461,3 +466,13 @@ def test_the_contiguous_repaired_block_is_the_libraries_block_choice():
     rows = min(128, len(ctx.validation))
     assert recipe["selection"]["forward_passes"] == 3 * rows + recipe["target_repair"]["rows"]
     assert recipe["schedule"][0]["choice"] == "block" and ARMS["target_block_repair"].family == "ours"
+
+    # its mixed-domain twin (the trainer's repair_dataset, what repair_dataset_name gives a recipe) is the mixed arm
+    recipe_mixed = ARMS["target_block_repair_mixed"].fn(ctx, 0, k)
+    fitted = recipe_mixed["target_repair"]
+    assert fitted["data"] == ctx.mixed_repair_source and fitted["rows"] == 24 and fitted["folded"]
+    assert [run for run, _ in fitted["candidates"]] == [t[1] for t in mixed["trials"]]
+    assert [math.exp(loss) for _, loss in fitted["candidates"]] == pytest.approx([t[2] for t in mixed["trials"]], rel=1e-4)
+    assert recipe_mixed["layers"] == mixed["layers"]
+    assert recipe_mixed["test"]["perplexity"] == pytest.approx(mixed["test"]["perplexity"], rel=1e-4)
+    assert recipe_mixed["ood"]["perplexity"] == pytest.approx(mixed["ood"]["perplexity"], rel=1e-4)

@@ -185,10 +185,11 @@ arm(
 )(_posthoc_repair("block_influence", "linear", mixed=True))
 
 
-def _block_fields(selection: Selection, record: dict, repair: str = "linear") -> dict:
+def _block_fields(selection: Selection, record: dict, repair: str = "linear", *, folded: bool = True) -> dict:
     """What an arm that removes a `block` choice records beside the standard result: the repair, the choice's cost,
     its validation figure and every run's trial."""
-    cost = dict(selection.cost(), method=f"{selection.method}, its {repair} map folded")
+    fate = "folded" if folded else "left out (the run removed without it)"
+    cost = dict(selection.cost(), method=f"{selection.method}, its {repair} map {fate}")
     return dict(repair=record, selection=cost, validation=selection.validation, trials=selection.trials)
 
 
@@ -301,19 +302,24 @@ def prune_repair_finetune(ctx: Context, seed: int, k: int) -> dict:
                             repair=record, selection=cost)
 
 
-def _block_cut_finetune(name: str, *, mixed: bool):
+def _block_cut_finetune(name: str, *, mixed: bool, fold: bool = True):
     """The `block` cut of the pretrained model with its linear map folded (fitted on the study's repair rows, or with
-    `mixed` on half of them and as many rows of a third domain), then the whole fine-tune budget."""
+    `mixed` on half of them and as many rows of a third domain), then the whole fine-tune budget. With `fold=False`
+    the same layers are removed without the map (an ablation: where the cut is, apart from what the map does)."""
 
     def run(ctx: Context, seed: int, k: int) -> dict:
         model = ctx.pretrained(seed)
         repaired, record, selection = ctx.block_repaired(ModelKey("pretrained", seed), model, k, "linear", mixed=mixed)
+        if not fold:  # the same layers from the untouched pretrained copy, without the map
+            del repaired
+            hf_collapse.collapse_layers(model, selection.layers)
+            repaired, record = model, dict(record, folded=False)
         del model
         seconds = ctx.fit(repaired, seed, ctx.study.steps)
         repaired.eval()
         ctx.log(f"  {name} k={k} seed {seed}: removed {selection.layers}, trained in {seconds:.0f} s")
         return collapsed_result(ctx, ModelKey(f"{name}-{k}", seed), repaired, selection.layers,
-                                train_steps=ctx.study.steps, **_block_fields(selection, record))
+                                train_steps=ctx.study.steps, **_block_fields(selection, record, folded=fold))
 
     return run
 
@@ -331,6 +337,13 @@ arm(
     "domain (vanilla_block_influence_linear_mixed's calibration; causal-LM only); chosen on the study's validation rows",
     family="baseline",
 )(_block_cut_finetune("pbrmf", mixed=True))
+arm(
+    "prune_block_finetune_unrepaired",
+    "the layers prune_block_repair_finetune chooses (the contiguous block whose linear map gives the best validation "
+    "metric on the pretrained model), removed without the map, then the same fine-tune: an ablation that separates "
+    "where the cut is from what the folded map does",
+    family="baseline",
+)(_block_cut_finetune("pbfu", mixed=False, fold=False))
 
 
 def _distilled_cut(name: str, *, block: bool, teacher: str):
@@ -474,17 +487,19 @@ arm(
 # ---------------------------------------------------------------------------------------------- ours: target depth
 
 
-def _targeted(name: str, fields: dict, *, heal: bool = False, repair: bool = False):
+def _targeted(name: str, fields: dict, *, heal: bool = False, repair: bool = False, mixed_repair: bool = False):
     """Target-depth training through the public API: CollapseConfig(collapse_num_layers=k, ...) + CollapseTrainer,
     then the targets removed with collapse_layers (and, with `heal`, hf_collapse.heal for the last heal_steps; with
     `repair`, removed by collapse_model with the repair best on validation, fitted at the end on the calibration
-    rows)."""
+    rows; with `mixed_repair`, `target_repair` fitted on the mixed-domain rows given as the trainer's
+    `repair_dataset`)."""
 
     def run(ctx: Context, seed: int, k: int) -> dict:
         study = ctx.study
         model = ctx.pretrained(seed)
         heal_steps = study.heal_steps if heal else 0
-        trainer, seconds = ctx.fit_targeted(model, seed, study.steps - heal_steps, k, heal_steps=heal_steps, **fields)
+        trainer, seconds = ctx.fit_targeted(model, seed, study.steps - heal_steps, k, heal_steps=heal_steps,
+                                            mixed_repair=mixed_repair, **fields)
         targets = list(trainer.collapse_targets)
         choice = trainer.msw_schedule[0]
         fixed = None
@@ -568,6 +583,15 @@ arm(
     family="ours",
 )(_targeted("target_block_repair", dict(target_choice="block", target_choice_steps=0.0, fade_steps=1, target_repair="linear",
                                        collapse_protect_first=1, msw_adaptive=False, msw_weight=0.0)))
+arm(
+    "target_block_repair_mixed",
+    "as target_block_repair, with every run's map fitted on half the study's own training blocks and half Rotten "
+    "Tomatoes blocks (the trainer's repair_dataset; what recipes run with repair_dataset_name: offline:rotten_tomatoes): "
+    "the recipe path of prune_block_repair_mixed_finetune",
+    family="ours",
+)(_targeted("target_block_repair_mixed", dict(target_choice="block", target_choice_steps=0.0, fade_steps=1,
+                                             target_repair="linear", collapse_protect_first=1, msw_adaptive=False,
+                                             msw_weight=0.0), mixed_repair=True))
 arm(
     "score_fade_repair",
     "as score_fade, then the repair (scale, linear or transport) best on validation fitted at the end on the "

@@ -17,7 +17,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 
 import hf_collapse
 from hf_collapse import assets
-from hf_collapse.data import load_task_data
+from hf_collapse.data import load_task_data, repair_rows
 from hf_collapse.evaluation import evaluate_classification, perplexity
 from hf_collapse.recipe import RecipeArguments
 
@@ -106,8 +106,8 @@ class Context:
         self.test = self._cap(self.data.test, study.test_rows)
         self.cheap_validation = self.validation.select(range(min(study.cheap_rows, len(self.validation))))
         self.calibration = self.train.select(range(min(study.calibration_rows, len(self.train))))
-        repair_rows = study.calibration_rows if study.repair_rows is None else study.repair_rows
-        self.repair_calibration = self.train.select(range(min(repair_rows, len(self.train))))
+        repairing = study.calibration_rows if study.repair_rows is None else study.repair_rows
+        self.repair_calibration = self.train.select(range(min(repairing, len(self.train))))
         self.ood = self._ood()
         self.num_layers = self._num_layers()
         self.classification = study.task == "text-classification"
@@ -209,15 +209,18 @@ class Context:
         keep = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
         return hf_collapse.CollapseConfig(**{k_: v for k_, v in base.items() if k_ in keep}, **fields)
 
-    def fit_targeted(self, model, seed: int, steps: int, k: int, **fields):
+    def fit_targeted(self, model, seed: int, steps: int, k: int, *, mixed_repair: bool = False, **fields):
         """Fine-tune with a target depth of `k` layers (CollapseConfig + CollapseTrainer, validation rows for the
-        measured choice); returns the trainer (its `collapse_targets`, `msw_schedule`) and the wall time."""
+        measured choice); returns the trainer (its `collapse_targets`, `msw_schedule`) and the wall time. With
+        `mixed_repair`, `target_repair` is fitted on `mixed_repair_calibration` (the trainer's `repair_dataset`)."""
         args = self._collapse_config(
             seed, steps, collapse_num_layers=k, msw_warmup_steps=self.study.msw_warmup_steps,
             **{"msw_normalization": "none", **fields},  # as measured
         )
+        extra = dict(repair_dataset=self.mixed_repair_calibration(), repair_source=self.mixed_repair_source) if mixed_repair else {}
         trainer = hf_collapse.CollapseTrainer(
             model=model, args=args, train_dataset=self.train, eval_dataset=self.validation, data_collator=self.data.collator,
+            **extra,
         )
         trainer.remove_callback(PrinterCallback)
         start = time.perf_counter()
@@ -444,22 +447,15 @@ class Context:
     def mixed_repair_calibration(self):
         """The repair rows with half of them from a third domain: the first half of `repair_calibration` (training
         blocks of the study's dataset) and as many blocks of Rotten Tomatoes critic snippets, tokenized and packed
-        the way the study packs its own text. Neither the test nor the out-of-domain rows are touched. Causal-LM
-        studies only (the snippets have no labels of the study's task). `mixed_repair_source` says what they are."""
+        the way the study packs its own text; built by the library's own `hf_collapse.data.repair_rows`, what a
+        recipe with `repair_dataset_name: offline:rotten_tomatoes` and `repair_mix: 0.5` fits on. Neither the test
+        nor the out-of-domain rows are touched. Causal-LM studies only (the library refuses the field elsewhere).
+        `mixed_repair_source` says what they are."""
         if self.study.task != "causal-lm":
             raise ValueError(f"mixed-domain repair rows are built for causal-LM studies; {self.study.name} is {self.study.task}")
         if self._mixed is None:
-            from datasets import concatenate_datasets
-
-            half = len(self.repair_calibration) // 2
-            other = RecipeArguments(model_name_or_path=self.study.model, task="causal-lm", dataset_name=self.MIXED_DOMAIN,
-                                    max_length=self.study.max_length, max_train_samples=half, max_eval_samples=1, collapse=False)
-            blocks = load_task_data(other, self.processor).train
-            if len(blocks) < half:
-                raise ValueError(f"{self.MIXED_DOMAIN} gave {len(blocks)} blocks of {self.study.max_length} tokens, not {half}")
-            own = self.repair_calibration.select(range(len(self.repair_calibration) - half))
-            self._mixed = (concatenate_datasets([own, blocks.select(range(half))]),
-                           f"{len(own)} training rows of {self.study.dataset} and {half} of {self.MIXED_DOMAIN}")
+            recipe = dataclasses.replace(self.recipe, repair_dataset_name=self.MIXED_DOMAIN, repair_mix=0.5)
+            self._mixed = repair_rows(recipe, self.processor, self.train, len(self.repair_calibration))
         return self._mixed[0]
 
     @property
