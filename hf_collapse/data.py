@@ -261,7 +261,7 @@ def repair_rows(recipe, processing_class, train, count: int) -> tuple[Any, str]:
     own_name = recipe.dataset_name or ", ".join(Path(f).name for f in recipe.dataset_files or []) or "the recipe's data"
     if not recipe.repair_dataset_name:
         rows = train.select(range(min(count, len(train))))
-        return rows, f"{len(rows)} rows of the {recipe.train_split} split of {own_name}"
+        return rows, f"the {recipe.train_split} split of {own_name} ({len(rows)} rows)"
     other = max(1, round(count * recipe.repair_mix))
     own = min(count - other, len(train))
     spec = type(recipe)(
@@ -278,8 +278,8 @@ def repair_rows(recipe, processing_class, train, count: int) -> tuple[Any, str]:
             f"needs {other}: lower repair_mix or the repair rows, or give a dataset with more text"
         )
     parts = [train.select(range(own)), blocks.select(range(other))] if own else [blocks.select(range(other))]
-    source = (f"{own} rows of the {recipe.train_split} split of {own_name} and " if own else "") + (
-        f"{other} of the {recipe.repair_dataset_split} split of {recipe.repair_dataset_name}")
+    source = (f"the {recipe.train_split} split of {own_name} ({own} rows) and " if own else "") + (
+        f"the {recipe.repair_dataset_split} split of {recipe.repair_dataset_name} ({other} rows)")
     return datasets.concatenate_datasets(parts), source
 
 

@@ -381,7 +381,7 @@ class MSWPenaltyMixin:
 
     def _repair_description(self, rows) -> str:
         if self.repair_dataset is None:
-            return f"{len(rows)} training rows"
+            return "the first rows of the training set"
         return self.repair_source or f"{len(rows)} rows of the trainer's repair_dataset"
 
     def _repair_batches(self, rows) -> list[dict]:

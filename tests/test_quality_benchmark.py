@@ -291,8 +291,8 @@ def test_mixed_repair_rows_take_half_from_a_third_domain():
         assert row["input_ids"] not in own["input_ids"]
     text = ctx.processor.decode(mixed[len(mixed) - 1]["input_ids"])
     assert "Shakespeare" not in text and ctx.processor.eos_token in text  # snippets, one per eos
-    assert ctx.mixed_repair_source == (f"{len(own) - half} rows of the train split of {ctx.study.dataset} and {half} of "
-                                       "the train split of offline:rotten_tomatoes")
+    assert ctx.mixed_repair_source == (f"the train split of {ctx.study.dataset} ({len(own) - half} rows) and the train "
+                                       f"split of offline:rotten_tomatoes ({half} rows)")
     minilm = Context(get_study("minilm", quick=True))
     with pytest.raises(ValueError, match="causal-LM studies"):
         minilm.mixed_repair_calibration()

@@ -138,9 +138,9 @@ def test_repair_rows_mix_the_first_training_rows_with_the_second_datasets_blocks
                                                dataset_name="offline:rotten_tomatoes", max_length=32), tokenizer).train
     assert rows[6:]["input_ids"] == snippets[:2]["input_ids"]
     assert all(len(ids) == 32 for ids in rows["input_ids"])
-    assert source == "6 rows of the train split of train.txt and 2 of the train split of offline:rotten_tomatoes"
+    assert source == "the train split of train.txt (6 rows) and the train split of offline:rotten_tomatoes (2 rows)"
     whole, source = repair_rows(recipe.__class__(**{**vars(recipe), "repair_mix": 1.0}), tokenizer, own, 4)
-    assert whole["input_ids"] == snippets[:4]["input_ids"] and source == "4 of the train split of offline:rotten_tomatoes"
+    assert whole["input_ids"] == snippets[:4]["input_ids"] and source == "the train split of offline:rotten_tomatoes (4 rows)"
     with pytest.raises(ValueError, match=r"gave \d+ blocks of 32 tokens from its validation split, and repair_mix 0.25 of "
                                          r"100000 repair rows needs 25000: lower repair_mix"):
         repair_rows(recipe.__class__(**{**vars(recipe), "repair_dataset_split": "validation"}), tokenizer, own, 100000)
@@ -159,9 +159,11 @@ def test_a_recipe_fits_its_repair_on_the_mixed_rows_and_the_card_names_both(tmp_
     report = json.loads((tmp_path / "out" / "collapse_report.json").read_text())["report"]
     repair = report["repair"]
     assert repair["rows"] == 8 and repair["tokens"] == 8 * 32
-    assert repair["data"] == "4 rows of the train split of train.txt and 4 of the train split of offline:rotten_tomatoes"
+    assert repair["data"] == "the train split of train.txt (4 rows) and the train split of offline:rotten_tomatoes (4 rows)"
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "offline:rotten_tomatoes" in card and "## Repair at the cut" in card
+    assert "## Repair at the cut" in card
+    assert ("over 8 calibration rows (256 tokens) of the train split of train.txt (4 rows) and the train split of "
+            "offline:rotten_tomatoes (4 rows)") in card
     assert report["recipe"]["repair_dataset_name"] == "offline:rotten_tomatoes"
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_hidden_layers == 2
 
@@ -188,7 +190,11 @@ def test_a_recipe_fits_target_repair_on_the_mixed_rows(tmp_path):
     run_recipe(recipe, config_, resolved, log=lambda text: None)
     repair = json.loads((tmp_path / "out" / "collapse_report.json").read_text())["report"]["repair"]
     assert repair["step"] == 0 and repair["rows"] == 8
-    assert repair["data"] == "4 rows of the train split of train.txt and 4 of the train split of offline:rotten_tomatoes"
+    assert repair["data"] == "the train split of train.txt (4 rows) and the train split of offline:rotten_tomatoes (4 rows)"
+    assert repair["folded"]  # this seed's tiny model keeps the map (the check of the unfolded card is in test_target_repair)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert ("over 8 rows (256 tokens): the train split of train.txt (4 rows) and the train split of "
+            "offline:rotten_tomatoes (4 rows). It maps") in card
 
 
 @pytest.mark.parametrize("extra,pattern", [
@@ -232,7 +238,7 @@ def test_cli_collapse_fits_the_repair_on_rows_half_from_the_repair_data(tmp_path
                  "--max_eval_samples", "8", "--per_device_eval_batch_size", "4", "--collapse_repair_check", "false"])
     assert code == 0, capsys.readouterr().err[-2000:]
     repair = json.loads((out / "collapse_report.json").read_text())["report"]["repair"]
-    assert repair["data"] == "4 rows of the train split of train.txt and 4 of the train split of offline:rotten_tomatoes"
+    assert repair["data"] == "the train split of train.txt (4 rows) and the train split of offline:rotten_tomatoes (4 rows)"
     # without --repair the flag has nothing to act on: refused, nothing written
     assert main(["collapse", str(tmp_path / "src"), str(tmp_path / "none"), "--num-layers", "1", "--data",
                  str(tmp_path / "train.txt"), "--repair-data", "offline:rotten_tomatoes"]) != 0
