@@ -367,7 +367,7 @@ def _collapse_as_saved(recipe, config, source) -> int:
     users a silently wrong classifier. The layers are scored on the data's text, chosen by name or by score, and the
     export is the checkpoint's own class (with a sentence-transformers pipeline when the source has one).
     """
-    from .data import load_task_data, repair_rows
+    from .data import load_task_data, repair_rows, training_split_name
     from .models import load_as_saved, load_processor, saved_architecture
     from .tasks import label_free_batches
 
@@ -385,8 +385,7 @@ def _collapse_as_saved(recipe, config, source) -> int:
     calibration = label_free_batches(
         data.train, data.collator, config.per_device_eval_batch_size, limit=recipe.calibration_samples
     )
-    fit_rows, fit_source = None, (f"the {recipe.train_split} split of "
-                                  f"{recipe.dataset_name or ', '.join(Path(f).name for f in recipe.dataset_files or [])}")
+    fit_rows, fit_source = None, training_split_name(recipe)
     if recipe.repair_dataset_name and recipe.collapse_repair != "none":
         fit_rows, fit_source = repair_rows(recipe, processor, data.train, recipe.calibration_samples)
         fit_rows = label_free_batches(fit_rows, data.collator, config.per_device_eval_batch_size)

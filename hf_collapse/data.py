@@ -27,7 +27,8 @@ from transformers import DataCollatorWithPadding, default_data_collator
 
 from . import assets
 
-__all__ = ["SHAKESPEARE_SPLITS", "TASKS", "TaskData", "load_task_data", "repair_rows", "shakespeare_split"]
+__all__ = ["SHAKESPEARE_SPLITS", "TASKS", "TaskData", "load_task_data", "repair_rows", "shakespeare_split",
+           "training_split_name"]
 
 TASKS = ("text-classification", "causal-lm", "image-classification", "sentence-embedding")
 OFFLINE_DATASETS = {
@@ -247,6 +248,12 @@ def load_task_data(recipe, processing_class) -> TaskData:
     return build(recipe, processing_class, (train, evaluation, test), dataset_ids)
 
 
+def training_split_name(recipe) -> str:
+    """The recipe's training split in words (`the train split of offline:shakespeare`), for records and cards."""
+    data = recipe.dataset_name or ", ".join(Path(f).name for f in recipe.dataset_files or []) or "the recipe's data"
+    return f"the {recipe.train_split} split of {data}"
+
+
 def repair_rows(recipe, processing_class, train, count: int) -> tuple[Any, str]:
     """The `count` rows a repair is fitted on, and what they are in words (for its record and the card).
 
@@ -258,10 +265,9 @@ def repair_rows(recipe, processing_class, train, count: int) -> tuple[Any, str]:
     Raises:
         `ValueError`: the second dataset gives fewer blocks than its share needs (or what [`load_task_data`] raises).
     """
-    own_name = recipe.dataset_name or ", ".join(Path(f).name for f in recipe.dataset_files or []) or "the recipe's data"
     if not recipe.repair_dataset_name:
         rows = train.select(range(min(count, len(train))))
-        return rows, f"the {recipe.train_split} split of {own_name} ({len(rows)} rows)"
+        return rows, f"{training_split_name(recipe)} ({len(rows)} rows)"
     other = max(1, round(count * recipe.repair_mix))
     own = min(count - other, len(train))
     spec = type(recipe)(
@@ -278,7 +284,7 @@ def repair_rows(recipe, processing_class, train, count: int) -> tuple[Any, str]:
             f"needs {other}: lower repair_mix or the repair rows, or give a dataset with more text"
         )
     parts = [train.select(range(own)), blocks.select(range(other))] if own else [blocks.select(range(other))]
-    source = (f"the {recipe.train_split} split of {own_name} ({own} rows) and " if own else "") + (
+    source = (f"{training_split_name(recipe)} ({own} rows) and " if own else "") + (
         f"the {recipe.repair_dataset_split} split of {recipe.repair_dataset_name} ({other} rows)")
     return datasets.concatenate_datasets(parts), source
 

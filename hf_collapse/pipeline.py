@@ -12,7 +12,7 @@ from transformers import AutoConfig, set_seed
 
 from .checkpoints import resolve_resume
 from .config import CollapseConfig
-from .data import repair_rows
+from .data import repair_rows, training_split_name
 from .evaluation import compare_latency
 from .launch import launch_problem
 from .export import export_collapsed
@@ -338,9 +338,7 @@ class RecipeRun:
 
     def calibration_source(self) -> str:
         """The calibration rows in words, for the repair's record."""
-        recipe = self.recipe
-        data = recipe.dataset_name or ", ".join(Path(f).name for f in recipe.dataset_files or []) or "the recipe's data"
-        return f"the {recipe.train_split} split of {data}"
+        return training_split_name(self.recipe)
 
     def collapse(self) -> None:
         """Score, choose and remove layers of the trained model, measured on rows that chose nothing."""
